@@ -1,0 +1,267 @@
+"""The `graft` command: a thin typer layer over the library (every command calls an importable function)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from graft.errors import GraftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+# Shared option aliases (as huggingface_hub's CLI does), so each flag is spelled and documented once.
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME[.WEIGHTS]")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="local .safetensors/.pth weights instead of downloading")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+
+
+def friendly_errors(command):
+    """Prints a GraftError as one line (no traceback) and exits with status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except GraftError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def layers(
+    backbone: Annotated[str, typer.Argument(help="timm name[.tag] or tv:NAME")],
+    all_nodes: Annotated[bool, typer.Option("--all", help="every named module, not only the stages")] = False,
+    size: Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")] = None,
+):
+    """List the named nodes of a backbone (output shape, parameters, receptive field): the names --cut-at takes.
+
+    Example: graft layers resnet50 --size 224
+    """
+    from graft.backbones import create_backbone
+    from graft.surgery import DEFAULT_NODE, cut, list_nodes
+
+    model = create_backbone(backbone, pretrained=False)  # shapes need no weights: works offline
+    input_size = model.preprocessing.with_size(size).input_size
+    nodes = list_nodes(model.net, input_size, stages_only=not all_nodes, stage_nodes=model.stage_nodes)
+    rows = [[n.name + (" *" if n.stage else ""), n.kind, "x".join(map(str, n.shape)), f"{n.params:,}",
+             n.receptive_field] for n in nodes]
+    _, width = cut(model.net, None, "avg", input_size)
+    rows.append([f"{DEFAULT_NODE} (default)", "pooled features", str(width), "", ""])
+    print_table(f"{backbone} at {input_size[0]}x{input_size[1]} (* stage)",
+                ["node", "type", "output", "params", "receptive field"], rows)
+
+
+@app.command()
+@friendly_errors
+def fit(
+    data: Annotated[Optional[str], typer.Argument(help="class folders (with or without train/val/test) or a CSV")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="run folder to write")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/train sections")] = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="probe, finetune or scratch")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="head learning rate")] = None,
+    finetune_lr_ratio: Annotated[Optional[float], typer.Option(help="trunk lr = lr x this when unfrozen")] = None,
+    unfreeze: Annotated[Optional[str], typer.Option(help="all, or last:K stages")] = None,
+    cut_at: Annotated[Optional[str], typer.Option(help="node name from `graft layers`")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="avg or avgmax")] = None,
+    head: Annotated[Optional[str], typer.Option(help="linear or mlp:512[,256]")] = None,
+    dropout: Annotated[Optional[float], typer.Option()] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="standard, light or none")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option()] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience in epochs, 0 = off")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (-1: auto)")] = None,
+    limit_batches: Annotated[Optional[int], typer.Option(help="smoke runs: batches per epoch")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --output")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --output")] = False,
+):
+    """Train a classifier on DATA and write a run folder.
+
+    Example: graft fit ./pets --backbone resnet50.a1_in1k --strategy finetune --epochs 10 -o runs/pets
+    """
+    from graft.config import load_config
+    from graft.trainer import fit as fit_run
+
+    overrides = {
+        "data.path": data, "output": output, "model.backbone": backbone, "model.weights": weights,
+        "model.pretrained": pretrained, "train.strategy": strategy, "train.epochs": epochs,
+        "train.head_epochs": head_epochs, "train.lr": lr, "train.finetune_lr_ratio": finetune_lr_ratio,
+        "train.unfreeze": unfreeze, "model.cut_at": cut_at, "model.pool": pool, "model.head": head,
+        "model.dropout": dropout, "train.optimizer": optimizer, "train.weight_decay": weight_decay,
+        "train.label_smoothing": label_smoothing, "data.batch_size": batch_size, "data.image_size": image_size,
+        "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
+        "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
+        "train.limit_batches": limit_batches,
+    }
+    settings = load_config(config, overrides)
+    if not resume and not settings.data.path:
+        raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
+    result = fit_run(settings, resume=resume, overwrite=overwrite)
+    metrics = result.metrics.get("val", {})
+    print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
+                [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],
+                  result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
+    if not metrics:
+        out.print("no validation images: metrics.json has training history only")
+
+
+def _split_runs(paths: list[str]) -> tuple[list[str], list[str]]:
+    """Leading arguments that are run folders (they hold graft.json) vs the rest."""
+    runs = []
+    for path in paths:
+        if (Path(path) / "graft.json").is_file():
+            runs.append(path)
+        else:
+            break
+    if not runs:
+        raise GraftError(f"{paths[0] if paths else 'RUN'}: not a run folder (no graft.json); give the folder fit wrote")
+    return runs, paths[len(runs):]
+
+
+@app.command()
+@friendly_errors
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="RUN [RUN...] then images, folders or glob patterns")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 3,
+    output_format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", help="write here instead of stdout")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: DeviceOpt = "auto",
+):
+    """Classify images with a trained run (several runs: an ensemble).
+
+    Example: graft predict runs/pets img.jpg more_images/ --top-k 3 --format csv
+    """
+    from graft.evaluate import predict as predict_files
+
+    runs, inputs = _split_runs(paths)
+    if not inputs:
+        raise GraftError("no images given: graft predict RUN IMAGE_OR_FOLDER [...]")
+    if output_format not in ("table", "csv", "json"):
+        raise GraftError(f"format '{output_format}' not understood: choose table, csv or json")
+    rows = predict_files(runs, inputs, top_k=top_k, batch_size=batch_size, device=device)
+    if output_format == "table" and output is None:
+        print_table("predictions", ["file", "labels", "probabilities", "error"],
+                    [[r.path, ", ".join(r.labels), ", ".join(f"{p:.3f}" for p in r.probabilities), r.error]
+                     for r in rows])
+        return
+    text = _format_predictions(rows, top_k, "json" if output_format == "json" else "csv")
+    if output:
+        output.write_text(text)
+        err.print(f"wrote {len(rows)} predictions to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+def _format_predictions(rows, top_k: int, kind: str) -> str:
+    if kind == "json":
+        return json.dumps([row.__dict__ for row in rows], indent=2) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path"] + [f"{name}{i + 1}" for i in range(top_k) for name in ("label", "prob")] + ["error"])
+    for row in rows:
+        pairs = [v for label, prob in zip(row.labels, row.probabilities) for v in (label, f"{prob:.6f}")]
+        writer.writerow([row.path] + pairs + [""] * (2 * top_k - len(pairs)) + [row.error])
+    return buffer.getvalue()
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    paths: Annotated[list[str], typer.Argument(help="RUN [RUN...] then the labelled DATA folder or CSV")],
+    split: Annotated[Optional[str], typer.Option(help="train, val or test (default: test, else val, else all)")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
+    output: Annotated[Optional[Path], typer.Option("--output", help="folder for metrics.json")] = None,
+    device: DeviceOpt = "auto",
+):
+    """Accuracy, top-k, per-class precision/recall/F1 and the confusion matrix on labelled data.
+
+    Example: graft evaluate runs/pets ./pets_test
+    """
+    from graft.evaluate import evaluate as evaluate_runs
+
+    runs, rest = _split_runs(paths)
+    if len(rest) != 1:
+        raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
+    metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output)
+    top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
+    out.print(f"accuracy {metrics['accuracy']:.4f}   {top_key.replace('_', ' ')} {metrics[top_key]:.4f}   "
+              f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['images']} images)")
+    print_table("per class", ["class", "precision", "recall", "F1", "support"],
+                [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in metrics["per_class"]])
+    classes = metrics["classes"]
+    print_table("confusion matrix (rows: true, columns: predicted)", ["true \\ pred"] + classes,
+                [[name] + row for name, row in zip(classes, metrics["confusion_matrix"])])
+    out.print(f"wrote {metrics['output']}")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    data: Annotated[Optional[str], typer.Option(help="your class folders instead of scikit-learn's digits")] = None,
+    shots: Annotated[int, typer.Option(help="training images per class (digits)")] = 10,
+    epochs: Annotated[int, typer.Option()] = 12,
+    image_size: Annotated[int, typer.Option()] = 64,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="keep the run folders here")] = None,
+):
+    """Scratch vs probe vs finetune with a real ImageNet backbone (EfficientNet-Lite0), offline.
+
+    Example: graft demo            (digits, about a minute on two CPU cores)
+             graft demo --data ./pets
+    """
+    from graft.demo import DEMO_BACKBONE, run_demo
+
+    what = data or f"scikit-learn digits, {shots} training images per class"
+    err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
+    rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
+    print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
+                                                                "wall time (s)", "train images/s"],
+                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}"] for r in rows])
+    best = max(rows, key=lambda r: r.accuracy)
+    scratch = next((r for r in rows if r.strategy == "scratch"), None)
+    if scratch and best.strategy != "scratch":
+        out.print(f"{best.strategy} beats scratch by {100 * (best.accuracy - scratch.accuracy):.1f} points")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""Images in: robust loading, dataset discovery (class folders or a CSV manifest), the pre-training scan, datasets.
+
+Data flows ``discover`` → ``scan`` (drops unreadable files, warns about imbalance and train/val duplicates) →
+``ImageDataset`` with transforms built from the backbone's preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import random
+import warnings
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from graft.errors import GraftError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+TINY_CLASS = 5  # fewer images than this in a class's training split earns a warning
+IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
+
+Sample = tuple[str, int]  # (path, class index)
+
+
+class ImageError(GraftError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> Image.Image:
+    """Opens any still image format Pillow reads and returns it as 8-bit RGB with EXIF orientation applied.
+
+    Animated GIF/WebP give their first frame; grayscale, palette, RGBA (composited on white), CMYK, 16-bit and
+    float images are converted.
+
+    Raises:
+        ImageError: naming the file and why it could not be used.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own, configurable limit
+            with Image.open(path) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageError(
+                        f"{path}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}; "
+                        "raise data.max_image_pixels if the image is genuine"
+                    )
+                image.seek(0)
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageError(f"{path}: not a readable image ({reason}); remove or replace the file") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any Pillow mode to 8-bit RGB, scaling 16-bit and float data instead of clipping them."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) <= 65535 and array.min() >= 0):
+            array = array / 257.0  # 16-bit → 8-bit keeps the full range (65535 → 255)
+        else:  # float or out-of-range integers: stretch to the observed range
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+# ---------------------------------------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class DatasetSplits:
+    """Samples per split with a stable (sorted) class order."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    source: str = ""  # how the splits were found, for the report
+
+    def counts(self, split: str) -> dict[str, int]:
+        counter = Counter(label for _, label in getattr(self, split))
+        return {name: counter.get(index, 0) for index, name in enumerate(self.classes)}
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _class_folders(root: Path) -> dict[str, list[str]]:
+    """{class name: sorted image paths} for a root/CLASS/**/image tree; hidden folders and litter are ignored."""
+    folders = {}
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))):
+        files = sorted(str(p) for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
+        folders[class_dir.name] = files
+    return folders
+
+
+def _samples(folders: dict[str, list[str]], classes: list[str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(classes)}
+    return [(path, index[name]) for name, paths in folders.items() for path in paths]
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Splits each class separately (seeded), so val keeps the class proportions; classes of 1 stay in train."""
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample[1]].append(sample)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction))) if len(members) > 1 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+    """Finds the samples of a class-per-folder tree or a CSV manifest.
+
+    Layouts: ``root/train/CLASS/*`` with ``root/val/CLASS/*`` (and optional ``root/test/``); ``root/train`` alone
+    or a plain ``root/CLASS/*`` tree, split stratified by ``val_fraction``; or ``manifest.csv`` with columns
+    ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
+
+    Raises:
+        GraftError: when the path holds no recognisable dataset, with what was expected.
+    """
+    root = Path(path)
+    if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
+        return _discover_csv(root, val_fraction, seed)
+    if not root.is_dir():
+        raise GraftError(f"{root}: no such folder or CSV manifest; expected DATA/CLASS/*.jpg or a path,label CSV")
+    train_dir = _find_split_dir(root, "train")
+    base = train_dir or root
+    train_folders = _class_folders(base)
+    classes = sorted(name for name, files in train_folders.items() if files)
+    if not classes:
+        raise GraftError(f"{base}: no class folders with images found; expected {base}/CLASS_NAME/image.jpg")
+    train = _samples({k: v for k, v in train_folders.items() if k in classes}, classes)
+    val_dir, test_dir = (_find_split_dir(root, "val"), _find_split_dir(root, "test")) if train_dir else (None, None)
+    if val_dir:
+        val = _split_samples(val_dir, classes, "val")
+        source = f"{train_dir.name}/ and {val_dir.name}/ folders"
+    else:
+        train, val = stratified_split(train, val_fraction, seed)
+        source = f"one tree split stratified, val_fraction={val_fraction}, seed={seed}"
+    test = _split_samples(test_dir, classes, "test") if test_dir else []
+    return DatasetSplits(classes, train, val, test, source)
+
+
+def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Sample]:
+    folders = {k: v for k, v in _class_folders(split_dir).items() if v}
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise GraftError(
+            f"{split_dir}: {split} has classes that train/ lacks ({', '.join(unknown[:5])}); "
+            "add training images for them or remove those folders"
+        )
+    return _samples(folders, classes)
+
+
+def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+    text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
+    try:
+        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else "", delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
+    classes = sorted({row["label"].strip() for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    by_split: dict[str, list[Sample]] = defaultdict(list)
+    for row in rows:
+        file = Path(row["path"].strip())
+        file = file if file.is_absolute() else manifest.parent / file
+        split = (row.get("split") or "train").strip().lower() or "train"
+        if split not in SPLIT_NAMES:
+            raise GraftError(f"{manifest}: split '{split}' for {row['path']} is not one of train, val, test")
+        by_split[split].append((str(file), index[row["label"].strip()]))
+    train, val = by_split["train"], by_split["val"]
+    if not val:
+        train, val = stratified_split(train, val_fraction, seed)
+    return DatasetSplits(classes, sorted(train), sorted(val), sorted(by_split["test"]), f"CSV manifest {manifest}")
+
+
+# ---------------------------------------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class ScanReport:
+    """What the pre-training scan found; ``warnings`` are one-line, human-readable."""
+
+    counts: dict[str, dict[str, int]]
+    skipped: list[tuple[str, str]]  # (path, reason)
+    duplicates: list[tuple[str, str]]  # (train path, val path) with identical bytes
+    warnings: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "counts": self.counts,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "duplicates_train_val": [{"train": a, "val": b} for a, b in self.duplicates],
+            "warnings": self.warnings,
+        }
+
+
+def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | None]:
+    """Returns (sha1 of the bytes, None) for a decodable image or (None, reason) for a bad one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return None, f"{path}: cannot read file ({error.strerror or error}); check it exists and is readable"
+    if not data:
+        return None, f"{path}: empty file (0 bytes); remove it"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    return None, f"{path}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}"
+                image.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: the whole stream is read, 8x faster
+                image.load()
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return None, f"{path}: not a readable image ({reason}); remove or replace the file"
+    return hashlib.sha1(data).hexdigest(), None
+
+
+def check_files(paths, max_pixels: int | None = 89_478_485, workers: int = 4) -> dict[str, tuple]:
+    """{path: (sha1 or None, reason or None)} for each path, decoded in a thread pool (Pillow releases the GIL)."""
+    unique = sorted(set(paths))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return dict(zip(unique, pool.map(lambda p: _check_file(p, max_pixels), unique)))
+
+
+def readable(samples: list[Sample], max_pixels: int | None = 89_478_485, workers: int = 4) -> list[Sample]:
+    """The samples whose files decode."""
+    checked = check_files([path for path, _ in samples], max_pixels, workers)
+    return [sample for sample in samples if checked[sample[0]][1] is None]
+
+
+def scan(splits: DatasetSplits, max_pixels: int | None = 89_478_485, workers: int = 4) -> ScanReport:
+    """Decodes every file once (threads), drops unreadable ones from ``splits`` in place, and reports.
+
+    Warns on class imbalance, tiny classes (< 5 training images), empty val classes and identical files in
+    train and val (a leak that inflates validation accuracy).
+    """
+    checked = check_files([path for split in ("train", "val", "test") for path, _ in getattr(splits, split)],
+                          max_pixels, workers)
+    skipped = sorted((path, reason) for path, (_, reason) in checked.items() if reason)
+    bad = {path for path, _ in skipped}
+    for split in ("train", "val", "test"):
+        setattr(splits, split, [s for s in getattr(splits, split) if s[0] not in bad])
+    train_digests = defaultdict(list)
+    for path, _ in splits.train:
+        train_digests[checked[path][0]].append(path)
+    duplicates = [(train_digests[checked[p][0]][0], p) for p, _ in splits.val if checked[p][0] in train_digests]
+    counts = {split: splits.counts(split) for split in ("train", "val", "test") if getattr(splits, split)}
+    notes = []
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable file(s) skipped, e.g. {skipped[0][1]}")
+    train_counts = counts.get("train", {})
+    tiny = [name for name, n in train_counts.items() if n < TINY_CLASS]
+    if tiny:
+        notes.append(f"tiny classes (< {TINY_CLASS} training images): {', '.join(tiny[:10])}; add images or merge them")
+    nonzero = [n for n in train_counts.values() if n]
+    if nonzero and max(nonzero) > IMBALANCE_RATIO * min(nonzero):
+        notes.append(f"class imbalance: largest class has {max(nonzero)} images, smallest {min(nonzero)}")
+    empty_val = [name for name, n in counts.get("val", {}).items() if n == 0]
+    if empty_val and counts.get("val"):
+        notes.append(f"no validation images for: {', '.join(empty_val[:10])}")
+    if duplicates:
+        notes.append(f"{len(duplicates)} val image(s) identical to a train image (leak), e.g. {duplicates[0][1]}")
+    if len(splits.classes) < 2:
+        raise GraftError(f"only one class found ({splits.classes[0]}): a classifier needs at least two class folders")
+    if not splits.train:
+        raise GraftError("no readable training images left after the scan; see the skipped files")
+    return ScanReport(counts, skipped, duplicates, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+
+
+class ImageDataset(Dataset):
+    """(image tensor, class index) pairs; a file that fails mid-training is replaced by the next one, never a crash."""
+
+    def __init__(self, samples: list[Sample], transform, max_pixels: int | None = 89_478_485):
+        self.samples = samples
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return self.transform(load_image(path, self.max_pixels)), label
+            except ImageError as error:  # changed since the scan (deleted, overwritten): log and move on
+                log.warning("%s (substituted the next image)", error)
+        raise GraftError("no readable image left in the dataset")
+
+
+class FileDataset(Dataset):
+    """Images for prediction: (tensor, ok flag); unreadable files give a zero tensor and ok=False."""
+
+    def __init__(self, paths: list[str], transform, size: tuple[int, int], max_pixels: int | None = 89_478_485):
+        self.paths, self.transform, self.size, self.max_pixels = paths, transform, size, max_pixels
+        self.errors: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool, str]:
+        try:
+            return self.transform(load_image(self.paths[index], self.max_pixels)), True, ""
+        except ImageError as error:
+            return torch.zeros(3, *self.size), False, str(error)
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, folders (recursively, image files only) and glob patterns → a sorted, de-duplicated list of paths."""
+    import glob
+
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+        elif path.exists():
+            found.append(str(path))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise GraftError(f"{item}: no such file, folder or matching glob pattern")
+            found += [m for m in matches if Path(m).is_file()]
+    return list(dict.fromkeys(found))
+
+
+# ---------------------------------------------------------------------------------------------------------- transforms
+
+_INTERPOLATION = {
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+
+
+def build_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True):
+    """The torchvision transform for a backbone's preprocessing (see ``graft.backbones.Preprocessing``).
+
+    Training: random-resized-crop (scale 0.08-1 for ``standard``, 0.6-1 for ``light``) and optional horizontal
+    flip. Evaluation (and ``augment='none'``): resize to size / crop_pct, then centre crop, as the weights expect.
+    """
+    size = tuple(preprocessing.input_size)
+    interpolation = _INTERPOLATION.get(preprocessing.interpolation, transforms.InterpolationMode.BILINEAR)
+    normalize = [transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std)]
+    if train and augment != "none":
+        scale = (0.08, 1.0) if augment == "standard" else (0.6, 1.0)
+        ops = [transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
+        if hflip:
+            ops.append(transforms.RandomHorizontalFlip())
+        return transforms.Compose(ops + normalize)
+    resize = tuple(int(s / preprocessing.crop_pct) for s in size)
+    resize_op = transforms.Resize(resize if size[0] != size[1] else resize[0], interpolation, antialias=True)
+    ops = [resize_op, transforms.CenterCrop(size)]
+    if train and hflip:
+        ops.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(ops + normalize)

@@ -1,0 +1,223 @@
+"""Predictions and metrics: accuracy, top-k, per-class precision/recall/F1, confusion matrix; predict on files."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from graft.data import FileDataset, ImageDataset, build_transform, discover, expand_inputs, readable
+from graft.errors import GraftError
+from graft.model import GraftModel, load, write_json
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise GraftError(f"device '{spec}' not understood: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GraftError(f"device '{spec}' asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA where supported (no loss scaling needed), else fp16; None means fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.inference_mode()
+def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, channels_last: bool = True,
+                   limit_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every batch of ``loader`` with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    for index, (images, labels, *_) in enumerate(loader):
+        if limit_batches and index >= limit_batches:
+            break
+        with autocast(device, dtype):
+            logits = model(to_device(images, device, channels_last))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(torch.as_tensor(labels))
+    model.train(was_training)
+    if not all_logits:
+        return torch.zeros(0, len(model.classes)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
+    """Loss, accuracy, top-k accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    count = len(classes)
+    k = min(top_k, count)
+    if len(labels) == 0:
+        raise GraftError("no images to evaluate")
+    predicted = logits.argmax(dim=1)
+    confusion = torch.zeros(count, count, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = []
+    for index, name in enumerate(classes):
+        true_positive = confusion[index, index].item()
+        precision = true_positive / max(1, confusion[:, index].sum().item())
+        recall = true_positive / max(1, confusion[index].sum().item())
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                          "support": int(confusion[index].sum())})
+    top = logits.topk(k, dim=1).indices
+    return {
+        "images": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (predicted == labels).float().mean().item(),
+        f"top{k}_accuracy": (top == labels[:, None]).any(dim=1).float().mean().item(),
+        "macro_f1": sum(c["f1"] for c in per_class) / count,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+    }
+
+
+def eval_loader(model: GraftModel, dataset, batch_size: int = 64, workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split: str | None = None,
+             batch_size: int = 64, workers: int = 0, device: str = "auto", top_k: int = 5,
+             output: str | os.PathLike | None = None) -> dict:
+    """Evaluates a run folder on a labelled dataset and writes ``metrics.json``.
+
+    Args:
+        run_dirs: the run folder (or several: their probabilities are averaged, an ensemble).
+        data: a class-per-folder tree or CSV. With train/val/test splits the ``test`` split is used when present,
+            else ``val``; a plain tree is used whole.
+        split: force a split (train, val or test).
+        output: where metrics.json goes; default ``RUN/eval-<data folder name>/``.
+    """
+    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    target = resolve_device(device)
+    models = [load(run, target) for run in runs]
+    _check_same_classes(models, runs)
+    model = models[0]
+    samples, classes = _labelled_samples(data, split, model.classes)
+    probabilities, labels = None, None
+    for member in models:
+        dataset = ImageDataset(samples, build_transform(member.preprocessing), None)
+        logits, labels = predict_logits(member, eval_loader(member, dataset, batch_size, workers), target,
+                                        autocast_dtype(target))
+        probabilities = logits.softmax(1) if probabilities is None else probabilities + logits.softmax(1)
+    probabilities = probabilities / len(models)
+    metrics = classification_metrics(probabilities.clamp_min(1e-12).log(), labels, model.classes, top_k)
+    metrics.update({"data": str(data), "runs": [str(r) for r in runs]})
+    out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
+    write_json(out_dir / "metrics.json", metrics)
+    metrics["output"] = str(out_dir / "metrics.json")
+    return metrics
+
+
+def _data_name(data) -> str:
+    path = Path(data).resolve()
+    return path.stem if path.is_file() else path.name
+
+
+def _check_same_classes(models: list[GraftModel], runs: list) -> None:
+    for model, run in zip(models[1:], runs[1:]):
+        if model.classes != models[0].classes:
+            raise GraftError(f"{run}: its classes differ from {runs[0]}'s; an ensemble needs the same classes")
+
+
+def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
+    """Samples of the evaluation data with labels re-indexed to the model's class order."""
+    splits = discover(data, val_fraction=0.5)
+    path = Path(data)
+    has_splits = path.is_dir() and any((path / name).is_dir() for name in ("train", "val", "test", "valid"))
+    if split:
+        chosen = getattr(splits, split)
+    elif has_splits:
+        chosen = splits.test or splits.val
+    else:
+        chosen = splits.train + splits.val  # a plain tree: every image
+    unknown = sorted(set(splits.classes) - set(model_classes))
+    if unknown:
+        raise GraftError(f"{data}: classes the model does not know: {', '.join(unknown[:5])}")
+    chosen = readable(chosen)
+    if not chosen:
+        raise GraftError(f"{data}: no readable images to evaluate")
+    index = {name: model_classes.index(name) for name in splits.classes}
+    return [(path, index[splits.classes[label]]) for path, label in chosen], model_classes
+
+
+@dataclass
+class Prediction:
+    """Top-k labels and probabilities for one file, or the error that prevented it."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+            workers: int = 0) -> list[Prediction]:
+    """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
+
+    Several run folders form an ensemble (probabilities averaged; they must share classes).
+    """
+    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    target = resolve_device(device)
+    models = [load(run, target) for run in runs]
+    _check_same_classes(models, runs)
+    paths = expand_inputs(inputs)
+    probabilities, errors = None, {}
+    for model in models:
+        dataset = FileDataset(paths, build_transform(model.preprocessing), tuple(model.preprocessing.input_size))
+        loader = eval_loader(model, dataset, batch_size, workers)
+        batches, seen = [], 0
+        with torch.inference_mode():
+            for images, ok, messages in loader:
+                with autocast(target, autocast_dtype(target)):
+                    batches.append(model(to_device(images, target, True)).float().softmax(1).cpu())
+                errors.update({seen + i: message for i, (good, message) in enumerate(zip(ok.tolist(), messages))
+                               if not good})
+                seen += len(ok)
+        stacked = torch.cat(batches) if batches else torch.zeros(0, len(model.classes))
+        probabilities = stacked if probabilities is None else probabilities + stacked
+    results = []
+    classes = models[0].classes
+    k = min(top_k, len(classes))
+    for index, path in enumerate(paths):
+        if index in errors:
+            results.append(Prediction(path, error=errors[index]))
+            continue
+        values, indices = (probabilities[index] / len(models)).topk(k)
+        results.append(Prediction(path, [classes[i] for i in indices.tolist()],
+                                  [round(v, 6) for v in values.tolist() if not math.isnan(v)]))
+    return results

@@ -1,0 +1,207 @@
+"""The grafted model (cut trunk + new head) and the run folder it lives in.
+
+A run folder holds ``model.safetensors`` (every weight, trunk included) and ``graft.json`` (config, backbone, cut
+node, head, classes, preprocessing, versions), so ``load(folder)`` rebuilds the model with no network access.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from graft.backbones import Preprocessing, create_backbone
+from graft.config import FitConfig, validate
+from graft.errors import GraftError
+from graft.heads import build_head
+from graft.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
+
+FORMAT_VERSION = 1  # bump when graft.json changes incompatibly; load() refuses newer folders
+
+
+class GraftModel(nn.Module):
+    """``head(trunk(x))`` with the class names and preprocessing it was trained with.
+
+    ``train()`` keeps frozen parts honest: a fully frozen trunk runs entirely in eval mode (no dropout, no BN
+    statistics updates) and without autograd; a partly frozen one keeps its frozen batch-norm layers in eval mode.
+    """
+
+    def __init__(self, trunk: Trunk, head: nn.Module, classes: list[str], preprocessing: Preprocessing):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.freeze_bn_stats = False  # True: every trunk BN normalises with its running statistics, even if trained
+
+    def trunk_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.trunk.parameters())
+
+    def train(self, mode: bool = True) -> GraftModel:
+        super().train(mode)
+        if mode and self.trunk_frozen():
+            self.trunk.eval()
+        elif mode:
+            keep_frozen_norms_eval(self.trunk, every_norm=self.freeze_bn_stats)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.trunk_frozen():
+            with torch.no_grad():  # nothing below the head learns: skip the trunk's autograd graph entirely
+                features = self.trunk(x)
+            return self.head(features)
+        return self.head(self.trunk(x))
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild a GraftModel's architecture (weights come separately)."""
+
+    backbone: str
+    cut_at: str
+    pool: str
+    head: str
+    dropout: float
+    classes: list[str]
+    preprocessing: Preprocessing
+
+
+def build_model(config: FitConfig, classes: list[str]) -> tuple[GraftModel, dict]:
+    """Creates the backbone (pretrained unless the strategy is ``scratch``), cuts it and grafts a new head.
+
+    Returns:
+        The model and a dict describing the backbone (weights source, feature width, cut node).
+    """
+    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    backbone = create_backbone(config.model.backbone, pretrained=pretrained,
+                               weights_file=config.model.weights if pretrained else None)
+    preprocessing = backbone.preprocessing.with_size(config.data.image_size)
+    trunk, width = cut(backbone.net, config.model.cut_at, config.model.pool, preprocessing.input_size)
+    head = build_head(width, len(classes), config.model.head, config.model.dropout)
+    info = {"weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node, "stage_nodes": backbone.stage_nodes}
+    return GraftModel(trunk, head, classes, preprocessing), info
+
+
+def rebuild(spec: ModelSpec) -> GraftModel:
+    """The architecture from a spec, randomly initialised, with no network access (weights are loaded after)."""
+    backbone = create_backbone(spec.backbone, pretrained=False)
+    node = None if spec.cut_at == DEFAULT_NODE else spec.cut_at
+    trunk, width = cut(backbone.net, node, spec.pool, spec.preprocessing.input_size)
+    head = build_head(width, len(spec.classes), spec.head, spec.dropout)
+    return GraftModel(trunk, head, spec.classes, spec.preprocessing)
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        with open(temp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda temp: save_file(state, temp, metadata=metadata or {}))
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from graft import __version__
+
+    return {
+        "graft": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "timm": timm.__version__, "python": platform.python_version(),
+    }
+
+
+def model_card(model: GraftModel, config: FitConfig, info: dict) -> dict:
+    """The contents of graft.json: everything `predict` needs, plus provenance."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": config.model.backbone,
+        "weights": info["weights"],
+        "cut_at": model.trunk.node,
+        "pool": config.model.pool,
+        "head": config.model.head,
+        "dropout": config.model.dropout,
+        "feature_dim": info["feature_dim"],
+        "classes": model.classes,
+        "preprocessing": model.preprocessing.to_dict(),
+        "strategy": config.train.strategy,
+        "config": config.to_dict(),
+        "versions": versions(),
+    }
+
+
+def save_model(run_dir: str | os.PathLike, model: GraftModel, card: dict) -> None:
+    """Writes ``model.safetensors`` and ``graft.json`` (both atomically)."""
+    run_dir = Path(run_dir)
+    save_weights(run_dir / "model.safetensors", model, {"graft.format_version": str(FORMAT_VERSION)})
+    write_json(run_dir / "graft.json", card)
+
+
+def read_card(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "graft.json"
+    if not path.is_file():
+        raise GraftError(f"{run_dir}: not a graft run folder (no graft.json); pass the folder `graft fit -o` wrote")
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise GraftError(f"{path}: corrupt JSON ({error}); re-export the model") from None
+    version = card.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise GraftError(f"{path}: format_version {version!r} is newer than this graft understands; upgrade graft")
+    for key in ("backbone", "cut_at", "pool", "head", "classes", "preprocessing"):
+        if key not in card:
+            raise GraftError(f"{path}: missing '{key}'; the file is damaged or was edited by hand")
+    return card
+
+
+def spec_from_card(card: dict) -> ModelSpec:
+    return ModelSpec(card["backbone"], card["cut_at"], card["pool"], card["head"], float(card.get("dropout", 0.0)),
+                     list(card["classes"]), Preprocessing.from_dict(card["preprocessing"]))
+
+
+def config_from_card(card: dict) -> FitConfig:
+    config = FitConfig.from_dict(card.get("config", {}), source="graft.json")
+    validate(config)
+    return config
+
+
+def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> GraftModel:
+    """Rebuilds a trained model from its run folder, offline (the trunk's weights are in model.safetensors)."""
+    card = read_card(run_dir)
+    model = rebuild(spec_from_card(card))
+    weights = Path(run_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise GraftError(f"{run_dir}: model.safetensors missing; the run did not finish (resume it with --resume)")
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise GraftError(f"{weights}: does not match graft.json ({str(error).splitlines()[0]})") from None
+    return model.to(device).eval()

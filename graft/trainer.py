@@ -1,0 +1,464 @@
+"""The training loop: ``fit`` → ``run_stage`` → ``train_epoch`` / ``validate``, with atomic per-epoch checkpoints.
+
+Reproducibility: every epoch reseeds all RNGs from (seed, epoch), so an interrupted run resumed from its last
+checkpoint follows exactly the path of an uninterrupted one. Distributed training (torchrun) slots in through
+``Runtime``: rank-0-only logging and saving, and ``make_sampler``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from graft import recipes
+from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
+from graft.data import DatasetSplits, ImageDataset, build_transform, discover, scan
+from graft.errors import GraftError
+from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
+from graft.model import GraftModel, atomic_write, build_model, model_card, save_model, save_weights, write_json
+
+CHECKPOINT = "checkpoint.safetensors"
+BEST = "best.safetensors"
+
+
+@dataclass
+class Hooks:
+    """Named hook points (not a callback framework): each is called with plain values if set."""
+
+    on_stage_start: Callable[[recipes.Stage, GraftModel], None] | None = None
+    on_batch_end: Callable[[int, float], None] | None = None  # (step in epoch, loss)
+    on_epoch_end: Callable[[dict], None] | None = None  # the history row just written
+
+
+@dataclass
+class Runtime:
+    """Where and how the loop runs. The seam for distributed training: rank/world size, sampler, who logs."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+    verbose: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.verbose and self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def make_sampler(self, dataset, shuffle: bool, seed: int):
+        """None on one process (the DataLoader shuffles); a DistributedSampler under torchrun (a later issue)."""
+        return None
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    stage: int = 0  # index into recipes.plan(...)
+    stage_epoch: int = 0  # epochs completed in this stage
+    epoch: int = 0  # epochs completed overall
+    best_val_loss: float = math.inf  # within the current stage
+    bad_epochs: int = 0  # epochs since the stage's best
+    stage_done: bool = False
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    model: GraftModel
+    metrics: dict
+
+
+# ---------------------------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+# ---------------------------------------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
+                limit_batches: int = 0, hooks: Hooks | None = None, progress=None) -> dict:
+    """One pass over ``loader``; returns mean loss, accuracy and images/s."""
+    model.train()
+    scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        if limit_batches and step >= limit_batches:
+            break
+        images = to_device(images, runtime.device, runtime.channels_last)
+        labels = labels.to(runtime.device, non_blocking=True)
+        with autocast(runtime.device, runtime.dtype):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        batch = labels.numel()
+        total_loss += loss.item() * batch
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += batch
+        if hooks and hooks.on_batch_end:
+            hooks.on_batch_end(step, loss.item())
+        if progress is not None:
+            progress(seen, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
+            "images_per_s": seen / max(seconds, 1e-9)}
+
+
+def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0) -> dict:
+    logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last, limit_batches)
+    if not len(labels):
+        return {"val_loss": math.nan, "val_acc": math.nan}
+    return {"val_loss": F.cross_entropy(logits, labels).item(),
+            "val_acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------- schedule
+
+
+def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimizer:
+    train = config.train
+    factories = {
+        "adamw": lambda: torch.optim.AdamW(groups, lr=train.lr),
+        "sgd": lambda: torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True),
+    }
+    return factories[train.optimizer]()
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up, then cosine decay to zero, stepped per batch."""
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run_dir: Path, model: GraftModel, optimizer, scheduler, state: TrainState) -> None:
+    """Model, optimizer and scheduler state and the TrainState in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    scalars: dict = {}
+    for param_id, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    metadata = {
+        "graft.state": json.dumps(asdict(state)),
+        "graft.optimizer": json.dumps({"param_groups": optimizer_state["param_groups"], "scalars": scalars}),
+        "graft.scheduler": json.dumps(scheduler.state_dict()),
+    }
+    atomic_write(run_dir / CHECKPOINT, lambda temp: save_file(tensors, temp, metadata=metadata))
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict, TrainState]:
+    """(model state, optimizer state, scheduler state, TrainState) from the run's checkpoint."""
+    from safetensors import safe_open
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise GraftError(f"{run_dir}: no {CHECKPOINT} to resume from; start the run again without --resume")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer_meta = json.loads(metadata["graft.optimizer"])
+    optimizer_state: dict = {"state": {}, "param_groups": optimizer_meta["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, param_id, name = key.split(".", 2)
+            optimizer_state["state"].setdefault(int(param_id), {})[name] = value
+    for param_id, values in optimizer_meta["scalars"].items():
+        optimizer_state["state"].setdefault(int(param_id), {}).update(values)
+    state = TrainState(**json.loads(metadata["graft.state"]))
+    return model_state, optimizer_state, json.loads(metadata["graft.scheduler"]), state
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
+    """``auto``: freeze pretrained statistics on small data (batch statistics of a few images are noise); a random
+    trunk (scratch, --no-pretrained) has no statistics worth keeping, so it always updates them."""
+    if config.train.bn_stats != "auto":
+        return config.train.bn_stats
+    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    return "frozen" if pretrained and train_images < BN_AUTO_FROZEN_BELOW else "update"
+
+
+def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
+    """Training and validation DataLoaders with the backbone's preprocessing."""
+    data = config.data
+    workers = min(8, os.cpu_count() or 1) if data.workers < 0 else data.workers
+    train_set = ImageDataset(splits.train, build_transform(model.preprocessing, True, data.augment, data.hflip),
+                             data.max_image_pixels)
+    val_set = ImageDataset(splits.val, build_transform(model.preprocessing), data.max_image_pixels)
+    common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}
+    sampler = runtime.make_sampler(train_set, True, config.train.seed)
+    generator = torch.Generator()
+    # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
+    # which keeps augmentation (and so a resumed run) reproducible.
+    train_loader = DataLoader(train_set, batch_size=data.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, drop_last=len(train_set) > data.batch_size, **common)
+    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False, persistent_workers=workers > 0,
+                            **common)
+    return train_loader, val_loader, generator
+
+
+# ---------------------------------------------------------------------------------------------------------- the loop
+
+
+def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: FitConfig, runtime: Runtime,
+              run_dir: Path, hooks: Hooks, resume_from: tuple | None = None) -> None:
+    """Trains one stage epoch by epoch, checkpointing after each; stops early when val loss stalls."""
+    train_loader, val_loader, generator = loaders
+    groups = recipes.configure(model, stage, config.train)
+    optimizer = make_optimizer(groups, config)
+    steps = stage.epochs * (min(len(train_loader), config.train.limit_batches or len(train_loader)))
+    scheduler = make_scheduler(optimizer, steps, config.train.warmup_fraction)
+    if resume_from is not None:
+        optimizer.load_state_dict(resume_from[0])
+        scheduler.load_state_dict(resume_from[1])
+    if hooks.on_stage_start and state.stage_epoch == 0:
+        hooks.on_stage_start(stage, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
+    while state.stage_epoch < stage.epochs and not state.stage_done:
+        seed = epoch_seed(config.train.seed, state.epoch)
+        seed_everything(seed)
+        generator.manual_seed(seed)
+        start = time.perf_counter()
+        with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage.epochs}",
+                           len(train_loader.dataset)) as progress:
+            row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
+                              config.train.limit_batches, hooks, progress)
+        row.update(validate(model, val_loader, runtime, config.train.limit_batches))
+        state.stage_epoch += 1
+        state.epoch += 1
+        state.elapsed += time.perf_counter() - start
+        row = {"epoch": state.epoch, "stage": stage.name, "stage_epoch": state.stage_epoch,
+               "lr": optimizer.param_groups[0]["lr"], **row, "seconds": round(time.perf_counter() - start, 3)}
+        _track_best(model, state, row, config.train.patience, run_dir)
+        state.history.append(row)
+        if runtime.is_main:
+            write_history(run_dir, state.history)
+            save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        runtime.log(_epoch_line(row))
+        if hooks.on_epoch_end:
+            hooks.on_epoch_end(row)
+    _restore_best(model, state, run_dir, runtime)
+
+
+def _track_best(model, state: TrainState, row: dict, patience: int, run_dir: Path) -> None:
+    loss = row["val_loss"]
+    if not math.isnan(loss) and loss < state.best_val_loss:
+        state.best_val_loss, state.bad_epochs = loss, 0
+        row["best"] = True
+        if patience:
+            save_weights(run_dir / BEST, model)
+    else:
+        state.bad_epochs += 1
+        row["best"] = False
+        if patience and state.bad_epochs >= patience:
+            state.stage_done = True  # early stop
+
+
+def _restore_best(model, state: TrainState, run_dir: Path, runtime: Runtime) -> None:
+    """With early stopping on, the stage ends on its best-val-loss weights (Keras' restore_best_weights)."""
+    best = run_dir / BEST
+    last_was_best = state.history and state.history[-1].get("best")
+    if best.is_file() and not last_was_best:
+        model.load_state_dict(load_file(str(best)))
+        runtime.log(f"restored the weights of the stage's best epoch (val loss {state.best_val_loss:.4f})")
+    best.unlink(missing_ok=True)
+
+
+def _epoch_line(row: dict) -> str:
+    return (f"epoch {row['epoch']:>3} [{row['stage']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['images_per_s']:.1f} img/s"
+            f" | {row['seconds']:.1f}s")
+
+
+class _progress_bar:
+    """A rich progress bar with loss, accuracy and images/s on a terminal; silent elsewhere (logs, CI, tests)."""
+
+    def __init__(self, runtime: Runtime, description: str, total: int):
+        self.enabled = runtime.verbose and runtime.is_main and sys.stderr.isatty()
+        self.description, self.total = description, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=self.total, stats="")
+        return self.update
+
+    def update(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
+        self.progress.update(self.task, completed=seen, stats=f"loss {loss:.3f} acc {accuracy:.3f} {speed:.0f} img/s")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    columns = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+               "images_per_s", "seconds", "best"]
+
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(run_dir / "history.csv", write)
+
+
+def prepare_run_dir(config: FitConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(config.output)
+    if resume:
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise GraftError(f"{run_dir}: output folder is not empty; pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another -o")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks: Hooks | None = None,
+        verbose: bool = True, splits: DatasetSplits | None = None) -> FitResult:
+    """Trains a classifier as ``config`` says and writes a run folder (see the README for its files).
+
+    Args:
+        resume: continue the run in ``config.output`` from its last checkpoint (its saved config is used).
+        overwrite: replace a non-empty output folder.
+        splits: pre-discovered data (skips ``discover``); the scan still runs.
+    """
+    hooks = hooks or Hooks()
+    run_dir = prepare_run_dir(config, resume, overwrite)
+    if resume:
+        from graft.model import config_from_card, read_card
+
+        config = config_from_card(read_card(run_dir))
+    device = resolve_device(config.train.device)
+    runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
+                      verbose=verbose)
+    seed_everything(config.train.seed)
+    splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
+    report = scan(splits, config.data.max_image_pixels, workers=4)
+    _write_data_report(run_dir, splits, report, runtime)
+    seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
+    model, info = build_model(config, splits.classes)
+    model.to(device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
+    card = model_card(model, config, info)
+    card["status"] = "training"
+    write_json(run_dir / "graft.json", card)
+    runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
+                f" → {len(splits.classes)} classes; {len(splits.train)} train / {len(splits.val)} val images on "
+                f"{device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when unfrozen")
+    state, resume_from = TrainState(), None
+    if resume:
+        model_state, optimizer_state, scheduler_state, state = read_checkpoint(run_dir)
+        model.load_state_dict(model_state)
+        resume_from = (optimizer_state, scheduler_state)
+        runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
+    loaders = make_loaders(splits, model, config, runtime)
+    stages = recipes.plan(config.train)
+    try:
+        while state.stage < len(stages):
+            stage = stages[state.stage]
+            if state.stage_done or state.stage_epoch >= stage.epochs:
+                _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
+                state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
+                                   history=state.history)
+                resume_from = None
+                continue
+            run_stage(model, stage, state, loaders, config, runtime, run_dir, hooks,
+                      resume_from if state.stage_epoch else None)
+            resume_from = None
+    except KeyboardInterrupt:
+        runtime.log(f"interrupted: the last finished epoch is saved; continue with `graft fit --resume -o {run_dir}`")
+        raise
+    return _finish(run_dir, model, card, splits, state, config, runtime, loaders)
+
+
+def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Runtime) -> None:
+    write_json(run_dir / "data_report.json", {"classes": splits.classes, "source": splits.source, **report.to_dict()})
+    atomic_write(run_dir / "skipped_files.txt",
+                 lambda temp: Path(temp).write_text("".join(f"{p}\t{r}\n" for p, r in report.skipped)))
+    for warning in report.warnings:
+        runtime.log(f"warning: {warning}")
+
+
+def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
+            config: FitConfig, runtime: Runtime, loaders) -> FitResult:
+    """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint."""
+    card["status"] = "complete"
+    metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
+                     "train_seconds": round(state.elapsed, 2)}
+    logits, labels = predict_logits(model, loaders[1], runtime.device, runtime.dtype, runtime.channels_last)
+    if len(labels):
+        metrics["val"] = classification_metrics(logits, labels, model.classes)
+    if splits.test:
+        test_set = ImageDataset(splits.test, build_transform(model.preprocessing), config.data.max_image_pixels)
+        test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
+        logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
+        metrics["test"] = classification_metrics(logits, labels, model.classes)
+    if runtime.is_main:
+        save_model(run_dir, model, card)
+        write_json(run_dir / "metrics.json", metrics)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    if "val" in metrics:
+        runtime.log(f"done: val accuracy {metrics['val']['accuracy']:.4f} in {state.elapsed:.1f}s → {run_dir}")
+    return FitResult(run_dir, model.eval(), metrics)
