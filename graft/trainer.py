@@ -200,9 +200,14 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict, TrainState]:
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise GraftError(f"{run_dir}: no {CHECKPOINT} to resume from; start the run again without --resume")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise GraftError(f"{path}: damaged checkpoint ({str(error).splitlines()[0]}); restart with --overwrite") from None
+    if not {"graft.state", "graft.optimizer", "graft.scheduler"} <= set(metadata):
+        raise GraftError(f"{path}: damaged checkpoint (no training state inside); restart with --overwrite")
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer_meta = json.loads(metadata["graft.optimizer"])
     optimizer_state: dict = {"state": {}, "param_groups": optimizer_meta["param_groups"]}
@@ -385,9 +390,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     hooks = hooks or Hooks()
     run_dir = prepare_run_dir(config, resume, overwrite)
     if resume:
-        from graft.model import config_from_card, read_card
-
-        config = config_from_card(read_card(run_dir))
+        config = _resumable_config(run_dir)
     device = resolve_device(config.train.device)
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
                       verbose=verbose)
@@ -431,6 +434,18 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
         runtime.log(f"interrupted: the last finished epoch is saved; continue with `graft fit --resume -o {run_dir}`")
         raise
     return _finish(run_dir, model, card, splits, state, config, runtime, loaders)
+
+
+def _resumable_config(run_dir: Path) -> FitConfig:
+    from graft.model import config_from_card, read_card
+
+    card = read_card(run_dir)
+    if card.get("status") == "complete":
+        raise GraftError(f"{run_dir}: this run is already complete; nothing to resume (--overwrite trains it again)")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise GraftError(f"{run_dir}: no {CHECKPOINT} to resume from (stopped before its first epoch ended); "
+                         "start the run again with --overwrite")
+    return config_from_card(card)
 
 
 def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Runtime) -> None:

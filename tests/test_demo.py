@@ -1,0 +1,18 @@
+"""The embedded default on its real data (scikit-learn digits) and real ImageNet weights, at a reduced budget."""
+
+from graft.demo import run_demo, write_digits
+
+
+def test_write_digits_split_sizes(tmp_path):
+    root = write_digits(tmp_path, shots=3, val_per_class=2)
+    assert len(list((root / "train").rglob("*.png"))) == 30
+    assert len(list((root / "val").rglob("*.png"))) == 20
+    assert len(list((root / "test").rglob("*.png"))) == 1797 - 50
+
+
+def test_transfer_beats_scratch_on_held_out_digits(tmp_path):
+    rows = {r.strategy: r for r in run_demo(shots=10, epochs=6, image_size=48, output=str(tmp_path))}
+    assert rows["probe"].split == "test"
+    assert rows["probe"].accuracy > 0.5  # ten digits: chance is 0.1
+    assert rows["probe"].accuracy > rows["scratch"].accuracy + 0.1
+    assert rows["finetune"].accuracy > rows["scratch"].accuracy + 0.1

@@ -1,0 +1,168 @@
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from graft import recipes
+from graft.errors import GraftError
+from graft.model import build_model, load
+from graft.trainer import Hooks, fit
+
+
+def _weights(run_dir):
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("strategy, overrides", [
+    ("probe", {"model.pool": "avgmax", "train.epochs": 12, "train.lr": 0.03}),
+    ("finetune", {"train.epochs": 12}),
+    ("scratch", {"train.epochs": 5}),
+])
+def test_each_strategy_learns_the_synthetic_task(shapes, tmp_path, strategy, overrides):
+    result = fit(tiny_config(shapes, tmp_path / strategy, **{"train.strategy": strategy, **overrides}), verbose=False)
+    assert result.metrics["val"]["accuracy"] >= 0.6, result.metrics["val"]["accuracy"]  # chance is 1/3
+
+
+def test_probe_leaves_every_trunk_tensor_bit_identical(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "probe", **{"train.strategy": "probe", "train.epochs": 2,
+                                                         "data.augment": "standard", "model.dropout": 0.2})
+    torch.manual_seed(config.train.seed)
+    before, _ = build_model(config, ["circle", "square", "triangle"])
+    result = fit(config, verbose=False)
+    after = result.model.state_dict()
+    trunk_keys = [k for k in after if k.startswith("trunk.")]
+    assert any("running_mean" in k for k in trunk_keys) and any("num_batches_tracked" in k for k in trunk_keys)
+    for key in trunk_keys:
+        assert torch.equal(before.state_dict()[key], after[key]), key
+    assert not torch.equal(before.state_dict()["head.1.weight"], after["head.1.weight"])
+
+
+def test_frozen_bn_statistics_do_not_move_during_finetune(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "ft", **{"train.strategy": "finetune", "train.epochs": 1,
+                                                      "train.bn_stats": "frozen"})
+    torch.manual_seed(config.train.seed)
+    before, _ = build_model(config, ["circle", "square", "triangle"])
+    after = fit(config, verbose=False).model.state_dict()
+    stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
+    assert all(torch.equal(before.state_dict()[k], after[k]) for k in stats)
+    assert not torch.equal(before.state_dict()["trunk.net.layer4.0.conv1.weight"],
+                           after["trunk.net.layer4.0.conv1.weight"])
+
+
+def test_unfreeze_last_stage_trains_only_that_stage(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "last1", **{"train.unfreeze": "last:1", "train.epochs": 1})
+    torch.manual_seed(config.train.seed)
+    before = build_model(config, ["circle", "square", "triangle"])[0].state_dict()
+    after = fit(config, verbose=False).model.state_dict()
+    changed = {k.split(".")[2] for k in after if k.startswith("trunk.") and not torch.equal(before[k], after[k])}
+    assert changed == {"layer4"}
+
+
+def test_run_folder_holds_everything_predict_needs(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"model.safetensors", "graft.json", "metrics.json", "history.csv", "skipped_files.txt",
+            "data_report.json"} <= names
+    assert "checkpoint.safetensors" not in names and not any(n.startswith(".") for n in names)
+    card = json.loads((trained_run / "graft.json").read_text())
+    assert card["classes"] == ["circle", "square", "triangle"]
+    assert card["preprocessing"]["input_size"] == [32, 32]
+    assert card["backbone"] == "test_resnet" and card["cut_at"] == "pre_logits" and card["status"] == "complete"
+    assert {"torch", "timm", "graft"} <= set(card["versions"])
+    rows = list(csv.DictReader(open(trained_run / "history.csv")))
+    assert [r["stage"] for r in rows] == ["head"] + ["finetune"] * 12
+    assert {"train_loss", "val_acc", "images_per_s", "lr"} <= set(rows[0])
+
+
+def test_save_load_predict_gives_identical_logits(trained_run, shapes):
+    from graft.data import ImageDataset, build_transform, discover
+    from graft.trainer import fit as _  # noqa: F401  (the fixture trained it)
+
+    loaded = load(trained_run)
+    samples = discover(shapes).val[:8]
+    batch = torch.stack([ImageDataset(samples, build_transform(loaded.preprocessing))[i][0] for i in range(8)])
+    again = load(trained_run)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), again(batch))
+    state = _weights(trained_run)
+    assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path):
+    overrides = {"train.strategy": "finetune", "train.epochs": 3, "train.head_epochs": 2, "data.augment": "standard",
+                 "train.patience": 2}
+    straight = fit(tiny_config(shapes, tmp_path / "straight", **overrides), verbose=False)
+
+    def stop_after_third_epoch(row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    interrupted = tiny_config(shapes, tmp_path / "resumed", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, hooks=Hooks(on_epoch_end=stop_after_third_epoch), verbose=False)
+    assert (tmp_path / "resumed" / "checkpoint.safetensors").is_file()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = fit(interrupted, resume=True, verbose=False)
+    expected, actual = _weights(straight.run_dir), _weights(resumed.run_dir)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert len(list(csv.DictReader(open(tmp_path / "resumed" / "history.csv")))) == 5
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, shapes):
+    config = tiny_config(shapes, tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GraftError, match="graft.json"):
+        fit(config, resume=True, verbose=False)
+
+
+def test_a_non_empty_output_folder_is_not_overwritten_by_accident(trained_run, shapes):
+    with pytest.raises(GraftError, match="--resume.*--overwrite"):
+        fit(tiny_config(shapes, trained_run), verbose=False)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(shapes, tmp_path):
+    # a learning rate this high makes validation loss worse after the first epoch
+    config = tiny_config(shapes, tmp_path / "early", **{"train.strategy": "scratch", "train.epochs": 20,
+                                                         "train.patience": 2, "train.lr": 0.5})
+    result = fit(config, verbose=False)
+    rows = list(csv.DictReader(open(result.run_dir / "history.csv")))
+    assert len(rows) < 20
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert result.metrics["val"]["loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
+
+
+def test_discriminative_learning_rates_decay_from_top_to_stem(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "x", **{"train.lr": 1e-2, "train.finetune_lr_ratio": 0.1,
+                                                     "train.stem_lr_ratio": 0.1})
+    model, _ = build_model(config, ["a", "b", "c"])
+    stages = recipes.plan(config.train)
+    assert [s.name for s in stages] == ["head", "finetune"]
+    groups = {g["name"]: g["lr"] for g in recipes.configure(model, stages[1], config.train)}
+    assert groups["head"] == pytest.approx(1e-3)
+    assert groups["trunk.4"] == pytest.approx(1e-3)  # top stage: the fine-tuning rate
+    assert groups["trunk.0"] == pytest.approx(1e-4)  # stem: x stem_lr_ratio
+    assert groups["trunk.0"] < groups["trunk.2"] < groups["trunk.4"]
+    assert all(g["weight_decay"] == 0 for g in recipes.configure(model, stages[1], config.train)
+               if g["name"].endswith("no_decay"))
+
+
+def test_cut_at_inner_node_and_mlp_head_train_and_reload(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "inner", **{"train.strategy": "probe", "train.epochs": 1,
+                                                         "model.cut_at": "layer3", "model.head": "mlp:32"})
+    result = fit(config, verbose=False)
+    assert json.loads((result.run_dir / "graft.json").read_text())["feature_dim"] == 192
+    reloaded = load(result.run_dir)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(result.model.eval()(x), reloaded(x))
+
+
+def test_sgd_optimizer_and_limit_batches(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "sgd", **{"train.optimizer": "sgd", "train.limit_batches": 1,
+                                                       "train.strategy": "scratch", "train.epochs": 1})
+    result = fit(config, verbose=False)
+    rows = list(csv.DictReader(open(result.run_dir / "history.csv")))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
