@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/graft demo
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	$(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
