@@ -251,7 +251,7 @@ def demo(
     err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
     rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
     print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
-                                                                "wall time (s)", "train images/s"],
+                                                                "wall time (s)", "images/s"],
                 [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}"] for r in rows])
     best = max(rows, key=lambda r: r.accuracy)
     scratch = next((r for r in rows if r.strategy == "scratch"), None)

@@ -21,6 +21,7 @@ AUGMENTATIONS = ("standard", "light", "none")
 POOLS = ("avg", "avgmax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
+HEAD_FITS = ("lbfgs", "epochs")
 BN_AUTO_FROZEN_BELOW = 2000  # training images
 
 
@@ -36,6 +37,8 @@ class DataConfig:
     batch_size: int = 32
     workers: int = -1  # DataLoader workers; -1 picks min(8, cpu count)
     max_image_pixels: int = 89_478_485  # Pillow's default bomb limit; larger images are skipped and listed
+    augment_views: int = 0  # cached probes: also cache this many augmented views of each training image
+    cache_dir: str | None = None  # feature cache; None: $GRAFT_CACHE or ~/.cache/graft/features
 
 
 @dataclass
@@ -57,7 +60,10 @@ class TrainConfig:
 
     strategy: str = "finetune"  # probe | finetune | scratch
     epochs: int = 10  # epochs of the main stage (the whole-network stage for finetune/scratch, the head for probe)
-    head_epochs: int = 2  # finetune only: head-only epochs on the frozen trunk before unfreezing
+    head_epochs: int = 2  # finetune with head_fit=epochs: head-only epochs on the frozen trunk before unfreezing
+    head_fit: str = "lbfgs"  # linear heads on a frozen trunk: lbfgs (cached features, L2 path, to convergence) or
+    # epochs (the classic way: a forward pass per epoch). finetune then starts from that probe (LP-FT)
+    balance_classes: bool = False  # lbfgs probe: weight classes by inverse frequency
     lr: float = 1e-3  # head learning rate; the trunk gets lr * finetune_lr_ratio when unfrozen
     finetune_lr_ratio: float = 0.1  # the seeds' "1/10 of the original learning rate" for fine-tuning
     stem_lr_ratio: float = 0.1  # discriminative LR: the stem's rate relative to the top stage's, geometric between
@@ -182,6 +188,7 @@ def validate(config: FitConfig) -> None:
     _check_choice("pool", config.model.pool, POOLS)
     _check_choice("precision", config.train.precision, PRECISIONS)
     _check_choice("bn_stats", config.train.bn_stats, BN_STATS)
+    _check_choice("head_fit", config.train.head_fit, HEAD_FITS)
     parse_head(config.model.head)
     parse_unfreeze(config.train.unfreeze)
     if not 0.0 < config.data.val_fraction < 1.0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from graft.config import TrainConfig, parse_unfreeze
+from graft.config import FitConfig, TrainConfig, parse_unfreeze
 from graft.model import GraftModel
 from graft.surgery import freeze_trunk, set_trainable, unfreeze_last
 
@@ -31,14 +31,27 @@ class Stage:
     discriminative: bool = True  # decay the rate from the top stage down to the stem
 
 
-def plan(train: TrainConfig) -> list[Stage]:
-    """The stages a strategy runs, in order."""
+def solves_head(config: FitConfig) -> bool:
+    """Whether the head-on-frozen-trunk phase is the cached L-BFGS probe: a linear head, and for finetune a
+    pretrained trunk. (A random trunk's BN running statistics are meaningless: once unfrozen it normalises with
+    batch statistics, the features the probe was fitted on change completely, and the solved head is lost.)"""
+    train = config.train
+    linear = config.model.head == "linear" and config.model.dropout == 0
+    if train.head_fit != "lbfgs" or not linear:
+        return False
+    return train.strategy == "probe" or (train.strategy == "finetune" and config.model.pretrained)
+
+
+def plan(config: FitConfig) -> list[Stage]:
+    """The epoch-based stages a strategy runs, in order (the cached probe, when used, runs before them)."""
+    train = config.train
+    solved = solves_head(config)
     if train.strategy == "probe":
-        return [Stage("probe", train.epochs, train.lr, 0)]
+        return [] if solved else [Stage("probe", train.epochs, train.lr, 0)]
     if train.strategy == "scratch":
         return [Stage("scratch", train.epochs, train.lr, ALL_STAGES, discriminative=False)]
     last = parse_unfreeze(train.unfreeze)
-    stages = [Stage("head", train.head_epochs, train.lr, 0)] if train.head_epochs else []
+    stages = [Stage("head", train.head_epochs, train.lr, 0)] if train.head_epochs and not solved else []
     return stages + [Stage("finetune", train.epochs, train.lr * train.finetune_lr_ratio, last or ALL_STAGES)]
 
 

@@ -54,6 +54,7 @@ class Trunk(nn.Module):
         super().__init__()
         self.net = net
         self.node = node
+        self.pool_kind = pool
         self._captured: torch.Tensor | None = None
         if node == DEFAULT_NODE:
             if pool != "avg":

@@ -30,7 +30,9 @@ from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
+from graft.features import FeatureSet, extract_features
 from graft.model import GraftModel, atomic_write, build_model, model_card, save_model, save_weights, write_json
+from graft.probe import fit_linear_probe
 
 CHECKPOINT = "checkpoint.safetensors"
 BEST = "best.safetensors"
@@ -352,17 +354,22 @@ class _progress_bar:
             self.progress.stop()
 
 
-def write_history(run_dir: Path, history: list[dict]) -> None:
-    columns = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-               "images_per_s", "seconds", "best"]
+HISTORY_COLUMNS = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                   "images_per_s", "seconds", "best"]
 
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    _write_csv(run_dir / "history.csv", HISTORY_COLUMNS, history)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows(rows)
 
-    atomic_write(run_dir / "history.csv", write)
+    atomic_write(path, write)
 
 
 def prepare_run_dir(config: FitConfig, resume: bool, overwrite: bool) -> Path:
@@ -416,8 +423,13 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
         model.load_state_dict(model_state)
         resume_from = (optimizer_state, scheduler_state)
         runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
+    cached = None
+    if recipes.solves_head(config) and state.epoch == 0:
+        start = time.perf_counter()
+        cached = fit_probe_head(model, splits, config, runtime, run_dir)
+        state.elapsed += time.perf_counter() - start
     loaders = make_loaders(splits, model, config, runtime)
-    stages = recipes.plan(config.train)
+    stages = recipes.plan(config)
     try:
         while state.stage < len(stages):
             stage = stages[state.stage]
@@ -433,7 +445,9 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     except KeyboardInterrupt:
         runtime.log(f"interrupted: the last finished epoch is saved; continue with `graft fit --resume -o {run_dir}`")
         raise
-    return _finish(run_dir, model, card, splits, state, config, runtime, loaders)
+    reuse = cached if config.train.strategy == "probe" else None  # the trunk never changed: its features stand
+    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, reuse,
+                   cached.stats if cached else None)
 
 
 def _resumable_config(run_dir: Path) -> FitConfig:
@@ -456,12 +470,52 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
         runtime.log(f"warning: {warning}")
 
 
+def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
+                   run_dir: Path) -> FeatureSet:
+    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
+    data = config.data
+    sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
+                            data.batch_size * 2, data.workers, runtime.device, data.augment_views, data.hflip,
+                            runtime.log)
+    features = sets[model.trunk.node]
+    train_x = np.concatenate([features.features["train"], *features.augmented])
+    train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
+    result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
+                              balanced=config.train.balance_classes, device=runtime.device, log=runtime.log)
+    model.head[-1].load_state_dict(result.linear.state_dict())
+    runtime.log(f"probe: λ={result.l2:.0e} chosen on val (accuracy {result.val_accuracy:.4f})")
+    features.stats["probe_l2"] = result.l2
+    if runtime.is_main:
+        columns = ["l2", "C", "train_acc", "train_loss", "val_acc", "val_loss", "iterations"]
+        _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
+    return features
+
+
+def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        head = model.head.to("cpu")
+        logits = head(torch.as_tensor(features.features[split], dtype=torch.float32))
+        model.head.to(next(model.trunk.parameters(), torch.empty(0)).device)
+    return logits, torch.as_tensor(features.labels[split])
+
+
 def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
-            config: FitConfig, runtime: Runtime, loaders) -> FitResult:
-    """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint."""
+            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None,
+            features_stats: dict | None = None) -> FitResult:
+    """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint.
+
+    With ``cached`` features of an unchanged trunk, the metrics come from them instead of another forward pass.
+    """
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
+    if features_stats:
+        metrics["features"] = features_stats
+    if cached is not None:
+        for split in ("val", "test"):
+            if len(cached.labels[split]):
+                metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
+        return _save_final(run_dir, model, card, metrics, state, runtime)
     logits, labels = predict_logits(model, loaders[1], runtime.device, runtime.dtype, runtime.channels_last)
     if len(labels):
         metrics["val"] = classification_metrics(logits, labels, model.classes)
@@ -470,7 +524,13 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
         logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
         metrics["test"] = classification_metrics(logits, labels, model.classes)
+    return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
+                runtime: Runtime) -> FitResult:
     if runtime.is_main:
+        write_history(run_dir, state.history)
         save_model(run_dir, model, card)
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)

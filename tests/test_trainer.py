@@ -138,7 +138,7 @@ def test_discriminative_learning_rates_decay_from_top_to_stem(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "x", **{"train.lr": 1e-2, "train.finetune_lr_ratio": 0.1,
                                                      "train.stem_lr_ratio": 0.1})
     model, _ = build_model(config, ["a", "b", "c"])
-    stages = recipes.plan(config.train)
+    stages = recipes.plan(config)
     assert [s.name for s in stages] == ["head", "finetune"]
     groups = {g["name"]: g["lr"] for g in recipes.configure(model, stages[1], config.train)}
     assert groups["head"] == pytest.approx(1e-3)

@@ -1,0 +1,329 @@
+"""Frozen-trunk features computed once and cached: the cheap path to linear probes and backbone comparisons.
+
+A cache *space* holds the pooled features of one (architecture, weights, node, pooling, preprocessing, view); its
+key hashes all of them, the weights by content. Inside a space, each image is keyed by path + size + mtime, so a
+changed or added file is re-extracted and nothing else. Features live in float16 ``.npy`` shards (memory-mapped
+on read), each written to a temp file, fsynced and renamed; ``index.json`` is rewritten the same way and last, so a
+shard from a crashed run is never referenced, never read back half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from graft.backbones import Preprocessing
+from graft.data import DatasetSplits, build_transform, load_image
+from graft.errors import GraftError
+from graft.evaluate import autocast, autocast_dtype, to_device
+from graft.model import atomic_write
+from graft.surgery import DEFAULT_NODE, GlobalPool, Trunk
+
+FEATURE_FORMAT = 1
+SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GRAFT_CACHE", Path.home() / ".cache" / "graft" / "features"))
+
+
+# ---------------------------------------------------------------------------------------------------------- extractors
+
+
+class _StopForward(Exception):
+    pass
+
+
+class FeatureExtractor(nn.Module):
+    """Pooled features at several nodes from ONE forward pass (hooks capture each node; the pass stops after the
+    last one unless the backbone's own ``pre_logits`` features are wanted too).
+
+    Args:
+        net: a backbone with timm's contract (classifier removed).
+        nodes: module names and/or ``pre_logits``.
+        pool: ``avg`` or ``avgmax``, as in ``graft.surgery.Trunk``.
+    """
+
+    def __init__(self, net: nn.Module, nodes: list[str], pool: str = "avg"):
+        super().__init__()
+        self.net, self.nodes, self.pool_kind = net, list(nodes), pool
+        modules = dict(net.named_modules())
+        unknown = [n for n in self.nodes if n != DEFAULT_NODE and (n not in modules or not n)]
+        if unknown:
+            raise GraftError(f"no node '{unknown[0]}' in this backbone; list the names with `graft layers BACKBONE`")
+        if DEFAULT_NODE in self.nodes and pool != "avg":
+            Trunk(net, DEFAULT_NODE, pool)  # configures the backbone's own pooling exactly as a cut would
+        self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
+        self._captured: dict[str, torch.Tensor] = {}
+        for node in self.nodes:
+            if node != DEFAULT_NODE:
+                modules[node].register_forward_hook(self._hook(node), prepend=True)
+
+    def _hook(self, node: str):
+        def capture(module, inputs, output):
+            self._captured[node] = output[0] if isinstance(output, (tuple, list)) else output
+            if DEFAULT_NODE not in self.nodes and len(self._captured) == len(self.nodes):
+                raise _StopForward  # every node seen: the rest of the network is not needed
+
+        return capture
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._captured = {}
+        try:
+            pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        except _StopForward:
+            pooled = None
+        features = {node: self.pool(self._captured[node]) for node in self.nodes if node != DEFAULT_NODE}
+        if DEFAULT_NODE in self.nodes:
+            features[DEFAULT_NODE] = pooled
+        missing = [n for n in self.nodes if features.get(n) is None]
+        if missing:
+            raise GraftError(f"node '{missing[0]}' is not reached by the backbone's forward pass; choose another")
+        self._captured = {}
+        return features
+
+
+# ---------------------------------------------------------------------------------------------------------- keys
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A content hash of every tensor in the module's state dict (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_key(path: str) -> str:
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def space_key(architecture: str, digest: str, node: str, pool: str, preprocessing: Preprocessing, view: int) -> str:
+    identity = {"format": FEATURE_FORMAT, "architecture": architecture, "weights": digest, "node": node,
+                "pool": pool, "preprocessing": preprocessing.to_dict(), "view": view}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------------------- one space
+
+
+class CacheSpace:
+    """One folder of features: ``index.json`` → {file key: [shard, row]}, plus ``shard-*.npy`` files."""
+
+    def __init__(self, root: Path, description: dict):
+        self.root = root
+        self.description = description
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Serialises index updates between processes sharing a cache."""
+        with open(self.root / "index.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def read_index(self) -> dict:
+        path = self.root / "index.json"
+        if not path.is_file():
+            return {"format": FEATURE_FORMAT, "description": self.description, "entries": {}}
+        return json.loads(path.read_text())
+
+    def lookup(self, keys: list[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
+        entries = self.read_index()["entries"]
+        found = {k: tuple(entries[k]) for k in keys if k in entries and (self.root / entries[k][0]).is_file()}
+        return found, [k for k in keys if k not in found]
+
+    def add_shard(self, keys: list[str], features: np.ndarray) -> None:
+        """Writes one shard atomically, then (under the lock) the index that references it."""
+        name = f"shard-{uuid.uuid4().hex[:12]}.npy"
+        atomic_write(self.root / name, lambda temp: _save_npy(temp, features))
+        with self.locked():
+            index = self.read_index()
+            index["entries"].update({key: [name, row] for row, key in enumerate(keys)})
+            index["dim"] = int(features.shape[1])
+            atomic_write(self.root / "index.json", lambda temp: Path(temp).write_text(json.dumps(index)))
+
+    def gather(self, locations: list[tuple[str, int]]) -> np.ndarray:
+        """Rows in the order given, read from memory-mapped shards (only the rows needed are paged in)."""
+        shards: dict[str, np.ndarray] = {}
+        rows = []
+        for shard, row in locations:
+            if shard not in shards:
+                shards[shard] = np.load(self.root / shard, mmap_mode="r")
+            rows.append(shards[shard][row])
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+
+
+# ---------------------------------------------------------------------------------------------------------- extraction
+
+
+class _ViewDataset(Dataset):
+    """Images for extraction: view 0 is the evaluation transform, view k > 0 a seeded training augmentation."""
+
+    def __init__(self, paths: list[str], preprocessing: Preprocessing, view: int, hflip: bool = True):
+        self.paths, self.view = paths, view
+        self.transform = build_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if self.view:  # the same augmented view of the same file every time: cached views stay meaningful
+            seed = int.from_bytes(hashlib.sha256(f"{self.paths[index]}|{self.view}".encode()).digest()[:4], "little")
+            torch.manual_seed(seed)
+        return self.transform(load_image(self.paths[index], None)), index
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of one node for every split, with labels and paths in split order."""
+
+    node: str
+    classes: list[str]
+    features: dict[str, np.ndarray]  # split → (N, D) float16
+    labels: dict[str, np.ndarray]
+    paths: dict[str, list[str]]
+    augmented: list[np.ndarray] = field(default_factory=list)  # K training views, each (N_train, D)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features["train"].shape[1])
+
+
+def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
+                     cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                     workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
+                     hflip: bool = True, log=None) -> dict[str, FeatureSet]:
+    """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
+
+    Args:
+        extractor: a ``FeatureExtractor`` (several nodes, one pass) or a ``Trunk`` (its single node).
+        architecture: the backbone's name, part of the cache key (with a content hash of the weights).
+        cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
+        augment_views: also cache this many augmented views of each training image.
+
+    Returns:
+        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
+    """
+    extractor = _as_multi(extractor)
+    pool = extractor.pool_kind
+    device = torch.device(device)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    digest = weights_digest(extractor)
+    all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]
+    train_paths = [p for p, _ in splits.train]
+    views = [(0, all_paths)] + [(v, train_paths) for v in range(1, augment_views + 1)]
+    results: dict[str, dict[int, np.ndarray]] = {node: {} for node in extractor.nodes}
+    stats = {"extracted": 0, "cached": 0, "seconds": 0.0}
+    for view, paths in views:
+        spaces = {node: CacheSpace(cache / space_key(architecture, digest, node, pool, preprocessing, view),
+                                   {"architecture": architecture, "node": node, "pool": pool, "view": view})
+                  for node in extractor.nodes}
+        keys = [file_key(p) for p in paths]
+        missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
+        if missing:
+            by_key = dict(zip(keys, paths))
+            start = time.perf_counter()
+            _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view, batch_size,
+                          workers, device, hflip)
+            stats["seconds"] += time.perf_counter() - start
+            stats["extracted"] += len(missing)
+        stats["cached"] += len(keys) - len(missing)
+        for node, space in spaces.items():
+            found, still_missing = space.lookup(keys)
+            if still_missing:
+                raise GraftError(f"{space.root}: cache incomplete after extraction (concurrent deletion?); run again")
+            results[node][view] = space.gather([found[k] for k in keys])
+    stats["images_per_s"] = stats["extracted"] / stats["seconds"] if stats["seconds"] else None
+    if log:
+        log(f"features: {stats['extracted']} images extracted, {stats['cached']} read from the cache ({cache})")
+    return {node: _split_features(node, splits, results[node], augment_views, stats) for node in extractor.nodes}
+
+
+def _as_multi(extractor: nn.Module) -> nn.Module:
+    if isinstance(extractor, Trunk):
+        return _TrunkExtractor(extractor)
+    return extractor
+
+
+class _TrunkExtractor(nn.Module):
+    """A cut Trunk seen as a one-node extractor: the cached features are exactly what the model's head receives."""
+
+    def __init__(self, trunk: Trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.nodes = [trunk.node]
+        self.pool_kind = trunk.pool_kind
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.trunk.node: self.trunk(x)}
+
+
+def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip) -> None:
+    workers = min(8, os.cpu_count() or 1) if workers < 0 else workers
+    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", shuffle=False)
+    dtype = autocast_dtype(device)
+    was_training = extractor.training
+    extractor.eval().to(device)
+    extractor.to(memory_format=torch.channels_last)
+    pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
+    pending_keys: list[str] = []
+    try:
+        with torch.inference_mode():
+            for images, indices in loader:
+                with autocast(device, dtype):
+                    outputs = extractor(to_device(images, device, True))
+                for node, values in outputs.items():
+                    pending[node].append(values.float().cpu().numpy().astype(np.float16))
+                pending_keys += [keys[i] for i in indices.tolist()]
+                if len(pending_keys) >= SHARD_IMAGES:
+                    _flush(spaces, pending, pending_keys)
+                    pending_keys = []
+        if pending_keys:
+            _flush(spaces, pending, pending_keys)
+    finally:
+        extractor.train(was_training)
+
+
+def _flush(spaces, pending: dict[str, list[np.ndarray]], keys: list[str]) -> None:
+    for node, space in spaces.items():
+        space.add_shard(keys, np.concatenate(pending[node]))
+        pending[node].clear()
+
+
+def _split_features(node: str, splits: DatasetSplits, views: dict[int, np.ndarray], augment_views: int,
+                    stats: dict) -> FeatureSet:
+    features, labels, paths, offset = {}, {}, {}, 0
+    for split in SPLITS:
+        samples = getattr(splits, split)
+        features[split] = views[0][offset:offset + len(samples)]
+        labels[split] = np.array([label for _, label in samples], dtype=np.int64)
+        paths[split] = [path for path, _ in samples]
+        offset += len(samples)
+    augmented = [views[v] for v in range(1, augment_views + 1)]
+    return FeatureSet(node, splits.classes, features, labels, paths, augmented, dict(stats))

@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from graft.backbones import create_backbone
+from graft.data import discover
+from graft.features import CacheSpace, FeatureExtractor, extract_features
+from graft.surgery import DEFAULT_NODE, cut
+from synthetic import make_shapes
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return create_backbone("test_resnet", pretrained=False)
+
+
+def _extract(splits, nodes, cache, **kwargs):
+    backbone = _backbone()
+    extractor = FeatureExtractor(backbone.net, nodes, kwargs.pop("pool", "avg"))
+    return extract_features(splits, extractor, backbone.preprocessing.with_size(32), "test_resnet",
+                            cache_dir=cache, workers=0, **kwargs)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    return make_shapes(tmp_path / "data", splits={"train": 6, "val": 3}, seed=4)
+
+
+def test_second_run_reads_everything_from_the_cache(data, tmp_path):
+    splits = discover(data)
+    first = _extract(splits, ["layer2", DEFAULT_NODE], tmp_path / "cache")
+    assert first["layer2"].stats["extracted"] == 27 and first["layer2"].stats["cached"] == 0
+    second = _extract(splits, ["layer2", DEFAULT_NODE], tmp_path / "cache")
+    assert second["layer2"].stats["extracted"] == 0 and second["layer2"].stats["cached"] == 27
+    for node in ("layer2", DEFAULT_NODE):
+        for split in ("train", "val"):
+            assert np.array_equal(first[node].features[split], second[node].features[split])
+    assert first[DEFAULT_NODE].dim == 96 and first["layer2"].dim == 48
+    assert first["layer2"].features["train"].dtype == np.float16
+
+
+def test_added_and_changed_files_are_the_only_ones_extracted(data, tmp_path):
+    _extract(discover(data), ["layer3"], tmp_path / "cache")
+    for index in range(10):
+        Image.new("RGB", (48, 48), (index * 20, 0, 0)).save(data / "train" / "circle" / f"new{index}.png")
+    Image.new("RGB", (48, 48), (0, 0, 0)).save(data / "val" / "square" / "000.png")  # rewritten: new size/mtime
+    again = _extract(discover(data), ["layer3"], tmp_path / "cache")
+    assert again["layer3"].stats["extracted"] == 11 and again["layer3"].stats["cached"] == 27 - 1
+
+
+def test_cache_key_covers_weights_pooling_and_preprocessing(data, tmp_path):
+    splits = discover(data)
+    _extract(splits, ["layer2"], tmp_path / "cache")
+    assert _extract(splits, ["layer2"], tmp_path / "cache", pool="avgmax")["layer2"].stats["cached"] == 0
+    backbone = _backbone()
+    with torch.no_grad():
+        backbone.net.conv1[0].weight.add_(0.01)  # other weights → other features
+    other = extract_features(splits, FeatureExtractor(backbone.net, ["layer2"]), backbone.preprocessing.with_size(32),
+                             "test_resnet", cache_dir=tmp_path / "cache", workers=0)
+    assert other["layer2"].stats["cached"] == 0
+    resized = extract_features(splits, FeatureExtractor(_backbone().net, ["layer2"]),
+                               _backbone().preprocessing.with_size(40), "test_resnet", cache_dir=tmp_path / "cache",
+                               workers=0)
+    assert resized["layer2"].stats["cached"] == 0
+
+
+def test_a_crashed_runs_shard_is_never_read(data, tmp_path):
+    splits = discover(data)
+    _extract(splits, ["layer2"], tmp_path / "cache")
+    (space,) = [p for p in (tmp_path / "cache").iterdir()]
+    index = json.loads((space / "index.json").read_text())
+    (space / "shard-halfwritten.npy").write_bytes(b"\x93NUMPY garbage")  # a crash before the index update
+    shard = next(iter(index["entries"].values()))[0]
+    (space / shard).unlink()  # and an index entry whose shard is gone
+    again = _extract(splits, ["layer2"], tmp_path / "cache")
+    assert again["layer2"].stats["extracted"] == 27
+    assert not list(space.glob(".shard-*"))  # no temp files left behind
+
+
+def test_one_pass_equals_separate_cuts(data, tmp_path):
+    splits = discover(data)
+    together = _extract(splits, ["layer1", "layer3", DEFAULT_NODE], tmp_path / "a")
+    for node in ("layer1", "layer3", DEFAULT_NODE):
+        trunk, _ = cut(_backbone().net, None if node == DEFAULT_NODE else node, "avg", (32, 32))
+        alone = extract_features(splits, trunk, _backbone().preprocessing.with_size(32), "test_resnet",
+                                 cache_dir=tmp_path / node, workers=0)
+        assert np.array_equal(together[node].features["val"], alone[node].features["val"]), node
+
+
+def test_augmented_views_are_cached_and_reproducible(data, tmp_path):
+    splits = discover(data)
+    first = _extract(splits, ["layer2"], tmp_path / "cache", augment_views=2)["layer2"]
+    assert len(first.augmented) == 2 and first.augmented[0].shape == first.features["train"].shape
+    assert not np.array_equal(first.augmented[0], first.augmented[1])
+    second = _extract(splits, ["layer2"], tmp_path / "cache", augment_views=2)["layer2"]
+    assert second.stats["extracted"] == 0 and np.array_equal(first.augmented[1], second.augmented[1])
+
+
+def test_concurrent_index_updates_keep_both_shards(tmp_path):
+    space = CacheSpace(tmp_path / "space", {})
+    space.add_shard(["a", "b"], np.ones((2, 3), np.float16))
+    space.add_shard(["c"], np.zeros((1, 3), np.float16))
+    found, missing = space.lookup(["a", "b", "c", "d"])
+    assert missing == ["d"] and space.gather([found["b"], found["c"]]).tolist() == [[1, 1, 1], [0, 0, 0]]

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from graft.probe import class_weights, fit_linear_probe
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    order = np.random.RandomState(0).permutation(len(y))
+    return x[order[:700]], y[order[:700]], x[order[700:1100]], y[order[700:1100]], x[order[1100:]], y[order[1100:]]
+
+
+def _accuracy(linear, x, y):
+    with torch.no_grad():
+        return (linear(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy() == y).mean()
+
+
+def test_matches_sklearn_logistic_regression_within_one_point(digits):
+    train_x, train_y, val_x, val_y, test_x, test_y = digits
+    result = fit_linear_probe(train_x, train_y, val_x, val_y)
+    scaler = StandardScaler().fit(train_x)
+    reference = LogisticRegression(C=1 / (result.l2 * len(train_y)), max_iter=5000)
+    reference.fit(scaler.transform(train_x), train_y)
+    ours = _accuracy(result.linear, test_x, test_y)
+    theirs = reference.score(scaler.transform(test_x), test_y)
+    assert abs(ours - theirs) <= 0.01 and ours > 0.9
+
+
+def test_the_path_is_reported_and_the_best_val_point_chosen(digits):
+    train_x, train_y, val_x, val_y, *_ = digits
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-2, 1e-4))
+    assert [row["l2"] for row in result.grid] == [1.0, 1e-2, 1e-4]
+    best = max(result.grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert result.l2 == best["l2"] and result.val_accuracy == best["val_acc"]
+    assert result.grid[0]["train_acc"] < result.grid[-1]["train_acc"]  # strong L2 underfits
+
+
+def test_standardisation_is_folded_into_the_layer():
+    generator = np.random.RandomState(1)
+    x = generator.randn(200, 5) * [1e-3, 1, 10, 100, 1] + [5, 0, -3, 100, 0]  # wildly different scales
+    y = (x[:, 1] + x[:, 0] * 1000 > 5).astype(int)
+    result = fit_linear_probe(x, y, x, y)
+    assert _accuracy(result.linear, x, y) > 0.95
+
+
+def test_balanced_weights_mean_one_and_inverse_frequency():
+    labels = torch.tensor([0, 0, 0, 1])
+    weights = class_weights(labels, 2)
+    assert weights.tolist() == pytest.approx([4 / 6, 2.0])
+    assert weights[labels].mean().item() == pytest.approx(1.0)
+
+
+def test_balanced_probe_favours_the_minority_class():
+    generator = np.random.RandomState(2)
+    x = np.concatenate([generator.randn(190, 2), generator.randn(10, 2) + 1.0])
+    y = np.array([0] * 190 + [1] * 10)
+    plain = fit_linear_probe(x, y, grid=(1e-3,))
+    balanced = fit_linear_probe(x, y, grid=(1e-3,), balanced=True)
+    with torch.no_grad():
+        minority = torch.as_tensor(x[190:], dtype=torch.float32)
+        assert (balanced.linear(minority).argmax(1) == 1).sum() > (plain.linear(minority).argmax(1) == 1).sum()
