@@ -84,7 +84,11 @@ def fit(
     backbone: BackboneOpt = None,
     weights: WeightsOpt = None,
     pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="probe, finetune or scratch")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="probe, finetune, scratch or auto")] = None,
+    head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
+    bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
+    augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
+    cache: CacheOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
     head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
     lr: Annotated[Optional[float], typer.Option(help="head learning rate")] = None,
@@ -127,7 +131,8 @@ def fit(
         "train.label_smoothing": label_smoothing, "data.batch_size": batch_size, "data.image_size": image_size,
         "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
         "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
-        "train.limit_batches": limit_batches,
+        "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
+        "data.augment_views": augment_views, "data.cache_dir": cache,
     }
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
@@ -229,6 +234,107 @@ def evaluate(
     print_table("confusion matrix (rows: true, columns: predicted)", ["true \\ pred"] + classes,
                 [[name] + row for name, row in zip(classes, metrics["confusion_matrix"])])
     out.print(f"wrote {metrics['output']}")
+
+
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="random weights: a baseline")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")]
+CacheOpt = Annotated[Optional[str], typer.Option(help="feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader workers (-1: auto)")]
+
+
+@app.command()
+@friendly_errors
+def features(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    cut_at: Annotated[Optional[str], typer.Option(help="comma-separated nodes, e.g. layer2,layer3,layer4")] = None,
+    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    augment: Annotated[int, typer.Option(help="also cache K augmented views of each training image")] = 0,
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    cache: CacheOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
+
+    Example: graft features ./pets --backbone resnet50.a1_in1k --cut-at layer2,layer3,layer4
+    """
+    from graft.compare import stage_features
+    from graft.data import discover, scan
+    from graft.surgery import DEFAULT_NODE
+
+    splits = discover(data)
+    report = scan(splits)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
+    _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
+                                workers, augment_views=augment)
+    stats = next(iter(sets.values())).stats
+    speed = f"{stats['images_per_s']:.1f}" if stats.get("images_per_s") else "-"
+    print_table(f"features of {backbone} ({stats['extracted']} images extracted at {speed} img/s, "
+                f"{stats['cached']} from the cache)", ["node", "width", "train", "val", "test", "augmented views"],
+                [[node, s.dim, len(s.labels["train"]), len(s.labels["val"]), len(s.labels["test"]), len(s.augmented)]
+                 for node, s in sets.items()])
+
+
+@app.command()
+@friendly_errors
+def probe(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbones: Annotated[str, typer.Option(help="comma-separated backbone names")],
+    stages: Annotated[str, typer.Option(help="default (pooled features only) or all (every stage too)")] = "default",
+    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for leaderboard.csv/.png")] = None,
+    cache: CacheOpt = None,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Leaderboard of linear probes: which backbone, which stage (cached features, L-BFGS heads).
+
+    Example: graft probe ./pets --backbones resnet50,convnext_tiny,vit_small_patch16_224 --stages all -o cmp/
+    """
+    from graft.compare import probe_backbones
+
+    if stages not in ("default", "all"):
+        raise GraftError(f"stages '{stages}' not understood: use default or all")
+    rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
+                           workers=workers, output=output)
+    print_table("linear probe leaderboard", ["backbone", "node", "width", "val acc", "k-NN acc", "extract img/s",
+                                             "params (M)", "ms/image"],
+                [[r.backbone, r.node, r.width, r.val_accuracy, r.knn_accuracy,
+                  f"{r.extract_images_per_s:.1f}" if r.extract_images_per_s else "cached", f"{r.params_m:.2f}",
+                  f"{r.inference_ms:.2f}"] for r in rows])
+    if output:
+        out.print(f"wrote {output / 'leaderboard.csv'} and {output / 'leaderboard.png'}")
+
+
+@app.command()
+@friendly_errors
+def advise(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    cache: CacheOpt = None,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Recommend a strategy (probe top layer, probe an earlier stage, fine-tune the last stages or everything).
+
+    Example: graft advise ./pets --backbone resnet50.a1_in1k
+    """
+    from graft.compare import advise as advise_on
+
+    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers)
+    print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
+                                                                               "k-NN acc"],
+                [[s["node"], s["width"], s["probe_accuracy"], s["knn_accuracy"]] for s in advice.stages])
+    out.print(f"recommendation: [bold]{advice.recommendation}[/bold]\n{advice.reason}\nrun: {advice.command}")
 
 
 @app.command()

@@ -15,7 +15,7 @@ import yaml
 
 from graft.errors import GraftError
 
-STRATEGIES = ("probe", "finetune", "scratch")
+STRATEGIES = ("probe", "finetune", "scratch", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTATIONS = ("standard", "light", "none")
 POOLS = ("avg", "avgmax")
@@ -58,7 +58,7 @@ class ModelConfig:
 class TrainConfig:
     """How the head and trunk are trained."""
 
-    strategy: str = "finetune"  # probe | finetune | scratch
+    strategy: str = "finetune"  # probe | finetune | scratch | auto (graft advise decides)
     epochs: int = 10  # epochs of the main stage (the whole-network stage for finetune/scratch, the head for probe)
     head_epochs: int = 2  # finetune with head_fit=epochs: head-only epochs on the frozen trunk before unfreezing
     head_fit: str = "lbfgs"  # linear heads on a frozen trunk: lbfgs (cached features, L2 path, to convergence) or

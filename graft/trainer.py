@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from graft import recipes
+from graft.compare import resolve_auto
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, scan
 from graft.errors import GraftError
@@ -398,6 +399,8 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     run_dir = prepare_run_dir(config, resume, overwrite)
     if resume:
         config = _resumable_config(run_dir)
+    if config.train.strategy == "auto":
+        config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
     device = resolve_device(config.train.device)
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
                       verbose=verbose)

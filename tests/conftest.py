@@ -47,3 +47,18 @@ def trained_run(shapes, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "shapes"
     fit(tiny_config(shapes, output, **{"train.strategy": "finetune", "train.epochs": 12}), verbose=False)
     return output
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(trained_run, tmp_path_factory) -> Path:
+    """A 'pretrained' tiny backbone: the trained run's trunk as a weights file with its preprocessing inside."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(trained_run / "model.safetensors"))
+    trunk = {k.removeprefix("trunk.net."): v for k, v in state.items() if k.startswith("trunk.net.")}
+    card = json.loads((trained_run / "graft.json").read_text())
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file(trunk, str(path), metadata={"graft.preprocessing": json.dumps(card["preprocessing"])})
+    return path

@@ -17,7 +17,8 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize("strategy, overrides", [
-    ("probe", {"model.pool": "avgmax", "train.epochs": 12, "train.lr": 0.03}),
+    ("probe", {"model.pool": "avgmax", "train.epochs": 12, "train.lr": 0.03, "train.head_fit": "epochs"}),
+    ("probe", {"model.pool": "avgmax"}),
     ("finetune", {"train.epochs": 12}),
     ("scratch", {"train.epochs": 5}),
 ])
@@ -92,6 +93,7 @@ def test_save_load_predict_gives_identical_logits(trained_run, shapes):
 
 def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path):
     overrides = {"train.strategy": "finetune", "train.epochs": 3, "train.head_epochs": 2, "data.augment": "standard",
+                 "train.head_fit": "epochs",
                  "train.patience": 2}
     straight = fit(tiny_config(shapes, tmp_path / "straight", **overrides), verbose=False)
 
@@ -136,7 +138,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(shapes, tmp_path):
 
 def test_discriminative_learning_rates_decay_from_top_to_stem(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "x", **{"train.lr": 1e-2, "train.finetune_lr_ratio": 0.1,
-                                                     "train.stem_lr_ratio": 0.1})
+                                                     "train.stem_lr_ratio": 0.1, "train.head_fit": "epochs"})
     model, _ = build_model(config, ["a", "b", "c"])
     stages = recipes.plan(config)
     assert [s.name for s in stages] == ["head", "finetune"]
@@ -166,3 +168,47 @@ def test_sgd_optimizer_and_limit_batches(shapes, tmp_path):
     result = fit(config, verbose=False)
     rows = list(csv.DictReader(open(result.run_dir / "history.csv")))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+
+
+def test_cached_probe_solves_the_head_and_leaves_the_trunk_alone(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "lbfgs", **{"train.strategy": "probe"})
+    torch.manual_seed(config.train.seed)
+    before = build_model(config, ["circle", "square", "triangle"])[0].state_dict()
+    result = fit(config, verbose=False)
+    after = result.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("trunk."))
+    grid = list(csv.DictReader(open(result.run_dir / "probe_grid.csv")))
+    assert len(grid) == 7 and {"l2", "val_acc", "train_loss"} <= set(grid[0])
+    assert result.metrics["val"]["accuracy"] >= 0.8 and result.metrics["epochs"] == 0
+    from graft.evaluate import evaluate
+
+    direct = evaluate(result.run_dir, shapes, split="val", device="cpu", output=tmp_path / "e")
+    assert direct["accuracy"] == pytest.approx(result.metrics["val"]["accuracy"], abs=1 / 30 + 1e-6)  # fp16 cache
+
+
+def test_finetune_starts_from_the_solved_probe(shapes, tmp_path, pretrained_tiny):
+    config = tiny_config(shapes, tmp_path / "lpft", **{"train.strategy": "finetune", "model.pretrained": True,
+                                                        "model.weights": str(pretrained_tiny), "train.epochs": 2})
+    result = fit(config, verbose=False)
+    rows = list(csv.DictReader(open(result.run_dir / "history.csv")))
+    assert [r["stage"] for r in rows] == ["finetune", "finetune"]  # no head-only epochs: the probe replaced them
+    assert (result.run_dir / "probe_grid.csv").is_file()
+    assert float(rows[0]["train_acc"]) >= 0.8  # the head starts solved, not random
+    assert json.loads((result.run_dir / "graft.json").read_text())["weights"].startswith("file:")
+
+
+def test_lpft_run_resumes_to_the_same_weights(shapes, tmp_path, pretrained_tiny):
+    overrides = {"train.strategy": "finetune", "model.pretrained": True, "model.weights": str(pretrained_tiny),
+                 "train.epochs": 3, "data.augment": "standard"}
+    straight = fit(tiny_config(shapes, tmp_path / "straight", **overrides), verbose=False)
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    config = tiny_config(shapes, tmp_path / "resumed", **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, hooks=Hooks(on_epoch_end=stop), verbose=False)
+    resumed = fit(config, resume=True, verbose=False)
+    expected, actual = _weights(straight.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
