@@ -88,6 +88,8 @@ def fit(
     head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
     bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
     augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
+    balance_classes: Annotated[Optional[bool], typer.Option("--balance-classes/--no-balance-classes",
+                                                            help="cached probe: inverse-frequency class weights")] = None,
     cache: CacheOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
     head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
@@ -132,7 +134,7 @@ def fit(
         "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
         "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
         "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
-        "data.augment_views": augment_views, "data.cache_dir": cache,
+        "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance_classes": balance_classes,
     }
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
@@ -253,7 +255,7 @@ def features(
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: Annotated[int, typer.Option()] = 32,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
 ):

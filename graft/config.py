@@ -35,7 +35,7 @@ class DataConfig:
     augment: str = "standard"  # standard: random-resized-crop + flip; light: milder crops; none: eval transform
     hflip: bool = True  # turn off for data where mirroring changes the class (digits, text)
     batch_size: int = 32
-    workers: int = -1  # DataLoader workers; -1 picks min(8, cpu count)
+    workers: int = -1  # DataLoader workers; -1: none on the CPU (they steal its cores), up to 8 on a GPU
     max_image_pixels: int = 89_478_485  # Pillow's default bomb limit; larger images are skipped and listed
     augment_views: int = 0  # cached probes: also cache this many augmented views of each training image
     cache_dir: str | None = None  # feature cache; None: $GRAFT_CACHE or ~/.cache/graft/features

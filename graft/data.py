@@ -354,6 +354,18 @@ class FileDataset(Dataset):
             return torch.zeros(3, *self.size), False, str(error)
 
 
+def resolve_workers(workers: int, device: torch.device) -> int:
+    """DataLoader workers for ``-1`` (auto): none on the CPU, up to 8 for an accelerator.
+
+    On the CPU, loader workers compete with torch's intra-op threads for the same cores, and a parallel kernel runs
+    at the pace of its slowest thread: measured on 2 cores, extraction with 2 workers ran at 0.84x the bare forward
+    pass, while decoding in the main process costs only the decode time itself (about 1/20 of the forward pass).
+    """
+    if workers >= 0:
+        return workers
+    return 0 if torch.device(device).type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files, folders (recursively, image files only) and glob patterns → a sorted, de-duplicated list of paths."""
     import glob

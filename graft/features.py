@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from graft.backbones import Preprocessing
-from graft.data import DatasetSplits, build_transform, load_image
+from graft.data import DatasetSplits, build_transform, load_image, resolve_workers
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, to_device
 from graft.model import atomic_write
@@ -215,7 +215,7 @@ class FeatureSet:
 
 
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
-                     cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                     cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
                      hflip: bool = True, log=None) -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
@@ -284,7 +284,7 @@ class _TrunkExtractor(nn.Module):
 
 
 def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip) -> None:
-    workers = min(8, os.cpu_count() or 1) if workers < 0 else workers
+    workers = resolve_workers(workers, device)
     loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda", shuffle=False)
     dtype = autocast_dtype(device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from graft import recipes
 from graft.compare import resolve_auto
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
-from graft.data import DatasetSplits, ImageDataset, build_transform, discover, scan
+from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
 from graft.features import FeatureSet, extract_features
@@ -239,7 +238,7 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
 def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
     """Training and validation DataLoaders with the backbone's preprocessing."""
     data = config.data
-    workers = min(8, os.cpu_count() or 1) if data.workers < 0 else data.workers
+    workers = resolve_workers(data.workers, runtime.device)
     train_set = ImageDataset(splits.train, build_transform(model.preprocessing, True, data.augment, data.hflip),
                              data.max_image_pixels)
     val_set = ImageDataset(splits.val, build_transform(model.preprocessing), data.max_image_pixels)
@@ -409,17 +408,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     report = scan(splits, config.data.max_image_pixels, workers=4)
     _write_data_report(run_dir, splits, report, runtime)
     seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
-    model, info = build_model(config, splits.classes)
-    model.to(device)
-    if config.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
-    card = model_card(model, config, info)
-    card["status"] = "training"
-    write_json(run_dir / "graft.json", card)
-    runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
-                f" → {len(splits.classes)} classes; {len(splits.train)} train / {len(splits.val)} val images on "
-                f"{device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when unfrozen")
+    model, card = _prepare_model(config, splits, runtime, run_dir)
     state, resume_from = TrainState(), None
     if resume:
         model_state, optimizer_state, scheduler_state, state = read_checkpoint(run_dir)
@@ -432,6 +421,32 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
         state.elapsed += time.perf_counter() - start
     loaders = make_loaders(splits, model, config, runtime)
+    state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
+    reuse = cached if config.train.strategy == "probe" else None  # the trunk never changed: its features stand
+    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, reuse,
+                   cached.stats if cached else None)
+
+
+def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
+    """Builds the model on its device and writes graft.json (status: training); returns (model, card)."""
+    model, info = build_model(config, splits.classes)
+    model.to(runtime.device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
+    card = model_card(model, config, info)
+    card["status"] = "training"
+    write_json(run_dir / "graft.json", card)
+    runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
+                f" → {len(splits.classes)} classes; {len(splits.train)} train / {len(splits.val)} val images on "
+                f"{runtime.device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when "
+                "unfrozen")
+    return model, card
+
+
+def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfig, runtime: Runtime, run_dir: Path,
+                hooks: Hooks) -> TrainState:
+    """Runs the recipe's remaining stages from ``state``; Ctrl-C leaves the last finished epoch's checkpoint."""
     stages = recipes.plan(config)
     try:
         while state.stage < len(stages):
@@ -448,9 +463,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     except KeyboardInterrupt:
         runtime.log(f"interrupted: the last finished epoch is saved; continue with `graft fit --resume -o {run_dir}`")
         raise
-    reuse = cached if config.train.strategy == "probe" else None  # the trunk never changed: its features stand
-    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, reuse,
-                   cached.stats if cached else None)
+    return state
 
 
 def _resumable_config(run_dir: Path) -> FitConfig:
@@ -478,7 +491,7 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
-                            data.batch_size * 2, data.workers, runtime.device, data.augment_views, data.hflip,
+                            data.batch_size, data.workers, runtime.device, data.augment_views, data.hflip,
                             runtime.log)
     features = sets[model.trunk.node]
     train_x = np.concatenate([features.features["train"], *features.augmented])
