@@ -255,16 +255,18 @@ def features(
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write NODE.npz files here")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
 ):
     """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
 
-    Example: graft features ./pets --backbone resnet50.a1_in1k --cut-at layer2,layer3,layer4
+    Example: graft features ./pets --backbone resnet50.a1_in1k --cut-at layer2,layer3,layer4 -o feats/
     """
     from graft.compare import stage_features
     from graft.data import discover, scan
+    from graft.features import save_feature_set
     from graft.surgery import DEFAULT_NODE
 
     splits = discover(data)
@@ -280,6 +282,8 @@ def features(
                 f"{stats['cached']} from the cache)", ["node", "width", "train", "val", "test", "augmented views"],
                 [[node, s.dim, len(s.labels["train"]), len(s.labels["val"]), len(s.labels["test"]), len(s.augmented)]
                  for node, s in sets.items()])
+    for node, feature_set in sets.items() if output else ():
+        out.print(f"wrote {save_feature_set(feature_set, output / f'{node}.npz')}")
 
 
 @app.command()

@@ -214,6 +214,26 @@ class FeatureSet:
         return int(self.features["train"].shape[1])
 
 
+def save_feature_set(features: FeatureSet, path: str | os.PathLike) -> Path:
+    """Writes one node's features with labels, paths and class names to an ``.npz`` readable without graft
+    (``np.load(path)``, no pickle: paths and classes are stored as unicode arrays)."""
+    arrays = {"classes": np.array(features.classes), "node": np.array(features.node)}
+    for split in SPLITS:
+        arrays[f"{split}_features"] = features.features[split]
+        arrays[f"{split}_labels"] = features.labels[split]
+        arrays[f"{split}_paths"] = np.array(features.paths[split], dtype=str)
+    for view, augmented in enumerate(features.augmented, start=1):
+        arrays[f"train_view{view}_features"] = augmented
+    path = Path(path)
+    atomic_write(path, lambda temp: _save_npz(temp, arrays))
+    return path
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # closed before atomic_write fsyncs: no buffered bytes left behind
+        np.savez(handle, **arrays)
+
+
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,

@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -122,8 +123,14 @@ def test_cli_features_probe_and_advise(few, tmp_path):
     assert first.exit_code == 0, first.output
     assert "54 images extracted" in first.output and "layer3" in first.output
     second = runner.invoke(app, ["features", str(few), "-b", "test_resnet", "--no-pretrained", "--cut-at",
-                                 "layer2,layer3", "--image-size", "32", "--workers", "0", "--cache", str(cache)])
+                                 "layer2,layer3", "--image-size", "32", "--workers", "0", "--cache", str(cache),
+                                 "-o", str(tmp_path / "npz")])
     assert "0 images extracted" in second.output and "54 from the cache" in second.output
+    exported = np.load(tmp_path / "npz" / "layer3.npz")  # allow_pickle=False: plain arrays only
+    assert exported["train_features"].shape == (36, 192) and exported["val_labels"].tolist() == [0] * 6 + [1] * 6 + [
+        2] * 6
+    assert exported["classes"].tolist() == ["circle", "square", "triangle"]
+    assert exported["val_paths"][0].endswith("val/circle/000.png")
     board = runner.invoke(app, ["probe", str(few), "--backbones", "toy:keep,toy:killtop", "--workers", "0",
                                 "-o", str(tmp_path / "board"), "--device", "cpu"])
     assert board.exit_code == 0, board.output

@@ -91,26 +91,36 @@ def test_save_load_predict_gives_identical_logits(trained_run, shapes):
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
 
 
-def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path):
-    overrides = {"train.strategy": "finetune", "train.epochs": 3, "train.head_epochs": 2, "data.augment": "standard",
-                 "train.head_fit": "epochs",
-                 "train.patience": 2}
+RESUME_CASES = {
+    # two head-only epochs then fine-tuning: the interruption falls right after the stage boundary
+    "head-epochs": ({"train.head_fit": "epochs", "train.head_epochs": 2, "train.patience": 2}, 3, 5),
+    # the cached probe replaces stage 1 (LP-FT): the resumed run must not re-solve the head
+    "lpft": ({"model.pretrained": True}, 2, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path, request, case):
+    extra, stop_epoch, total_epochs = RESUME_CASES[case]
+    overrides = {"train.strategy": "finetune", "train.epochs": 3, "data.augment": "standard", **extra}
+    if case == "lpft":
+        overrides["model.weights"] = str(request.getfixturevalue("pretrained_tiny"))
     straight = fit(tiny_config(shapes, tmp_path / "straight", **overrides), verbose=False)
 
-    def stop_after_third_epoch(row):
-        if row["epoch"] == 3:
+    def stop(row):
+        if row["epoch"] == stop_epoch:
             raise KeyboardInterrupt
 
     interrupted = tiny_config(shapes, tmp_path / "resumed", **overrides)
     with pytest.raises(KeyboardInterrupt):
-        fit(interrupted, hooks=Hooks(on_epoch_end=stop_after_third_epoch), verbose=False)
+        fit(interrupted, hooks=Hooks(on_epoch_end=stop), verbose=False)
     assert (tmp_path / "resumed" / "checkpoint.safetensors").is_file()
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     resumed = fit(interrupted, resume=True, verbose=False)
     expected, actual = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
-    assert len(list(csv.DictReader(open(tmp_path / "resumed" / "history.csv")))) == 5
+    assert len(list(csv.DictReader(open(tmp_path / "resumed" / "history.csv")))) == total_epochs
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, shapes):
@@ -195,20 +205,3 @@ def test_finetune_starts_from_the_solved_probe(shapes, tmp_path, pretrained_tiny
     assert (result.run_dir / "probe_grid.csv").is_file()
     assert float(rows[0]["train_acc"]) >= 0.8  # the head starts solved, not random
     assert json.loads((result.run_dir / "graft.json").read_text())["weights"].startswith("file:")
-
-
-def test_lpft_run_resumes_to_the_same_weights(shapes, tmp_path, pretrained_tiny):
-    overrides = {"train.strategy": "finetune", "model.pretrained": True, "model.weights": str(pretrained_tiny),
-                 "train.epochs": 3, "data.augment": "standard"}
-    straight = fit(tiny_config(shapes, tmp_path / "straight", **overrides), verbose=False)
-
-    def stop(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    config = tiny_config(shapes, tmp_path / "resumed", **overrides)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, hooks=Hooks(on_epoch_end=stop), verbose=False)
-    resumed = fit(config, resume=True, verbose=False)
-    expected, actual = _weights(straight.run_dir), _weights(resumed.run_dir)
-    assert all(torch.equal(expected[k], actual[k]) for k in expected)
