@@ -256,7 +256,7 @@ def features(
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write NODE.npz files here")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="default: 16 on the CPU, 64 on a GPU")] = None,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
 ):

@@ -86,7 +86,7 @@ def _speed(net, node: str, input_size, device: torch.device, batch: int = 32, re
 
 def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", image_size: int | None = None,
                    pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
-                   batch_size: int = 32, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0):
+                   batch_size: int | None = None, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0):
     """(backbone, preprocessing, {node: FeatureSet}) from one pass over the data.
 
     Args:
@@ -107,7 +107,7 @@ def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", imag
 
 def probe_backbones(data, backbones: list[str], stages: str = "default", image_size: int | None = None,
                     pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
-                    batch_size: int = 32, workers: int = -1, val_fraction: float = 0.2, seed: int = 0,
+                    batch_size: int | None = None, workers: int = -1, val_fraction: float = 0.2, seed: int = 0,
                     output: str | os.PathLike | None = None, log=None) -> list[LeaderboardRow]:
     """Linear-probes each backbone (and, with stages='all', each of its stages) on cached features.
 

@@ -234,8 +234,14 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
         np.savez(handle, **arrays)
 
 
+def extraction_batch_size(device: torch.device) -> int:
+    """Inference batch for extraction: small on the CPU, where activations then stay in cache (measured on 2 cores:
+    EfficientNet-Lite0 at 224 px ran 74 img/s at batch 16, 54 at 32, 34-44 at 64), large on an accelerator."""
+    return 16 if device.type == "cpu" else 64
+
+
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
-                     cache_dir: str | os.PathLike | None = None, batch_size: int = 32,
+                     cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
                      hflip: bool = True, log=None) -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
@@ -244,6 +250,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         extractor: a ``FeatureExtractor`` (several nodes, one pass) or a ``Trunk`` (its single node).
         architecture: the backbone's name, part of the cache key (with a content hash of the weights).
         cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
+        batch_size: None picks ``extraction_batch_size(device)``.
         augment_views: also cache this many augmented views of each training image.
 
     Returns:
@@ -252,6 +259,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     extractor = _as_multi(extractor)
     pool = extractor.pool_kind
     device = torch.device(device)
+    batch_size = batch_size or extraction_batch_size(device)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     digest = weights_digest(extractor)
     all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]

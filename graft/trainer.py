@@ -491,8 +491,7 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
-                            data.batch_size, data.workers, runtime.device, data.augment_views, data.hflip,
-                            runtime.log)
+                            None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log)
     features = sets[model.trunk.node]
     train_x = np.concatenate([features.features["train"], *features.augmented])
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
