@@ -62,6 +62,7 @@ def main() -> None:
         start = time.perf_counter()
         cold = extract_features(splits, extractor, preprocessing, args.backbone, cache, args.batch, args.workers)
         cold_seconds = time.perf_counter() - start
+        assert cold[DEFAULT_NODE].stats["cached"] == 0, "the cold run must start from an empty cache"
         start = time.perf_counter()
         warm = extract_features(splits, extractor, preprocessing, args.backbone, cache, args.batch, args.workers)
         warm_seconds = time.perf_counter() - start

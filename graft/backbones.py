@@ -22,7 +22,7 @@ from torch import nn
 
 from graft.errors import GraftError
 
-# ---------------------------------------------------------------------------------------------------------- preprocessing
+# -------------------------------------------------------------------------------------------------------- preprocessing
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Preprocessing:
         return Preprocessing((size, size), self.mean, self.std, self.interpolation, self.crop_pct)
 
 
-# ---------------------------------------------------------------------------------------------------------- the result
+# ----------------------------------------------------------------------------------------------------------- the result
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Backbone:
     stage_nodes: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------------------- weights files
+# -------------------------------------------------------------------------------------------------------- weights files
 
 
 def _sha256(path: Path) -> str:
@@ -150,7 +150,7 @@ def load_trunk_weights(net: nn.Module, state: dict[str, torch.Tensor], origin: s
     net.load_state_dict({key: state[key] for key in target}, strict=True)
 
 
-# ---------------------------------------------------------------------------------------------------------- sources
+# -------------------------------------------------------------------------------------------------------------- sources
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,8 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
         return Preprocessing.from_timm_cfg(tag_cfg)
     raise GraftError(
         f"{path}: cannot tell which preprocessing these weights expect; name the pretrained tag "
-        f"(e.g. --backbone {name}.TAG, see `timm.list_pretrained('{name}*')`) or put a config.json with mean/std beside it"
+        f"(e.g. --backbone {name}.TAG, see `timm.list_pretrained('{name}*')`) "
+        "or put a config.json with mean/std beside it"
     )
 
 
@@ -291,8 +292,8 @@ class TorchvisionFamily:
 
 
 TORCHVISION_FAMILIES = [
-    TorchvisionFamily(r"^(resnet|resnext|wide_resnet)", "layer4", "fc", {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
-                      r"^(relu|layer\d)$"),
+    TorchvisionFamily(r"^(resnet|resnext|wide_resnet)", "layer4", "fc",
+                      {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"}, r"^(relu|layer\d)$"),
     TorchvisionFamily(r"^regnet", "trunk_output", "fc", {"stem": r"^stem", "blocks": r"^trunk_output\.block(\d+)"},
                       r"^(stem|trunk_output\.block\d+)$"),
     TorchvisionFamily(
@@ -368,7 +369,8 @@ class TorchvisionSource:
         family = next((f for f in TORCHVISION_FAMILIES if re.match(f.pattern, arch)), None)
         if family is None:
             supported = ", ".join(f.pattern for f in TORCHVISION_FAMILIES)
-            raise GraftError(f"torchvision model '{arch}' has no adapter yet (supported: {supported}); use its timm twin")
+            raise GraftError(f"torchvision model '{arch}' has no adapter yet (supported: {supported}); "
+                             "use its timm twin")
         weights_enum = torchvision.models.get_model_weights(arch)
         try:
             weights = weights_enum[tag or "DEFAULT"]
@@ -381,7 +383,8 @@ class TorchvisionSource:
         except Exception as error:
             raise GraftError(
                 f"no pretrained weights for '{name}' offline ({str(error).splitlines()[0][:80]}): pass --weights FILE "
-                f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints, or use --no-pretrained"
+                f"or place {weights.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints, "
+                "or use --no-pretrained"
             ) from None
         source = f"torchvision:{weights}" if use_download else "random"
         if weights_file:
@@ -404,7 +407,7 @@ def _torchvision_preprocessing(weights) -> Preprocessing:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------- registry
+# ------------------------------------------------------------------------------------------------------------- registry
 
 SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource()}
 

@@ -78,7 +78,7 @@ def layers(
 @app.command()
 @friendly_errors
 def fit(
-    data: Annotated[Optional[str], typer.Argument(help="class folders (with or without train/val/test) or a CSV")] = None,
+    data: Annotated[Optional[str], typer.Argument(help="class folders (optionally train/val/test) or a CSV")] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="run folder to write")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/train sections")] = None,
     backbone: BackboneOpt = None,
@@ -88,8 +88,8 @@ def fit(
     head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
     bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
     augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
-    balance_classes: Annotated[Optional[bool], typer.Option("--balance-classes/--no-balance-classes",
-                                                            help="cached probe: inverse-frequency class weights")] = None,
+    balance_classes: Annotated[Optional[bool], typer.Option(
+        "--balance-classes/--no-balance-classes", help="cached probe: inverse-frequency class weights")] = None,
     cache: CacheOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
     head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,

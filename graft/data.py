@@ -40,7 +40,7 @@ class ImageError(GraftError):
     """An image file that cannot be decoded; the message names the file."""
 
 
-# ---------------------------------------------------------------------------------------------------------- images
+# --------------------------------------------------------------------------------------------------------------- images
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> Image.Image:
@@ -94,7 +94,7 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-# ---------------------------------------------------------------------------------------------------------- discovery
+# ------------------------------------------------------------------------------------------------------------ discovery
 
 
 @dataclass
@@ -218,7 +218,7 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
     return DatasetSplits(classes, sorted(train), sorted(val), sorted(by_split["test"]), f"CSV manifest {manifest}")
 
 
-# ---------------------------------------------------------------------------------------------------------- the scan
+# ------------------------------------------------------------------------------------------------------------- the scan
 
 
 @dataclass
@@ -313,7 +313,7 @@ def scan(splits: DatasetSplits, max_pixels: int | None = 89_478_485, workers: in
     return ScanReport(counts, skipped, duplicates, notes)
 
 
-# ---------------------------------------------------------------------------------------------------------- datasets
+# ------------------------------------------------------------------------------------------------------------- datasets
 
 
 class ImageDataset(Dataset):
@@ -385,7 +385,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-# ---------------------------------------------------------------------------------------------------------- transforms
+# ----------------------------------------------------------------------------------------------------------- transforms
 
 _INTERPOLATION = {
     "bilinear": transforms.InterpolationMode.BILINEAR,

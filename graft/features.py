@@ -40,7 +40,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GRAFT_CACHE", Path.home() / ".cache" / "graft" / "features"))
 
 
-# ---------------------------------------------------------------------------------------------------------- extractors
+# ----------------------------------------------------------------------------------------------------------- extractors
 
 
 class _StopForward(Exception):
@@ -96,7 +96,7 @@ class FeatureExtractor(nn.Module):
         return features
 
 
-# ---------------------------------------------------------------------------------------------------------- keys
+# ----------------------------------------------------------------------------------------------------------------- keys
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -119,7 +119,7 @@ def space_key(architecture: str, digest: str, node: str, pool: str, preprocessin
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-# ---------------------------------------------------------------------------------------------------------- one space
+# ------------------------------------------------------------------------------------------------------------ one space
 
 
 class CacheSpace:
@@ -177,7 +177,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-# ---------------------------------------------------------------------------------------------------------- extraction
+# ----------------------------------------------------------------------------------------------------------- extraction
 
 
 class _ViewDataset(Dataset):

@@ -85,7 +85,8 @@ def build_model(config: FitConfig, classes: list[str]) -> tuple[GraftModel, dict
     preprocessing = backbone.preprocessing.with_size(config.data.image_size)
     trunk, width = cut(backbone.net, config.model.cut_at, config.model.pool, preprocessing.input_size)
     head = build_head(width, len(classes), config.model.head, config.model.dropout)
-    info = {"weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node, "stage_nodes": backbone.stage_nodes}
+    info = {"weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node,
+            "stage_nodes": backbone.stage_nodes}
     return GraftModel(trunk, head, classes, preprocessing), info
 
 

@@ -120,7 +120,8 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
             row["val_acc"], row["val_loss"] = _evaluate(weight, bias, vx, vy)
         path.append(row)
         if log:
-            log(f"probe λ={l2:.0e}: train acc {train_acc:.4f}" + (f", val acc {row['val_acc']:.4f}" if has_val else ""))
+            val_text = f", val acc {row['val_acc']:.4f}" if has_val else ""
+            log(f"probe λ={l2:.0e}: train acc {train_acc:.4f}{val_text}")
         score = (row["val_acc"], -row["val_loss"]) if has_val else None
         if best is None or (score is not None and score > best[0]):
             best = (score, l2, weight.detach().clone(), bias.detach().clone())

@@ -71,7 +71,8 @@ def configure(model: GraftModel, stage: Stage, train: TrainConfig) -> list[dict]
         params = dict(model.trunk.net.named_parameters())
         count = len(chosen)
         for depth, names in enumerate(chosen):  # depth 0 = lowest chosen stage
-            ratio = train.stem_lr_ratio ** ((count - 1 - depth) / (count - 1)) if stage.discriminative and count > 1 else 1
+            decays = stage.discriminative and count > 1
+            ratio = train.stem_lr_ratio ** ((count - 1 - depth) / (count - 1)) if decays else 1.0
             groups.append((f"trunk.{depth}", [(n, params[n]) for n in names], stage.lr * ratio))
     model.train()
     return [

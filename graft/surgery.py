@@ -146,7 +146,7 @@ def _prune_unused(net: nn.Module, called: set[str]) -> None:
                 pass
 
 
-# ---------------------------------------------------------------------------------------------------------- freezing
+# ------------------------------------------------------------------------------------------------------------- freezing
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -177,7 +177,7 @@ def keep_frozen_norms_eval(module: nn.Module, every_norm: bool = False) -> int:
     return count
 
 
-# ---------------------------------------------------------------------------------------------------------- stages
+# --------------------------------------------------------------------------------------------------------------- stages
 
 
 def stage_groups(net: nn.Module) -> list[list[str]]:
@@ -208,7 +208,7 @@ def unfreeze_last(trunk: Trunk, stages: int | None) -> list[list[str]]:
     return chosen
 
 
-# ---------------------------------------------------------------------------------------------------------- inspection
+# ----------------------------------------------------------------------------------------------------------- inspection
 
 
 @dataclass
@@ -274,7 +274,8 @@ def receptive_fields(net: nn.Module, nodes: list[str], input_size=(224, 224)) ->
     modules = dict(probe.named_modules())
     outputs: dict[str, torch.Tensor] = {}
     handles = [
-        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True) for n in nodes
+        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True)
+        for n in nodes
     ]
     image = torch.ones(1, 3, *input_size, requires_grad=True)
     try:

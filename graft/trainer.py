@@ -92,7 +92,7 @@ class FitResult:
     metrics: dict
 
 
-# ---------------------------------------------------------------------------------------------------------- seeding
+# -------------------------------------------------------------------------------------------------------------- seeding
 
 
 def seed_everything(seed: int) -> None:
@@ -105,7 +105,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-# ---------------------------------------------------------------------------------------------------------- one epoch
+# ------------------------------------------------------------------------------------------------------------ one epoch
 
 
 def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
@@ -148,7 +148,7 @@ def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0
             "val_acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
-# ---------------------------------------------------------------------------------------------------------- schedule
+# ------------------------------------------------------------------------------------------------------------- schedule
 
 
 def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimizer:
@@ -207,7 +207,8 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict, TrainState]:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except Exception as error:
-        raise GraftError(f"{path}: damaged checkpoint ({str(error).splitlines()[0]}); restart with --overwrite") from None
+        reason = str(error).splitlines()[0]
+        raise GraftError(f"{path}: damaged checkpoint ({reason}); restart with --overwrite") from None
     if not {"graft.state", "graft.optimizer", "graft.scheduler"} <= set(metadata):
         raise GraftError(f"{path}: damaged checkpoint (no training state inside); restart with --overwrite")
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -223,7 +224,7 @@ def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict, TrainState]:
     return model_state, optimizer_state, json.loads(metadata["graft.scheduler"]), state
 
 
-# ---------------------------------------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------------------------------------------- data
 
 
 def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
@@ -254,7 +255,7 @@ def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, ru
     return train_loader, val_loader, generator
 
 
-# ---------------------------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------------------------- the loop
 
 
 def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: FitConfig, runtime: Runtime,
@@ -287,7 +288,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         state.elapsed += time.perf_counter() - start
         row = {"epoch": state.epoch, "stage": stage.name, "stage_epoch": state.stage_epoch,
                "lr": optimizer.param_groups[0]["lr"], **row, "seconds": round(time.perf_counter() - start, 3)}
-        _track_best(model, state, row, config.train.patience, run_dir)
+        _track_best(model, state, row, config.train.patience, run_dir, runtime)
         state.history.append(row)
         if runtime.is_main:
             write_history(run_dir, state.history)
@@ -298,12 +299,12 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     _restore_best(model, state, run_dir, runtime)
 
 
-def _track_best(model, state: TrainState, row: dict, patience: int, run_dir: Path) -> None:
+def _track_best(model, state: TrainState, row: dict, patience: int, run_dir: Path, runtime: Runtime) -> None:
     loss = row["val_loss"]
     if not math.isnan(loss) and loss < state.best_val_loss:
         state.best_val_loss, state.bad_epochs = loss, 0
         row["best"] = True
-        if patience:
+        if patience and runtime.is_main:
             save_weights(run_dir / BEST, model)
     else:
         state.bad_epochs += 1
@@ -436,7 +437,8 @@ def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
     card = model_card(model, config, info)
     card["status"] = "training"
-    write_json(run_dir / "graft.json", card)
+    if runtime.is_main:
+        write_json(run_dir / "graft.json", card)
     runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
                 f" → {len(splits.classes)} classes; {len(splits.train)} train / {len(splits.val)} val images on "
                 f"{runtime.device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when "
@@ -479,6 +481,8 @@ def _resumable_config(run_dir: Path) -> FitConfig:
 
 
 def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Runtime) -> None:
+    if not runtime.is_main:
+        return
     write_json(run_dir / "data_report.json", {"classes": splits.classes, "source": splits.source, **report.to_dict()})
     atomic_write(run_dir / "skipped_files.txt",
                  lambda temp: Path(temp).write_text("".join(f"{p}\t{r}\n" for p, r in report.skipped)))
