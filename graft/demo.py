@@ -60,7 +60,8 @@ def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_s
 
     Args:
         data: your dataset (class folders); None uses scikit-learn's digits with ``shots`` images per class.
-        epochs: epochs of each strategy's main stage (finetune first trains its head for as many epochs).
+        epochs: epochs of scratch training and of fine-tuning (the probe is solved on cached features, and
+            finetune starts from it).
         image_size: input size; 64 px keeps the digits demo under two minutes on two CPU cores.
         output: where the three run folders go (default: a temporary folder, removed afterwards).
     """
@@ -72,8 +73,7 @@ def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_s
             overrides = {
                 "data.path": str(root), "data.image_size": image_size, "data.hflip": data is not None,
                 "data.augment": "light", "model.backbone": backbone, "train.strategy": strategy,
-                # finetune's head-only stage gets as many epochs as the probe, so it starts from a converged head
-                "train.epochs": epochs, "train.head_epochs": epochs, "output": str(runs / strategy),
+                "train.epochs": epochs, "output": str(runs / strategy),
                 "train.lr": 3e-3, "train.patience": 0, "data.batch_size": 32,
             }
             start = time.perf_counter()
