@@ -304,7 +304,11 @@ TORCHVISION_FAMILIES = [
 
 
 class _StopForward(Exception):
-    """Raised from a forward hook to stop a network once the wanted activation exists (saves the rest of the pass)."""
+    """Raised from the adapter's hook to stop a torchvision network at its feature map.
+
+    Deliberately not ``graft.surgery.StopForward``: a cut inside the adapter raises that one from within this
+    adapter's own try block, and must travel past it to the Trunk that owns it.
+    """
 
 
 class TorchvisionNet(nn.Module):

@@ -122,10 +122,7 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         split: force a split (train, val or test).
         output: where metrics.json goes; default ``RUN/eval-<data folder name>/``.
     """
-    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
-    target = resolve_device(device)
-    models = [load(run, target) for run in runs]
-    _check_same_classes(models, runs)
+    runs, target, models = _load_ensemble(run_dirs, device)
     model = models[0]
     samples, classes = _labelled_samples(data, split, model.classes)
     probabilities, labels = None, None
@@ -148,10 +145,15 @@ def _data_name(data) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _check_same_classes(models: list[GraftModel], runs: list) -> None:
+def _load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[GraftModel]]:
+    """(run folders, device, models) for one run folder or several; an ensemble's members must share classes."""
+    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    target = resolve_device(device)
+    models = [load(run, target) for run in runs]
     for model, run in zip(models[1:], runs[1:]):
         if model.classes != models[0].classes:
             raise GraftError(f"{run}: its classes differ from {runs[0]}'s; an ensemble needs the same classes")
+    return runs, target, models
 
 
 def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
@@ -191,10 +193,7 @@ def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, d
 
     Several run folders form an ensemble (probabilities averaged; they must share classes).
     """
-    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
-    target = resolve_device(device)
-    models = [load(run, target) for run in runs]
-    _check_same_classes(models, runs)
+    _, target, models = _load_ensemble(run_dirs, device)
     paths = expand_inputs(inputs)
     probabilities, errors = None, {}
     for model in models:

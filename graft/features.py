@@ -29,7 +29,7 @@ from graft.data import DatasetSplits, build_transform, load_image, resolve_worke
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, to_device
 from graft.model import atomic_write
-from graft.surgery import DEFAULT_NODE, GlobalPool, Trunk
+from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
 
 FEATURE_FORMAT = 1
 SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
@@ -41,10 +41,6 @@ def default_cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------- extractors
-
-
-class _StopForward(Exception):
-    pass
 
 
 class FeatureExtractor(nn.Module):
@@ -76,7 +72,7 @@ class FeatureExtractor(nn.Module):
         def capture(module, inputs, output):
             self._captured[node] = output[0] if isinstance(output, (tuple, list)) else output
             if DEFAULT_NODE not in self.nodes and len(self._captured) == len(self.nodes):
-                raise _StopForward  # every node seen: the rest of the network is not needed
+                raise StopForward  # every node seen: the rest of the network is not needed
 
         return capture
 
@@ -84,7 +80,7 @@ class FeatureExtractor(nn.Module):
         self._captured = {}
         try:
             pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        except _StopForward:
+        except StopForward:
             pooled = None
         features = {node: self.pool(self._captured[node]) for node in self.nodes if node != DEFAULT_NODE}
         if DEFAULT_NODE in self.nodes:

@@ -20,8 +20,8 @@ DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
-class _StopForward(Exception):
-    """Raised by the cut hook: the rest of the network is not needed."""
+class StopForward(Exception):
+    """Raised by a capture hook (a cut, a feature extractor): the rest of the network is not needed."""
 
 
 class GlobalPool(nn.Module):
@@ -75,7 +75,7 @@ class Trunk(nn.Module):
 
     def _stop_here(self, module, inputs, output):
         self._captured = output
-        raise _StopForward
+        raise StopForward
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The node's raw output (before pooling)."""
@@ -83,7 +83,7 @@ class Trunk(nn.Module):
             return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
         try:
             self.net.forward_head(self.net.forward_features(x))
-        except _StopForward:
+        except StopForward:
             pass
         captured, self._captured = self._captured, None
         if captured is None:
