@@ -64,3 +64,14 @@ def test_balanced_probe_favours_the_minority_class():
     with torch.no_grad():
         minority = torch.as_tensor(x[190:], dtype=torch.float32)
         assert (balanced.linear(minority).argmax(1) == 1).sum() > (plain.linear(minority).argmax(1) == 1).sum()
+
+
+def test_large_problems_use_the_minibatch_solver(digits, monkeypatch):
+    import graft.probe
+
+    train_x, train_y, val_x, val_y, test_x, test_y = digits
+    monkeypatch.setattr(graft.probe, "FULL_BATCH_LIMIT", 0)  # as if the features did not fit one batch
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1e-3,))
+    assert result.grid[0]["iterations"] == 1000  # the minibatch solver's step budget, not L-BFGS's evaluations
+    lbfgs = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1e-3,))
+    assert abs(_accuracy(result.linear, test_x, test_y) - _accuracy(lbfgs.linear, test_x, test_y)) <= 0.01

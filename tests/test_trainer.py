@@ -205,3 +205,17 @@ def test_finetune_starts_from_the_solved_probe(shapes, tmp_path, pretrained_tiny
     assert (result.run_dir / "probe_grid.csv").is_file()
     assert float(rows[0]["train_acc"]) >= 0.8  # the head starts solved, not random
     assert json.loads((result.run_dir / "graft.json").read_text())["weights"].startswith("file:")
+
+
+def test_unreadable_files_are_skipped_and_listed_in_the_run_folder(tmp_path):
+    from synthetic import make_shapes
+
+    data = make_shapes(tmp_path / "data", splits={"train": 8, "val": 3}, seed=3)
+    (data / "train" / "circle" / "zero.png").write_bytes(b"")
+    (data / "train" / "square" / "text.jpg").write_text("not an image")
+    result = fit(tiny_config(data, tmp_path / "run", **{"train.strategy": "probe"}), verbose=False)
+    listed = (result.run_dir / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[-1] for line in listed) == ["text.jpg", "zero.png"]
+    assert all("not a readable image" in line or "empty file" in line for line in listed)
+    report = json.loads((result.run_dir / "data_report.json").read_text())
+    assert report["counts"]["train"] == {"circle": 8, "square": 8, "triangle": 8}
