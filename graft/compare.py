@@ -120,12 +120,9 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
         backbone, preprocessing, sets = stage_features(splits, name, stages, image_size, pool, pretrained, cache_dir,
                                                        device, batch_size, workers, log, seed)
         for node, features in sets.items():
-            probe = fit_linear_probe(features.features["train"], features.labels["train"], features.features["val"],
-                                     features.labels["val"], len(splits.classes), device=target)
-            knn = knn_accuracy(features.features["train"], features.labels["train"], features.features["val"],
-                               features.labels["val"])
+            stage = _stage_row(node, features, len(splits.classes), device)
             params, milliseconds = _speed(backbone.net, node, preprocessing.input_size, target)
-            rows.append(LeaderboardRow(name, node, features.dim, probe.val_accuracy, knn,
+            rows.append(LeaderboardRow(name, node, features.dim, stage["probe_accuracy"], stage["knn_accuracy"],
                                        features.stats.get("images_per_s"), params, milliseconds))
     rows.sort(key=lambda r: -r.val_accuracy)
     if output:

@@ -144,7 +144,9 @@ class CacheSpace:
 
     def lookup(self, keys: list[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
         entries = self.read_index()["entries"]
-        found = {k: tuple(entries[k]) for k in keys if k in entries and (self.root / entries[k][0]).is_file()}
+        shards = {shard for shard, _ in entries.values()}
+        present = {shard for shard in shards if (self.root / shard).is_file()}  # one stat per shard, not per image
+        found = {k: tuple(entries[k]) for k in keys if k in entries and entries[k][0] in present}
         return found, [k for k in keys if k not in found]
 
     def add_shard(self, keys: list[str], features: np.ndarray) -> None:

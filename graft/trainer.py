@@ -31,7 +31,10 @@ from graft.data import DatasetSplits, ImageDataset, build_transform, discover, r
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
 from graft.features import FeatureSet, extract_features
-from graft.model import GraftModel, atomic_write, build_model, model_card, save_model, save_weights, write_json
+from graft.model import (
+    GraftModel, atomic_write, build_model, config_from_card, model_card, read_card, save_model, save_weights,
+    write_json,
+)
 from graft.probe import fit_linear_probe
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -423,9 +426,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
         state.elapsed += time.perf_counter() - start
     loaders = make_loaders(splits, model, config, runtime)
     state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
-    reuse = cached if config.train.strategy == "probe" else None  # the trunk never changed: its features stand
-    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, reuse,
-                   cached.stats if cached else None)
+    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
 
 
 def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
@@ -469,8 +470,6 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
 
 
 def _resumable_config(run_dir: Path) -> FitConfig:
-    from graft.model import config_from_card, read_card
-
     card = read_card(run_dir)
     if card.get("status") == "complete":
         raise GraftError(f"{run_dir}: this run is already complete; nothing to resume (--overwrite trains it again)")
@@ -511,26 +510,25 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
 
 
 def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.head.parameters()).device
     with torch.no_grad():
-        head = model.head.to("cpu")
-        logits = head(torch.as_tensor(features.features[split], dtype=torch.float32))
-        model.head.to(next(model.trunk.parameters(), torch.empty(0)).device)
-    return logits, torch.as_tensor(features.labels[split])
+        logits = model.head(torch.as_tensor(features.features[split], dtype=torch.float32, device=device))
+    return logits.cpu(), torch.as_tensor(features.labels[split])
 
 
 def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
-            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None,
-            features_stats: dict | None = None) -> FitResult:
+            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None) -> FitResult:
     """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint.
 
-    With ``cached`` features of an unchanged trunk, the metrics come from them instead of another forward pass.
+    With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
+    its trunk never changed.
     """
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
-    if features_stats:
-        metrics["features"] = features_stats
     if cached is not None:
+        metrics["features"] = cached.stats
+    if cached is not None and config.train.strategy == "probe":
         for split in ("val", "test"):
             if len(cached.labels[split]):
                 metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
