@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -47,13 +48,19 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, raw: dict) -> Preprocessing:
-        return cls(
-            input_size=tuple(raw["input_size"]),
-            mean=tuple(raw["mean"]),
-            std=tuple(raw["std"]),
-            interpolation=raw["interpolation"],
-            crop_pct=float(raw["crop_pct"]),
-        )
+        """Raises ValueError (or KeyError) for anything a network could not be fed with."""
+        def numbers(key: str, count: int) -> tuple:
+            values = raw[key]
+            if not isinstance(values, (list, tuple)) or len(values) != count or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                raise ValueError(f"{key} must be {count} numbers, got {values!r:.60}")
+            return tuple(values)
+
+        size, mean, std = numbers("input_size", 2), numbers("mean", 3), numbers("std", 3)
+        if min(size) < 1 or min(std) <= 0 or not 0 < float(raw["crop_pct"]) <= 2:
+            raise ValueError("input_size and std must be positive and crop_pct in (0, 2]")
+        return cls(input_size=tuple(int(v) for v in size), mean=mean, std=std, interpolation=str(raw["interpolation"]),
+                   crop_pct=float(raw["crop_pct"]))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -6,7 +6,9 @@ import csv
 import functools
 import io
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,17 +30,35 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
 
 
 def friendly_errors(command):
-    """Prints a GraftError as one line (no traceback) and exits with status 2."""
+    """Prints a GraftError as one line (no traceback) and exits with status 2; Ctrl-C or SIGTERM exits with 130
+    after the library has left its last checkpoint on disk."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        previous = _on_sigterm(_interrupt)  # a scheduler's stop (SIGTERM) is handled like Ctrl-C
         try:
             return command(*args, **kwargs)
         except GraftError as error:
             err.print(f"[red]error:[/red] {error}", highlight=False)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]", highlight=False)
+            raise typer.Exit(130) from None
+        finally:
+            _on_sigterm(previous)
 
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Installs a SIGTERM handler, returning the previous one; a no-op off the main thread (Python forbids it there)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -88,8 +108,7 @@ def fit(
     head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
     bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
     augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
-    balance_classes: Annotated[Optional[bool], typer.Option(
-        "--balance-classes/--no-balance-classes", help="cached probe: inverse-frequency class weights")] = None,
+    balance: Annotated[Optional[str], typer.Option(help="imbalanced classes: none, sampler or loss")] = None,
     cache: CacheOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
     head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
@@ -136,7 +155,7 @@ def fit(
         "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
         "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
         "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
-        "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance_classes": balance_classes,
+        "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance": balance,
     }
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:

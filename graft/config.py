@@ -21,6 +21,7 @@ AUGMENTATIONS = ("standard", "light", "none")
 POOLS = ("avg", "avgmax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
+BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
 BN_AUTO_FROZEN_BELOW = 2000  # training images
 
@@ -63,7 +64,8 @@ class TrainConfig:
     head_epochs: int = 2  # finetune with head_fit=epochs: head-only epochs on the frozen trunk before unfreezing
     head_fit: str = "lbfgs"  # linear heads on a frozen trunk: lbfgs (cached features, L2 path, to convergence) or
     # epochs (the classic way: a forward pass per epoch). finetune then starts from that probe (LP-FT)
-    balance_classes: bool = False  # lbfgs probe: weight classes by inverse frequency
+    balance: str = "none"  # imbalanced classes: sampler (draw classes equally often) or loss (inverse-frequency
+    # class weights in the loss); either weights the solved probe's loss too
     lr: float = 1e-3  # head learning rate; the trunk gets lr * finetune_lr_ratio when unfrozen
     finetune_lr_ratio: float = 0.1  # the seeds' "1/10 of the original learning rate" for fine-tuning
     stem_lr_ratio: float = 0.1  # discriminative LR: the stem's rate relative to the top stage's, geometric between
@@ -129,11 +131,35 @@ def apply_overrides(config: FitConfig, overrides: dict[str, Any], source: str = 
             if not dataclasses.is_dataclass(target) or not hasattr(target, part):
                 raise GraftError(f"{source}: unknown section '{part}' in '{dotted}' (sections: data, model, train)")
             target = getattr(target, part)
-        names = {f.name for f in dataclasses.fields(target)}
-        if leaf not in names:
-            raise GraftError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(sorted(names))}")
-        setattr(target, leaf, value)
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if leaf not in fields:
+            raise GraftError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+        setattr(target, leaf, _coerce(fields[leaf].type, value, dotted, source))
     return config
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _coerce(annotation: str, value: Any, dotted: str, source: str) -> Any:
+    """Checks a value against its field's annotation (``int``, ``float | None``, ...): a hand-edited or tampered file
+    fails here with the key's name instead of deep inside training. YAML's ``1e-3`` (a string to PyYAML) is a float."""
+    names = [part.strip() for part in str(annotation).split("|")]
+    if value is None and "None" in names:
+        return None
+    kind = _TYPES.get(names[0])
+    if kind is None:
+        return value
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise GraftError(f"{source}: '{dotted}' must be {' or '.join(names)}, got {value!r}")
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FitConfig:
@@ -189,6 +215,7 @@ def validate(config: FitConfig) -> None:
     _check_choice("precision", config.train.precision, PRECISIONS)
     _check_choice("bn_stats", config.train.bn_stats, BN_STATS)
     _check_choice("head_fit", config.train.head_fit, HEAD_FITS)
+    _check_choice("balance", config.train.balance, BALANCES)
     parse_head(config.model.head)
     parse_unfreeze(config.train.unfreeze)
     if not 0.0 < config.data.val_fraction < 1.0:

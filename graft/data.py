@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import random
+import stat
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,10 @@ from graft.errors import GraftError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+LITTER = frozenset({"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini", "@eaDir"})  # archive and OS by-products
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 TINY_CLASS = 5  # fewer images than this in a class's training split earns a warning
+MAX_ASPECT = 8  # evaluation resize: longer side at most this many times the shorter (padding beyond)
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
 
 Sample = tuple[str, int]  # (path, class index)
@@ -53,6 +56,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> 
         ImageError: naming the file and why it could not be used.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe or device would block the read forever
+            raise ImageError(f"{path}: not a regular file (pipe, socket or device); pass image files")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own, configurable limit
             with Image.open(path) as image:
@@ -63,14 +68,34 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> 
                     )
                 image.seek(0)
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
+                return to_rgb(ImageOps.exif_transpose(_to_srgb(image)))
     except ImageError:
         raise
+    except Image.DecompressionBombError as error:  # Pillow's own hard limit (twice its default), before ours
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({error}); remove the file") from None
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageError(f"{path}: not a readable image ({reason}); remove or replace the file") from None
+
+
+def _to_srgb(image: Image.Image) -> Image.Image:
+    """Applies an embedded ICC profile (Adobe RGB, Display P3, CMYK press profiles) so colours match what a viewer
+    shows; pretrained networks saw sRGB. A broken profile is ignored rather than failing the image."""
+    profile = image.info.get("icc_profile")
+    if not profile or image.mode not in ("RGB", "RGBA", "CMYK"):
+        return image
+    try:
+        from PIL import ImageCms
+
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        output_mode = "RGBA" if image.mode == "RGBA" else "RGB"
+        converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode=output_mode)
+        converted.info = {k: v for k, v in image.info.items() if k != "icc_profile"}  # keeps EXIF orientation
+        return converted
+    except Exception:  # noqa: BLE001 - a damaged profile must not cost the image; fall back to plain conversion
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -91,7 +116,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """A candidate image by name: a known extension in any case, or no extension at all (the scan decodes it to
+    decide); hidden files and OS litter never are."""
+    name = path.name
+    if name.startswith(".") or name in LITTER:
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or not path.suffix
+
+
+def walk_images(root: Path, notes: list[str] | None = None) -> list[str]:
+    """Sorted candidate image paths under ``root``, following symbolic links once and never around a loop.
+
+    Hidden folders and litter (``__MACOSX``, ``.DS_Store``) are skipped silently; files with a non-image extension
+    and link loops are counted into ``notes``.
+    """
+    found, ignored, seen = [], [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link: a loop or a second path to it
+            if notes is not None:
+                notes.append(f"{folder}: symbolic link back to a folder already read (a loop?); skipped it")
+            subfolders[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in LITTER)
+        for name in files:
+            path = Path(folder) / name
+            if is_image_file(path):
+                found.append(str(path))
+            elif not name.startswith(".") and name not in LITTER:
+                ignored.append(str(path))
+    if ignored and notes is not None:
+        notes.append(f"{len(ignored)} file(s) without an image extension ignored, e.g. {ignored[0]}")
+    return sorted(found)
 
 
 # ------------------------------------------------------------------------------------------------------------ discovery
@@ -106,6 +163,7 @@ class DatasetSplits:
     val: list[Sample]
     test: list[Sample] = field(default_factory=list)
     source: str = ""  # how the splits were found, for the report
+    notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
 
     def counts(self, split: str) -> dict[str, int]:
         counter = Counter(label for _, label in getattr(self, split))
@@ -119,12 +177,15 @@ def _find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def _class_folders(root: Path) -> dict[str, list[str]]:
+def _class_folders(root: Path, notes: list[str] | None = None) -> dict[str, list[str]]:
     """{class name: sorted image paths} for a root/CLASS/**/image tree; hidden folders and litter are ignored."""
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    except PermissionError:
+        raise GraftError(f"{root}: permission denied listing the folder; check its permissions") from None
     folders = {}
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))):
-        files = sorted(str(p) for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
-        folders[class_dir.name] = files
+    for class_dir in entries:
+        folders[class_dir.name] = walk_images(class_dir, notes)
     return folders
 
 
@@ -166,10 +227,14 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
         raise GraftError(f"{root}: no such folder or CSV manifest; expected DATA/CLASS/*.jpg or a path,label CSV")
     train_dir = _find_split_dir(root, "train")
     base = train_dir or root
-    train_folders = _class_folders(base)
+    notes: list[str] = []
+    train_folders = _class_folders(base, notes)
     classes = sorted(name for name, files in train_folders.items() if files)
     if not classes:
         raise GraftError(f"{base}: no class folders with images found; expected {base}/CLASS_NAME/image.jpg")
+    empty = sorted(name for name, files in train_folders.items() if not files)
+    if empty:
+        notes.append(f"empty class folder(s) ignored: {', '.join(empty[:10])}; add images to train them")
     train = _samples({k: v for k, v in train_folders.items() if k in classes}, classes)
     val_dir, test_dir = (_find_split_dir(root, "val"), _find_split_dir(root, "test")) if train_dir else (None, None)
     if val_dir:
@@ -179,7 +244,7 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
         train, val = stratified_split(train, val_fraction, seed)
         source = f"one tree split stratified, val_fraction={val_fraction}, seed={seed}"
     test = _split_samples(test_dir, classes, "test") if test_dir else []
-    return DatasetSplits(classes, train, val, test, source)
+    return DatasetSplits(classes, train, val, test, source, notes)
 
 
 def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Sample]:
@@ -194,7 +259,10 @@ def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Samp
 
 
 def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
-    text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
+    except UnicodeDecodeError:
+        raise GraftError(f"{manifest}: not UTF-8 text; save the CSV as UTF-8") from None
     try:
         dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else "", delimiters=",;\t")
     except csv.Error:
@@ -202,20 +270,42 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
     rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
-    classes = sorted({row["label"].strip() for row in rows})
-    index = {name: i for i, name in enumerate(classes)}
-    by_split: dict[str, list[Sample]] = defaultdict(list)
-    for row in rows:
-        file = Path(row["path"].strip())
-        file = file if file.is_absolute() else manifest.parent / file
+    by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
+    where: dict[str, tuple[str, str]] = {}  # file → (split, label) of its first row
+    notes: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        raw_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not raw_path or not label:
+            raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
+        file = Path(raw_path)
+        file = str(file if file.is_absolute() else manifest.parent / file)
         split = (row.get("split") or "train").strip().lower() or "train"
         if split not in SPLIT_NAMES:
-            raise GraftError(f"{manifest}: split '{split}' for {row['path']} is not one of train, val, test")
-        by_split[split].append((str(file), index[row["label"].strip()]))
-    train, val = by_split["train"], by_split["val"]
+            raise GraftError(f"{manifest}, line {line}: split '{split}' for {raw_path} is not one of train, val, test")
+        if file in where:
+            if where[file] != (split, label):
+                raise GraftError(f"{manifest}, line {line}: {raw_path} is listed twice with different labels or "
+                                 f"splits ({'/'.join(where[file])} and {split}/{label}); keep one row")
+            notes.append(f"{manifest}, line {line}: duplicate row for {raw_path} ignored")
+            continue
+        where[file] = (split, label)
+        by_split[split][file] = label
+    classes = sorted(set(by_split["train"].values()))
+    unknown = sorted({label for split in ("val", "test") for label in by_split[split].values()} - set(classes))
+    if unknown:
+        raise GraftError(f"{manifest}: val/test rows have labels with no training rows ({', '.join(unknown[:5])}); "
+                         "add training rows for them or remove those rows")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def samples(split: str) -> list[Sample]:
+        return sorted((file, index[label]) for file, label in by_split[split].items())
+
+    train, val = samples("train"), samples("val")
     if not val:
         train, val = stratified_split(train, val_fraction, seed)
-    return DatasetSplits(classes, sorted(train), sorted(val), sorted(by_split["test"]), f"CSV manifest {manifest}")
+    if len(notes) > 3:
+        notes = notes[:3] + [f"... {len(notes) - 3} more duplicate rows"]
+    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes)
 
 
 # ------------------------------------------------------------------------------------------------------------- the scan
@@ -242,6 +332,8 @@ class ScanReport:
 def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | None]:
     """Returns (sha1 of the bytes, None) for a decodable image or (None, reason) for a bad one."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe or device would block the read forever
+            return None, f"{path}: not a regular file (pipe, socket or device); remove it from the dataset"
         data = Path(path).read_bytes()
     except OSError as error:
         return None, f"{path}: cannot read file ({error.strerror or error}); check it exists and is readable"
@@ -291,7 +383,7 @@ def scan(splits: DatasetSplits, max_pixels: int | None = 89_478_485, workers: in
         train_digests[checked[path][0]].append(path)
     duplicates = [(train_digests[checked[p][0]][0], p) for p, _ in splits.val if checked[p][0] in train_digests]
     counts = {split: splits.counts(split) for split in ("train", "val", "test") if getattr(splits, split)}
-    notes = []
+    notes = list(splits.notes)
     if skipped:
         notes.append(f"{len(skipped)} unreadable file(s) skipped, e.g. {skipped[0][1]}")
     train_counts = counts.get("train", {})
@@ -319,19 +411,23 @@ def scan(splits: DatasetSplits, max_pixels: int | None = 89_478_485, workers: in
 class ImageDataset(Dataset):
     """(image tensor, class index) pairs; a file that fails mid-training is replaced by the next one, never a crash."""
 
-    def __init__(self, samples: list[Sample], transform, max_pixels: int | None = 89_478_485):
+    def __init__(self, samples: list[Sample], transform, max_pixels: int | None = 89_478_485,
+                 with_index: bool = False):
         self.samples = samples
         self.transform = transform
         self.max_pixels = max_pixels
+        self.with_index = with_index  # also yield the sample's index, so a blown-up batch can name its files
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+            used = (index + offset) % len(self.samples)
+            path, label = self.samples[used]
             try:
-                return self.transform(load_image(path, self.max_pixels)), label
+                image = self.transform(load_image(path, self.max_pixels))
+                return (image, label, used) if self.with_index else (image, label)
             except ImageError as error:  # changed since the scan (deleted, overwritten): log and move on
                 log.warning("%s (substituted the next image)", error)
         raise GraftError("no readable image left in the dataset")
@@ -374,7 +470,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found += walk_images(path)
         elif path.exists():
             found.append(str(path))
         else:
@@ -394,6 +490,23 @@ _INTERPOLATION = {
 }
 
 
+class CapAspect:
+    """Centre-crops the longer side to at most ``MAX_ASPECT`` times the shorter one.
+
+    Lossless before resize-then-centre-crop (the crop keeps only the centre anyway), and it keeps a 1x10000 strip from
+    becoming a 36x360000 intermediate image.
+    """
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short = min(width, height)
+        if max(width, height) <= MAX_ASPECT * short:
+            return image
+        keep_w, keep_h = min(width, MAX_ASPECT * short), min(height, MAX_ASPECT * short)
+        left, top = (width - keep_w) // 2, (height - keep_h) // 2
+        return image.crop((left, top, left + keep_w, top + keep_h))
+
+
 def build_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True):
     """The torchvision transform for a backbone's preprocessing (see ``graft.backbones.Preprocessing``).
 
@@ -411,7 +524,7 @@ def build_transform(preprocessing, train: bool = False, augment: str = "standard
         return transforms.Compose(ops + normalize)
     resize = tuple(int(s / preprocessing.crop_pct) for s in size)
     resize_op = transforms.Resize(resize if size[0] != size[1] else resize[0], interpolation, antialias=True)
-    ops = [resize_op, transforms.CenterCrop(size)]
+    ops = [CapAspect(), resize_op, transforms.CenterCrop(size)]
     if train and hflip:
         ops.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(ops + normalize)

@@ -61,11 +61,23 @@ def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, 
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
+    slices = 1  # doubled after an out-of-memory error, for the rest of the pass
     for index, (images, labels, *_) in enumerate(loader):
         if limit_batches and index >= limit_batches:
             break
-        with autocast(device, dtype):
-            logits = model(to_device(images, device, channels_last))
+        images = to_device(images, device, channels_last)
+        while True:
+            try:
+                with autocast(device, dtype):
+                    logits = torch.cat([model(part) for part in images.chunk(slices)])
+                break
+            except torch.cuda.OutOfMemoryError:
+                if slices >= len(images):
+                    raise GraftError("out of memory evaluating one image at a time; use a smaller --image-size or "
+                                     "free the device's memory") from None
+                slices *= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         all_logits.append(logits.float().cpu())
         all_labels.append(torch.as_tensor(labels))
     model.train(was_training)

@@ -6,6 +6,7 @@ node, head, classes, preprocessing, versions), so ``load(folder)`` rebuilds the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -113,9 +114,34 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(temp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except BaseException:
+        _fsync_folder(path.parent)
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # safetensors wraps io errors
+            raise GraftError(_write_error(path, error)) from None
         raise
+
+
+def _write_error(path: Path, error: BaseException) -> str:
+    text = str(error)
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+    hint = "the disk is full: free space, then continue with --resume" if full else "check the folder is writable"
+    reason = getattr(error, "strerror", None) or text.splitlines()[0][:200]
+    return f"{path}: could not be written ({reason}); the previous version is intact; {hint}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (POSIX); a power cut after it then cannot bring back the old file."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its rename is durable enough
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -165,20 +191,44 @@ def save_model(run_dir: str | os.PathLike, model: GraftModel, card: dict) -> Non
     write_json(run_dir / "graft.json", card)
 
 
+CARD_FIELDS = {"format_version": int, "backbone": str, "cut_at": str, "pool": str, "head": str, "classes": list,
+               "preprocessing": dict}  # the schema graft.json must satisfy; "config" (a dict) is checked key by key
+
+
 def read_card(run_dir: str | os.PathLike) -> dict:
+    """Reads and validates a run folder's graft.json.
+
+    Raises:
+        GraftError: for a missing, corrupt, newer-format or tampered file, naming the field at fault.
+    """
     path = Path(run_dir) / "graft.json"
     if not path.is_file():
         raise GraftError(f"{run_dir}: not a graft run folder (no graft.json); pass the folder `graft fit -o` wrote")
     try:
-        card = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GraftError(f"{path}: corrupt JSON ({error}); re-export the model") from None
+    if not isinstance(card, dict):
+        raise GraftError(f"{path}: expected a JSON object; the file is damaged or was edited by hand")
     version = card.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise GraftError(f"{path}: format_version {version!r} is newer than this graft understands; upgrade graft")
-    for key in ("backbone", "cut_at", "pool", "head", "classes", "preprocessing"):
-        if key not in card:
-            raise GraftError(f"{path}: missing '{key}'; the file is damaged or was edited by hand")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise GraftError(f"{path}: format_version {version} is newer than this graft understands ({FORMAT_VERSION}); "
+                         "upgrade graft")
+    for key, kind in CARD_FIELDS.items():
+        if not isinstance(card.get(key), kind) or isinstance(card.get(key), bool):
+            found = "missing" if key not in card else f"{type(card[key]).__name__} {card[key]!r:.40}"
+            raise GraftError(f"{path}: '{key}' must be {kind.__name__}, found {found}; the file is damaged or was "
+                             "edited by hand")
+    classes = card["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        raise GraftError(f"{path}: 'classes' must be two or more distinct, non-empty names")
+    if not isinstance(card.get("config", {}), dict):
+        raise GraftError(f"{path}: 'config' must be an object")
+    try:
+        Preprocessing.from_dict(card["preprocessing"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise GraftError(f"{path}: 'preprocessing' is invalid ({error}); the file is damaged or was edited by hand"
+                         ) from None
     return card
 
 
@@ -188,7 +238,7 @@ def spec_from_card(card: dict) -> ModelSpec:
 
 
 def config_from_card(card: dict) -> FitConfig:
-    config = FitConfig.from_dict(card.get("config", {}), source="graft.json")
+    config = FitConfig.from_dict(card.get("config", {}), source="graft.json's config")
     validate(config)
     return config
 

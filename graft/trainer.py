@@ -7,9 +7,12 @@ checkpoint follows exactly the path of an uninterrupted one. Distributed trainin
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from graft import recipes
 from graft.compare import resolve_auto
@@ -85,6 +88,8 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the stage's best
     stage_done: bool = False
     elapsed: float = 0.0  # seconds of training so far, across resumes
+    lr_scale: float = 1.0  # 0.5 after a non-finite loss was retried in this stage
+    micro_batches: int = 1  # > 1 after an out-of-memory error: each batch runs in this many slices
     history: list[dict] = field(default_factory=list)
 
 
@@ -111,36 +116,91 @@ def epoch_seed(seed: int, epoch: int) -> int:
 # ------------------------------------------------------------------------------------------------------------ one epoch
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; carries what a person needs to find the cause."""
+
+    def __init__(self, value: float, step: int, lr: float, files: list[str]):
+        super().__init__(f"loss {value} at step {step}")
+        self.value, self.step, self.lr, self.files = value, step, lr, files
+
+
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+
+
+def _train_step(model, images, labels, optimizer, scaler, runtime: Runtime, loss_options: dict,
+                micro_batches: int) -> tuple[float, int, torch.Tensor]:
+    """One optimiser step over ``micro_batches`` slices of the batch (gradient accumulation keeps the effective
+    batch); returns (summed loss, correct predictions, the loss of the last slice)."""
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, correct = 0.0, 0
+    for part_images, part_labels in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
+        with autocast(runtime.device, runtime.dtype):
+            logits = model(part_images)
+            loss = compute_loss(logits, part_labels, **loss_options)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(loss.item(), 0, optimizer.param_groups[0]["lr"], [])
+        scaler.scale(loss * (part_labels.numel() / labels.numel())).backward()
+        total_loss += loss.item() * part_labels.numel()
+        correct += (logits.argmax(1) == part_labels).sum().item()
+    scaler.step(optimizer)
+    scaler.update()
+    return total_loss, correct, loss
+
+
+def _after_out_of_memory(micro_batches: int, batch: int, optimizer, runtime: Runtime) -> int:
+    """Halves the micro-batch after an out-of-memory error, or gives up with what to do at one image per slice."""
+    optimizer.zero_grad(set_to_none=True)
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if micro_batches >= batch:
+        raise GraftError("out of memory even at one image per step; use a smaller --image-size or backbone, or free "
+                         "the device's memory") from None
+    micro_batches *= 2
+    runtime.log(f"warning: out of memory at batch size {batch}; continuing with {micro_batches} micro-batches of "
+                f"~{math.ceil(batch / micro_batches)} (gradient accumulation keeps the effective batch)")
+    return micro_batches
+
+
 def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
-                limit_batches: int = 0, hooks: Hooks | None = None, progress=None) -> dict:
-    """One pass over ``loader``; returns mean loss, accuracy and images/s."""
+                limit_batches: int = 0, hooks: Hooks | None = None, progress=None,
+                class_weights: torch.Tensor | None = None, micro_batches: int = 1) -> dict:
+    """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use.
+
+    Raises:
+        NonFiniteLoss: naming the batch's files (when the dataset yields indices) and the learning rate.
+    """
     model.train()
     scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
+    loss_options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
+    for step, (images, labels, *indices) in enumerate(loader):
         if limit_batches and step >= limit_batches:
             break
         images = to_device(images, runtime.device, runtime.channels_last)
         labels = labels.to(runtime.device, non_blocking=True)
-        with autocast(runtime.device, runtime.dtype):
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        while True:
+            try:
+                batch_loss, batch_correct, loss = _train_step(model, images, labels, optimizer, scaler, runtime,
+                                                              loss_options, micro_batches)
+                break
+            except torch.cuda.OutOfMemoryError:
+                micro_batches = _after_out_of_memory(micro_batches, labels.numel(), optimizer, runtime)
+            except NonFiniteLoss as blowup:
+                files = [loader.dataset.samples[i][0] for i in indices[0].tolist()] if indices else []
+                raise NonFiniteLoss(blowup.value, step, blowup.lr, files) from None
         scheduler.step()
-        batch = labels.numel()
-        total_loss += loss.item() * batch
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += batch
+        total_loss += batch_loss
+        correct += batch_correct
+        seen += labels.numel()
         if hooks and hooks.on_batch_end:
             hooks.on_batch_end(step, loss.item())
         if progress is not None:
             progress(seen, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
-            "images_per_s": seen / max(seconds, 1e-9)}
+            "images_per_s": seen / max(seconds, 1e-9), "micro_batches": micro_batches}
 
 
 def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0) -> dict:
@@ -163,15 +223,17 @@ def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimiz
     return factories[train.optimizer]()
 
 
-def make_scheduler(optimizer, total_steps: int, warmup_fraction: float):
-    """Linear warm-up, then cosine decay to zero, stepped per batch."""
+def make_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: TrainState | None = None):
+    """Linear warm-up, then cosine decay to zero, stepped per batch, times ``state.lr_scale`` (halved after a
+    non-finite loss)."""
     warmup = int(total_steps * warmup_fraction)
 
     def factor(step: int) -> float:
+        scale = state.lr_scale if state is not None else 1.0
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return scale * (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return scale * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -244,11 +306,13 @@ def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, ru
     data = config.data
     workers = resolve_workers(data.workers, runtime.device)
     train_set = ImageDataset(splits.train, build_transform(model.preprocessing, True, data.augment, data.hflip),
-                             data.max_image_pixels)
+                             data.max_image_pixels, with_index=True)
     val_set = ImageDataset(splits.val, build_transform(model.preprocessing), data.max_image_pixels)
     common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}
-    sampler = runtime.make_sampler(train_set, True, config.train.seed)
     generator = torch.Generator()
+    sampler = runtime.make_sampler(train_set, True, config.train.seed)
+    if config.train.balance == "sampler" and sampler is None:
+        sampler = balanced_sampler(train_set.samples, generator)
     # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
     # which keeps augmentation (and so a resumed run) reproducible.
     train_loader = DataLoader(train_set, batch_size=data.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -258,33 +322,49 @@ def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, ru
     return train_loader, val_loader, generator
 
 
+def balanced_sampler(samples: list, generator: torch.Generator) -> WeightedRandomSampler:
+    """``--balance sampler``: draws every class equally often (with replacement), an epoch still len(samples) long."""
+    labels = torch.as_tensor([label for _, label in samples])
+    counts = torch.bincount(labels).double()
+    return WeightedRandomSampler(1.0 / counts[labels], len(samples), replacement=True, generator=generator)
+
+
 # ------------------------------------------------------------------------------------------------------------- the loop
 
 
 def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: FitConfig, runtime: Runtime,
               run_dir: Path, hooks: Hooks, resume_from: tuple | None = None) -> None:
-    """Trains one stage epoch by epoch, checkpointing after each; stops early when val loss stalls."""
+    """Trains one stage epoch by epoch, checkpointing before the first and after each; stops early when val loss
+    stalls; a non-finite loss rolls back to the last checkpoint and retries once at half the learning rate."""
     train_loader, val_loader, generator = loaders
     groups = recipes.configure(model, stage, config.train)
     optimizer = make_optimizer(groups, config)
     steps = stage.epochs * (min(len(train_loader), config.train.limit_batches or len(train_loader)))
-    scheduler = make_scheduler(optimizer, steps, config.train.warmup_fraction)
+    scheduler = make_scheduler(optimizer, steps, config.train.warmup_fraction, state)
     if resume_from is not None:
         optimizer.load_state_dict(resume_from[0])
         scheduler.load_state_dict(resume_from[1])
     if hooks.on_stage_start and state.stage_epoch == 0:
         hooks.on_stage_start(stage, model)
+    if state.stage_epoch == 0 and runtime.is_main:  # Ctrl-C or a blow-up in the first epoch can return here
+        save_checkpoint(run_dir, model, optimizer, scheduler, state)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
+    class_weights = _loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
     while state.stage_epoch < stage.epochs and not state.stage_done:
         seed = epoch_seed(config.train.seed, state.epoch)
         seed_everything(seed)
         generator.manual_seed(seed)
         start = time.perf_counter()
-        with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage.epochs}",
-                           len(train_loader.dataset)) as progress:
-            row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
-                              config.train.limit_batches, hooks, progress)
+        try:
+            with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage.epochs}",
+                               len(train_loader.dataset)) as progress:
+                row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
+                                  config.train.limit_batches, hooks, progress, class_weights, state.micro_batches)
+        except NonFiniteLoss as blowup:
+            _roll_back_after_blowup(blowup, model, optimizer, scheduler, state, run_dir, runtime)
+            continue
+        state.micro_batches = row["micro_batches"]
         row.update(validate(model, val_loader, runtime, config.train.limit_batches))
         state.stage_epoch += 1
         state.epoch += 1
@@ -300,6 +380,35 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         if hooks.on_epoch_end:
             hooks.on_epoch_end(row)
     _restore_best(model, state, run_dir, runtime)
+
+
+def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.device) -> torch.Tensor | None:
+    """``--balance loss``: inverse-frequency class weights (mean 1 over the images), as scikit-learn's 'balanced'."""
+    if config.train.balance != "loss":
+        return None
+    from graft.probe import class_weights
+
+    return class_weights(torch.as_tensor([label for _, label in dataset.samples]), classes).to(device)
+
+
+def _roll_back_after_blowup(blowup: NonFiniteLoss, model, optimizer, scheduler, state: TrainState, run_dir: Path,
+                            runtime: Runtime) -> None:
+    """Restores the last checkpoint (model, optimiser, schedule, state) and halves the learning rate, once a stage."""
+    files = ", ".join(blowup.files[:4]) + (f" (+{len(blowup.files) - 4} more)" if len(blowup.files) > 4 else "")
+    where = f"epoch {state.epoch + 1}, step {blowup.step}, lr {blowup.lr:.2e}; batch: {files or 'unknown files'}"
+    if state.lr_scale < 1.0:
+        raise GraftError(f"the loss became {blowup.value} again at half the learning rate ({where}); lower --lr, "
+                         "check those images, or train in --precision fp32")
+    runtime.log(f"warning: the loss became {blowup.value} ({where}); restoring the last checkpoint and retrying at "
+                "half the learning rate")
+    model_state, optimizer_state, scheduler_state, saved = read_checkpoint(run_dir)
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    vars(state).update(vars(saved))  # the scheduler's factor reads state.lr_scale
+    state.lr_scale = 0.5
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)  # the next step already runs at the halved rate
 
 
 def _track_best(model, state: TrainState, row: dict, patience: int, run_dir: Path, runtime: Runtime) -> None:
@@ -359,7 +468,7 @@ class _progress_bar:
 
 
 HISTORY_COLUMNS = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                   "images_per_s", "seconds", "best"]
+                   "images_per_s", "seconds", "best", "micro_batches"]
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
@@ -376,17 +485,47 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def prepare_run_dir(config: FitConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(config.output)
-    if resume:
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise GraftError(f"{run_dir}: output folder is not empty; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another -o")
-        shutil.rmtree(run_dir)
+LOCK = ".graft.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Holds an exclusive lock on the run folder while a fit writes to it; the OS drops it if the process dies."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise GraftError(f"{run_dir}: another graft fit (pid {owner}) is writing to this folder; wait for it to "
+                         "finish, stop it, or choose another -o") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        (run_dir / LOCK).unlink(missing_ok=True)  # while still held: a finished folder carries no lock file
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Checks (or, with ``overwrite``, empties) the run folder; the caller holds its lock."""
+    for temp in run_dir.glob(".*.*"):  # atomic_write's temp files, left only by a kill -9 mid-write
+        if temp.name != LOCK and temp.is_file():
+            temp.unlink()
+    if resume:
+        return
+    contents = [path for path in run_dir.iterdir() if path.name != LOCK]
+    if contents and not overwrite:
+        raise GraftError(f"{run_dir}: output folder is not empty; pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another -o")
+    for path in contents:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks: Hooks | None = None,
@@ -395,11 +534,22 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
 
     Args:
         resume: continue the run in ``config.output`` from its last checkpoint (its saved config is used).
-        overwrite: replace a non-empty output folder.
+        overwrite: replace a non-empty output folder (never one another fit is writing to).
         splits: pre-discovered data (skips ``discover``); the scan still runs.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C, with the last checkpoint on disk (``--resume`` continues from it).
     """
-    hooks = hooks or Hooks()
-    run_dir = prepare_run_dir(config, resume, overwrite)
+    run_dir = Path(config.output)
+    if resume and not (run_dir / "graft.json").is_file():
+        raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
+    with run_lock(run_dir):
+        prepare_run_dir(run_dir, resume, overwrite)
+        return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
+
+
+def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
+                splits: DatasetSplits | None) -> FitResult:
     if resume:
         config = _resumable_config(run_dir)
     if config.train.strategy == "auto":
@@ -457,7 +607,7 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
             if state.stage_done or state.stage_epoch >= stage.epochs:
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
-                                   history=state.history)
+                                   micro_batches=state.micro_batches, history=state.history)
                 resume_from = None
                 continue
             run_stage(model, stage, state, loaders, config, runtime, run_dir, hooks,
@@ -483,8 +633,9 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
     if not runtime.is_main:
         return
     write_json(run_dir / "data_report.json", {"classes": splits.classes, "source": splits.source, **report.to_dict()})
-    atomic_write(run_dir / "skipped_files.txt",
-                 lambda temp: Path(temp).write_text("".join(f"{p}\t{r}\n" for p, r in report.skipped)))
+    # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk
+    atomic_write(run_dir / "skipped_files.txt", lambda temp: Path(temp).write_text(
+        "".join(f"{p}\t{r}\n" for p, r in report.skipped), encoding="utf-8", errors="surrogateescape"))
     for warning in report.warnings:
         runtime.log(f"warning: {warning}")
 
@@ -499,7 +650,7 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     train_x = np.concatenate([features.features["train"], *features.augmented])
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
     result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
-                              balanced=config.train.balance_classes, device=runtime.device, log=runtime.log)
+                              balanced=config.train.balance != "none", device=runtime.device, log=runtime.log)
     model.head[-1].load_state_dict(result.linear.state_dict())
     runtime.log(f"probe: λ={result.l2:.0e} chosen on val (accuracy {result.val_accuracy:.4f})")
     features.stats["probe_l2"] = result.l2

@@ -30,12 +30,12 @@ def test_fit_reads_yaml_and_flags_override_it(shapes, tmp_path):
     config.write_text("model:\n  backbone: test_resnet\n  pretrained: false\ndata:\n  image_size: 32\n  workers: 0\n"
                       "train:\n  strategy: probe\n  epochs: 3\n")
     result = invoke("fit", shapes, "-o", tmp_path / "run", "--config", config, "--epochs", 1, "--stem-lr-ratio", 0.3,
-                    "--head-fit", "epochs", "--bn-stats", "frozen", "--balance-classes")
+                    "--head-fit", "epochs", "--bn-stats", "frozen", "--balance", "loss")
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "run" / "graft.json").read_text())
     assert card["config"]["train"]["epochs"] == 1 and card["config"]["train"]["strategy"] == "probe"
     assert card["config"]["train"]["stem_lr_ratio"] == 0.3 and card["config"]["train"]["head_fit"] == "epochs"
-    assert card["config"]["train"]["bn_stats"] == "frozen" and card["config"]["train"]["balance_classes"] is True
+    assert card["config"]["train"]["bn_stats"] == "frozen" and card["config"]["train"]["balance"] == "loss"
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
