@@ -211,7 +211,7 @@ def predict(
         return
     text = _format_predictions(rows, top_k, "json" if output_format == "json" else "csv")
     if output:
-        output.write_text(text)
+        output.write_text(text, encoding="utf-8", errors="surrogateescape")  # non-UTF-8 names: their bytes
         err.print(f"wrote {len(rows)} predictions to {output}")
     else:
         sys.stdout.write(text)

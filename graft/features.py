@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -30,6 +31,8 @@ from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, to_device
 from graft.model import atomic_write
 from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
+
+log = logging.getLogger(__name__)
 
 FEATURE_FORMAT = 1
 SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
@@ -138,9 +141,15 @@ class CacheSpace:
 
     def read_index(self) -> dict:
         path = self.root / "index.json"
+        empty = {"format": FEATURE_FORMAT, "description": self.description, "entries": {}}
         if not path.is_file():
-            return {"format": FEATURE_FORMAT, "description": self.description, "entries": {}}
-        return json.loads(path.read_text())
+            return empty
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError):  # damaged by hand or by a disk error: the cache is rebuildable, so start over
+            log.warning("%s: unreadable feature-cache index; extracting again", path)
+            return empty
+        return index if isinstance(index, dict) and isinstance(index.get("entries"), dict) else empty
 
     def lookup(self, keys: list[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
         entries = self.read_index()["entries"]

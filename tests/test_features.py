@@ -105,3 +105,18 @@ def test_concurrent_index_updates_keep_both_shards(tmp_path):
     space.add_shard(["c"], np.zeros((1, 3), np.float16))
     found, missing = space.lookup(["a", "b", "c", "d"])
     assert missing == ["d"] and space.gather([found["b"], found["c"]]).tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_a_damaged_cache_index_is_rebuilt_not_fatal(tmp_path):
+    import numpy as np
+
+    from graft.features import CacheSpace
+
+    space = CacheSpace(tmp_path / "space", {"node": "x"})
+    space.add_shard(["a", "b"], np.ones((2, 3), np.float16))
+    assert space.lookup(["a", "b"])[1] == []
+    (tmp_path / "space" / "index.json").write_text("{ half written")
+    found, missing = space.lookup(["a", "b"])
+    assert found == {} and missing == ["a", "b"]
+    space.add_shard(["a"], np.zeros((1, 3), np.float16))
+    assert list(space.lookup(["a"])[0]) == ["a"]

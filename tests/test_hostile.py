@@ -302,3 +302,15 @@ def test_fit_on_a_hostile_folder_finishes_and_lists_every_bad_file(dataset, tmp_
     skipped = (result.run_dir / "skipped_files.txt").read_bytes().decode("utf-8", "surrogateescape")
     assert sorted(line.split("\t")[0] for line in skipped.splitlines()) == sorted(map(str, bad))
     assert result.metrics["val"]["accuracy"] >= 0.0 and (result.run_dir / "model.safetensors").is_file()
+
+
+def test_predict_writes_non_utf8_file_names_back_as_their_bytes(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    image = _write(tmp_path, b"caf\xe9.png", _encoded(_photo(), "PNG"))
+    result = CliRunner().invoke(app, ["predict", str(trained_run), str(image), "--format", "csv",
+                                      "--output", str(tmp_path / "out.csv")])
+    assert result.exit_code == 0, result.output
+    assert b"caf\xe9.png,circle," in (tmp_path / "out.csv").read_bytes()
