@@ -27,6 +27,7 @@ err = Console(stderr=True, soft_wrap=True)
 BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME[.WEIGHTS]")]
 WeightsOpt = Annotated[Optional[str], typer.Option(help="local .safetensors/.pth weights instead of downloading")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
 
 
 def friendly_errors(command):
@@ -191,6 +192,7 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", help="write here instead of stdout")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     device: DeviceOpt = "auto",
+    tta: TTAOpt = None,
 ):
     """Classify images with a trained run (several runs: an ensemble).
 
@@ -203,7 +205,7 @@ def predict(
         raise GraftError("no images given: graft predict RUN IMAGE_OR_FOLDER [...]")
     if output_format not in ("table", "csv", "json"):
         raise GraftError(f"format '{output_format}' not understood: choose table, csv or json")
-    rows = predict_files(runs, inputs, top_k=top_k, batch_size=batch_size, device=device)
+    rows = predict_files(runs, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta)
     if output_format == "table" and output is None:
         print_table("predictions", ["file", "labels", "probabilities", "error"],
                     [[r.path, ", ".join(r.labels), ", ".join(f"{p:.3f}" for p in r.probabilities), r.error]
@@ -235,28 +237,33 @@ def evaluate(
     paths: Annotated[list[str], typer.Argument(help="RUN [RUN...] then the labelled DATA folder or CSV")],
     split: Annotated[Optional[str], typer.Option(help="train, val or test (default: test, else val, else all)")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
-    output: Annotated[Optional[Path], typer.Option("--output", help="folder for metrics.json")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", help="folder for the results")] = None,
     device: DeviceOpt = "auto",
+    tta: TTAOpt = None,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html and PNG plots")] = True,
 ):
-    """Accuracy, top-k, per-class precision/recall/F1 and the confusion matrix on labelled data.
+    """Accuracy, top-k, per-class precision/recall/F1, calibration and the confusion matrix on labelled data; writes
+    metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble).
 
-    Example: graft evaluate runs/pets ./pets_test
+    Example: graft evaluate runs/pets ./pets_test --tta flip
     """
     from graft.evaluate import evaluate as evaluate_runs
 
     runs, rest = _split_runs(paths)
     if len(rest) != 1:
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
-    metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output)
+    metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output, tta=tta,
+                            report=report)
     top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
-    out.print(f"accuracy {metrics['accuracy']:.4f}   {top_key.replace('_', ' ')} {metrics[top_key]:.4f}   "
-              f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['images']} images)")
+    for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
+        out.print(f"{name}accuracy {numbers['accuracy']:.4f}   {top_key.replace('_', ' ')} {numbers[top_key]:.4f}   "
+                  f"macro F1 {numbers['macro_f1']:.4f}   ECE {numbers['ece']:.4f}   ({metrics['images']} images)")
     print_table("per class", ["class", "precision", "recall", "F1", "support"],
                 [[c["class"], c["precision"], c["recall"], c["f1"], c["support"]] for c in metrics["per_class"]])
     classes = metrics["classes"]
     print_table("confusion matrix (rows: true, columns: predicted)", ["true \\ pred"] + classes,
                 [[name] + row for name, row in zip(classes, metrics["confusion_matrix"])])
-    out.print(f"wrote {metrics['output']}")
+    out.print(f"wrote {metrics['output']}" + (f" and {metrics['report']}" if "report" in metrics else ""))
 
 
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="random weights: a baseline")]

@@ -434,11 +434,10 @@ class ImageDataset(Dataset):
 
 
 class FileDataset(Dataset):
-    """Images for prediction: (tensor, ok flag); unreadable files give a zero tensor and ok=False."""
+    """Images for prediction: (tensor, ok flag, error); an unreadable file gives zeros of ``shape`` and ok=False."""
 
-    def __init__(self, paths: list[str], transform, size: tuple[int, int], max_pixels: int | None = 89_478_485):
-        self.paths, self.transform, self.size, self.max_pixels = paths, transform, size, max_pixels
-        self.errors: dict[int, str] = {}
+    def __init__(self, paths: list[str], transform, shape: tuple[int, ...], max_pixels: int | None = 89_478_485):
+        self.paths, self.transform, self.shape, self.max_pixels = paths, transform, tuple(shape), max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -447,7 +446,7 @@ class FileDataset(Dataset):
         try:
             return self.transform(load_image(self.paths[index], self.max_pixels)), True, ""
         except ImageError as error:
-            return torch.zeros(3, *self.size), False, str(error)
+            return torch.zeros(self.shape), False, str(error)
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
@@ -528,3 +527,48 @@ def build_transform(preprocessing, train: bool = False, augment: str = "standard
     if train and hflip:
         ops.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(ops + normalize)
+
+
+TTA_VIEWS = ("flip", "crops")
+
+
+def parse_tta(spec: str | None) -> tuple[str, ...]:
+    """``flip`` / ``crops`` / ``flip,crops`` → the chosen views; empty or None → none."""
+    chosen = tuple(part.strip() for part in (spec or "").split(",") if part.strip())
+    unknown = [part for part in chosen if part not in TTA_VIEWS]
+    if unknown:
+        raise GraftError(f"tta '{spec}' not understood: use flip, crops or flip,crops")
+    return tuple(view for view in TTA_VIEWS if view in chosen)
+
+
+class TTAViews:
+    """Test-time augmentation: one image → a (views, 3, H, W) tensor; view 0 is always the plain evaluation view.
+
+    Order: centre crop, then with ``crops`` the four corner crops (top-left, top-right, bottom-left, bottom-right) of
+    the same resized image, then with ``flip`` the mirror image of each view before it, in the same order.
+    """
+
+    def __init__(self, preprocessing, spec: str | None):
+        self.views = parse_tta(spec)
+        size = tuple(preprocessing.input_size)
+        interpolation = _INTERPOLATION.get(preprocessing.interpolation, transforms.InterpolationMode.BILINEAR)
+        resize = tuple(int(s / preprocessing.crop_pct) for s in size)
+        self.resize = transforms.Compose([CapAspect(), transforms.Resize(
+            resize if size[0] != size[1] else resize[0], interpolation, antialias=True)])
+        self.size = size
+        self.normalize = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize(preprocessing.mean, preprocessing.std)])
+
+    def __len__(self) -> int:
+        return (5 if "crops" in self.views else 1) * (2 if "flip" in self.views else 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized = self.resize(image)
+        if "crops" in self.views:
+            top_left, top_right, bottom_left, bottom_right, centre = transforms.functional.five_crop(resized, self.size)
+            crops = [centre, top_left, top_right, bottom_left, bottom_right]
+        else:
+            crops = [transforms.functional.center_crop(resized, list(self.size))]
+        if "flip" in self.views:
+            crops += [crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for crop in crops]
+        return torch.stack([self.normalize(crop) for crop in crops])

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
-from graft.data import FileDataset, ImageDataset, build_transform, discover, expand_inputs, readable
+from graft.data import (
+    FileDataset, ImageDataset, TTAViews, discover, expand_inputs, parse_tta, readable,
+)
 from graft.errors import GraftError
-from graft.model import GraftModel, load, write_json
+from graft.model import GraftModel, atomic_write, load, write_json
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -122,34 +125,103 @@ def eval_loader(model: GraftModel, dataset, batch_size: int = 64, workers: int =
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
+class _PerView(nn.Module):
+    """Runs a model on (batch, views, 3, H, W) and returns per-view log-probabilities flattened to (batch, views*C)."""
+
+    def __init__(self, model: GraftModel, channels_last: bool):
+        super().__init__()
+        self.model, self.classes, self.channels_last = model, model.classes, channels_last
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        batch = views.shape[0]
+        images = views.flatten(0, 1)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images).float().log_softmax(1).reshape(batch, -1)
+
+
+def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
+                           batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class probabilities averaged over ensemble members: (plain (N, C), with test-time augmentation (N, C), labels).
+
+    Without ``tta`` both are the same tensor. View 0 of every TTA set is the plain evaluation view, so one pass gives
+    both numbers.
+    """
+    plain, augmented, labels = None, None, None
+    for member in models:
+        views = TTAViews(member.preprocessing, tta)
+        dataset = ImageDataset(samples, views, None)
+        logits, labels = predict_logits(_PerView(member, True), eval_loader(member, dataset, batch_size, workers),
+                                        device, autocast_dtype(device), channels_last=False)
+        probabilities = logits.reshape(len(labels), len(views), -1).exp()
+        plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
+        augmented = probabilities.mean(1) if augmented is None else augmented + probabilities.mean(1)
+    plain, augmented = plain / len(models), augmented / len(models)
+    return plain, (augmented if tta else plain), labels
+
+
 def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split: str | None = None,
              batch_size: int = 64, workers: int = 0, device: str = "auto", top_k: int = 5,
-             output: str | os.PathLike | None = None) -> dict:
-    """Evaluates a run folder on a labelled dataset and writes ``metrics.json``.
+             output: str | os.PathLike | None = None, tta: str | None = None, report: bool = True) -> dict:
+    """Evaluates a run folder (or an ensemble) on labelled data; writes ``metrics.json``, ``predictions.csv`` and,
+    with ``report``, a self-contained ``report.html`` with its plots as PNG files.
 
     Args:
         run_dirs: the run folder (or several: their probabilities are averaged, an ensemble).
         data: a class-per-folder tree or CSV. With train/val/test splits the ``test`` split is used when present,
             else ``val``; a plain tree is used whole.
         split: force a split (train, val or test).
-        output: where metrics.json goes; default ``RUN/eval-<data folder name>/``.
+        output: the folder for the results; default ``RUN/eval-<data folder name>/``.
+        tta: test-time augmentation, ``flip``, ``crops`` or ``flip,crops``: metrics["tta"] holds the averaged
+            views' numbers beside the plain ones.
     """
     runs, target, models = _load_ensemble(run_dirs, device)
     model = models[0]
-    samples, classes = _labelled_samples(data, split, model.classes)
-    probabilities, labels = None, None
-    for member in models:
-        dataset = ImageDataset(samples, build_transform(member.preprocessing), None)
-        logits, labels = predict_logits(member, eval_loader(member, dataset, batch_size, workers), target,
-                                        autocast_dtype(target))
-        probabilities = logits.softmax(1) if probabilities is None else probabilities + logits.softmax(1)
-    probabilities = probabilities / len(models)
-    metrics = classification_metrics(probabilities.clamp_min(1e-12).log(), labels, model.classes, top_k)
-    metrics.update({"data": str(data), "runs": [str(r) for r in runs]})
+    samples, _ = _labelled_samples(data, split, model.classes)
+    plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
+    metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
+    metrics.update({"data": str(data), "runs": [str(r) for r in runs], "ece": expected_calibration_error(plain, labels)})
+    if tta:
+        metrics["tta"] = {"views": parse_tta(tta), "count": len(TTAViews(model.preprocessing, tta)),
+                          **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k),
+                          "ece": expected_calibration_error(augmented, labels)}
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     write_json(out_dir / "metrics.json", metrics)
+    write_predictions(out_dir / "predictions.csv", samples, plain, model.classes)
     metrics["output"] = str(out_dir / "metrics.json")
+    if report:
+        from graft.report import write_report
+
+        metrics["report"] = str(write_report(out_dir, metrics, samples, plain, augmented if tta else None, runs))
     return metrics
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+    return error
+
+
+def write_predictions(path: Path, samples: list, probabilities: torch.Tensor, classes: list[str]) -> None:
+    """One row per image: path, true class, predicted class, its probability, and the true class's probability."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "true", "predicted", "confidence", "p_true"])
+    confidence, predicted = probabilities.max(1)
+    for (file, label), guess, value, row in zip(samples, predicted.tolist(), confidence.tolist(), probabilities):
+        writer.writerow([file, classes[label], classes[guess], f"{value:.6f}", f"{row[label].item():.6f}"])
+    atomic_write(path, lambda temp: Path(temp).write_text(buffer.getvalue(), encoding="utf-8",
+                                                          errors="surrogateescape"))
 
 
 def _data_name(data) -> str:
@@ -200,22 +272,25 @@ class Prediction:
 
 
 def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
-            workers: int = 0) -> list[Prediction]:
+            workers: int = 0, tta: str | None = None) -> list[Prediction]:
     """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
 
-    Several run folders form an ensemble (probabilities averaged; they must share classes).
+    Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
+    flip,crops) averages each model's probabilities over those views first.
     """
     _, target, models = _load_ensemble(run_dirs, device)
     paths = expand_inputs(inputs)
     probabilities, errors = None, {}
     for model in models:
-        dataset = FileDataset(paths, build_transform(model.preprocessing), tuple(model.preprocessing.input_size))
+        views = TTAViews(model.preprocessing, tta)
+        dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
         loader = eval_loader(model, dataset, batch_size, workers)
-        batches, seen = [], 0
+        per_view, batches, seen = _PerView(model, True).eval(), [], 0
         with torch.inference_mode():
             for images, ok, messages in loader:
                 with autocast(target, autocast_dtype(target)):
-                    batches.append(model(to_device(images, target, True)).float().softmax(1).cpu())
+                    log_probabilities = per_view(images.to(target)).reshape(len(ok), len(views), -1)
+                batches.append(log_probabilities.exp().mean(1).cpu())
                 errors.update({seen + i: message for i, (good, message) in enumerate(zip(ok.tolist(), messages))
                                if not good})
                 seen += len(ok)

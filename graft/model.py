@@ -103,11 +103,21 @@ def rebuild(spec: ModelSpec) -> GraftModel:
 # ---------------------------------------------------------------------------------------------------------- files
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is shared like any other file
     os.close(handle)
     try:
         write(temp)
