@@ -72,6 +72,7 @@ class TrainConfig:
     unfreeze: str = "all"  # all, or last:K to fine-tune only the last K stages
     bn_stats: str = "auto"  # unfrozen batch norm: update running statistics, keep them frozen, or auto (pretrained
     # statistics frozen below 2,000 training images, where batch statistics are noise: the Keras guide's advice)
+    precise_bn: bool = False  # after training, recompute BN statistics over the whole training set (eval transform)
     optimizer: str = "adamw"  # adamw | sgd (with Nesterov momentum)
     momentum: float = 0.9
     weight_decay: float = 0.01

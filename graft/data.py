@@ -43,6 +43,10 @@ class ImageError(GraftError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+class PixelLimitError(ImageError):
+    """An image with more pixels than allowed (a decompression bomb, or simply too large)."""
+
+
 # --------------------------------------------------------------------------------------------------------------- images
 
 
@@ -58,12 +62,28 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> 
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe or device would block the read forever
             raise ImageError(f"{path}: not a regular file (pipe, socket or device); pass image files")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read file ({error.strerror or error})") from None
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = 89_478_485) -> Image.Image:
+    """``load_image`` for bytes already in memory (an upload); errors name ``name``."""
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own, configurable limit
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if max_pixels is not None and image.width * image.height > max_pixels:
-                    raise ImageError(
-                        f"{path}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}; "
+                    raise PixelLimitError(
+                        f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}; "
                         "raise data.max_image_pixels if the image is genuine"
                     )
                 image.seek(0)
@@ -72,12 +92,10 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> 
     except ImageError:
         raise
     except Image.DecompressionBombError as error:  # Pillow's own hard limit (twice its default), before ours
-        raise ImageError(f"{path}: refused as a possible decompression bomb ({error}); remove the file") from None
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
+        raise PixelLimitError(f"{name}: refused as a possible decompression bomb ({error}); remove the file") from None
     except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageError(f"{path}: not a readable image ({reason}); remove or replace the file") from None
+        raise ImageError(f"{name}: not a readable image ({reason}); remove or replace the file") from None
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:

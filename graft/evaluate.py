@@ -125,7 +125,7 @@ def eval_loader(model: GraftModel, dataset, batch_size: int = 64, workers: int =
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
 
-class _PerView(nn.Module):
+class PerView(nn.Module):
     """Runs a model on (batch, views, 3, H, W) and returns per-view log-probabilities flattened to (batch, views*C)."""
 
     def __init__(self, model: GraftModel, channels_last: bool):
@@ -151,7 +151,7 @@ def ensemble_probabilities(models: list[GraftModel], samples: list, device: torc
     for member in models:
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
-        logits, labels = predict_logits(_PerView(member, True), eval_loader(member, dataset, batch_size, workers),
+        logits, labels = predict_logits(PerView(member, True), eval_loader(member, dataset, batch_size, workers),
                                         device, autocast_dtype(device), channels_last=False)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
@@ -175,12 +175,13 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         tta: test-time augmentation, ``flip``, ``crops`` or ``flip,crops``: metrics["tta"] holds the averaged
             views' numbers beside the plain ones.
     """
-    runs, target, models = _load_ensemble(run_dirs, device)
+    runs, target, models = load_ensemble(run_dirs, device)
     model = models[0]
     samples, _ = _labelled_samples(data, split, model.classes)
     plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
-    metrics.update({"data": str(data), "runs": [str(r) for r in runs], "ece": expected_calibration_error(plain, labels)})
+    metrics.update({"data": str(data), "runs": [str(r) for r in runs],
+                    "ece": expected_calibration_error(plain, labels)})
     if tta:
         metrics["tta"] = {"views": parse_tta(tta), "count": len(TTAViews(model.preprocessing, tta)),
                           **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k),
@@ -205,7 +206,8 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            error += inside.float().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            gap = abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            error += inside.float().mean().item() * gap
     return error
 
 
@@ -229,7 +231,7 @@ def _data_name(data) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[GraftModel]]:
+def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[GraftModel]]:
     """(run folders, device, models) for one run folder or several; an ensemble's members must share classes."""
     runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
     target = resolve_device(device)
@@ -278,14 +280,14 @@ def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, d
     Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
     flip,crops) averages each model's probabilities over those views first.
     """
-    _, target, models = _load_ensemble(run_dirs, device)
+    _, target, models = load_ensemble(run_dirs, device)
     paths = expand_inputs(inputs)
     probabilities, errors = None, {}
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
         loader = eval_loader(model, dataset, batch_size, workers)
-        per_view, batches, seen = _PerView(model, True).eval(), [], 0
+        per_view, batches, seen = PerView(model, True).eval(), [], 0
         with torch.inference_mode():
             for images, ok, messages in loader:
                 with autocast(target, autocast_dtype(target)):

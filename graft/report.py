@@ -82,7 +82,8 @@ def plot_training_curves(runs: list) -> bytes | None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
-    axes[2].set_yscale("log")
+    if all(float(row["lr"]) > 0 for _, rows in histories for row in rows):
+        axes[2].set_yscale("log")  # a schedule that ends at 0 stays linear
     return _png(figure)
 
 

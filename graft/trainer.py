@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from graft import recipes
+from graft.batchnorm import batch_norms, recompute_statistics
 from graft.compare import resolve_auto
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
@@ -35,7 +36,7 @@ from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
 from graft.features import FeatureSet, extract_features
 from graft.model import (
-    GraftModel, atomic_write, build_model, config_from_card, model_card, read_card, save_model, save_weights,
+    GraftModel, atomic_write, build_model, config_from_card, load, model_card, read_card, save_model, save_weights,
     write_json,
 )
 from graft.probe import fit_linear_probe
@@ -677,6 +678,8 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
+    if config.train.precise_bn:
+        metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
     if cached is not None:
         metrics["features"] = cached.stats
     if cached is not None and config.train.strategy == "probe":
@@ -693,6 +696,56 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
         metrics["test"] = classification_metrics(logits, labels, model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
+                               card: dict) -> dict:
+    if model.trunk_frozen() and not batch_norms(model.head):
+        runtime.log("precise BN: skipped, nothing with batch norm was trained")
+        return {"images": 0, "skipped": "nothing with batch norm was trained"}
+    start = time.perf_counter()
+    images = recompute_bn_statistics(model, splits.train, config, runtime)
+    card["precise_bn"] = {"images": images}
+    seconds = time.perf_counter() - start
+    runtime.log(f"precise BN: statistics recomputed over {images} training images in {seconds:.1f}s")
+    return {"images": images, "seconds": round(seconds, 2)}
+
+
+def recompute_bn_statistics(model: GraftModel, samples: list, config: FitConfig, runtime: Runtime) -> int:
+    """Precise BN over ``samples`` in evaluation preprocessing (see ``graft.batchnorm.recompute_statistics``)."""
+    dataset = ImageDataset(samples, build_transform(model.preprocessing), config.data.max_image_pixels)
+    loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
+                        num_workers=resolve_workers(config.data.workers, runtime.device))
+    return recompute_statistics(model, loader, runtime.device, runtime.channels_last)
+
+
+def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto", verbose: bool = True) -> dict:
+    """Precise BN for a finished run: recomputes BN statistics over its training split, reports validation
+    accuracy before and after, and saves the new weights (the old ones stay as ``model.before-precise-bn``)."""
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        card = read_card(run_dir)
+        config = config_from_card(card)
+        target = resolve_device(device)
+        runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last,
+                          verbose=verbose)
+        splits = discover(data or config.data.path, config.data.val_fraction, config.train.seed)
+        scan(splits, config.data.max_image_pixels)
+        model = load(run_dir, target)
+        if not batch_norms(model):
+            raise GraftError(f"{run_dir}: this model has no batch norm layers; nothing to recompute")
+        val_set = ImageDataset(splits.val, build_transform(model.preprocessing), config.data.max_image_pixels)
+        val_loader = DataLoader(val_set, batch_size=config.data.batch_size * 2)
+        before = validate(model, val_loader, runtime)
+        images = recompute_bn_statistics(model, splits.train, config, runtime)
+        after = validate(model, val_loader, runtime)
+        shutil.copyfile(run_dir / "model.safetensors", run_dir / "model.before-precise-bn.safetensors")
+        card["precise_bn"] = {"images": images, "val_acc_before": before["val_acc"], "val_acc_after": after["val_acc"]}
+        save_model(run_dir, model, card)
+    runtime.log(f"precise BN over {images} training images: val accuracy {before['val_acc']:.4f} → "
+                f"{after['val_acc']:.4f}, val loss {before['val_loss']:.4f} → {after['val_loss']:.4f}")
+    return {"images": images, **{f"before_{k}": v for k, v in before.items()},
+            **{f"after_{k}": v for k, v in after.items()}}
 
 
 def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,

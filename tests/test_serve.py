@@ -1,0 +1,126 @@
+"""The prediction server, driven over real HTTP on 127.0.0.1: happy path, bad uploads, concurrency."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from graft.evaluate import predict
+from graft.serve import ServeConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    """A live uvicorn server on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    config = ServeConfig(max_upload_bytes=200_000, max_pixels=250_000, max_batch=16, max_wait_ms=150, top_k=3)
+    app = create_app(trained_run, "cpu", config)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    yield base
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def png(size=(48, 48), colour=(220, 40, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_health_and_metadata(server):
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok"
+    metadata = httpx.get(f"{server}/metadata").json()
+    assert metadata["classes"] == ["circle", "square", "triangle"]
+    assert metadata["preprocessing"]["input_size"] == [32, 32] and metadata["limits"]["max_pixels"] == 250_000
+
+
+def test_predictions_match_the_library(server, shapes, trained_run):
+    files = sorted((shapes / "val" / "triangle").iterdir())[:3]
+    response = httpx.post(f"{server}/predict", files=[("file", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    expected = predict(trained_run, [str(f) for f in files], top_k=3, device="cpu")
+    assert [r["file"] for r in rows] == [f.name for f in files]
+    for row, reference in zip(rows, expected):
+        assert row["labels"] == reference.labels
+        assert row["probabilities"] == pytest.approx(reference.probabilities, abs=1e-4)
+
+
+def test_a_raw_image_body_is_accepted(server):
+    response = httpx.post(f"{server}/predict", content=png(), headers={"content-type": "image/png"})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize("request_kwargs, status, message", [
+    ({"files": {"file": ("notes.jpg", b"just text, not a picture", "image/jpeg")}}, 415, "notes.jpg: not a readable"),
+    ({"files": {"file": ("empty.png", b"", "image/png")}}, 415, "empty.png: empty file"),
+    ({"files": {"file": ("big.png", png((600, 600)), "image/png")}}, 413, "600x600 pixels exceeds the limit"),
+    ({"files": {"file": ("huge.bin", b"\0" * 300_000, "image/png")}}, 413, "exceeds the limit of 200000 bytes"),
+    ({"files": {"field": (None, "value")}}, 400, "no image in the request"),  # multipart, but no file
+    ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415, "expected multipart/form-data"),
+    ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, ""),
+])
+def test_bad_uploads_get_a_4xx_json_error_and_the_server_lives_on(server, request_kwargs, status, message):
+    response = httpx.post(f"{server}/predict", **request_kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(server):
+    from test_hostile import _png_header_only
+
+    response = httpx.post(f"{server}/predict", files={"file": ("bomb.png", _png_header_only(100_000, 100_000))})
+    assert response.status_code == 413 and "bomb.png" in response.json()["error"]
+
+
+def test_concurrent_requests_are_batched_and_all_answered(server):
+    before = httpx.get(f"{server}/health").json()
+    colours = [(220, 40, 40), (40, 180, 60), (50, 80, 230)] * 4
+
+    def one(colour):
+        return httpx.post(f"{server}/predict", files={"file": ("x.png", png(colour=colour), "image/png")}, timeout=30)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(one, colours))
+    assert all(r.status_code == 200 for r in responses)
+    after = httpx.get(f"{server}/health").json()
+    assert after["images"] - before["images"] == 12
+    assert after["batches"] - before["batches"] < 12 and after["largest_batch"] > 1  # requests shared passes
+
+
+def test_the_cli_refuses_a_missing_run_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert result.exit_code == 2 and "not a graft run folder" in result.output
+
+
+def test_metadata_is_json_serialisable_for_an_ensemble(trained_run):
+    app = create_app([trained_run, trained_run], "cpu")
+    assert json.dumps(app.state.predictor.metadata())
