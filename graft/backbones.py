@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from graft import lab
 from graft.errors import GraftError
 
 # -------------------------------------------------------------------------------------------------------- preprocessing
@@ -420,7 +421,8 @@ def _torchvision_preprocessing(weights) -> Preprocessing:
 
 # ------------------------------------------------------------------------------------------------------------- registry
 
-SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource()}
+SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource(), lab.PREFIX: lab.LabSource()}
+BARE_NAMES = {name: lab.PREFIX for name in lab.ARCHITECTURES}  # names reached without a prefix besides timm's
 
 
 def register_source(prefix: str, source) -> None:
@@ -439,7 +441,7 @@ def create_backbone(name: str, pretrained: bool = True, weights_file: str | None
     Raises:
         GraftError: unknown name, weights unavailable offline, or a weights file that does not fit.
     """
-    prefix, _, rest = name.partition(":") if ":" in name else ("timm", "", name)
+    prefix, _, rest = name.partition(":") if ":" in name else (BARE_NAMES.get(name.partition("?")[0], "timm"), "", name)
     if prefix not in SOURCES:
         raise GraftError(f"unknown backbone source '{prefix}:' in '{name}'; known: {', '.join(SOURCES)}")
     backbone = SOURCES[prefix].create(rest, pretrained, weights_file)

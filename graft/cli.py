@@ -113,7 +113,7 @@ def fit(
     cache: CacheOpt = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
     head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="head learning rate")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="head learning rate, or auto (lr-find first)")] = None,
     finetune_lr_ratio: Annotated[Optional[float], typer.Option(help="trunk lr = lr x this when unfrozen")] = None,
     stem_lr_ratio: Annotated[Optional[float], typer.Option(help="the stem's lr relative to the top stage's")] = None,
     unfreeze: Annotated[Optional[str], typer.Option(help="all, or last:K stages")] = None,
@@ -434,6 +434,9 @@ def precise_bn_command(
     run: Annotated[str, typer.Argument(help="a finished run folder")],
     data: Annotated[Optional[str], typer.Option(help="the training data (default: the run's own)")] = None,
     device: DeviceOpt = "auto",
+    augment: Annotated[bool, typer.Option("--augment/--no-augment",
+                                          help="in the training augmentation (default) or evaluation preprocessing")]
+    = True,
 ):
     """Recompute batch-norm statistics over the whole training set ("precise BN") and save them into the run.
 
@@ -441,7 +444,7 @@ def precise_bn_command(
     """
     from graft.trainer import precise_bn
 
-    precise_bn(run, data, device)
+    precise_bn(run, data, device, augmented=augment)
 
 
 @app.command()

@@ -53,6 +53,11 @@ class ModelConfig:
     pool: str = "avg"  # global pooling after the cut: avg, or avgmax (concatenated average and max)
     head: str = "linear"  # linear, or mlp:512 / mlp:512,256 (BN + ReLU + dropout between layers)
     dropout: float = 0.0  # dropout before the final linear layer
+    # lab networks (small-cnn-cifar, small-cnn-catsdogs, vgg-like) only:
+    activation: str = "relu"  # relu leaky_relu prelu elu selu gelu swish maxout tanh sigmoid
+    norm: str = "none"  # batch | layer | instance | group | none
+    init: str = "kaiming"  # kaiming | xavier | normal:STD
+    vgg_stages: str = "2x32,2x64,2x128"  # vgg-like: CONVSxWIDTH per stage
 
 
 @dataclass
@@ -66,7 +71,9 @@ class TrainConfig:
     # epochs (the classic way: a forward pass per epoch). finetune then starts from that probe (LP-FT)
     balance: str = "none"  # imbalanced classes: sampler (draw classes equally often) or loss (inverse-frequency
     # class weights in the loss); either weights the solved probe's loss too
-    lr: float = 1e-3  # head learning rate; the trunk gets lr * finetune_lr_ratio when unfrozen
+    lr: float | str = 1e-3  # head learning rate (the trunk gets lr * finetune_lr_ratio); "auto": graft lr-find picks
+    time_budget: float = 0.0  # seconds of training for the run (0: no limit); the last stage's schedule is re-planned
+    # after its first epoch so it ends annealed within the budget (graft compare's equal-budget comparison)
     finetune_lr_ratio: float = 0.1  # the seeds' "1/10 of the original learning rate" for fine-tuning
     stem_lr_ratio: float = 0.1  # discriminative LR: the stem's rate relative to the top stage's, geometric between
     unfreeze: str = "all"  # all, or last:K to fine-tune only the last K stages
@@ -155,7 +162,8 @@ def _coerce(annotation: str, value: Any, dotted: str, source: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            pass
+            if "str" in names:
+                return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -183,12 +191,13 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
 
 
 def parse_head(spec: str) -> list[int]:
-    """``linear`` → [], ``mlp:512,256`` → [512, 256] (hidden widths)."""
-    if spec == "linear":
+    """``linear`` or ``sigmoid`` → [], ``mlp:512,256`` → [512, 256] (hidden widths)."""
+    if spec in ("linear", "sigmoid"):
         return []
     match = re.fullmatch(r"mlp:(\d+(?:,\d+)*)", spec)
     if not match:
-        raise GraftError(f"head '{spec}' not understood: use 'linear' or 'mlp:WIDTH[,WIDTH...]' (e.g. mlp:512)")
+        raise GraftError(f"head '{spec}' not understood: use 'linear', 'sigmoid' (two classes, one logit) or "
+                         "'mlp:WIDTH[,WIDTH...]' (e.g. mlp:512)")
     return [int(width) for width in match.group(1).split(",")]
 
 
@@ -217,6 +226,10 @@ def validate(config: FitConfig) -> None:
     _check_choice("bn_stats", config.train.bn_stats, BN_STATS)
     _check_choice("head_fit", config.train.head_fit, HEAD_FITS)
     _check_choice("balance", config.train.balance, BALANCES)
+    from graft.lab import ArchOptions
+
+    model = config.model
+    ArchOptions(model.activation, model.norm, model.init, model.vgg_stages).validate()
     parse_head(config.model.head)
     parse_unfreeze(config.train.unfreeze)
     if not 0.0 < config.data.val_fraction < 1.0:
@@ -229,7 +242,7 @@ def validate(config: FitConfig) -> None:
             raise GraftError(f"{name} must be at least 1, got {getattr(section, name)}")
     if config.train.head_epochs < 0 or config.train.patience < 0:
         raise GraftError("head_epochs and patience must be >= 0")
-    if config.train.lr <= 0:
-        raise GraftError(f"lr must be positive, got {config.train.lr}")
+    if config.train.lr != "auto" and (isinstance(config.train.lr, str) or config.train.lr <= 0):
+        raise GraftError(f"lr must be positive or 'auto' (a learning-rate finder run first), got {config.train.lr}")
     if not 0.0 <= config.model.dropout < 1.0:
         raise GraftError(f"dropout must be in [0, 1), got {config.model.dropout}")

@@ -58,15 +58,18 @@ def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int
     only when neither can be read (said so in export.json)."""
     source = data or read_card(run_dir).get("config", {}).get("data", {}).get("path")
     transform = build_transform(model.preprocessing)
-    try:
-        splits = discover(source, seed=0)
-        samples = readable((splits.val or splits.train)[:count] + splits.train[:count])[:count]
-        images = torch.stack([transform(load_image(path)) for path, _ in samples])
-        return images, f"{len(samples)} images from {source}"
-    except (GraftError, TypeError, OSError):
-        generator = torch.Generator().manual_seed(0)
-        size = model.preprocessing.input_size
-        return torch.randn(count, 3, *size, generator=generator), "random normal tensors (no readable data found)"
+    samples = []
+    if source:
+        try:
+            splits = discover(source, seed=0)
+            samples = readable((splits.val or splits.train)[:count] + splits.train[:count])[:count]
+        except (GraftError, OSError):
+            samples = []
+    if samples:
+        return torch.stack([transform(load_image(path)) for path, _ in samples]), f"{len(samples)} images from {source}"
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(count, 3, *model.preprocessing.input_size, generator=generator)
+    return inputs, "random normal tensors (no readable data found; pass --data for real images)"
 
 
 def latency_ms(forward, example: torch.Tensor, repeats: int = 30) -> float:

@@ -6,6 +6,7 @@ node, head, classes, preprocessing, versions), so ``load(folder)`` rebuilds the 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -19,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from graft.backbones import Preprocessing, create_backbone
-from graft.config import FitConfig, validate
+from graft import lab
+from graft.config import FitConfig, ModelConfig, validate
 from graft.errors import GraftError
 from graft.heads import build_head
 from graft.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
@@ -74,19 +76,35 @@ class ModelSpec:
     preprocessing: Preprocessing
 
 
-def build_model(config: FitConfig, classes: list[str]) -> tuple[GraftModel, dict]:
+def backbone_name(model: ModelConfig) -> str:
+    """The backbone name to build and record: a lab network's name carries its options (see ``graft.lab``)."""
+    options = lab.ArchOptions(model.activation, model.norm, model.init, model.vgg_stages)
+    if model.backbone in lab.ARCHITECTURES:
+        return lab.lab_backbone_name(model.backbone, options)
+    if options != lab.ArchOptions():
+        raise GraftError(f"--activation, --norm, --init and --vgg-stages shape the lab networks "
+                         f"({', '.join(lab.ARCHITECTURES)}); '{model.backbone}' keeps its own")
+    return model.backbone
+
+
+def build_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None) -> tuple[GraftModel, dict]:
     """Creates the backbone (pretrained unless the strategy is ``scratch``), cuts it and grafts a new head.
 
+    Args:
+        mean_std: per-channel (mean, std) of the training data, replacing the backbone's (scratch training).
+
     Returns:
-        The model and a dict describing the backbone (weights source, feature width, cut node).
+        The model and a dict describing the backbone (name, weights source, feature width, cut node).
     """
     pretrained = config.model.pretrained and config.train.strategy != "scratch"
-    backbone = create_backbone(config.model.backbone, pretrained=pretrained,
-                               weights_file=config.model.weights if pretrained else None)
+    name = backbone_name(config.model)
+    backbone = create_backbone(name, pretrained=pretrained, weights_file=config.model.weights if pretrained else None)
     preprocessing = backbone.preprocessing.with_size(config.data.image_size)
+    if mean_std is not None:
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(mean_std[0]), std=tuple(mean_std[1]))
     trunk, width = cut(backbone.net, config.model.cut_at, config.model.pool, preprocessing.input_size)
     head = build_head(width, len(classes), config.model.head, config.model.dropout)
-    info = {"weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node,
+    info = {"backbone": name, "weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node,
             "stage_nodes": backbone.stage_nodes}
     return GraftModel(trunk, head, classes, preprocessing), info
 
@@ -179,7 +197,7 @@ def model_card(model: GraftModel, config: FitConfig, info: dict) -> dict:
     """The contents of graft.json: everything `predict` needs, plus provenance."""
     return {
         "format_version": FORMAT_VERSION,
-        "backbone": config.model.backbone,
+        "backbone": info.get("backbone", config.model.backbone),
         "weights": info["weights"],
         "cut_at": model.trunk.node,
         "pool": config.model.pool,

@@ -8,6 +8,7 @@ checkpoint follows exactly the path of an uninterrupted one. Distributed trainin
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import fcntl
 import json
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from graft import recipes
 from graft.batchnorm import batch_norms, recompute_statistics
 from graft.compare import resolve_auto
-from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
+from graft.diagnose import dataset_statistics, lr_sweep, plot_lr_finding
+from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig, apply_overrides
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
@@ -42,6 +44,8 @@ from graft.model import (
 from graft.probe import fit_linear_probe
 
 CHECKPOINT = "checkpoint.safetensors"
+SCRATCH_STATS_SIZE = 32  # per-channel statistics barely depend on resolution; small is fast
+SCRATCH_STATS_IMAGES = 2000
 BEST = "best.safetensors"
 
 
@@ -91,6 +95,7 @@ class TrainState:
     elapsed: float = 0.0  # seconds of training so far, across resumes
     lr_scale: float = 1.0  # 0.5 after a non-finite loss was retried in this stage
     micro_batches: int = 1  # > 1 after an out-of-memory error: each batch runs in this many slices
+    planned_epochs: int = 0  # this stage's epochs after a time-budget re-plan (0: as configured)
     history: list[dict] = field(default_factory=list)
 
 
@@ -228,15 +233,18 @@ def make_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: T
     """Linear warm-up, then cosine decay to zero, stepped per batch, times ``state.lr_scale`` (halved after a
     non-finite loss)."""
     warmup = int(total_steps * warmup_fraction)
+    horizon = {"steps": total_steps}  # shortened by a time-budget re-plan
 
     def factor(step: int) -> float:
         scale = state.lr_scale if state is not None else 1.0
         if step < warmup:
             return scale * (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, horizon["steps"] - warmup)
         return scale * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.horizon = horizon
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------------------- checkpoints
@@ -340,8 +348,9 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     train_loader, val_loader, generator = loaders
     groups = recipes.configure(model, stage, config.train)
     optimizer = make_optimizer(groups, config)
-    steps = stage.epochs * (min(len(train_loader), config.train.limit_batches or len(train_loader)))
-    scheduler = make_scheduler(optimizer, steps, config.train.warmup_fraction, state)
+    steps_per_epoch = min(len(train_loader), config.train.limit_batches or len(train_loader))
+    scheduler = make_scheduler(optimizer, (state.planned_epochs or stage.epochs) * steps_per_epoch,
+                               config.train.warmup_fraction, state)
     if resume_from is not None:
         optimizer.load_state_dict(resume_from[0])
         scheduler.load_state_dict(resume_from[1])
@@ -352,7 +361,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
     class_weights = _loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
-    while state.stage_epoch < stage.epochs and not state.stage_done:
+    while state.stage_epoch < (state.planned_epochs or stage.epochs) and not state.stage_done:
         seed = epoch_seed(config.train.seed, state.epoch)
         seed_everything(seed)
         generator.manual_seed(seed)
@@ -373,6 +382,8 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         row = {"epoch": state.epoch, "stage": stage.name, "stage_epoch": state.stage_epoch,
                "lr": optimizer.param_groups[0]["lr"], **row, "seconds": round(time.perf_counter() - start, 3)}
         _track_best(model, state, row, config.train.patience, run_dir, runtime)
+        if config.train.time_budget:
+            _fit_to_budget(stage, state, row["seconds"], config.train.time_budget, scheduler, steps_per_epoch, runtime)
         state.history.append(row)
         if runtime.is_main:
             write_history(run_dir, state.history)
@@ -381,6 +392,20 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         if hooks.on_epoch_end:
             hooks.on_epoch_end(row)
     _restore_best(model, state, run_dir, runtime)
+
+
+def _fit_to_budget(stage: recipes.Stage, state: TrainState, epoch_seconds: float, budget: float, scheduler,
+                   steps_per_epoch: int, runtime: Runtime) -> None:
+    """After each epoch: how many of this stage's epochs still fit in the run's time budget; the cosine schedule is
+    re-planned to end there (annealed, not cut off mid-way)."""
+    left = budget - state.elapsed
+    fits = state.stage_epoch + max(0, int(left // max(epoch_seconds, 1e-6)))
+    planned = max(state.stage_epoch, min(stage.epochs, fits))
+    if planned != (state.planned_epochs or stage.epochs):
+        state.planned_epochs = planned
+        scheduler.horizon["steps"] = planned * steps_per_epoch
+        runtime.log(f"time budget: {left:.0f}s left at {epoch_seconds:.1f}s an epoch → stage {stage.name} ends "
+                    f"after epoch {planned}")
 
 
 def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.device) -> torch.Tensor | None:
@@ -562,6 +587,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
     report = scan(splits, config.data.max_image_pixels, workers=4)
     _write_data_report(run_dir, splits, report, runtime)
+    if config.train.lr == "auto":
+        config = _with_found_lr(config, splits, runtime, run_dir)
     seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
     model, card = _prepare_model(config, splits, runtime, run_dir)
     state, resume_from = TrainState(), None
@@ -581,12 +608,12 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
 
 
 def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
-    """Builds the model on its device and writes graft.json (status: training); returns (model, card)."""
-    model, info = build_model(config, splits.classes)
-    model.to(runtime.device)
-    if config.train.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
+    """Builds the model on its device and writes graft.json (status: training); returns (model, card).
+
+    A network trained from scratch is normalised with the training data's own per-channel statistics (there are no
+    pretrained ones to match).
+    """
+    model, info = build_on_device(config, splits, runtime)
     card = model_card(model, config, info)
     card["status"] = "training"
     if runtime.is_main:
@@ -596,6 +623,74 @@ def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
                 f"{runtime.device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when "
                 "unfrozen")
     return model, card
+
+
+def build_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> tuple[GraftModel, dict]:
+    mean_std = None
+    if config.train.strategy == "scratch":
+        stats = dataset_statistics([path for path, _ in splits.train], size=SCRATCH_STATS_SIZE,
+                                   max_images=SCRATCH_STATS_IMAGES, seed=config.train.seed)
+        mean_std = (stats.mean, stats.std)
+    model, info = build_model(config, splits.classes, mean_std)
+    model.to(runtime.device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
+    return model, info
+
+
+def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: int = 100, start: float = 1e-7,
+            end: float = 10.0):
+    """The learning-rate finder on the recipe's main stage (the one trained longest): one step per rate on a fresh
+    model, rates growing exponentially. Returns a ``graft.diagnose.LRFinding`` whose ``suggestion`` is in the units
+    of ``train.lr`` (the head's rate; the trunk's follows from finetune_lr_ratio)."""
+    unit = apply_overrides(copy.deepcopy(config), {"train.lr": 1.0})
+    stages = recipes.plan(unit)
+    if not stages:
+        raise GraftError("this strategy solves its head in closed form (probe): there is no learning rate to find")
+    stage = stages[-1]
+    seed_everything(config.train.seed)
+    model, _ = build_on_device(unit, splits, runtime)
+    ratios = [group["lr"] for group in recipes.configure(model, stage, unit.train)]
+    groups = recipes.configure(model, stage, unit.train)
+    optimizer = make_optimizer(groups, unit)
+    loader, _, generator = make_loaders(splits, model, unit, runtime)
+    generator.manual_seed(config.train.seed)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def step_loss(lr: float) -> float:
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        images, labels, *_ = next(stream)
+        images = to_device(images, runtime.device, runtime.channels_last)
+        with autocast(runtime.device, runtime.dtype):
+            loss = compute_loss(model(images), labels.to(runtime.device), config.train.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return math.inf
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    finding = lr_sweep(step_loss, start, end, steps)
+    finding.suggestion = finding.suggestion / stage.lr  # the stage's rate → train.lr (the head's)
+    return finding
+
+
+def _with_found_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path) -> FitConfig:
+    """``--lr auto``: runs the finder, saves its curve (lr_find.png/.csv) and returns the config with that rate."""
+    finding = find_lr(config, splits, runtime)
+    if runtime.is_main:
+        plot_lr_finding(finding, run_dir / "lr_find.png")
+        _write_csv(run_dir / "lr_find.csv", ["lr", "loss"],
+                   [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
+    runtime.log(f"lr-find: --lr {finding.suggestion:.2e} ({finding.reason})")
+    return apply_overrides(copy.deepcopy(config), {"train.lr": float(f"{finding.suggestion:.3g}")})
 
 
 def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfig, runtime: Runtime, run_dir: Path,
@@ -609,6 +704,9 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
                                    micro_batches=state.micro_batches, history=state.history)
+                if config.train.time_budget and state.elapsed >= config.train.time_budget:
+                    state.stage = len(stages)  # out of time: the remaining stages are skipped
+                    runtime.log("time budget spent: remaining stages skipped")
                 resume_from = None
                 continue
             run_stage(model, stage, state, loaders, config, runtime, run_dir, hooks,
@@ -711,17 +809,24 @@ def _precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config:
     return {"images": images, "seconds": round(seconds, 2)}
 
 
-def recompute_bn_statistics(model: GraftModel, samples: list, config: FitConfig, runtime: Runtime) -> int:
-    """Precise BN over ``samples`` in evaluation preprocessing (see ``graft.batchnorm.recompute_statistics``)."""
-    dataset = ImageDataset(samples, build_transform(model.preprocessing), config.data.max_image_pixels)
+def recompute_bn_statistics(model: GraftModel, samples: list, config: FitConfig, runtime: Runtime,
+                            augmented: bool = True) -> int:
+    """Precise BN over ``samples`` (see ``graft.batchnorm.recompute_statistics``), in the training augmentation by
+    default: the weights were learnt on augmented images' statistics (evaluation preprocessing measured worse, see
+    bench/RESULTS.md)."""
+    transform = build_transform(model.preprocessing, augmented, config.data.augment, config.data.hflip)
+    seed_everything(config.train.seed)  # the augmentation draws: the same statistics every time
+    dataset = ImageDataset(samples, transform, config.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
                         num_workers=resolve_workers(config.data.workers, runtime.device))
     return recompute_statistics(model, loader, runtime.device, runtime.channels_last)
 
 
-def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto", verbose: bool = True) -> dict:
-    """Precise BN for a finished run: recomputes BN statistics over its training split, reports validation
-    accuracy before and after, and saves the new weights (the old ones stay as ``model.before-precise-bn``)."""
+def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto", verbose: bool = True,
+               augmented: bool = True) -> dict:
+    """Precise BN for a finished run: recomputes BN statistics over its training split (``augmented``: in the
+    training augmentation, else in evaluation preprocessing), reports validation accuracy before and after, and
+    saves the new weights (the old ones stay as ``model.before-precise-bn``)."""
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         card = read_card(run_dir)
@@ -737,10 +842,11 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         val_set = ImageDataset(splits.val, build_transform(model.preprocessing), config.data.max_image_pixels)
         val_loader = DataLoader(val_set, batch_size=config.data.batch_size * 2)
         before = validate(model, val_loader, runtime)
-        images = recompute_bn_statistics(model, splits.train, config, runtime)
+        images = recompute_bn_statistics(model, splits.train, config, runtime, augmented)
         after = validate(model, val_loader, runtime)
         shutil.copyfile(run_dir / "model.safetensors", run_dir / "model.before-precise-bn.safetensors")
-        card["precise_bn"] = {"images": images, "val_acc_before": before["val_acc"], "val_acc_after": after["val_acc"]}
+        card["precise_bn"] = {"images": images, "augmented": augmented, "val_acc_before": before["val_acc"],
+                              "val_acc_after": after["val_acc"]}
         save_model(run_dir, model, card)
     runtime.log(f"precise BN over {images} training images: val accuracy {before['val_acc']:.4f} → "
                 f"{after['val_acc']:.4f}, val loss {before['val_loss']:.4f} → {after['val_loss']:.4f}")

@@ -1,0 +1,254 @@
+"""Why does a network train badly? The lecture's diagnostics as functions (and `graft diagnose`, `graft lr-find`,
+`graft stats`):
+
+- activation statistics per layer for one batch: mean, std, the fraction of dead ReLU units and of saturated
+  tanh/sigmoid outputs, with per-layer histograms ("collapse to zero / saturate / just right");
+- gradient flow for one optimiser step: per-layer gradient norm and the update/weight ratio (~1e-3 is healthy);
+- the learning-rate finder: an exponential LR sweep, the loss curve and a suggested rate;
+- dataset statistics: per-channel mean and std and the mean image, what scratch training normalises with.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graft.errors import GraftError
+from graft.lab import Maxout
+
+RELU_LIKE = (nn.ReLU, nn.ReLU6)  # exact zeros: a unit that is always zero is dead
+SQUASHING = {nn.Tanh: (-0.99, 0.99), nn.Sigmoid: (0.01, 0.99), nn.Hardtanh: (-0.99, 0.99)}  # saturated outside
+ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+                    nn.Hardtanh, nn.Hardswish, nn.Mish, Maxout)
+DEAD_FLAG = 0.5  # flag a layer when more than half its units never fire
+SATURATED_FLAG = 0.5
+COLLAPSE_RATIO = 0.1  # std below a tenth of the first activation layer's: collapsing towards zero
+UPDATE_RATIO_RANGE = (1e-4, 1e-2)  # around the rule of thumb of 1e-3
+
+
+@dataclass
+class LayerActivity:
+    name: str
+    kind: str
+    mean: float
+    std: float
+    dead: float | None  # fraction of channels (units) that are zero for every image and position; ReLU only
+    saturated: float | None  # fraction of outputs in the flat tails; tanh/sigmoid only
+    flags: list[str] = field(default_factory=list)
+    sample: np.ndarray | None = None  # a subsample of the values, for the histogram
+
+
+def activation_statistics(model: nn.Module, images: torch.Tensor, sample: int = 20_000) -> list[LayerActivity]:
+    """Statistics of every activation layer's output for one batch, in forward order, with flags."""
+    captured: list[tuple[str, nn.Module, torch.Tensor]] = []
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: captured.append((name, m, o.detach())))
+               for name, module in model.named_modules() if isinstance(module, ACTIVATION_TYPES)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if not captured:
+        raise GraftError("no activation layers (ReLU, tanh, ...) found as modules in this network")
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, module, output in captured:
+        values = output.float()
+        flat = values.flatten()
+        dead = None
+        if isinstance(module, RELU_LIKE) and values.ndim >= 2:
+            per_unit = values.transpose(0, 1).reshape(values.shape[1], -1)
+            dead = (per_unit.abs().amax(dim=1) == 0).float().mean().item()
+        saturated = None
+        for kind, (low, high) in SQUASHING.items():
+            if isinstance(module, kind):
+                saturated = ((flat < low) | (flat > high)).float().mean().item()
+        picks = torch.randperm(flat.numel(), generator=generator)[:sample]
+        rows.append(LayerActivity(name, type(module).__name__, flat.mean().item(), flat.std().item(), dead, saturated,
+                                  sample=flat[picks].numpy()))
+    _flag_activity(rows)
+    return rows
+
+
+def _flag_activity(rows: list[LayerActivity]) -> None:
+    reference = rows[0].std or 1e-12
+    for row in rows:
+        if row.dead is not None and row.dead > DEAD_FLAG:
+            row.flags.append(f"dead: {row.dead:.0%} of units never fire")
+        if row.saturated is not None and row.saturated > SATURATED_FLAG:
+            row.flags.append(f"saturated: {row.saturated:.0%} of outputs in the flat tails")
+        if row.std < COLLAPSE_RATIO * reference:
+            row.flags.append(f"collapsing: std {row.std:.2e} vs {reference:.2e} at the first layer")
+        elif row.std > reference / COLLAPSE_RATIO:
+            row.flags.append(f"exploding: std {row.std:.2e} vs {reference:.2e} at the first layer")
+
+
+def plot_activations(rows: list[LayerActivity], path) -> None:
+    """Per-layer histograms in forward order, like the lecture's plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(5, len(rows))
+    lines = math.ceil(len(rows) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 2.3 * lines), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, row in zip(axes.flat, rows):
+        axis.axis("on")
+        axis.hist(row.sample, bins=50, color="#c33" if row.flags else "#369")
+        axis.set_title(f"{row.name[-28:]}\nmean {row.mean:.2f} std {row.std:.2f}", fontsize=7)
+        axis.tick_params(labelsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+@dataclass
+class LayerGradient:
+    name: str
+    grad_norm: float
+    weight_norm: float
+    update_ratio: float  # ||Δw|| / ||w|| after one optimiser step
+    flags: list[str] = field(default_factory=list)
+
+
+def gradient_flow(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, make_optimizer) -> list[LayerGradient]:
+    """One optimiser step on a copy of ``model``: per weight tensor, the gradient norm and how far the step moved it
+    relative to its size. ``make_optimizer(parameters)`` builds the optimiser the run would use."""
+    trial = copy.deepcopy(model).train()
+    parameters = [(name, p) for name, p in trial.named_parameters() if p.requires_grad and p.ndim > 1]
+    if not parameters:
+        raise GraftError("nothing trainable with weights in this network (a frozen trunk and no head?)")
+    before = {name: p.detach().clone() for name, p in parameters}
+    optimizer = make_optimizer([p for _, p in parameters])
+    optimizer.zero_grad()
+    F.cross_entropy(trial(images), labels).backward()
+    grads = {name: (p.grad.norm().item() if p.grad is not None else 0.0) for name, p in parameters}
+    optimizer.step()
+    rows = []
+    for name, p in parameters:
+        weight_norm = before[name].norm().item()
+        ratio = (p.detach() - before[name]).norm().item() / max(weight_norm, 1e-12)
+        row = LayerGradient(name, grads[name], weight_norm, ratio)
+        if grads[name] == 0:
+            row.flags.append("no gradient reaches this layer")
+        elif ratio < UPDATE_RATIO_RANGE[0]:
+            row.flags.append(f"update/weight {ratio:.1e}: learning too slowly (raise the lr?)")
+        elif ratio > UPDATE_RATIO_RANGE[1]:
+            row.flags.append(f"update/weight {ratio:.1e}: steps too large (lower the lr?)")
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- the LR finder
+
+
+@dataclass
+class LRFinding:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float
+    reason: str
+
+
+def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 100, smoothing: float = 0.9
+             ) -> LRFinding:
+    """Runs ``step_loss(lr)`` (one training step at ``lr``, returning its loss) for exponentially growing rates and
+    suggests the rate where the smoothed loss falls fastest (steepest descent on a log-lr axis), capped at a tenth
+    of the rate with the lowest loss. Stops early once the loss has blown up (4x its minimum, or not finite)."""
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    for index in range(steps):
+        lr = start * factor ** index
+        loss = step_loss(lr)
+        if not math.isfinite(loss):
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (index + 1))  # bias-corrected, as Adam's moments
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > 4 * best and index > 10:
+            break
+    if len(losses) < 5:
+        raise GraftError("the loss blew up at once: the sweep's start rate is already too high; lower --start-lr")
+    low = int(np.argmin(losses))
+    slopes = np.gradient(np.array(losses[: low + 1]), np.log(np.array(lrs[: low + 1]))) if low >= 2 else None
+    steepest = lrs[int(np.argmin(slopes))] if slopes is not None else lrs[low] / 10
+    suggestion = min(steepest, lrs[low] / 10) if slopes is not None else steepest
+    reason = (f"steepest descent at {steepest:.1e}, lowest loss at {lrs[low]:.1e}: the smaller of the steepest point "
+              "and a tenth of the lowest-loss rate")
+    return LRFinding(lrs, losses, float(suggestion), reason)
+
+
+def plot_lr_finding(finding: LRFinding, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(finding.lrs, finding.losses)
+    axis.axvline(finding.suggestion, color="#c33", ls="--", label=f"suggested {finding.suggestion:.1e}")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss (smoothed)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# -------------------------------------------------------------------------------------------------- dataset statistics
+
+
+@dataclass
+class DatasetStats:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mean_image: np.ndarray  # (H, W, 3) float in [0, 1]
+    images: int
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "images": self.images,
+                "size": list(self.mean_image.shape[:2])}
+
+
+def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000, seed: int = 0) -> DatasetStats:
+    """Per-channel mean and std (over every pixel) and the mean image of up to ``max_images`` images resized to
+    ``size``×``size``, in [0, 1] units, as ``transforms.Normalize`` takes them."""
+    from graft.data import ImageError, load_image
+
+    rng = np.random.default_rng(seed)
+    chosen = list(paths) if len(paths) <= max_images else list(rng.choice(paths, max_images, replace=False))
+    total = np.zeros((size, size, 3))
+    squares = np.zeros(3)
+    count = 0
+    for path in chosen:
+        try:
+            image = load_image(path).resize((size, size))
+        except ImageError:
+            continue
+        pixels = np.asarray(image, dtype=np.float64) / 255.0
+        total += pixels
+        squares += (pixels ** 2).mean(axis=(0, 1))
+        count += 1
+    if not count:
+        raise GraftError("no readable images to compute statistics from")
+    mean_image = total / count
+    mean = mean_image.mean(axis=(0, 1))
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12))
+    return DatasetStats(tuple(float(v) for v in mean), tuple(float(v) for v in std), mean_image, count)
