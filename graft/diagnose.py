@@ -27,7 +27,7 @@ SQUASHING = {nn.Tanh: (-0.99, 0.99), nn.Sigmoid: (0.01, 0.99), nn.Hardtanh: (-0.
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
                     nn.Hardtanh, nn.Hardswish, nn.Mish, Maxout)
 DEAD_FLAG = 0.5  # flag a layer when more than half its units never fire
-SATURATED_FLAG = 0.5
+SATURATED_FLAG = 0.25  # a quarter of outputs in the flat tails already starves the gradient
 COLLAPSE_RATIO = 0.1  # std below a tenth of the first activation layer's: collapsing towards zero
 UPDATE_RATIO_RANGE = (1e-4, 1e-2)  # around the rule of thumb of 1e-3
 
@@ -166,8 +166,8 @@ class LRFinding:
 def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 100, smoothing: float = 0.9
              ) -> LRFinding:
     """Runs ``step_loss(lr)`` (one training step at ``lr``, returning its loss) for exponentially growing rates and
-    suggests the rate where the smoothed loss falls fastest (steepest descent on a log-lr axis), capped at a tenth
-    of the rate with the lowest loss. Stops early once the loss has blown up (4x its minimum, or not finite)."""
+    suggests a tenth of the rate with the lowest smoothed loss (Smith's rule, fastai v1's default: the point of
+    steepest descent is noisier). Stops early once the loss has blown up (4x its minimum, or not finite)."""
     factor = (end / start) ** (1 / max(1, steps - 1))
     lrs, losses, average, best = [], [], 0.0, math.inf
     for index in range(steps):
@@ -185,12 +185,10 @@ def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 100
     if len(losses) < 5:
         raise GraftError("the loss blew up at once: the sweep's start rate is already too high; lower --start-lr")
     low = int(np.argmin(losses))
-    slopes = np.gradient(np.array(losses[: low + 1]), np.log(np.array(lrs[: low + 1]))) if low >= 2 else None
-    steepest = lrs[int(np.argmin(slopes))] if slopes is not None else lrs[low] / 10
-    suggestion = min(steepest, lrs[low] / 10) if slopes is not None else steepest
-    reason = (f"steepest descent at {steepest:.1e}, lowest loss at {lrs[low]:.1e}: the smaller of the steepest point "
-              "and a tenth of the lowest-loss rate")
-    return LRFinding(lrs, losses, float(suggestion), reason)
+    slopes = np.gradient(np.array(losses), np.log(np.array(lrs)))
+    steepest = lrs[int(np.argmin(slopes[: low + 1]))]
+    reason = f"lowest loss at {lrs[low]:.1e}, a tenth of it; steepest descent at {steepest:.1e}"
+    return LRFinding(lrs, losses, float(lrs[low] / 10), reason)
 
 
 def plot_lr_finding(finding: LRFinding, path) -> None:
@@ -252,3 +250,72 @@ def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000,
     mean = mean_image.mean(axis=(0, 1))
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 1e-12))
     return DatasetStats(tuple(float(v) for v in mean), tuple(float(v) for v in std), mean_image, count)
+
+
+# ------------------------------------------------------------------------------------------------- graft diagnose
+
+
+@dataclass
+class Diagnosis:
+    activations: list[LayerActivity]
+    gradients: list[LayerGradient]
+    nodes: list  # graft.surgery.NodeInfo: output size and receptive field per stage node
+    flags: list[str]
+
+    def to_dict(self) -> dict:
+        strip = lambda row: {k: v for k, v in row.__dict__.items() if k != "sample"}  # noqa: E731
+        return {"activations": [strip(r) for r in self.activations], "gradients": [strip(r) for r in self.gradients],
+                "nodes": [n.__dict__ for n in self.nodes], "flags": self.flags}
+
+
+def diagnose(target: str, data: str, output: str | None = None, batch_size: int = 64, lr: float | None = None,
+             image_size: int | None = None, pretrained: bool = False, model_options: dict | None = None,
+             seed: int = 0) -> Diagnosis:
+    """Activation statistics, gradient flow and per-node receptive fields for a run folder or a backbone name
+    (randomly initialised unless ``pretrained``), on one batch of ``data``; writes diagnosis.json and
+    activations.png into ``output`` when given."""
+    from pathlib import Path
+
+    from graft.config import load_config
+    from graft.data import build_transform, discover, load_image, readable
+    from graft.model import build_model, load, read_card
+    from graft.surgery import list_nodes
+
+    torch.manual_seed(seed)
+    splits = discover(data, seed=seed)
+    if Path(target, "graft.json").is_file():
+        model = load(target)
+        lr = lr or float(read_card(target).get("config", {}).get("train", {}).get("lr", 1e-3))
+    else:
+        values = {"model.backbone": target, "model.pretrained": pretrained, "data.image_size": image_size,
+                  "train.strategy": "finetune" if pretrained else "scratch", **(model_options or {})}
+        model, _ = build_model(load_config(None, values), splits.classes)
+        lr = lr or 1e-3
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)  # diagnose the whole network, whatever a run froze
+    known = {name: model.classes.index(name) for name in splits.classes if name in model.classes}
+    pool = [(path, known[splits.classes[label]]) for path, label in splits.train if splits.classes[label] in known]
+    samples = readable(pool[::max(1, len(pool) // (batch_size * 2))][: batch_size * 2])[:batch_size]
+    if not samples:
+        raise GraftError(f"{data}: no readable training images of the model's classes")
+    transform = build_transform(model.preprocessing)
+    images = torch.stack([transform(load_image(path)) for path, _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    activations = activation_statistics(model, images)
+    gradients = gradient_flow(model, images, labels, lambda params: torch.optim.AdamW(params, lr=lr))
+    net = model.trunk.net
+    stage_nodes = [info["module"] for info in getattr(net, "feature_info", [])]
+    nodes = [n for n in list_nodes(net, model.preprocessing.input_size, stages_only=True, stage_nodes=stage_nodes)]
+    flags = [f"{row.name}: {flag}" for row in activations + gradients for flag in row.flags]
+    diagnosis = Diagnosis(activations, gradients, nodes, flags)
+    if output:
+        import json
+
+        from graft.model import atomic_write
+
+        folder = Path(output)
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_activations(activations, folder / "activations.png")
+        text = json.dumps(diagnosis.to_dict(), indent=1, default=float)
+        atomic_write(folder / "diagnosis.json", lambda temp: Path(temp).write_text(text))
+    return diagnosis

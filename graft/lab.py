@@ -183,7 +183,7 @@ class LabNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^features\.(conv1|stage1)\.", "blocks": self._stage_regex}
+        return {"stem": r"^features\.(?:conv1|stage1)\.", "blocks": self._stage_regex}
 
     def reset_classifier(self, num_classes: int = 0, global_pool: str | None = None) -> None:
         if num_classes or global_pool not in (None, "avg"):

@@ -232,11 +232,11 @@ def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimiz
 def make_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: TrainState | None = None):
     """Linear warm-up, then cosine decay to zero, stepped per batch, times ``state.lr_scale`` (halved after a
     non-finite loss)."""
-    warmup = int(total_steps * warmup_fraction)
     horizon = {"steps": total_steps}  # shortened by a time-budget re-plan
 
     def factor(step: int) -> float:
         scale = state.lr_scale if state is not None else 1.0
+        warmup = int(horizon["steps"] * warmup_fraction)
         if step < warmup:
             return scale * (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, horizon["steps"] - warmup)
@@ -400,8 +400,9 @@ def _fit_to_budget(stage: recipes.Stage, state: TrainState, epoch_seconds: float
     re-planned to end there (annealed, not cut off mid-way)."""
     left = budget - state.elapsed
     fits = state.stage_epoch + max(0, int(left // max(epoch_seconds, 1e-6)))
-    planned = max(state.stage_epoch, min(stage.epochs, fits))
-    if planned != (state.planned_epochs or stage.epochs):
+    current = state.planned_epochs or stage.epochs
+    planned = max(state.stage_epoch, min(current, fits))  # only ever shortened: epoch times are noisy
+    if planned != current:
         state.planned_epochs = planned
         scheduler.horizon["steps"] = planned * steps_per_epoch
         runtime.log(f"time budget: {left:.0f}s left at {epoch_seconds:.1f}s an epoch → stage {stage.name} ends "
@@ -700,10 +701,10 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
     try:
         while state.stage < len(stages):
             stage = stages[state.stage]
-            if state.stage_done or state.stage_epoch >= stage.epochs:
+            if state.stage_done or state.stage_epoch >= (state.planned_epochs or stage.epochs):
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
-                                   micro_batches=state.micro_batches, history=state.history)
+                                   micro_batches=state.micro_batches, history=state.history)  # planned_epochs: 0
                 if config.train.time_budget and state.elapsed >= config.train.time_budget:
                     state.stage = len(stages)  # out of time: the remaining stages are skipped
                     runtime.log("time budget spent: remaining stages skipped")
