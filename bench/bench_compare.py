@@ -33,18 +33,21 @@ def main() -> None:
         ("EfficientNet-Lite0 random init, scratch", "tf_efficientnet_lite0", "scratch", {"data.image_size": args.size}),
         ("EfficientNet-Lite0 ImageNet, probe", "tf_efficientnet_lite0", "probe", {"data.image_size": args.size}),
         ("EfficientNet-Lite0 ImageNet, finetune", "tf_efficientnet_lite0", "finetune", {"data.image_size": args.size}),
+        ("EfficientNet-Lite0 ImageNet, finetune, BN frozen", "tf_efficientnet_lite0", "finetune",
+         {"data.image_size": args.size, "train.bn_stats": "frozen"}),
     ]
     rows = []
     for index, (label, backbone, strategy, extra) in enumerate(arms):
+        cold = {"data.cache_dir": str(root / str(index) / "cache")}  # every arm extracts its own features
         (row,) = compare_strategies(args.data, backbone, root / str(index), (strategy,), epochs=100,
-                                    budget=args.budget, overrides={**common, **extra}, verbose=False)
+                                    budget=args.budget, overrides={**common, **extra, **cold}, verbose=False)
         rows.append((label, row))
         print(f"{label}: {row.accuracy:.4f} in {row.seconds:.0f}s, {row.epochs} epochs", flush=True)
     write_comparison([row for _, row in rows], root)
     print(f"\n{args.data}, equal training budget of {args.budget:.0f}s per run (2 CPU cores); {root}")
-    print(f"{'network and strategy':<42} {'val acc':>8} {'wall s':>7} {'epochs':>7} {'img/s':>7}")
+    print(f"{'network and strategy':<50} {'val acc':>8} {'wall s':>7} {'epochs':>7} {'img/s':>7}")
     for label, row in rows:
-        print(f"{label:<42} {row.accuracy:>8.4f} {row.seconds:>7.0f} {row.epochs:>7} {row.images_per_s:>7.0f}")
+        print(f"{label:<50} {row.accuracy:>8.4f} {row.seconds:>7.0f} {row.epochs:>7} {row.images_per_s:>7.0f}")
 
 
 if __name__ == "__main__":

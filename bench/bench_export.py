@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from graft.config import load_config
-from graft.export import export, onnx_session
+from graft.export import call_times, export, onnx_session
 from graft.model import build_model, model_card, save_model
 
 
@@ -31,17 +30,6 @@ def make_run(backbone: str, size: int, folder: Path) -> Path:
     card["status"] = "complete"
     save_model(folder, model.eval(), card)
     return folder
-
-
-def timings(forward, batch: torch.Tensor, repeats: int) -> list[float]:
-    for _ in range(5):
-        forward(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(batch)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -82,8 +70,8 @@ def main() -> None:
     batch = torch.randn(32, 3, args.size, args.size)
     rows = {}
     for name, forward in forms.items():
-        latency = sorted(timings(forward, single, args.repeats))
-        throughput = timings(forward, batch, max(5, args.repeats // 10))
+        latency = sorted(call_times(forward, single, args.repeats, warmup=5))
+        throughput = call_times(forward, batch, max(5, args.repeats // 10), warmup=5)
         rows[name] = (statistics.median(latency) * 1000, latency[int(0.95 * (len(latency) - 1))] * 1000,
                       32 / statistics.median(throughput))
     print(f"{args.backbone} at {args.size}px on {args.device} ({torch.get_num_threads()} threads), "

@@ -533,7 +533,7 @@ def lr_find(
     strategy: Annotated[str, typer.Option(help="finetune or scratch: the stage whose rate is found")] = "finetune",
     output: Annotated[Path, typer.Option("--output", "-o", help="lr_find.png and lr_find.csv go here")] =
     Path("lr-find"),
-    steps: Annotated[int, typer.Option(help="rates tried, one training step each")] = 100,
+    steps: Annotated[int, typer.Option(help="rates tried, one training step each")] = 200,
     start_lr: Annotated[float, typer.Option()] = 1e-7,
     end_lr: Annotated[float, typer.Option()] = 10.0,
     image_size: ImageSizeOpt = None,

@@ -110,6 +110,12 @@ def plot_activations(rows: list[LayerActivity], path) -> None:
         axis.hist(row.sample, bins=50, color="#c33" if row.flags else "#369")
         axis.set_title(f"{row.name[-28:]}\nmean {row.mean:.2f} std {row.std:.2f}", fontsize=7)
         axis.tick_params(labelsize=6)
+    _save(figure, path)
+
+
+def _save(figure, path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -163,7 +169,7 @@ class LRFinding:
     reason: str
 
 
-def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 100, smoothing: float = 0.9
+def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200, smoothing: float = 0.9
              ) -> LRFinding:
     """Runs ``step_loss(lr)`` (one training step at ``lr``, returning its loss) for exponentially growing rates and
     suggests a tenth of the rate with the lowest smoothed loss (Smith's rule, fastai v1's default: the point of
@@ -205,9 +211,7 @@ def plot_lr_finding(finding: LRFinding, path) -> None:
     axis.set_ylabel("training loss (smoothed)")
     axis.legend()
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    _save(figure, path)
 
 
 # -------------------------------------------------------------------------------------------------- dataset statistics

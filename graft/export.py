@@ -72,16 +72,21 @@ def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int
     return inputs, "random normal tensors (no readable data found; pass --data for real images)"
 
 
-def latency_ms(forward, example: torch.Tensor, repeats: int = 30) -> float:
-    """Median wall time of one batch-1 forward, after warm-up."""
-    for _ in range(3):
+def call_times(forward, example: torch.Tensor, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Seconds per call of ``forward(example)``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
         forward(example)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         forward(example)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency_ms(forward, example: torch.Tensor, repeats: int = 30) -> float:
+    """Median wall time of one forward, after warm-up, in milliseconds."""
+    return statistics.median(call_times(forward, example, repeats)) * 1000
 
 
 def export_program(model: nn.Module, example: torch.Tensor):

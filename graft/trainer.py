@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -382,9 +383,10 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         row = {"epoch": state.epoch, "stage": stage.name, "stage_epoch": state.stage_epoch,
                "lr": optimizer.param_groups[0]["lr"], **row, "seconds": round(time.perf_counter() - start, 3)}
         _track_best(model, state, row, config.train.patience, run_dir, runtime)
-        if config.train.time_budget:
-            _fit_to_budget(stage, state, row["seconds"], config.train.time_budget, scheduler, steps_per_epoch, runtime)
         state.history.append(row)
+        if config.train.time_budget:
+            seconds = statistics.median(r["seconds"] for r in state.history if r["stage"] == stage.name)
+            _fit_to_budget(stage, state, seconds, config.train.time_budget, scheduler, steps_per_epoch, runtime)
         if runtime.is_main:
             write_history(run_dir, state.history)
             save_checkpoint(run_dir, model, optimizer, scheduler, state)
@@ -396,12 +398,15 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
 
 def _fit_to_budget(stage: recipes.Stage, state: TrainState, epoch_seconds: float, budget: float, scheduler,
                    steps_per_epoch: int, runtime: Runtime) -> None:
-    """After each epoch: how many of this stage's epochs still fit in the run's time budget; the cosine schedule is
-    re-planned to end there (annealed, not cut off mid-way)."""
+    """After each epoch: how many of this stage's epochs still fit in the run's time budget at the median epoch time
+    so far (one slow epoch does not cut the run short); the cosine schedule is re-planned to end there (annealed,
+    not cut off mid-way)."""
     left = budget - state.elapsed
     fits = state.stage_epoch + max(0, int(left // max(epoch_seconds, 1e-6)))
     current = state.planned_epochs or stage.epochs
-    planned = max(state.stage_epoch, min(current, fits))  # only ever shortened: epoch times are noisy
+    if state.stage_epoch >= current:
+        return  # the plan is complete and the rate has annealed to zero: extending now would raise it again
+    planned = max(state.stage_epoch, min(stage.epochs, fits))
     if planned != current:
         state.planned_epochs = planned
         scheduler.horizon["steps"] = planned * steps_per_epoch
@@ -640,7 +645,7 @@ def build_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime) 
     return model, info
 
 
-def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: int = 100, start: float = 1e-7,
+def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: int = 200, start: float = 1e-7,
             end: float = 10.0):
     """The learning-rate finder on the recipe's main stage (the one trained longest): one step per rate on a fresh
     model, rates growing exponentially. Returns a ``graft.diagnose.LRFinding`` whose ``suggestion`` is in the units
@@ -652,8 +657,8 @@ def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: i
     stage = stages[-1]
     seed_everything(config.train.seed)
     model, _ = build_on_device(unit, splits, runtime)
-    ratios = [group["lr"] for group in recipes.configure(model, stage, unit.train)]
     groups = recipes.configure(model, stage, unit.train)
+    ratios = [group["lr"] for group in groups]  # with train.lr = 1 each group's rate is its ratio to train.lr
     optimizer = make_optimizer(groups, unit)
     loader, _, generator = make_loaders(splits, model, unit, runtime)
     generator.manual_seed(config.train.seed)

@@ -71,11 +71,16 @@ def _deep(activation: str, init: str, width: int = 64, norm: str = "none") -> nn
     return build_lab_net("vgg-like", ArchOptions(activation, norm, init, f"10x{width}"))[0].features
 
 
-def test_kaiming_relu_keeps_the_activation_scale_over_ten_layers():
+@pytest.mark.parametrize("activation, norm", [("relu", "none"), ("relu", "batch"), ("relu", "layer"),
+                                              ("relu", "group"), ("relu", "instance"), ("selu", "none"),
+                                              ("maxout", "layer")])
+def test_kaiming_keeps_the_activation_scale_over_ten_layers(activation, norm):
     torch.manual_seed(0)
-    rows = activation_statistics(_deep("relu", "kaiming"), torch.randn(8, 3, 16, 16))
+    rows = activation_statistics(_deep(activation, "kaiming", norm=norm), torch.randn(8, 3, 16, 16))
     stds = [row.std for row in rows]
     assert len(stds) == 10 and max(stds) / min(stds) < 2 and not any(row.flags for row in rows)
+    if activation == "selu":
+        assert all(0.8 < s < 1.2 for s in stds)  # self-normalising: unit variance throughout
 
 
 def test_small_normal_init_with_tanh_collapses_and_is_flagged():
