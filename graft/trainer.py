@@ -350,7 +350,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     groups = recipes.configure(model, stage, config.train)
     optimizer = make_optimizer(groups, config)
     steps_per_epoch = min(len(train_loader), config.train.limit_batches or len(train_loader))
-    scheduler = make_scheduler(optimizer, (state.planned_epochs or stage.epochs) * steps_per_epoch,
+    scheduler = make_scheduler(optimizer, stage_length(stage, state) * steps_per_epoch,
                                config.train.warmup_fraction, state)
     if resume_from is not None:
         optimizer.load_state_dict(resume_from[0])
@@ -362,13 +362,13 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
     class_weights = _loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
-    while state.stage_epoch < (state.planned_epochs or stage.epochs) and not state.stage_done:
+    while state.stage_epoch < stage_length(stage, state) and not state.stage_done:
         seed = epoch_seed(config.train.seed, state.epoch)
         seed_everything(seed)
         generator.manual_seed(seed)
         start = time.perf_counter()
         try:
-            with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage.epochs}",
+            with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage_length(stage, state)}",
                                len(train_loader.dataset)) as progress:
                 row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
                                   config.train.limit_batches, hooks, progress, class_weights, state.micro_batches)
@@ -396,6 +396,11 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     _restore_best(model, state, run_dir, runtime)
 
 
+def stage_length(stage: recipes.Stage, state: TrainState) -> int:
+    """The stage's epochs: as configured, or as a time-budget re-plan shortened them."""
+    return state.planned_epochs or stage.epochs
+
+
 def _fit_to_budget(stage: recipes.Stage, state: TrainState, epoch_seconds: float, budget: float, scheduler,
                    steps_per_epoch: int, runtime: Runtime) -> None:
     """After each epoch: how many of this stage's epochs still fit in the run's time budget at the median epoch time
@@ -403,7 +408,7 @@ def _fit_to_budget(stage: recipes.Stage, state: TrainState, epoch_seconds: float
     not cut off mid-way)."""
     left = budget - state.elapsed
     fits = state.stage_epoch + max(0, int(left // max(epoch_seconds, 1e-6)))
-    current = state.planned_epochs or stage.epochs
+    current = stage_length(stage, state)
     if state.stage_epoch >= current:
         return  # the plan is complete and the rate has annealed to zero: extending now would raise it again
     planned = max(state.stage_epoch, min(stage.epochs, fits))
@@ -706,7 +711,7 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
     try:
         while state.stage < len(stages):
             stage = stages[state.stage]
-            if state.stage_done or state.stage_epoch >= (state.planned_epochs or stage.epochs):
+            if state.stage_done or state.stage_epoch >= stage_length(stage, state):
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
                                    micro_batches=state.micro_batches, history=state.history)  # planned_epochs: 0
