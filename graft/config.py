@@ -78,7 +78,8 @@ class TrainConfig:
     stem_lr_ratio: float = 0.1  # discriminative LR: the stem's rate relative to the top stage's, geometric between
     unfreeze: str = "all"  # all, or last:K to fine-tune only the last K stages
     bn_stats: str = "auto"  # unfrozen batch norm: update running statistics, keep them frozen, or auto (pretrained
-    # statistics frozen below 2,000 training images, where batch statistics are noise: the Keras guide's advice)
+    # statistics frozen below 2,000 training images, where batch statistics are noise, and whenever fine-tuning
+    # starts from the solved probe, which they would undo)
     precise_bn: bool = False  # after training, recompute BN statistics over the whole training set (eval transform)
     optimizer: str = "adamw"  # adamw | sgd (with Nesterov momentum)
     momentum: float = 0.9

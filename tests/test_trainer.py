@@ -219,3 +219,18 @@ def test_unreadable_files_are_skipped_and_listed_in_the_run_folder(tmp_path):
     assert all("not a readable image" in line or "empty file" in line for line in listed)
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert report["counts"]["train"] == {"circle": 8, "square": 8, "triangle": 8}
+
+
+@pytest.mark.parametrize("overrides, images, expected", [
+    ({}, 500, "frozen"),  # small data: batch statistics are noise
+    ({}, 5000, "frozen"),  # fine-tuning from the solved probe: batch statistics would undo it
+    ({"train.head_fit": "epochs"}, 5000, "update"),
+    ({"train.head_fit": "epochs"}, 500, "frozen"),
+    ({"train.strategy": "scratch"}, 500, "update"),  # a random trunk has nothing worth keeping
+    ({"train.bn_stats": "update"}, 500, "update"),
+])
+def test_auto_batch_norm_statistics(overrides, images, expected):
+    from graft.config import load_config
+    from graft.trainer import resolve_bn_stats
+
+    assert resolve_bn_stats(load_config(None, {"train.strategy": "finetune", **overrides}), images) == expected
