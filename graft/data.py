@@ -6,6 +6,7 @@ Data flows ``discover`` → ``scan`` (drops unreadable files, warns about imbala
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -77,6 +78,15 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = 89_478_485) ->
 
 
 def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
+    with _decoded(source, name, max_pixels) as image:
+        return to_rgb(ImageOps.exif_transpose(_to_srgb(image)))
+
+
+@contextlib.contextmanager
+def _decoded(source, name: str, max_pixels: int | None, draft: tuple[int, int] | None = None):
+    """Opens and fully decodes an image (first frame), refusing more than ``max_pixels`` before decoding; Pillow's
+    many error types (OSError, SyntaxError, ValueError, struct.error, ...) become one ``ImageError`` naming ``name``.
+    ``draft`` lets JPEG decode at reduced scale (the whole stream is still read)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own, configurable limit
@@ -86,14 +96,16 @@ def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
                         f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}; "
                         "raise data.max_image_pixels if the image is genuine"
                     )
+                if draft:
+                    image.draft("RGB", draft)
                 image.seek(0)
                 image.load()
-                return to_rgb(ImageOps.exif_transpose(_to_srgb(image)))
+                yield image
     except ImageError:
         raise
     except Image.DecompressionBombError as error:  # Pillow's own hard limit (twice its default), before ours
         raise PixelLimitError(f"{name}: refused as a possible decompression bomb ({error}); remove the file") from None
-    except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error, ...)
+    except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageError(f"{name}: not a readable image ({reason}); remove or replace the file") from None
 
@@ -358,16 +370,10 @@ def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | No
     if not data:
         return None, f"{path}: empty file (0 bytes); remove it"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if max_pixels is not None and image.width * image.height > max_pixels:
-                    return None, f"{path}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}"
-                image.draft("RGB", (64, 64))  # JPEG decodes at 1/8 scale: the whole stream is read, 8x faster
-                image.load()
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return None, f"{path}: not a readable image ({reason}); remove or replace the file"
+        with _decoded(io.BytesIO(data), path, max_pixels, draft=(64, 64)):  # JPEG at 1/8 scale: 8x faster
+            pass
+    except ImageError as error:
+        return None, str(error)
     return hashlib.sha1(data).hexdigest(), None
 
 

@@ -55,14 +55,16 @@ def test_ensemble_of_identical_runs_equals_one_run(trained_run, shapes, tmp_path
     assert flat == pytest.approx([p for r in double for p in r.probabilities], abs=1e-6)
 
 
-def test_ensemble_needs_the_same_classes(trained_run, tmp_path):
+def test_ensemble_needs_the_same_classes(trained_run, shapes, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(trained_run, other)
     card = json.loads((other / "graft.json").read_text())
-    card["classes"] = ["x", "y", "z"]
+    card["classes"] = ["circle", "square", "star"]
     (other / "graft.json").write_text(json.dumps(card))
-    with pytest.raises(GraftError, match="classes differ"):
+    with pytest.raises(GraftError, match="its classes differ .* an ensemble needs the same classes"):
         predict([trained_run, other], ["whatever.png"], device="cpu")
+    with pytest.raises(GraftError, match="its classes differ .* an ensemble needs the same classes"):
+        evaluate([trained_run, other], shapes, device="cpu")
 
 
 def test_newer_or_damaged_run_folders_are_refused(trained_run, tmp_path):
