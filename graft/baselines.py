@@ -11,6 +11,7 @@ from pathlib import Path
 
 from graft.config import load_config
 from graft.model import atomic_write
+from graft.text import safe_record
 from graft.trainer import fit
 
 STRATEGIES = ("scratch", "probe", "finetune")
@@ -80,7 +81,7 @@ def write_comparison(rows: list[StrategyRow], folder: Path) -> None:
         with open(temp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns)
             writer.writeheader()
-            writer.writerows(asdict(row) for row in rows)
+            writer.writerows(safe_record(asdict(row)) for row in rows)
 
     atomic_write(folder / "comparison.csv", write)
     figure, axis = plt.subplots(figsize=(6, 3.5))

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graft.errors import GraftError
+from graft.text import display_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
@@ -68,11 +69,12 @@ def _on_sigterm(handler):
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
-    table = Table(title=title, title_justify="left")
+    # display_name: a class or file name that is not UTF-8 would stop the terminal's encoder
+    table = Table(title=display_name(title), title_justify="left")
     for column in columns:
-        table.add_column(column)
+        table.add_column(display_name(column))
     for row in rows:
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else display_name(str(v)) for v in row])
     out.print(table)
 
 
@@ -203,47 +205,96 @@ def _split_runs(paths: list[str]) -> tuple[list[str], list[str]]:
 def predict(
     paths: Annotated[list[str], typer.Argument(help="RUN [RUN...] then images, folders or glob patterns")],
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 3,
-    output_format: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
+    output_format: Annotated[str, typer.Option("--format", help="table, csv, json or jsonl (JSON lines)")] = "table",
     output: Annotated[Optional[Path], typer.Option("--output", help="write here instead of stdout")] = None,
     batch_size: Annotated[int, typer.Option()] = 32,
     device: DeviceOpt = "auto",
     tta: TTAOpt = None,
 ):
-    """Classify images with a trained run (several runs: an ensemble).
+    """Classify images with a trained run (several runs: an ensemble). csv, json and jsonl rows are printed as each
+    batch is done.
 
     Example: graft predict runs/pets img.jpg more_images/ --top-k 3 --format csv
     """
-    from graft.evaluate import predict as predict_files
+    from graft.evaluate import iter_predictions
 
     runs, inputs = _split_runs(paths)
     if not inputs:
         raise GraftError("no images given: graft predict RUN IMAGE_OR_FOLDER [...]")
-    if output_format not in ("table", "csv", "json"):
-        raise GraftError(f"format '{output_format}' not understood: choose table, csv or json")
-    rows = predict_files(runs, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta)
-    if output_format == "table" and output is None:
+    if output_format not in ("table", "csv", "json", "jsonl"):
+        raise GraftError(f"format '{output_format}' not understood: choose table, csv, json or jsonl")
+    rows = iter_predictions(runs, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta)
+    if output_format == "table" and output is None:  # a table needs every row for its column widths
         print_table("predictions", ["file", "labels", "probabilities", "error"],
                     [[r.path, ", ".join(r.labels), ", ".join(f"{p:.3f}" for p in r.probabilities), r.error]
                      for r in rows])
         return
-    text = _format_predictions(rows, top_k, "json" if output_format == "json" else "csv")
+    counted = _Counted(rows)
+    chunks = _prediction_text(counted, top_k, "csv" if output_format == "table" else output_format)
     if output:
-        output.write_text(text, encoding="utf-8", errors="surrogateescape")  # non-UTF-8 names: their bytes
-        err.print(f"wrote {len(rows)} predictions to {output}")
+        from graft.model import atomic_write
+
+        atomic_write(output, lambda temp: _write_chunks(chunks, temp))
+        err.print(f"wrote {counted.count} predictions to {output}")
     else:
-        sys.stdout.write(text)
+        for chunk in chunks:
+            _print_raw(chunk)
 
 
-def _format_predictions(rows, top_k: int, kind: str) -> str:
-    if kind == "json":
-        return json.dumps([row.__dict__ for row in rows], indent=2) + "\n"
+class _Counted:
+    """Passes rows through, counting them."""
+
+    def __init__(self, rows):
+        self.rows, self.count = rows, 0
+
+    def __iter__(self):
+        for row in self.rows:
+            self.count += 1
+            yield row
+
+
+def _prediction_text(rows, top_k: int, kind: str):
+    """The text of ``rows`` in pieces, one per row (plus header or brackets), made as each row arrives."""
+    from graft.text import safe_row
+
+    if kind == "jsonl":
+        yield from (json.dumps(row.__dict__) + "\n" for row in rows)
+        return
+    if kind == "json":  # a JSON array, still streamed: one row per line
+        opening = "[\n"
+        for row in rows:
+            yield f"{opening}  {json.dumps(row.__dict__)}"
+            opening = ",\n"
+        yield "[]\n" if opening == "[\n" else "\n]\n"
+        return
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path"] + [f"{name}{i + 1}" for i in range(top_k) for name in ("label", "prob")] + ["error"])
+    yield buffer.getvalue()
     for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
         pairs = [v for label, prob in zip(row.labels, row.probabilities) for v in (label, f"{prob:.6f}")]
-        writer.writerow([row.path] + pairs + [""] * (2 * top_k - len(pairs)) + [row.error])
-    return buffer.getvalue()
+        writer.writerow(safe_row([row.path] + pairs + [""] * (2 * top_k - len(pairs)) + [row.error]))
+        yield buffer.getvalue()
+
+
+def _write_chunks(chunks, path: str) -> None:
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:  # non-UTF-8 names: bytes
+        for chunk in chunks:
+            handle.write(chunk)
+
+
+def _print_raw(text: str) -> None:
+    """Writes ``text`` to stdout now; a non-UTF-8 file name goes out as the bytes it has on disk."""
+    stream = getattr(sys.stdout, "buffer", None)
+    if stream is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()  # what was printed as text before comes first
+    stream.write(text.encode("utf-8", "surrogateescape"))
+    stream.flush()
 
 
 @app.command()

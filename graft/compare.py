@@ -26,6 +26,7 @@ from graft.evaluate import resolve_device
 from graft.features import FeatureExtractor, FeatureSet, extract_features
 from graft.probe import fit_linear_probe
 from graft.surgery import DEFAULT_NODE, cut
+from graft.text import safe_record
 
 LITTLE_DATA = 100  # median training images per class below this: "little data"
 LOTS_OF_DATA = 1000  # at or above this: "lots of data"
@@ -140,7 +141,7 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
     with open(folder / "leaderboard.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, list(asdict(rows[0])))
         writer.writeheader()
-        writer.writerows(asdict(row) for row in rows)
+        writer.writerows(safe_record(asdict(row)) for row in rows)
     labels = [f"{r.backbone} @ {r.node}" for r in rows][::-1]
     figure, axis = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     axis.barh(labels, [r.val_accuracy for r in rows][::-1], color="#4878a8")

@@ -13,7 +13,9 @@ import io
 import logging
 import os
 import random
+import re
 import stat
+import threading
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +24,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from graft.errors import GraftError
+from graft.text import display_name, escape_field
 
 log = logging.getLogger(__name__)
 
+# The formats graft decodes, by Pillow's names, and nothing else whatever a file is called: Pillow's other plugins
+# include EPS, which runs Ghostscript on the file. A multi-picture JPEG (MPO) is opened by JPEG's own opener.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+FORMAT_LIST = ", ".join({"WEBP": "WebP"}.get(name, name) for name in ALLOWED_FORMATS)  # as messages spell them
+OTHER_SIGNATURES = {b"%PDF": "PDF", b"%!": "PostScript"}  # formats Pillow cannot open, named in refusals
+# Bytes per image file, from stat before a byte is read: room for an uncompressed 8-bit RGBA TIFF or BMP at the default
+# pixel limit (358 MB), while a multi-GB file that only claims to be an image is refused without being read.
+MAX_FILE_BYTES = 512 * 2**20
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # Pillow names a stream by its repr
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LITTER = frozenset({"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini", "@eaDir"})  # archive and OS by-products
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -52,29 +64,52 @@ class PixelLimitError(ImageError):
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> Image.Image:
-    """Opens any still image format Pillow reads and returns it as 8-bit RGB with EXIF orientation applied.
+    """Opens a JPEG, PNG, WebP, BMP, GIF or TIFF file and returns it as 8-bit RGB with EXIF orientation applied.
 
     Animated GIF/WebP give their first frame; grayscale, palette, RGBA (composited on white), CMYK, 16-bit and
-    float images are converted.
+    float images are converted. Any other format is refused, whatever the file's name (see ``ALLOWED_FORMATS``).
 
     Raises:
         ImageError: naming the file and why it could not be used.
     """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe or device would block the read forever
-            raise ImageError(f"{path}: not a regular file (pipe, socket or device); pass image files")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except OSError as error:
-        raise ImageError(f"{path}: cannot read file ({error.strerror or error})") from None
+    check_image_file(path)
     return _decode(path, str(path), max_pixels)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int | None = 89_478_485) -> Image.Image:
     """``load_image`` for bytes already in memory (an upload); errors name ``name``."""
     if not data:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+        raise ImageError(_empty(name))
     return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def check_image_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> int:
+    """Checks from ``stat`` alone, before reading a byte, that ``path`` is a regular file of 1 byte to ``max_bytes``;
+    returns its size.
+
+    Raises:
+        ImageError: a missing, unreadable, empty or oversized file, or a pipe or device (whose read would block).
+    """
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise ImageError(f"{path}: cannot read file ({error.strerror or error}); check it exists and is readable") \
+            from None
+    except ValueError:  # os.stat's answer to a NUL byte in the name
+        shown = display_name(os.fsdecode(path)).replace("\0", "\\0")
+        raise ImageError(f"{shown}: the name holds a NUL byte, which no file name can; fix the path") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{path}: not a regular file (pipe, socket or device); remove it from the dataset")
+    if info.st_size == 0:
+        raise ImageError(_empty(path))
+    if info.st_size > max_bytes:
+        raise ImageError(f"{path}: {info.st_size / 2**20:,.0f} MB is more than graft reads from one image file "
+                         f"({max_bytes // 2**20} MB); remove it or make it smaller")
+    return info.st_size
+
+
+def _empty(name) -> str:
+    return f"{name}: empty file (0 bytes), not a readable image; remove or replace it"
 
 
 def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
@@ -84,13 +119,17 @@ def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
 
 @contextlib.contextmanager
 def _decoded(source, name: str, max_pixels: int | None, draft: tuple[int, int] | None = None):
-    """Opens and fully decodes an image (first frame), refusing more than ``max_pixels`` before decoding; Pillow's
-    many error types (OSError, SyntaxError, ValueError, struct.error, ...) become one ``ImageError`` naming ``name``.
-    ``draft`` lets JPEG decode at reduced scale (the whole stream is still read)."""
+    """Opens and fully decodes an image (first frame) of an allowed format, refusing more than ``max_pixels`` before
+    decoding; Pillow's many error types (OSError, SyntaxError, ValueError, struct.error, ...) become one
+    ``ImageError`` naming ``name``, and its warnings (corrupt EXIF data) are logged with ``name``. ``draft`` lets
+    JPEG decode at reduced scale (the whole stream is still read).
+
+    This is graft's only call of ``Image.open``: every reader (training, the scan, predict, evaluate, serve,
+    precise-bn, diagnose, report thumbnails) comes through here, so the allow-list holds everywhere.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we enforce our own, configurable limit
-            with Image.open(source) as image:
+        with _DECODER_WARNINGS.collect(name):
+            with Image.open(source, formats=ALLOWED_FORMATS) as image:
                 if max_pixels is not None and image.width * image.height > max_pixels:
                     raise PixelLimitError(
                         f"{name}: {image.width}x{image.height} pixels exceeds the limit of {max_pixels}; "
@@ -103,11 +142,112 @@ def _decoded(source, name: str, max_pixels: int | None, draft: tuple[int, int] |
                 yield image
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError(_unidentified(source, name)) from None
     except Image.DecompressionBombError as error:  # Pillow's own hard limit (twice its default), before ours
         raise PixelLimitError(f"{name}: refused as a possible decompression bomb ({error}); remove the file") from None
     except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ImageError(f"{name}: not a readable image ({reason}); remove or replace the file") from None
+        raise ImageError(f"{name}: not a readable image ({_reason(error, name)}); remove or replace the file") from None
+
+
+def _reason(error: Exception, name: str) -> str:
+    """The first line of ``error``, with Pillow's ``<_io.BytesIO object at 0x...>`` replaced by the file's name."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return _OBJECT_REPR.sub(name, text)[:300]
+
+
+def _unidentified(source, name: str) -> str:
+    """Why Pillow found no allowed format: the format the first bytes announce, if Pillow knows one, else unknown."""
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+            prefix = source.read(16)
+        else:
+            with open(source, "rb") as handle:
+                prefix = handle.read(16)
+    except (OSError, ValueError):
+        prefix = b""
+    if not prefix:
+        return _empty(name)
+    found = sniff_format(prefix)
+    if found in ALLOWED_FORMATS:  # its signature is right, its header is not
+        return f"{name}: not a readable image (damaged {found} header); remove or replace the file"
+    if found:
+        return f"{name}: not an allowed image format ({found}); graft reads {FORMAT_LIST}"
+    return f"{name}: not a readable image (no known image format); graft reads {FORMAT_LIST}; remove or replace it"
+
+
+def sniff_format(prefix: bytes) -> str | None:
+    """The Pillow format whose signature ``prefix`` (a file's first 16 bytes) carries, or None.
+
+    Only each plugin's signature test runs, never its parser, so naming a format costs nothing in safety.
+    """
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        with contextlib.suppress(Exception):  # a signature test that fails on odd bytes simply did not match
+            if accept is not None and accept(prefix):
+                return name
+    return next((name for signature, name in OTHER_SIGNATURES.items() if prefix.startswith(signature)), None)
+
+
+class _DecoderWarnings:
+    """Logs the warnings Pillow raises while decoding (``Corrupt EXIF data``, ...) with the name of the file at fault,
+    each (file, message) once per process, not once per epoch.
+
+    ``warnings.catch_warnings`` swaps process-wide state, so scan threads entering and leaving it at once would see
+    each other's warnings and restore each other's filters. Here one catch is entered by the first decoding thread and
+    left by the last, and each warning is routed to the thread that raised it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._catch: warnings.catch_warnings | None = None
+        self._local = threading.local()
+        self._logged: set[tuple[str, str]] = set()
+        self._previous_show = warnings.showwarning
+
+    @contextlib.contextmanager
+    def collect(self, name: str):
+        caught: list[str] = []
+        self._local.caught = caught
+        with self._lock:
+            if self._users == 0:
+                self._catch = warnings.catch_warnings()
+                self._catch.__enter__()
+                warnings.filterwarnings("always", module=r"PIL\.")  # every file's warning, not only the first one
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # graft enforces its own limit
+                self._previous_show = warnings.showwarning
+                warnings.showwarning = self._show  # restored by the catch's exit
+            self._users += 1
+        try:
+            yield
+        finally:
+            self._local.caught = None
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._catch.__exit__(None, None, None)
+        self._log(name, caught)  # reached only when the decode succeeded: a failure's reason says enough
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        caught = getattr(self._local, "caught", None)
+        if caught is None:  # another thread's warning while a decode runs: shown as it would have been
+            self._previous_show(message, category, filename, lineno, file, line)
+        else:
+            caught.append(" ".join(str(message).split()))
+
+    def _log(self, name: str, caught: list[str]) -> None:
+        for message in dict.fromkeys(caught):
+            if (name, message) in self._logged:
+                continue
+            if len(self._logged) < 100_000:  # bounded: a server decodes strangers' files for weeks
+                self._logged.add((name, message))
+            log.warning("%s: %s (the image is still used)", name, message)
+
+
+_DECODER_WARNINGS = _DecoderWarnings()
 
 
 def _to_srgb(image: Image.Image) -> Image.Image:
@@ -288,6 +428,23 @@ def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Samp
     return _samples(folders, classes)
 
 
+def _manifest_rows(manifest: Path, text: str, dialect) -> list[dict]:
+    """The manifest's rows as dicts; a malformed line (a field over csv's 128 KiB limit, usually an unclosed quote
+    swallowing the rest of the file) is a GraftError naming the CSV and the line."""
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    rows = []
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as error:
+        line = reader.line_num + 1  # where the failing record starts: DictReader counts only finished rows
+        if "field larger than field limit" in str(error):
+            raise GraftError(f"{manifest}, line {line}: a field longer than {csv.field_size_limit():,} characters "
+                             "(an unclosed quote?); close the quote or shorten the field") from None
+        raise GraftError(f"{manifest}, line {line}: not a readable CSV row ({error}); fix the row") from None
+    return rows
+
+
 def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
@@ -297,7 +454,7 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
         dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else "", delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    rows = list(csv.DictReader(io.StringIO(text), dialect=dialect))
+    rows = _manifest_rows(manifest, text, dialect)
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
     by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
@@ -307,6 +464,8 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
         raw_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not raw_path or not label:
             raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
+        if "\0" in raw_path:
+            raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
         file = Path(raw_path)
         file = str(file if file.is_absolute() else manifest.parent / file)
         split = (row.get("split") or "train").strip().lower() or "train"
@@ -358,23 +517,30 @@ class ScanReport:
             "warnings": self.warnings,
         }
 
+    def skipped_text(self) -> str:
+        """``skipped_files.txt``: one ``PATH<TAB>REASON`` record per line; a backslash, tab, newline or CR inside
+        either field is written ``\\\\``, ``\\t``, ``\\n``, ``\\r`` (``graft.text.unescape_field`` reads it back)."""
+        return "".join(f"{escape_field(path)}\t{escape_field(reason)}\n" for path, reason in self.skipped)
+
 
 def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | None]:
-    """Returns (sha1 of the bytes, None) for a decodable image or (None, reason) for a bad one."""
+    """Returns (sha1 of the bytes, None) for a decodable image or (None, reason) for a bad one.
+
+    The size comes from ``stat`` before a byte is read and the digest is streamed, so a multi-GB file never enters
+    memory; the decode reads the same open file.
+    """
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a named pipe or device would block the read forever
-            return None, f"{path}: not a regular file (pipe, socket or device); remove it from the dataset"
-        data = Path(path).read_bytes()
-    except OSError as error:
-        return None, f"{path}: cannot read file ({error.strerror or error}); check it exists and is readable"
-    if not data:
-        return None, f"{path}: empty file (0 bytes); remove it"
-    try:
-        with _decoded(io.BytesIO(data), path, max_pixels, draft=(64, 64)):  # JPEG at 1/8 scale: 8x faster
-            pass
+        check_image_file(path)
+        with open(path, "rb") as handle:
+            with _decoded(handle, path, max_pixels, draft=(64, 64)) as image:  # JPEG at 1/8 scale: 8x faster
+                image.getexif()  # parsed now, so damaged EXIF is reported by the scan with the file's name
+            handle.seek(0)
+            digest = hashlib.file_digest(handle, "sha1").hexdigest()  # for the leak check
     except ImageError as error:
         return None, str(error)
-    return hashlib.sha1(data).hexdigest(), None
+    except OSError as error:  # removed or made unreadable between the stat and the open
+        return None, f"{path}: cannot read file ({error.strerror or error}); check it exists and is readable"
+    return digest, None
 
 
 def check_files(paths, max_pixels: int | None = 89_478_485, workers: int = 4) -> dict[str, tuple]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from graft.data import (
 )
 from graft.errors import GraftError
 from graft.model import GraftModel, atomic_write, load, write_json
+from graft.text import safe_row
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -212,7 +214,10 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
 
 
 def write_predictions(path: Path, samples: list, probabilities: torch.Tensor, classes: list[str]) -> None:
-    """One row per image: path, true class, predicted class, its probability, and the true class's probability."""
+    """One row per image: path, true class, predicted class, its probability, and the true class's probability.
+
+    Names that a spreadsheet would run as formulas get a leading quote; names that are not UTF-8 are written as their
+    bytes on disk."""
     import csv
     import io
 
@@ -221,7 +226,7 @@ def write_predictions(path: Path, samples: list, probabilities: torch.Tensor, cl
     writer.writerow(["path", "true", "predicted", "confidence", "p_true"])
     confidence, predicted = probabilities.max(1)
     for (file, label), guess, value, row in zip(samples, predicted.tolist(), confidence.tolist(), probabilities):
-        writer.writerow([file, classes[label], classes[guess], f"{value:.6f}", f"{row[label].item():.6f}"])
+        writer.writerow(safe_row([file, classes[label], classes[guess], f"{value:.6f}", f"{row[label].item():.6f}"]))
     atomic_write(path, lambda temp: Path(temp).write_text(buffer.getvalue(), encoding="utf-8",
                                                           errors="surrogateescape"))
 
@@ -278,34 +283,54 @@ def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, d
     """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
 
     Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
-    flip,crops) averages each model's probabilities over those views first.
+    flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
+    one batch at a time.
     """
+    return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta))
+
+
+def iter_predictions(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+                     workers: int = 0, tta: str | None = None) -> Iterator[Prediction]:
+    """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
+    however many images there are. The models and inputs are checked before the first row."""
     _, target, models = load_ensemble(run_dirs, device)
     paths = expand_inputs(inputs)
-    probabilities, errors = None, {}
+    return _prediction_rows(models, paths, target, top_k, batch_size, workers, tta)
+
+
+def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.device, top_k: int, batch_size: int,
+                     workers: int, tta: str | None) -> Iterator[Prediction]:
+    # one loader per member over the same paths in the same order: zipped, they give each batch for every member
+    loaders = []
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
-        loader = eval_loader(model, dataset, batch_size, workers)
-        per_view, batches, seen = PerView(model, True).eval(), [], 0
-        with torch.inference_mode():
-            for images, ok, messages in loader:
-                with autocast(target, autocast_dtype(target)):
-                    log_probabilities = per_view(images.to(target)).reshape(len(ok), len(views), -1)
-                batches.append(log_probabilities.exp().mean(1).cpu())
-                errors.update({seen + i: message for i, (good, message) in enumerate(zip(ok.tolist(), messages))
-                               if not good})
-                seen += len(ok)
-        stacked = torch.cat(batches) if batches else torch.zeros(0, len(model.classes))
-        probabilities = stacked if probabilities is None else probabilities + stacked
-    results = []
+        loaders.append(eval_loader(model, dataset, batch_size, workers))
+    members = [PerView(model, True).eval() for model in models]
     classes = models[0].classes
     k = min(top_k, len(classes))
-    for index, path in enumerate(paths):
-        if index in errors:
-            results.append(Prediction(path, error=errors[index]))
-            continue
-        values, indices = (probabilities[index] / len(models)).topk(k)
-        results.append(Prediction(path, [classes[i] for i in indices.tolist()],
-                                  [round(v, 6) for v in values.tolist() if not math.isnan(v)]))
-    return results
+    start = 0
+    for batches in zip(*loaders):
+        probabilities = _ensemble_batch(members, [images for images, _, _ in batches], target)
+        _, ok, messages = batches[0]  # a file that fails to decode fails for every member
+        for offset, (good, message) in enumerate(zip(ok.tolist(), messages)):
+            path = paths[start + offset]
+            if not good:
+                yield Prediction(path, error=message)
+                continue
+            values, indices = probabilities[offset].topk(k)
+            yield Prediction(path, [classes[i] for i in indices.tolist()],
+                             [round(v, 6) for v in values.tolist() if not math.isnan(v)])
+        start += len(ok)
+
+
+@torch.inference_mode()
+def _ensemble_batch(members: list[PerView], batches: list[torch.Tensor], target: torch.device) -> torch.Tensor:
+    """Class probabilities of one batch, averaged over the test-time views and then over the ensemble's members."""
+    total = None
+    for per_view, images in zip(members, batches):
+        with autocast(target, autocast_dtype(target)):
+            log_probabilities = per_view(images.to(target)).reshape(len(images), images.shape[1], -1)
+        probabilities = log_probabilities.float().exp().mean(1).cpu()
+        total = probabilities if total is None else total + probabilities
+    return total / len(members)

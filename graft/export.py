@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from graft.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
-from graft.data import build_transform, discover, load_image, readable
+from graft.data import ALLOWED_FORMATS, FORMAT_LIST, build_transform, discover, load_image, readable
 from graft.errors import GraftError
 from graft.model import GraftModel, atomic_write, load, read_card, write_json
 
@@ -196,7 +196,7 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
             shutil.copyfile(run_dir / name, out_dir / name)
         result.files += ["model.safetensors", "graft.json"]
     write_json(out_dir / "preprocessing.json", consumer_metadata(model))
-    atomic_write(out_dir / "predict_onnx.py", lambda temp: Path(temp).write_text(STANDALONE_EXAMPLE))
+    atomic_write(out_dir / "predict_onnx.py", lambda temp: Path(temp).write_text(standalone_example()))
     result.files += ["preprocessing.json", "predict_onnx.py", "export.json"]
     write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
     return result
@@ -218,11 +218,20 @@ def consumer_metadata(model: GraftModel) -> dict:
     }
 
 
+def standalone_example() -> str:
+    """``predict_onnx.py``'s source, carrying graft's format allow-list (it runs without graft, so it gets a copy)."""
+    return (STANDALONE_EXAMPLE.replace("__ALLOWED_FORMATS__", repr(ALLOWED_FORMATS))
+            .replace("__FORMAT_LIST__", FORMAT_LIST))
+
+
 STANDALONE_EXAMPLE = '''"""Classify images with the exported model, without graft or torch.
 
 Needs: pip install onnxruntime pillow numpy
 
 Usage: python predict_onnx.py IMAGE [IMAGE ...]
+
+Reads __FORMAT_LIST__ only, by content, whatever a file is called: Pillow's other formats include EPS,
+which runs Ghostscript on the file. A file that cannot be read is reported on stderr and skipped.
 """
 import json
 import sys
@@ -230,8 +239,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+ALLOWED_FORMATS = __ALLOWED_FORMATS__  # graft's allow-list, by Pillow's format names
 HERE = Path(__file__).parent
 META = json.loads((HERE / "preprocessing.json").read_text())
 PREP = META["preprocessing"]
@@ -239,7 +249,8 @@ RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Ima
 
 
 def preprocess(path):
-    image = Image.open(path).convert("RGB")
+    with Image.open(path, formats=ALLOWED_FORMATS) as opened:
+        image = opened.convert("RGB")
     short = PREP["resize_shorter_side"]
     scale = short / min(image.size)
     image = image.resize((max(short, round(image.width * scale)), max(short, round(image.height * scale))),
@@ -251,9 +262,27 @@ def preprocess(path):
     return pixels.transpose(2, 0, 1)
 
 
+def readable(paths):
+    """(paths, pixels) of the files that decode; the others are named on stderr with the reason."""
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(preprocess(path))
+            kept.append(path)
+        except UnidentifiedImageError:
+            print(f"{path}: skipped, not an allowed image format; this reads __FORMAT_LIST__", file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - one bad file must not cost the others their answer
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"{path}: skipped, not a readable image ({reason})", file=sys.stderr)
+    return kept, images
+
+
 def main(paths):
+    paths, images = readable(paths)
+    if not images:
+        return 1
     session = onnxruntime.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"images": np.stack([preprocess(p) for p in paths])})[0]
+    logits = session.run(None, {"images": np.stack(images)})[0]
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
     probabilities /= probabilities.sum(1, keepdims=True)
     for path, row in zip(paths, probabilities):
@@ -262,5 +291,5 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
 '''

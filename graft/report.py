@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from graft.data import load_image  # noqa: E402
 from graft.model import atomic_write  # noqa: E402
+from graft.text import display_name  # noqa: E402
 
 MISTAKES = 24  # thumbnails in the grid
 THUMBNAIL = 112  # pixels, longer side
@@ -60,7 +61,7 @@ def _read_history(run_dir: Path) -> list[dict]:
 
 def plot_training_curves(runs: list) -> bytes | None:
     """Loss, accuracy and learning rate per epoch for each run; dotted lines mark stage boundaries."""
-    histories = [(Path(run).name, _read_history(run)) for run in runs]
+    histories = [(display_name(Path(run).name), _read_history(run)) for run in runs]
     histories = [(name, rows) for name, rows in histories if rows]
     if not histories:
         return None
@@ -214,7 +215,7 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
     """Writes ``report.html`` and the PNG plots into ``out_dir``; returns the HTML's path."""
     out_dir = Path(out_dir)
     labels = torch.tensor([label for _, label in samples])
-    classes = metrics["classes"]
+    classes = [display_name(name) for name in metrics["classes"]]  # plots and HTML need valid Unicode
     curves = {"plain": (reliability_bins(probabilities, labels), metrics["ece"])}
     if tta_probabilities is not None:
         curves["TTA"] = (reliability_bins(tta_probabilities, labels), metrics["tta"]["ece"])
@@ -253,5 +254,6 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
 </body></html>
 """
     path = out_dir / "report.html"
-    atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8", errors="surrogateescape"))
+    page = display_name(page)  # paths and class names that are not UTF-8, shown as \xNN: the page says it is UTF-8
+    atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8"))
     return path

@@ -21,6 +21,7 @@ import torch
 from graft.data import ImageError, PixelLimitError, TTAViews, decode_image
 from graft.errors import GraftError
 from graft.evaluate import PerView, load_ensemble
+from graft.text import display_name
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Predictor:
         self.views = TTAViews(self.models[0].preprocessing, config.tta)
         self.per_view = [PerView(model, True).eval() for model in self.models]
         self.classes = self.models[0].classes
+        self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
         self.counters = Counters()
         self.queue: asyncio.Queue[_Pending] | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
@@ -127,7 +129,7 @@ class Predictor:
 
     def metadata(self) -> dict:
         model = self.models[0]
-        return {"classes": self.classes, "runs": [str(r) for r in self.runs],
+        return {"classes": self.labels, "runs": [display_name(str(r)) for r in self.runs],
                 "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                            "max_files": self.config.max_files},
@@ -200,7 +202,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
 
     def error(status: int, message: str) -> JSONResponse:
         predictor.counters.errors[status] = predictor.counters.errors.get(status, 0) + 1
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": display_name(message)}, status_code=status)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -239,7 +241,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         rows = []
         for (name, _), row in zip(uploads, probabilities):
             values, indices = row.topk(k)
-            rows.append({"file": name, "labels": [predictor.classes[i] for i in indices.tolist()],
+            rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
                          "probabilities": [round(v, 6) for v in values.tolist()]})
         return {"predictions": rows}
 

@@ -749,7 +749,7 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
     write_json(run_dir / "data_report.json", {"classes": splits.classes, "source": splits.source, **report.to_dict()})
     # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk
     atomic_write(run_dir / "skipped_files.txt", lambda temp: Path(temp).write_text(
-        "".join(f"{p}\t{r}\n" for p, r in report.skipped), encoding="utf-8", errors="surrogateescape"))
+        report.skipped_text(), encoding="utf-8", errors="surrogateescape"))
     for warning in report.warnings:
         runtime.log(f"warning: {warning}")
 
