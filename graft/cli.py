@@ -360,9 +360,12 @@ def features(
     """
     from graft.compare import stage_features
     from graft.data import discover, scan
-    from graft.features import save_feature_set
+    from graft.features import default_cache_dir, save_feature_set
+    from graft.outputs import output_folder
     from graft.surgery import DEFAULT_NODE
 
+    if output:  # before the work: an unwritable or clashing folder wastes nothing
+        output_folder(output, "-o", ((data, "data"), (cache or default_cache_dir(), "feature cache")))
     splits = discover(data)
     report = scan(splits)
     for warning in report.warnings:
@@ -602,8 +605,10 @@ def lr_find(
     from graft.data import discover, scan
     from graft.diagnose import plot_lr_finding
     from graft.evaluate import autocast_dtype, resolve_device
+    from graft.outputs import output_folder
     from graft.trainer import Runtime, find_lr
 
+    output_folder(output, "-o", ((data, "data"),))  # before the sweep: an unwritable folder wastes nothing
     values = {"data.path": data, "model.backbone": backbone, "train.strategy": strategy, "data.image_size": image_size,
               "data.batch_size": batch_size, "model.pretrained": pretrained, "train.device": device,
               **_lab_overrides(activation, norm, init, vgg_stages)}
@@ -613,7 +618,6 @@ def lr_find(
     splits = discover(data, config.data.val_fraction, config.train.seed)
     scan(splits, config.data.max_image_pixels)
     finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
-    output.mkdir(parents=True, exist_ok=True)
     plot_lr_finding(finding, output / "lr_find.png")
     out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png")
 
@@ -632,7 +636,10 @@ def stats(
     """
     from graft.data import discover
     from graft.diagnose import dataset_statistics
+    from graft.outputs import output_folder
 
+    if output:  # before the work: an unwritable or clashing folder wastes nothing
+        output_folder(output, "-o", ((data, "data"),))
     splits = discover(data)
     result = dataset_statistics([path for path, _ in splits.train], size, max_images)
     print_table(f"{result.images} training images at {size}x{size}", ["channel", "mean", "std"],
@@ -640,11 +647,11 @@ def stats(
     if output:
         from PIL import Image
 
-        from graft.model import write_json
+        from graft.model import atomic_write, write_json
 
-        output.mkdir(parents=True, exist_ok=True)
         write_json(output / "stats.json", result.to_dict())
-        Image.fromarray((result.mean_image * 255).round().astype("uint8")).save(output / "mean_image.png")
+        mean_image = Image.fromarray((result.mean_image * 255).round().astype("uint8"))
+        atomic_write(output / "mean_image.png", lambda temp: mean_image.save(temp, format="PNG"))
         out.print(f"wrote {output}/stats.json and mean_image.png")
 
 

@@ -114,6 +114,11 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
 
     Writes ``leaderboard.csv`` and ``leaderboard.png`` to ``output`` when given. Rows are sorted best first.
     """
+    if output:
+        from graft.features import default_cache_dir
+        from graft.outputs import output_folder
+
+        output_folder(output, "--output", ((data, "data"), (cache_dir or default_cache_dir(), "feature cache")))
     splits = _prepare(data, val_fraction, seed)
     target = resolve_device(device)
     rows = []
@@ -137,11 +142,15 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "leaderboard.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(safe_record(asdict(row)) for row in rows)
+    from graft.model import atomic_write
+
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(safe_record(asdict(row)) for row in rows)
+
+    atomic_write(folder / "leaderboard.csv", write)  # atomic and recorded in the folder's manifest
     labels = [f"{r.backbone} @ {r.node}" for r in rows][::-1]
     figure, axis = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     axis.barh(labels, [r.val_accuracy for r in rows][::-1], color="#4878a8")
@@ -151,7 +160,7 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
     for index, row in enumerate(rows[::-1]):
         axis.text(min(row.val_accuracy + 0.01, 0.9), index, f"{row.val_accuracy:.3f}", va="center")
     figure.tight_layout()
-    figure.savefig(folder / "leaderboard.png", dpi=100)
+    atomic_write(folder / "leaderboard.png", lambda temp: figure.savefig(temp, format="png", dpi=100))
     plt.close(figure)
 
 

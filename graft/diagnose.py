@@ -116,8 +116,10 @@ def plot_activations(rows: list[LayerActivity], path) -> None:
 def _save(figure, path) -> None:
     import matplotlib.pyplot as plt
 
+    from graft.model import atomic_write  # here: graft.model imports this module's neighbours
+
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))  # recorded in graft's manifest
     plt.close(figure)
 
 
@@ -283,8 +285,11 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     from graft.config import load_config
     from graft.data import build_transform, discover, load_image, readable
     from graft.model import build_model, load, read_card
+    from graft.outputs import output_folder
     from graft.surgery import list_nodes
 
+    if output:
+        output_folder(output, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
     torch.manual_seed(seed)
     splits = discover(data, seed=seed)
     if Path(target, "graft.json").is_file():
@@ -318,7 +323,6 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
         from graft.model import atomic_write
 
         folder = Path(output)
-        folder.mkdir(parents=True, exist_ok=True)
         plot_activations(activations, folder / "activations.png")
         text = json.dumps(diagnosis.to_dict(), indent=1, default=float)
         atomic_write(folder / "diagnosis.json", lambda temp: Path(temp).write_text(text))

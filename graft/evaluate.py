@@ -19,6 +19,7 @@ from graft.data import (
 )
 from graft.errors import GraftError
 from graft.model import GraftModel, atomic_write, load, write_json
+from graft.outputs import output_folder
 from graft.text import safe_row
 
 
@@ -179,6 +180,8 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     """
     runs, target, models = load_ensemble(run_dirs, device)
     model = models[0]
+    out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
+    output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
     samples, _ = _labelled_samples(data, split, model.classes)
     plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
@@ -188,7 +191,6 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         metrics["tta"] = {"views": parse_tta(tta), "count": len(TTAViews(model.preprocessing, tta)),
                           **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k),
                           "ece": expected_calibration_error(augmented, labels)}
-    out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     write_json(out_dir / "metrics.json", metrics)
     write_predictions(out_dir / "predictions.csv", samples, plain, model.classes)
     metrics["output"] = str(out_dir / "metrics.json")

@@ -27,6 +27,7 @@ from graft.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.data import ALLOWED_FORMATS, FORMAT_LIST, build_transform, discover, load_image, readable
 from graft.errors import GraftError
 from graft.model import GraftModel, atomic_write, load, read_card, write_json
+from graft.outputs import output_folder, record
 
 FORMATS = ("onnx", "torch", "safetensors")
 OPSET = 18
@@ -156,8 +157,9 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     if unknown:
         raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from {', '.join(FORMATS)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise GraftError(f"{out_dir}: folder is not empty; pass --overwrite or choose another --output")
+    if out_dir.resolve() == run_dir.resolve():
+        raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
+    output_folder(out_dir, "--output", ((data, "data"),), overwrite=overwrite)  # before the work: nothing wasted
     say = log or (lambda message: None)
     model = load(run_dir, "cpu").float().eval()
     inputs, described = parity_inputs(model, run_dir, data)
@@ -194,6 +196,7 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     if "safetensors" in formats:
         for name in ("model.safetensors", "graft.json"):
             shutil.copyfile(run_dir / name, out_dir / name)
+            record(out_dir / name)  # graft's file: --overwrite may replace it
         result.files += ["model.safetensors", "graft.json"]
     write_json(out_dir / "preprocessing.json", consumer_metadata(model))
     atomic_write(out_dir / "predict_onnx.py", lambda temp: Path(temp).write_text(standalone_example()))

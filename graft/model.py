@@ -24,6 +24,7 @@ from graft import lab
 from graft.config import FitConfig, ModelConfig, validate
 from graft.errors import GraftError
 from graft.heads import build_head
+from graft.outputs import record, temp_prefix
 from graft.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
 
 FORMAT_VERSION = 1  # bump when graft.json changes incompatibly; load() refuses newer folders
@@ -131,10 +132,13 @@ _UMASK = _current_umask()  # read once at import: os.umask can only be read by s
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file."""
+    """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file.
+
+    The temp file is ``.graft-tmp-NAME.*`` (see ``graft.outputs``): the only names a clean-up may remove.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)  # a name no user picks
     os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is shared like any other file
     os.close(handle)
     try:
@@ -143,6 +147,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(file.fileno())
         os.replace(temp, path)
         _fsync_folder(path.parent)
+        record(path)  # into the folder's manifest if graft made the folder: what --overwrite may remove
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)
         if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # safetensors wraps io errors

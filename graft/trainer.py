@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from graft import recipes
+from graft import outputs, recipes
 from graft.batchnorm import batch_norms, recompute_statistics
 from graft.compare import resolve_auto
 from graft.diagnose import dataset_statistics, lr_sweep, plot_lr_finding
@@ -37,7 +37,7 @@ from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig, apply_overrides
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
-from graft.features import FeatureSet, extract_features
+from graft.features import FeatureSet, default_cache_dir, extract_features
 from graft.model import (
     GraftModel, atomic_write, build_model, config_from_card, load, model_card, read_card, save_model, save_weights,
     write_json,
@@ -555,18 +555,18 @@ def run_lock(run_dir: Path):
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Checks (or, with ``overwrite``, empties) the run folder; the caller holds its lock."""
-    for temp in run_dir.glob(".*.*"):  # atomic_write's temp files, left only by a kill -9 mid-write
-        if temp.name != LOCK and temp.is_file():
-            temp.unlink()
-    if resume:
-        return
-    contents = [path for path in run_dir.iterdir() if path.name != LOCK]
-    if contents and not overwrite:
+    """Checks the run folder (with ``overwrite``, removes graft's own files from it; see ``graft.outputs``) and
+    claims it; the caller holds its lock."""
+    outputs.remove_temp_files(run_dir)  # atomic_write's .graft-tmp-* files, left only by a kill -9 mid-write
+    if not resume and overwrite:
+        kept = outputs.replace_own(run_dir, "-o")
+        if kept:
+            print(f"--overwrite: kept {len(kept)} file(s) graft did not write in {run_dir} (e.g. {kept[0]!r})",
+                  file=sys.stderr)
+    elif not resume and outputs.entries(run_dir):
         raise GraftError(f"{run_dir}: output folder is not empty; pass --resume to continue it, --overwrite to "
                          "replace it, or choose another -o")
-    for path in contents:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    outputs.claim(run_dir, "-o")
 
 
 def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks: Hooks | None = None,
@@ -584,6 +584,8 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     run_dir = Path(config.output)
     if resume and not (run_dir / "graft.json").is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
+    outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (config.data.cache_dir or default_cache_dir(),
+                                                                       "feature cache")))
     with run_lock(run_dir):
         prepare_run_dir(run_dir, resume, overwrite)
         return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
@@ -860,6 +862,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         images = recompute_bn_statistics(model, splits.train, config, runtime, augmented)
         after = validate(model, val_loader, runtime)
         shutil.copyfile(run_dir / "model.safetensors", run_dir / "model.before-precise-bn.safetensors")
+        outputs.record(run_dir / "model.before-precise-bn.safetensors")
         card["precise_bn"] = {"images": images, "augmented": augmented, "val_acc_before": before["val_acc"],
                               "val_acc_after": after["val_acc"]}
         save_model(run_dir, model, card)

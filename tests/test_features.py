@@ -77,7 +77,7 @@ def test_a_crashed_runs_shard_is_never_read(data, tmp_path):
     (space / shard).unlink()  # and an index entry whose shard is gone
     again = _extract(splits, ["layer2"], tmp_path / "cache")
     assert again["layer2"].stats["extracted"] == 27
-    assert not list(space.glob(".shard-*"))  # no temp files left behind
+    assert not list(space.glob(".graft-tmp-*"))  # no temp files left behind
 
 
 def test_one_pass_equals_separate_cuts(data, tmp_path):

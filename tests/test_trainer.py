@@ -9,6 +9,7 @@ from conftest import tiny_config
 from graft import recipes
 from graft.errors import GraftError
 from graft.model import build_model, load
+from graft.outputs import MANIFEST
 from graft.trainer import Hooks, fit
 
 
@@ -66,7 +67,7 @@ def test_run_folder_holds_everything_predict_needs(trained_run):
     names = {p.name for p in trained_run.iterdir()}
     assert {"model.safetensors", "graft.json", "metrics.json", "history.csv", "skipped_files.txt",
             "data_report.json"} <= names
-    assert "checkpoint.safetensors" not in names and not any(n.startswith(".") for n in names)
+    assert "checkpoint.safetensors" not in names and not any(n.startswith(".") for n in names - {MANIFEST})
     card = json.loads((trained_run / "graft.json").read_text())
     assert card["classes"] == ["circle", "square", "triangle"]
     assert card["preprocessing"]["input_size"] == [32, 32]
