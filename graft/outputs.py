@@ -141,10 +141,10 @@ def remove_own_files(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
         if name in keep:
             continue
         if path.is_dir() and not path.is_symlink():
-            if (path / MANIFEST).is_file():  # a folder graft claimed: its own manifest says what is graft's
-                if not remove_own_files(path):
-                    (path / MANIFEST).unlink()
-                    path.rmdir()
+            # a folder graft claimed: its own manifest says what is graft's; emptied, it goes too
+            if (path / MANIFEST).is_file() and not remove_own_files(path):
+                (path / MANIFEST).unlink()
+                path.rmdir()
         elif path.exists() or path.is_symlink():
             path.unlink()
     if (folder / MANIFEST).is_file():

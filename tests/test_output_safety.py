@@ -111,11 +111,13 @@ def test_temp_clean_up_removes_only_graft_temp_files_only_in_graft_folders(tmp_p
 
 
 def test_atomic_write_temp_files_carry_the_graft_prefix(tmp_path):
-    seen = []
+    from pathlib import Path
+
     from graft.model import atomic_write
 
-    atomic_write(tmp_path / "x.json", lambda temp: (seen.append(temp), open(temp, "w").write("{}")))
-    assert seen[0].rsplit("/", 1)[1].startswith(f"{TEMP_PREFIX}x.json.")
+    seen = []
+    atomic_write(tmp_path / "x.json", lambda temp: (seen.append(temp), Path(temp).write_text("{}")))
+    assert Path(seen[0]).name.startswith(f"{TEMP_PREFIX}x.json.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]  # a user's folder gets no manifest
 
 
