@@ -283,8 +283,8 @@ def parse_head(spec: str) -> list[int]:
                          "'mlp:WIDTH[,WIDTH...]' (e.g. mlp:512)")
     widths = [int(width) for width in match.group(1).split(",")]
     if len(widths) > MAX_HEAD_LAYERS or not all(1 <= width <= MAX_HEAD_WIDTH for width in widths):
-        raise GraftError(f"head '{spec:.40}': mlp widths must be in [1, {MAX_HEAD_WIDTH}], at most {MAX_HEAD_LAYERS} "
-                         "hidden layers (e.g. mlp:512)")
+        raise GraftError(f"head '{spec:.40}' (--head): mlp widths must be in [1, {MAX_HEAD_WIDTH}], at most "
+                         f"{MAX_HEAD_LAYERS} hidden layers (e.g. mlp:512)")
     return widths
 
 

@@ -808,6 +808,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
     its trunk never changed.
     """
+    _refuse_non_finite(run_dir, model)  # before metrics: NaN logits have no meaningful ones
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
@@ -829,6 +830,13 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
         metrics["test"] = classification_metrics(logits, labels, model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
+    """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
+    if non_finite_tensors(model.state_dict()):
+        raise GraftError(f"{run_dir}: the trained weights hold NaN or infinite values, so the run is not marked "
+                         "complete; train again with a lower --lr (--overwrite)")
 
 
 def _precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
@@ -892,9 +900,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
 
 def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
                 runtime: Runtime) -> FitResult:
-    if non_finite_tensors(model.state_dict()):  # never saved as complete: predict would print blank labels
-        raise GraftError(f"{run_dir}: the trained weights hold NaN or infinite values, so the run is not marked "
-                         "complete; train again with a lower --lr (--overwrite)")
+    _refuse_non_finite(run_dir, model)  # precise BN ran since the check in _finish
     if runtime.is_main:
         write_history(run_dir, state.history)
         save_model(run_dir, model, card)
