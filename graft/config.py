@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +74,8 @@ def check_number(name: str, value: Any, allowed: Range, integer: bool = False) -
 
     The one range check behind the config's fields and the CLI's own options (``graft serve --port`` ...).
     """
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if is_number and integer and not isinstance(value, int):
-        is_number = False
+    kind = numbers.Integral if integer else numbers.Real  # numpy's numbers too
+    is_number = isinstance(value, kind) and not isinstance(value, bool)
     try:
         inside = is_number and allowed.contains(float(value))
     except OverflowError:  # a 400-digit integer has no float
