@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from graft import lab
+from graft.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Range, check_number
 from graft.errors import GraftError
 
 # -------------------------------------------------------------------------------------------------------- preprocessing
@@ -60,6 +61,8 @@ class Preprocessing:
         size, mean, std = numbers("input_size", 2), numbers("mean", 3), numbers("std", 3)
         if min(size) < 1 or min(std) <= 0 or not 0 < float(raw["crop_pct"]) <= 2:
             raise ValueError("input_size and std must be positive and crop_pct in (0, 2]")
+        if max(size) > MAX_IMAGE_SIZE:  # refused before a network or a batch of that size is allocated
+            raise ValueError(f"input_size {list(size)} is beyond the limit of {MAX_IMAGE_SIZE} pixels a side")
         return cls(input_size=tuple(int(v) for v in size), mean=mean, std=std, interpolation=str(raw["interpolation"]),
                    crop_pct=float(raw["crop_pct"]))
 
@@ -70,6 +73,7 @@ class Preprocessing:
         """The same normalisation at another (square) input size; None keeps the size."""
         if size is None:
             return self
+        check_number("image size", size, Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), integer=True)
         return Preprocessing((size, size), self.mean, self.std, self.interpolation, self.crop_pct)
 
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graft.config import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_LR, MIN_IMAGE_SIZE, check_option
 from graft.errors import GraftError
 from graft.text import display_name
 
@@ -92,6 +93,7 @@ def layers(
     from graft.backbones import create_backbone
     from graft.surgery import DEFAULT_NODE, cut, list_nodes
 
+    _check_options(("--size", size, *IMAGE_SIZES))
     model = create_backbone(backbone, pretrained=False)  # shapes need no weights: works offline
     input_size = model.preprocessing.with_size(size).input_size
     nodes = list_nodes(model.net, input_size, stages_only=not all_nodes, stage_nodes=model.stage_nodes)
@@ -218,6 +220,7 @@ def predict(
     """
     from graft.evaluate import iter_predictions
 
+    _check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
     runs, inputs = _split_runs(paths)
     if not inputs:
         raise GraftError("no images given: graft predict RUN IMAGE_OR_FOLDER [...]")
@@ -315,6 +318,7 @@ def evaluate(
     """
     from graft.evaluate import evaluate as evaluate_runs
 
+    _check_options(("--top-k", top_k, *TOP_K))
     runs, rest = _split_runs(paths)
     if len(rest) != 1:
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
@@ -364,6 +368,8 @@ def features(
     from graft.outputs import output_folder
     from graft.surgery import DEFAULT_NODE
 
+    _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
+                   ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
     if output:  # before the work: an unwritable or clashing folder wastes nothing
         output_folder(output, "-o", ((data, "data"), (cache or default_cache_dir(), "feature cache")))
     splits = discover(data)
@@ -403,6 +409,7 @@ def probe(
     """
     from graft.compare import probe_backbones
 
+    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     if stages not in ("default", "all"):
         raise GraftError(f"stages '{stages}' not understood: use default or all")
     rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
@@ -433,6 +440,7 @@ def advise(
     """
     from graft.compare import advise as advise_on
 
+    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers)
     print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
                                                                                "k-NN acc"],
@@ -456,6 +464,8 @@ def demo(
     """
     from graft.demo import DEMO_BACKBONE, run_demo
 
+    _check_options(("--shots", shots, 1, 10_000), ("--epochs", epochs, 1, MAX_EPOCHS),
+                   ("--image-size", image_size, *IMAGE_SIZES))
     what = data or f"scikit-learn digits, {shots} training images per class"
     err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
     rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
@@ -534,6 +544,9 @@ def serve(
     """
     from graft.serve import ServeConfig, serve as serve_runs
 
+    _check_options(("--port", port, 1, 65535), ("--max-upload-mb", max_upload_mb, 0, 10_240, True),
+                   ("--max-pixels", max_pixels, 1, 1_000_000_000), ("--max-batch", max_batch, *BATCH_SIZES),
+                   ("--max-wait-ms", max_wait_ms, 0, 60_000), ("--top-k", top_k, *TOP_K))
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta)
     serve_runs(runs, host, port, device, config)
@@ -564,6 +577,8 @@ def diagnose(
     """
     from graft.diagnose import diagnose as run_diagnosis
 
+    _check_options(("--batch-size", batch_size, *BATCH_SIZES), ("--lr", lr, 0, MAX_LR, True),
+                   ("--image-size", image_size, *IMAGE_SIZES))
     options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
     result = run_diagnosis(target, data, str(output) if output else None, batch_size, lr, image_size, pretrained,
                            options)
@@ -608,6 +623,8 @@ def lr_find(
     from graft.outputs import output_folder
     from graft.trainer import Runtime, find_lr
 
+    _check_options(("--steps", steps, 2, 100_000), ("--start-lr", start_lr, 0, MAX_LR, True),
+                   ("--end-lr", end_lr, start_lr if start_lr > 0 else 0, MAX_LR, True))
     output_folder(output, "-o", ((data, "data"),))  # before the sweep: an unwritable folder wastes nothing
     values = {"data.path": data, "model.backbone": backbone, "train.strategy": strategy, "data.image_size": image_size,
               "data.batch_size": batch_size, "model.pretrained": pretrained, "train.device": device,
@@ -638,6 +655,7 @@ def stats(
     from graft.diagnose import dataset_statistics
     from graft.outputs import output_folder
 
+    _check_options(("--size", size, *IMAGE_SIZES), ("--max-images", max_images, 1, 1_000_000_000))
     if output:  # before the work: an unwritable or clashing folder wastes nothing
         output_folder(output, "-o", ((data, "data"),))
     splits = discover(data)
@@ -678,6 +696,8 @@ def compare(
     """
     from graft.baselines import compare_strategies
 
+    _check_options(("--epochs", epochs, 1, MAX_EPOCHS), ("--budget", budget, 0, 1e9, False, "0: no limit"),
+                   ("--image-size", image_size, *IMAGE_SIZES), ("--batch-size", batch_size, *BATCH_SIZES))
     overrides = {"data.image_size": image_size, "data.batch_size": batch_size}
     lab_options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
     rows = compare_strategies(data, backbone, output, tuple(s.strip() for s in strategies.split(",")),
@@ -687,6 +707,17 @@ def compare(
                 [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]
                  for r in rows])
     out.print(f"wrote {output}/comparison.csv and comparison.png")
+
+
+IMAGE_SIZES, BATCH_SIZES, WORKERS, TOP_K = (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), (1, MAX_BATCH_SIZE), (-1, 64), (1, 1000)
+
+
+def _check_options(*checks: tuple) -> None:
+    """Range checks of options that are not config fields (those are checked in graft.config): each check is
+    (flag, value, low, high[, low_open[, note]]); a value of None (option not given) passes."""
+    for flag, value, low, high, *rest in checks:
+        low_open, note = (list(rest) + [False, ""][len(rest):])[:2]
+        check_option(flag, value, low, high, low_open=low_open, note=note)
 
 
 def main() -> None:

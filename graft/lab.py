@@ -27,6 +27,9 @@ from graft.errors import GraftError
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
 NORMS = ("batch", "layer", "instance", "group", "none")
 ARCHITECTURES = ("small-cnn-cifar", "small-cnn-catsdogs", "vgg-like")
+# vgg-like: bounds that keep a typo (2x100000) from allocating tens of GB while the network is built
+MAX_WIDTH, MAX_CONVS, MAX_STAGES = 4096, 16, 8
+MAX_INIT_STD = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ def parse_init(spec: str) -> tuple[str, float]:
     if spec in ("kaiming", "xavier"):
         return spec, 0.0
     match = re.fullmatch(r"normal:(\d*\.?\d+(?:e-?\d+)?)", spec)
-    if not match or float(match.group(1)) <= 0:
-        raise GraftError(f"init '{spec}' not understood: use kaiming, xavier or normal:STD (e.g. normal:0.01)")
+    if not match or not 0 < float(match.group(1)) <= MAX_INIT_STD:  # 1e999 reads as inf
+        raise GraftError(f"init '{spec:.40}' not understood: use kaiming, xavier or normal:STD with STD in "
+                         f"(0, {MAX_INIT_STD:g}] (e.g. normal:0.01)")
     return "normal", float(match.group(1))
 
 
@@ -61,10 +65,13 @@ def parse_vgg_stages(spec: str) -> list[tuple[int, int]]:
     """``2x32,2x64`` → [(2, 32), (2, 64)]: convolutions and width per stage."""
     stages = []
     for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        match = re.fullmatch(r"\s*(\d{1,9})x(\d{1,9})\s*", part)
         if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
             raise GraftError(f"vgg stages '{spec}' not understood: use CONVSxWIDTH per stage, e.g. 2x32,2x64,3x128")
         stages.append((int(match.group(1)), int(match.group(2))))
+    if len(stages) > MAX_STAGES or any(convs > MAX_CONVS or width > MAX_WIDTH for convs, width in stages):
+        raise GraftError(f"vgg stages '{spec:.40}': at most {MAX_STAGES} stages, each of 1 to {MAX_CONVS} convolutions "
+                         f"of width 1 to {MAX_WIDTH} (e.g. 2x32,2x64,3x128)")
     return stages
 
 

@@ -181,6 +181,25 @@ def write_json(path: str | os.PathLike, data) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors in ``state`` that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuses weights with NaN or infinite values: such a model predicts blank labels without any error.
+
+    Raises:
+        GraftError: naming ``source`` and the first tensors at fault.
+    """
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise GraftError(f"{source}: {len(bad)} weight tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                         f"{more}); the training diverged: train again with a lower --lr")
+
+
 def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     atomic_write(path, lambda temp: save_file(state, temp, metadata=metadata or {}))
@@ -257,6 +276,12 @@ def read_card(run_dir: str | os.PathLike) -> dict:
         raise GraftError(f"{path}: 'classes' must be two or more distinct, non-empty names")
     if not isinstance(card.get("config", {}), dict):
         raise GraftError(f"{path}: 'config' must be an object")
+    if not isinstance(card.get("dropout", 0.0), (int, float)) or isinstance(card.get("dropout"), bool):
+        raise GraftError(f"{path}: 'dropout' must be a number; the file is damaged or was edited by hand")
+    try:  # types, unknown keys and ranges, on every load (predict, evaluate, export, serve), not only on resume
+        config_from_card(card)
+    except GraftError as error:
+        raise GraftError(f"{path}: {error}") from None
     try:
         Preprocessing.from_dict(card["preprocessing"])
     except (KeyError, TypeError, ValueError) as error:
@@ -284,6 +309,7 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Graf
     if not weights.is_file():
         raise GraftError(f"{run_dir}: model.safetensors missing; the run did not finish (resume it with --resume)")
     state = load_file(str(weights))
+    check_finite(state, weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -33,14 +33,14 @@ from graft import outputs, recipes
 from graft.batchnorm import batch_norms, recompute_statistics
 from graft.compare import resolve_auto
 from graft.diagnose import dataset_statistics, lr_sweep, plot_lr_finding
-from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig, apply_overrides
+from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig, apply_overrides, check_ranges
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
 from graft.features import FeatureSet, default_cache_dir, extract_features
 from graft.model import (
-    GraftModel, atomic_write, build_model, config_from_card, load, model_card, read_card, save_model, save_weights,
-    write_json,
+    GraftModel, atomic_write, build_model, check_finite, config_from_card, load, model_card, non_finite_tensors,
+    read_card, save_model, save_weights, write_json,
 )
 from graft.probe import fit_linear_probe
 
@@ -126,9 +126,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; carries what a person needs to find the cause."""
 
-    def __init__(self, value: float, step: int, lr: float, files: list[str]):
-        super().__init__(f"loss {value} at step {step}")
-        self.value, self.step, self.lr, self.files = value, step, lr, files
+    def __init__(self, value: float, step: int, lr: float, files: list[str], what: str = "loss"):
+        super().__init__(f"{what} {value} at step {step}")
+        self.value, self.step, self.lr, self.files, self.what = value, step, lr, files, what
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
@@ -376,11 +376,12 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
                                len(train_loader.dataset)) as progress:
                 row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
                                   config.train.limit_batches, hooks, progress, class_weights, state.micro_batches)
+            row.update(validate(model, val_loader, runtime, config.train.limit_batches))
+            _check_epoch_finite(model, row, len(val_loader.dataset), optimizer)
         except NonFiniteLoss as blowup:
             _roll_back_after_blowup(blowup, model, optimizer, scheduler, state, run_dir, runtime)
             continue
         state.micro_batches = row["micro_batches"]
-        row.update(validate(model, val_loader, runtime, config.train.limit_batches))
         state.stage_epoch += 1
         state.epoch += 1
         state.elapsed += time.perf_counter() - start
@@ -432,16 +433,33 @@ def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.
     return class_weights(torch.as_tensor([label for _, label in dataset.samples]), classes).to(device)
 
 
+def _check_epoch_finite(model: GraftModel, row: dict, val_images: int, optimizer) -> None:
+    """The last step of an epoch can leave NaN weights with no loss computed after it: checked before the epoch's
+    checkpoint is written, so every checkpoint a roll-back returns to is finite.
+
+    Raises:
+        NonFiniteLoss: for non-finite weights, or a non-finite validation loss (with validation images).
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    bad = non_finite_tensors(model.state_dict())
+    if bad:
+        raise NonFiniteLoss(math.nan, -1, lr, [], what=f"weights ({', '.join(bad[:3])})")
+    if val_images and not math.isfinite(row["val_loss"]):
+        raise NonFiniteLoss(row["val_loss"], -1, lr, [], what="validation loss")
+
+
 def _roll_back_after_blowup(blowup: NonFiniteLoss, model, optimizer, scheduler, state: TrainState, run_dir: Path,
                             runtime: Runtime) -> None:
     """Restores the last checkpoint (model, optimiser, schedule, state) and halves the learning rate, once a stage."""
     files = ", ".join(blowup.files[:4]) + (f" (+{len(blowup.files) - 4} more)" if len(blowup.files) > 4 else "")
     where = f"epoch {state.epoch + 1}, step {blowup.step}, lr {blowup.lr:.2e}; batch: {files or 'unknown files'}"
+    if blowup.step < 0:  # found after the epoch: no one batch to blame
+        where = f"after epoch {state.epoch + 1}, lr {blowup.lr:.2e}"
     if state.lr_scale < 1.0:
-        raise GraftError(f"the loss became {blowup.value} again at half the learning rate ({where}); lower --lr, "
-                         "check those images, or train in --precision fp32")
-    runtime.log(f"warning: the loss became {blowup.value} ({where}); restoring the last checkpoint and retrying at "
-                "half the learning rate")
+        raise GraftError(f"the {blowup.what} became {blowup.value} again at half the learning rate ({where}); the run "
+                         "is not complete: lower --lr, check those images, or train in --precision fp32")
+    runtime.log(f"warning: the {blowup.what} became {blowup.value} ({where}); restoring the last checkpoint and "
+                "retrying at half the learning rate")
     model_state, optimizer_state, scheduler_state, saved = read_checkpoint(run_dir)
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optimizer_state)
@@ -707,7 +725,9 @@ def _with_found_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
         _write_csv(run_dir / "lr_find.csv", ["lr", "loss"],
                    [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
     runtime.log(f"lr-find: --lr {finding.suggestion:.2e} ({finding.reason})")
-    return apply_overrides(copy.deepcopy(config), {"train.lr": float(f"{finding.suggestion:.3g}")})
+    found = apply_overrides(copy.deepcopy(config), {"train.lr": float(f"{finding.suggestion:.3g}")})
+    check_ranges(found)  # a finder that only saw the loss explode must not start a run at an absurd rate
+    return found
 
 
 def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfig, runtime: Runtime, run_dir: Path,
@@ -790,6 +810,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
     its trunk never changed.
     """
+    _refuse_non_finite(run_dir, model)  # before metrics: NaN logits have no meaningful ones
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
@@ -811,6 +832,13 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
         metrics["test"] = classification_metrics(logits, labels, model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
+    """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
+    if non_finite_tensors(model.state_dict()):
+        raise GraftError(f"{run_dir}: the trained weights hold NaN or infinite values, so the run is not marked "
+                         "complete; train again with a lower --lr (--overwrite)")
 
 
 def _precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
@@ -861,6 +889,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         before = validate(model, val_loader, runtime)
         images = recompute_bn_statistics(model, splits.train, config, runtime, augmented)
         after = validate(model, val_loader, runtime)
+        check_finite(model.state_dict(), f"{run_dir} after precise BN")  # the saved model stays as it was
         shutil.copyfile(run_dir / "model.safetensors", run_dir / "model.before-precise-bn.safetensors")
         outputs.record(run_dir / "model.before-precise-bn.safetensors")
         card["precise_bn"] = {"images": images, "augmented": augmented, "val_acc_before": before["val_acc"],
@@ -874,6 +903,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
 
 def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
                 runtime: Runtime) -> FitResult:
+    _refuse_non_finite(run_dir, model)  # precise BN ran since the check in _finish
     if runtime.is_main:
         write_history(run_dir, state.history)
         save_model(run_dir, model, card)
