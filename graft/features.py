@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.backbones import Preprocessing
 from graft.data import DatasetSplits, build_transform, load_image, resolve_workers
 from graft.errors import GraftError
+from graft.memory import out_of_memory_hint
 from graft.evaluate import autocast, autocast_dtype, to_device
 from graft.model import atomic_write
 from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
@@ -314,8 +315,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         if missing:
             by_key = dict(zip(keys, paths))
             start = time.perf_counter()
-            _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view, batch_size,
-                          workers, device, hflip)
+            with out_of_memory_hint(batch_size):
+                _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view,
+                              batch_size, workers, device, hflip)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         stats["cached"] += len(keys) - len(missing)

@@ -42,6 +42,7 @@ from graft.model import (
     GraftModel, atomic_write, build_model, config_from_card, load, model_card, read_card, save_model, save_weights,
     write_json,
 )
+from graft.memory import out_of_memory_hint
 from graft.probe import fit_linear_probe
 from graft.safefiles import read_safetensors
 from graft.text import display_name
@@ -586,7 +587,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     run_dir = Path(config.output)
     if resume and not (run_dir / "graft.json").is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
-    with run_lock(run_dir):
+    with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
         prepare_run_dir(run_dir, resume, overwrite)
         return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
 
