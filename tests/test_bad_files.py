@@ -338,3 +338,14 @@ def test_graft_errors_and_interrupts_keep_their_handling(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_bad_preprocessing_metadata_in_lab_weights_is_one_error(tmp_path):
+    from graft.backbones import create_backbone
+
+    net = create_backbone("small-cnn-cifar", pretrained=False).net
+    path = tmp_path / "lab.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"graft.preprocessing": "{oops"})
+    with pytest.raises(GraftError, match="lab.safetensors: its graft.preprocessing metadata is invalid"):
+        create_backbone("small-cnn-cifar", pretrained=True, weights_file=str(path))
