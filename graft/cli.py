@@ -697,7 +697,7 @@ def main() -> None:
     naming a log file with the traceback, exit status 1; with --debug, the traceback itself."""
     try:
         app()
-    except Exception as error:  # noqa: BLE001 - KeyboardInterrupt and SystemExit (typer's exits) pass through
+    except Exception as error:  # KeyboardInterrupt and SystemExit (typer's exits) pass through
         if DEBUG["on"]:
             raise
         from rich.markup import escape

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from graft.backbones import Preprocessing
 from graft.data import DatasetSplits, build_transform, load_image, resolve_workers
 from graft.errors import GraftError
-from graft.memory import out_of_memory_hint
 from graft.evaluate import autocast, autocast_dtype, to_device
+from graft.memory import out_of_memory_hint
 from graft.model import atomic_write
 from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
 

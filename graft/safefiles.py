@@ -39,7 +39,7 @@ def check_safetensors(path: Path) -> None:
     except (UnicodeDecodeError, ValueError):
         raise ValueError("its header is not JSON: truncated, or not a safetensors file") from None
     if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
+        raise ValueError("its header is not a JSON object")  # noqa: TRY004 - a reason, caught below
     data_bytes = size - 8 - header_bytes
     for name, entry in header.items():
         if name != "__metadata__":
@@ -77,7 +77,7 @@ def read_safetensors(path: str | os.PathLike, fix: str) -> tuple[dict[str, torch
     try:
         check_safetensors(path)
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
     except MemoryError:
         raise
     except Exception as error:  # noqa: BLE001 - ValueError (ours), SafetensorError, OSError: all mean "unreadable"

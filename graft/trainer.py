@@ -617,8 +617,9 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         try:
             model.load_state_dict(model_state)
         except RuntimeError as error:  # a checkpoint from another run copied in, or an edited graft.json
-            raise GraftError(f"{run_dir / CHECKPOINT}: does not match the run's model ({str(error).splitlines()[0]:.150});"
-                             " restart with --overwrite") from None
+            reason = str(error).splitlines()[0][:150]
+            raise GraftError(f"{run_dir / CHECKPOINT}: does not match the run's model ({reason}); restart with "
+                             "--overwrite") from None
         resume_from = (optimizer_state, scheduler_state)
         runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
     cached = None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from synthetic import make_shapes
 from typer.testing import CliRunner
 
 from graft import cli
@@ -19,7 +20,6 @@ from graft.data import discover
 from graft.errors import GraftError
 from graft.memory import out_of_memory_hint
 from graft.safefiles import read_safetensors
-from synthetic import make_shapes
 
 runner = CliRunner()
 
@@ -253,15 +253,14 @@ def test_resume_with_a_changed_flag_prints_the_warning(trained_run, tmp_path):
                                                 "can't allocate memory: you tried to allocate 9999999999 bytes"),
                                    MemoryError()])
 def test_allocator_failure_names_half_the_batch_size(error):
-    with pytest.raises(GraftError, match=r"^out of memory at --batch-size 32: try --batch-size 16$"):
-        with out_of_memory_hint(32):
-            raise error
+    expected = r"^out of memory at --batch-size 32: try --batch-size 16$"
+    with pytest.raises(GraftError, match=expected), out_of_memory_hint(32):
+        raise error
 
 
 def test_other_runtime_errors_pass_through():
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        with out_of_memory_hint(32):
-            raise RuntimeError("shape mismatch")
+    with pytest.raises(RuntimeError, match="shape mismatch"), out_of_memory_hint(32):
+        raise RuntimeError("shape mismatch")
 
 
 def _fail_forward(monkeypatch, module):
