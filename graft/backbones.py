@@ -115,10 +115,9 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not path.is_file():
         raise GraftError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from graft.safefiles import read_safetensors
 
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+        return read_safetensors(path, "download or export it again, or pass another --weights file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -221,13 +220,16 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
     """Preprocessing that travels with a local weights file: its safetensors metadata, a config.json beside it
     (timm/Hugging Face style), or the pretrained config of an explicitly named tag. Never a silent default."""
     if "graft.preprocessing" in metadata:
-        return Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"]))
+        try:
+            return checked_preprocessing(Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"])))
+        except (KeyError, TypeError, ValueError) as error:
+            raise GraftError(f"{path}: its graft.preprocessing metadata is invalid ({error!s:.120}); export the "
+                             "weights again") from None
     for sidecar in (path.with_suffix(".json"), path.parent / "config.json"):
         if sidecar.is_file():
-            raw = json.loads(sidecar.read_text())
-            cfg = raw.get("pretrained_cfg", raw)
-            if "mean" in cfg and "std" in cfg:
-                return Preprocessing.from_timm_cfg(cfg)
+            preprocessing = _sidecar_preprocessing(sidecar)
+            if preprocessing is not None:
+                return preprocessing
     if tag_cfg is not None:
         return Preprocessing.from_timm_cfg(tag_cfg)
     raise GraftError(
@@ -235,6 +237,43 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
         f"(e.g. --backbone {name}.TAG, see `timm.list_pretrained('{name}*')`) "
         "or put a config.json with mean/std beside it"
     )
+
+
+MAX_INPUT_SIZE = 4096  # pixels a side; a weights file's config asking for more is damaged, not a real network
+
+
+def checked_preprocessing(preprocessing: Preprocessing) -> Preprocessing:
+    """Refuses an input size no network is trained at (it would allocate tens of GB at the first forward pass)."""
+    if max(preprocessing.input_size) > MAX_INPUT_SIZE:
+        raise ValueError(f"input_size {list(preprocessing.input_size)} exceeds {MAX_INPUT_SIZE} pixels a side")
+    return preprocessing
+
+
+def _sidecar_preprocessing(sidecar: Path) -> Preprocessing | None:
+    """The preprocessing in a timm/Hugging Face config.json beside a weights file; None if it names no mean/std.
+
+    Raises:
+        GraftError: for a file that is not a JSON object or whose values could not feed a network.
+    """
+    fix = "fix or delete it (or name the pretrained tag with --backbone NAME.TAG)"
+    try:
+        raw = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise GraftError(f"{sidecar}: not readable JSON ({error!s:.100}); {fix}") from None
+    cfg = raw.get("pretrained_cfg", raw) if isinstance(raw, dict) else raw
+    if not isinstance(cfg, dict):
+        raise GraftError(f"{sidecar}: expected a JSON object with mean/std, found {type(cfg).__name__}; {fix}")
+    if "mean" not in cfg or "std" not in cfg:
+        return None
+    size = cfg.get("input_size", (3, 224, 224))
+    try:
+        if not isinstance(size, (list, tuple)) or len(size) < 2:
+            raise ValueError(f"input_size must be [C, H, W], got {size!r:.40}")
+        values = {"input_size": list(size[-2:]), "mean": cfg["mean"], "std": cfg["std"],
+                  "interpolation": cfg.get("interpolation") or "bilinear", "crop_pct": cfg.get("crop_pct") or 0.875}
+        return checked_preprocessing(Preprocessing.from_dict(values))  # from_dict checks types, counts, ranges
+    except (TypeError, ValueError) as error:
+        raise GraftError(f"{sidecar}: invalid preprocessing ({error!s:.120}); {fix}") from None
 
 
 class TimmSource:

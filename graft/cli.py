@@ -718,10 +718,50 @@ def _check_options(*checks: tuple) -> None:
     for flag, value, low, high, *rest in checks:
         low_open, note = (list(rest) + [False, ""][len(rest):])[:2]
         check_option(flag, value, low, high, low_open=low_open, note=note)
+DEBUG = {"on": False}  # set by the global --debug flag: an unexpected exception prints its traceback
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="print the traceback of an internal error")] = False,
+) -> None:
+    DEBUG["on"] = debug
 
 
 def main() -> None:
-    app()
+    """The `graft` entry point. Last resort for a bug (an exception no check turned into a GraftError): one line
+    naming a log file with the traceback, exit status 1; with --debug, the traceback itself."""
+    try:
+        app()
+    except Exception as error:  # KeyboardInterrupt and SystemExit (typer's exits) pass through
+        if DEBUG["on"]:
+            raise
+        from rich.markup import escape
+
+        text = (str(error).splitlines() or [""])[0][:200]
+        err.print(f"[red]internal error:[/red] {escape(f'{type(error).__name__}: {text}; details in ')}"
+                  f"{escape(_log_traceback(error))} (--debug prints them)", highlight=False)
+        sys.exit(1)
+
+
+def _log_traceback(error: BaseException) -> str:
+    """Writes the traceback to a new file under the user cache folder (else the temp folder); returns its path."""
+    import os
+    import tempfile
+    import traceback
+
+    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft" / "logs"
+    for folder in (base, Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, path = tempfile.mkstemp(prefix="graft-internal-error-", suffix=".log", dir=folder)
+            with os.fdopen(handle, "w", encoding="utf-8", errors="backslashreplace") as file:
+                file.write(f"graft {' '.join(sys.argv[1:])}\n\n{details}")
+            return path
+        except OSError:
+            continue
+    return "nowhere (no writable cache or temp folder)"
 
 
 if __name__ == "__main__":

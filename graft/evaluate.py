@@ -18,6 +18,7 @@ from graft.data import (
     FileDataset, ImageDataset, TTAViews, discover, expand_inputs, parse_tta, readable,
 )
 from graft.errors import GraftError
+from graft.memory import out_of_memory_hint
 from graft.model import GraftModel, atomic_write, load, write_json
 from graft.outputs import output_folder
 from graft.text import safe_row
@@ -183,7 +184,8 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
     samples, _ = _labelled_samples(data, split, model.classes)
-    plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
+    with out_of_memory_hint(batch_size):
+        plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
     metrics.update({"data": str(data), "runs": [str(r) for r in runs],
                     "ece": expected_calibration_error(plain, labels)})
@@ -313,7 +315,8 @@ def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.d
     k = min(top_k, len(classes))
     start = 0
     for batches in zip(*loaders):
-        probabilities = _ensemble_batch(members, [images for images, _, _ in batches], target)
+        with out_of_memory_hint(batch_size):
+            probabilities = _ensemble_batch(members, [images for images, _, _ in batches], target)
         _, ok, messages = batches[0]  # a file that fails to decode fails for every member
         for offset, (good, message) in enumerate(zip(ok.tolist(), messages)):
             path = paths[start + offset]

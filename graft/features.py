@@ -29,6 +29,7 @@ from graft.backbones import Preprocessing
 from graft.data import DatasetSplits, build_transform, load_image, resolve_workers
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, to_device
+from graft.memory import out_of_memory_hint
 from graft.model import atomic_write
 from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
 
@@ -154,9 +155,22 @@ class CacheSpace:
     def lookup(self, keys: list[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
         entries = self.read_index()["entries"]
         shards = {shard for shard, _ in entries.values()}
-        present = {shard for shard in shards if (self.root / shard).is_file()}  # one stat per shard, not per image
-        found = {k: tuple(entries[k]) for k in keys if k in entries and entries[k][0] in present}
+        rows = {shard: self._shard_rows(shard) for shard in shards}  # one header read per shard, not per image
+        found = {k: tuple(entries[k]) for k in keys if k in entries and entries[k][1] < rows[entries[k][0]]}
         return found, [k for k in keys if k not in found]
+
+    def _shard_rows(self, shard: str) -> int:
+        """Rows in a shard, 0 if it is missing; a damaged (truncated) shard is deleted once, with a warning, so its
+        images are extracted again into a new shard and no later run trips over it."""
+        path = self.root / shard
+        try:
+            return _npy_rows(path)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as error:
+            log.warning("%s: damaged feature-cache shard (%s); extracting its images again", path, error)
+            path.unlink(missing_ok=True)
+            return 0
 
     def add_shard(self, keys: list[str], features: np.ndarray) -> None:
         """Writes one shard atomically, then (under the lock) the index that references it."""
@@ -177,6 +191,24 @@ class CacheSpace:
                 shards[shard] = np.load(self.root / shard, mmap_mode="r")
             rows.append(shards[shard][row])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+
+
+def _npy_rows(path: Path) -> int:
+    """The row count from a .npy header, after checking the file holds all the bytes the header promises.
+
+    Raises:
+        ValueError: for a truncated file or a header that is not a numeric 2-D array.
+    """
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+        needed = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+    if len(shape) != 2 or dtype.hasobject:
+        raise ValueError(f"expected a 2-D numeric array, found shape {shape} of {dtype}")
+    if os.stat(path).st_size < needed:
+        raise ValueError(f"truncated: {os.stat(path).st_size} of {needed} bytes")
+    return shape[0]
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -283,8 +315,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         if missing:
             by_key = dict(zip(keys, paths))
             start = time.perf_counter()
-            _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view, batch_size,
-                          workers, device, hflip)
+            with out_of_memory_hint(batch_size):
+                _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view,
+                              batch_size, workers, device, hflip)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         stats["cached"] += len(keys) - len(missing)

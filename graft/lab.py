@@ -287,7 +287,11 @@ class LabSource:
             if "graft.preprocessing" in metadata:
                 import json
 
-                preprocessing = Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"]))
+                try:
+                    preprocessing = Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"]))
+                except (KeyError, TypeError, ValueError) as error:
+                    raise GraftError(f"{weights_file}: its graft.preprocessing metadata is invalid ({error!s:.120}); "
+                                     "export the weights again") from None
             return Backbone(f"{PREFIX}:{name}", net, preprocessing, f"file:{weights_file}")
         if pretrained:
             raise GraftError(f"'{base}' has no pretrained weights: train it with --strategy scratch (or "

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from graft.backbones import Preprocessing, create_backbone
 from graft import lab
 from graft.config import FitConfig, ModelConfig, validate
 from graft.errors import GraftError
+from graft.safefiles import read_safetensors
 from graft.heads import build_head
 from graft.outputs import record, temp_prefix
 from graft.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
@@ -308,7 +309,7 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Graf
     weights = Path(run_dir) / "model.safetensors"
     if not weights.is_file():
         raise GraftError(f"{run_dir}: model.safetensors missing; the run did not finish (resume it with --resume)")
-    state = load_file(str(weights))
+    state, _ = read_safetensors(weights, "train the run again (graft fit --overwrite) or restore the file")
     check_finite(state, weights)
     try:
         model.load_state_dict(state, strict=True)

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from graft import outputs, recipes
@@ -42,7 +42,10 @@ from graft.model import (
     GraftModel, atomic_write, build_model, check_finite, config_from_card, load, model_card, non_finite_tensors,
     read_card, save_model, save_weights, write_json,
 )
+from graft.memory import out_of_memory_hint
 from graft.probe import fit_linear_probe
+from graft.safefiles import read_safetensors
+from graft.text import display_name
 
 CHECKPOINT = "checkpoint.safetensors"
 SCRATCH_STATS_SIZE = 32  # per-channel statistics barely depend on resolution; small is fast
@@ -272,20 +275,20 @@ def save_checkpoint(run_dir: Path, model: GraftModel, optimizer, scheduler, stat
 
 def read_checkpoint(run_dir: Path) -> tuple[dict, dict, dict, TrainState]:
     """(model state, optimizer state, scheduler state, TrainState) from the run's checkpoint."""
-    from safetensors import safe_open
-
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise GraftError(f"{run_dir}: no {CHECKPOINT} to resume from; start the run again without --resume")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as error:
-        reason = str(error).splitlines()[0]
-        raise GraftError(f"{path}: damaged checkpoint ({reason}); restart with --overwrite") from None
+    tensors, metadata = read_safetensors(path, "the checkpoint is lost: restart with --overwrite")
     if not {"graft.state", "graft.optimizer", "graft.scheduler"} <= set(metadata):
         raise GraftError(f"{path}: damaged checkpoint (no training state inside); restart with --overwrite")
+    try:
+        return _unpack_checkpoint(tensors, metadata)
+    except (KeyError, TypeError, ValueError) as error:  # metadata edited or written by another program
+        raise GraftError(f"{path}: damaged checkpoint (bad training state: {error!r:.100}); restart with --overwrite"
+                         ) from None
+
+
+def _unpack_checkpoint(tensors: dict, metadata: dict) -> tuple[dict, dict, dict, TrainState]:
     model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer_meta = json.loads(metadata["graft.optimizer"])
     optimizer_state: dict = {"state": {}, "param_groups": optimizer_meta["param_groups"]}
@@ -489,7 +492,7 @@ def _restore_best(model, state: TrainState, run_dir: Path, runtime: Runtime) -> 
     best = run_dir / BEST
     last_was_best = state.history and state.history[-1].get("best")
     if best.is_file() and not last_was_best:
-        model.load_state_dict(load_file(str(best)))
+        model.load_state_dict(read_safetensors(best, "delete it and train the run again (--overwrite)")[0])
         runtime.log(f"restored the weights of the stage's best epoch (val loss {state.best_val_loss:.4f})")
     best.unlink(missing_ok=True)
 
@@ -604,7 +607,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
     outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (config.data.cache_dir or default_cache_dir(),
                                                                        "feature cache")))
-    with run_lock(run_dir):
+    with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
         prepare_run_dir(run_dir, resume, overwrite)
         return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
 
@@ -612,7 +615,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
 def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
                 splits: DatasetSplits | None) -> FitResult:
     if resume:
-        config = _resumable_config(run_dir)
+        config = _resumable_config(run_dir, config, verbose)
     if config.train.strategy == "auto":
         config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
     device = resolve_device(config.train.device)
@@ -620,6 +623,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                       verbose=verbose)
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
+    if resume:
+        _check_same_classes(run_dir, splits, config.data.path)
     report = scan(splits, config.data.max_image_pixels, workers=4)
     _write_data_report(run_dir, splits, report, runtime)
     if config.train.lr == "auto":
@@ -629,7 +634,12 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     state, resume_from = TrainState(), None
     if resume:
         model_state, optimizer_state, scheduler_state, state = read_checkpoint(run_dir)
-        model.load_state_dict(model_state)
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as error:  # a checkpoint from another run copied in, or an edited graft.json
+            reason = str(error).splitlines()[0][:150]
+            raise GraftError(f"{run_dir / CHECKPOINT}: does not match the run's model ({reason}); restart with "
+                             "--overwrite") from None
         resume_from = (optimizer_state, scheduler_state)
         runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
     cached = None
@@ -755,14 +765,49 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
     return state
 
 
-def _resumable_config(run_dir: Path) -> FitConfig:
+def _resumable_config(run_dir: Path, given: FitConfig | None = None, verbose: bool = True) -> FitConfig:
+    """The run's saved config (a resumed run must follow it to stay reproducible); a warning lists each setting of
+    ``given`` that is not the default and differs from the saved one, since it is ignored."""
     card = read_card(run_dir)
     if card.get("status") == "complete":
         raise GraftError(f"{run_dir}: this run is already complete; nothing to resume (--overwrite trains it again)")
     if not (run_dir / CHECKPOINT).is_file():
         raise GraftError(f"{run_dir}: no {CHECKPOINT} to resume from (stopped before its first epoch ended); "
                          "start the run again with --overwrite")
-    return config_from_card(card)
+    saved = config_from_card(card)
+    ignored = ignored_on_resume(given, saved) if given is not None else []
+    if ignored and verbose:
+        print(f"warning: --resume continues with the run's saved config; ignored: {', '.join(ignored)}",
+              file=sys.stderr)
+    return saved
+
+
+def ignored_on_resume(given: FitConfig, saved: FitConfig) -> list[str]:
+    """``key=value (saved: value)`` for each setting the caller changed from the default that the saved run does not
+    have. (A flag set to the default value cannot be told from an unset one, so it is not listed.)"""
+    from graft.config import _flatten
+
+    defaults, given_flat, saved_flat = (_flatten(c.to_dict()) for c in (FitConfig(), given, saved))
+    ignored = []
+    for key, value in given_flat.items():
+        if key == "output" or value == defaults.get(key) or value == saved_flat.get(key):
+            continue
+        if key == "data.path" and Path(value).resolve() == Path(saved_flat.get(key) or "").resolve():
+            continue  # the same folder, spelled differently
+        ignored.append(f"{key}={value} (saved: {saved_flat.get(key)})")
+    return ignored
+
+
+def _check_same_classes(run_dir: Path, splits: DatasetSplits, data: str) -> None:
+    """A resumed run continues the saved head, which has one output per saved class, in order."""
+    saved = read_card(run_dir)["classes"]
+    if list(splits.classes) == list(saved):
+        return
+    gone, new = [c for c in saved if c not in splits.classes], [c for c in splits.classes if c not in saved]
+    what = "; ".join(part for part in (f"gone: {', '.join(map(display_name, gone[:5]))}" if gone else "",
+                                       f"new: {', '.join(map(display_name, new[:5]))}" if new else "") if part)
+    raise GraftError(f"{data}: the classes changed since the run started ({what or 'reordered'}); --resume "
+                     "needs the same classes: restore the data, or start again with --overwrite")
 
 
 def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Runtime) -> None:
