@@ -221,7 +221,7 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
     (timm/Hugging Face style), or the pretrained config of an explicitly named tag. Never a silent default."""
     if "graft.preprocessing" in metadata:
         try:
-            return checked_preprocessing(Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"])))
+            return Preprocessing.from_dict(json.loads(metadata["graft.preprocessing"]))  # checks ranges and the size limit
         except (KeyError, TypeError, ValueError) as error:
             raise GraftError(f"{path}: its graft.preprocessing metadata is invalid ({error!s:.120}); export the "
                              "weights again") from None
@@ -237,16 +237,6 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
         f"(e.g. --backbone {name}.TAG, see `timm.list_pretrained('{name}*')`) "
         "or put a config.json with mean/std beside it"
     )
-
-
-MAX_INPUT_SIZE = 4096  # pixels a side; a weights file's config asking for more is damaged, not a real network
-
-
-def checked_preprocessing(preprocessing: Preprocessing) -> Preprocessing:
-    """Refuses an input size no network is trained at (it would allocate tens of GB at the first forward pass)."""
-    if max(preprocessing.input_size) > MAX_INPUT_SIZE:
-        raise ValueError(f"input_size {list(preprocessing.input_size)} exceeds {MAX_INPUT_SIZE} pixels a side")
-    return preprocessing
 
 
 def _sidecar_preprocessing(sidecar: Path) -> Preprocessing | None:
@@ -271,7 +261,7 @@ def _sidecar_preprocessing(sidecar: Path) -> Preprocessing | None:
             raise ValueError(f"input_size must be [C, H, W], got {size!r:.40}")
         values = {"input_size": list(size[-2:]), "mean": cfg["mean"], "std": cfg["std"],
                   "interpolation": cfg.get("interpolation") or "bilinear", "crop_pct": cfg.get("crop_pct") or 0.875}
-        return checked_preprocessing(Preprocessing.from_dict(values))  # from_dict checks types, counts, ranges
+        return Preprocessing.from_dict(values)  # from_dict checks types, counts, ranges and the size limit
     except (TypeError, ValueError) as error:
         raise GraftError(f"{sidecar}: invalid preprocessing ({error!s:.120}); {fix}") from None
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graft.config import load_config
-from graft.features import default_cache_dir
+from graft.features import cache_folder
 from graft.model import atomic_write
 from graft.outputs import output_folder
 from graft.text import safe_record
@@ -46,7 +46,7 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
         scratch_overrides: applied to the scratch run only (a lab network's activation, norm, init, ...).
     """
     output = Path(output)
-    cache = (overrides or {}).get("data.cache_dir") or default_cache_dir()
+    cache = cache_folder((overrides or {}).get("data.cache_dir"))
     output_folder(output, "--output", ((data, "data"), (cache, "feature cache")))  # each run's folder: fit checks it
     rows = []
     for strategy in strategies:

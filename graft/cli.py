@@ -364,14 +364,14 @@ def features(
     """
     from graft.compare import stage_features
     from graft.data import discover, scan
-    from graft.features import default_cache_dir, save_feature_set
+    from graft.features import cache_folder, save_feature_set
     from graft.outputs import output_folder
     from graft.surgery import DEFAULT_NODE
 
     _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
                    ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
     if output:  # before the work: an unwritable or clashing folder wastes nothing
-        output_folder(output, "-o", ((data, "data"), (cache or default_cache_dir(), "feature cache")))
+        output_folder(output, "-o", ((data, "data"), (cache_folder(cache), "feature cache")))
     splits = discover(data)
     report = scan(splits)
     for warning in report.warnings:

@@ -115,10 +115,10 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
     Writes ``leaderboard.csv`` and ``leaderboard.png`` to ``output`` when given. Rows are sorted best first.
     """
     if output:
-        from graft.features import default_cache_dir
+        from graft.features import cache_folder
         from graft.outputs import output_folder
 
-        output_folder(output, "--output", ((data, "data"), (cache_dir or default_cache_dir(), "feature cache")))
+        output_folder(output, "--output", ((data, "data"), (cache_folder(cache_dir), "feature cache")))
     splits = _prepare(data, val_fraction, seed)
     target = resolve_device(device)
     rows = []

@@ -334,6 +334,7 @@ class DatasetSplits:
     test: list[Sample] = field(default_factory=list)
     source: str = ""  # how the splits were found, for the report
     notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
+    root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
 
     def counts(self, split: str) -> dict[str, int]:
         counter = Counter(label for _, label in getattr(self, split))
@@ -414,7 +415,7 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
         train, val = stratified_split(train, val_fraction, seed)
         source = f"one tree split stratified, val_fraction={val_fraction}, seed={seed}"
     test = _split_samples(test_dir, classes, "test") if test_dir else []
-    return DatasetSplits(classes, train, val, test, source, notes)
+    return DatasetSplits(classes, train, val, test, source, notes, str(root))
 
 
 def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Sample]:
@@ -494,7 +495,7 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
         train, val = stratified_split(train, val_fraction, seed)
     if len(notes) > 3:
         notes = notes[:3] + [f"... {len(notes) - 3} more duplicate rows"]
-    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes)
+    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes, str(manifest))
 
 
 # ------------------------------------------------------------------------------------------------------------- the scan

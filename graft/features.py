@@ -31,6 +31,7 @@ from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, to_device
 from graft.memory import out_of_memory_hint
 from graft.model import atomic_write
+from graft.outputs import check_output
 from graft.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,16 @@ SPLITS = ("train", "val", "test")
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GRAFT_CACHE", Path.home() / ".cache" / "graft" / "features"))
+
+
+def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The feature cache folder: the one given, else the default; a blank name is refused (it would make a folder
+    called " " wherever graft runs)."""
+    if cache_dir is None or cache_dir == "":
+        return default_cache_dir()
+    if not str(cache_dir).strip():
+        raise GraftError(f"--cache {str(cache_dir)!r} is blank: name a folder, or leave the option out for the default")
+    return Path(cache_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------- extractors
@@ -299,7 +310,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     pool = extractor.pool_kind
     device = torch.device(device)
     batch_size = batch_size or extraction_batch_size(device)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = cache_folder(cache_dir)
+    if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
+        check_output(cache, "--cache", ((splits.root, "data"),))
     digest = weights_digest(extractor)
     all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]
     train_paths = [p for p, _ in splits.train]

@@ -49,6 +49,8 @@ def check_output(folder: str | os.PathLike, option: str = "--output",
     Raises:
         GraftError: the path or one of its parents is a file, it overlaps a protected path, or it is not writable.
     """
+    if not str(folder).strip():
+        raise GraftError(f"{option} {str(folder)!r} is blank: name a folder")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise GraftError(f"{folder}: {option} names an existing file, not a folder; choose a folder")

@@ -37,7 +37,7 @@ from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig, apply_overrides, check
 from graft.data import DatasetSplits, ImageDataset, build_transform, discover, resolve_workers, scan
 from graft.errors import GraftError
 from graft.evaluate import autocast, autocast_dtype, classification_metrics, predict_logits, resolve_device, to_device
-from graft.features import FeatureSet, default_cache_dir, extract_features
+from graft.features import FeatureSet, cache_folder, extract_features
 from graft.model import (
     GraftModel, atomic_write, build_model, check_finite, config_from_card, load, model_card, non_finite_tensors,
     read_card, save_model, save_weights, write_json,
@@ -605,7 +605,7 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     run_dir = Path(config.output)
     if resume and not (run_dir / "graft.json").is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
-    outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (config.data.cache_dir or default_cache_dir(),
+    outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
                                                                        "feature cache")))
     with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
         prepare_run_dir(run_dir, resume, overwrite)

@@ -149,7 +149,7 @@ def test_a_damaged_checkpoint_on_resume(trained_run, tmp_path, kind):
     ("[1, 2, 3]", "expected a JSON object with mean/std, found list"),
     ('{"mean": ["a", 0.4, 0.4], "std": [0.2, 0.2, 0.2]}', "mean must be 3 numbers"),
     ('{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2]}', "std must be 3 numbers"),
-    ('{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "input_size": [3, 100000, 100000]}', "exceeds 4096 pixels"),
+    ('{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "input_size": [3, 100000, 100000]}', "beyond the limit of 2048 pixels"),
     ('{"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2], "input_size": 224}', "input_size must be \\[C, H, W\\]"),
     ('{"pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.0, 0.2, 0.2]}}', "std must be positive"),
 ])

@@ -206,3 +206,21 @@ def test_stats_output_is_graft_folder_rewritten_in_place(shapes, tmp_path):
         result = invoke("stats", shapes, "--size", 16, "--max-images", 20, "-o", out)
         assert result.exit_code == 0, result.output
     assert set(read_manifest(out)) == {"stats.json", "mean_image.png"} and (out / MANIFEST).is_file()
+
+
+@pytest.mark.parametrize("where", ["data", "inside"])
+def test_a_feature_cache_in_the_data_is_refused_and_writes_nothing(data, tmp_path, where):
+    cache = data if where == "data" else data / "train" / "cache"
+    before = sorted(p for p in data.rglob("*"))
+    refused(invoke("features", data, "-b", "test_resnet", "--no-pretrained", "--image-size", 32, "--cache", cache),
+            "--cache", "the data")
+    assert sorted(p for p in data.rglob("*")) == before
+
+
+@pytest.mark.parametrize("blank", [" ", "\t"])
+def test_blank_folder_names_are_refused(data, tmp_path, monkeypatch, blank):
+    monkeypatch.chdir(tmp_path)
+    refused(invoke("features", data, "-b", "test_resnet", "--no-pretrained", "--image-size", 32, "--cache", blank),
+            "is blank")
+    refused(invoke("fit", data, "-o", blank, *FIT), "is blank")
+    assert not (tmp_path / blank).exists()
