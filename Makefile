@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/graft demo
 
 test: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q --durations=10
 
 clean:

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from graft.baselines import compare_strategies, write_comparison
+from graft.analysis.comparison import compare_strategies, write_comparison
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

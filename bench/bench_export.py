@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from graft.config import load_config
-from graft.export import call_times, export, onnx_session
-from graft.model import build_model, model_card, save_model
+from graft.deploy.export import call_times, export, onnx_session
+from graft.models.grafted import build_model
+from graft.models.run_folder import model_card, save_model
 
 
 def make_run(backbone: str, size: int, folder: Path) -> Path:
@@ -45,8 +46,8 @@ def main() -> None:
     run = make_run(args.backbone, args.size, root / "run")
     result = export(run, root / "export", formats=("onnx",), data=args.data)
     device = torch.device(args.device)
-    from graft.batchnorm import fold_batch_norms
-    from graft.model import load
+    from graft.models.batchnorm import fold_batch_norms
+    from graft.models.run_folder import load
 
     eager = load(run, device).eval()
     example = torch.randn(8, 3, args.size, args.size, device=device)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from graft.backbones import create_backbone
-from graft.data import discover, resolve_workers
-from graft.features import FeatureExtractor, _ViewDataset, extract_features
-from graft.surgery import DEFAULT_NODE
+from graft.models.backbones.registry import create_backbone
+from graft.data.discovery import discover
+from graft.data.datasets import resolve_workers
+from graft.probing.extraction import FeatureExtractor, _ViewDataset, extract_features
+from graft.models.surgery import DEFAULT_NODE
 
 
 def bare_forward(net, size: int, batch: int, batches: int) -> float:

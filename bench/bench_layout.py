@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from graft.backbones import create_backbone
-from graft.heads import build_head
-from graft.model import GraftModel
-from graft.surgery import cut
+from graft.models.backbones.registry import create_backbone
+from graft.models.heads import build_head
+from graft.models.grafted import GraftModel
+from graft.models.surgery import cut
 
 
 def throughput(model, batch, steps: int, train: bool) -> float:

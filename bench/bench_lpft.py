@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from graft.config import load_config
-from graft.data import discover
-from graft.trainer import fit
+from graft.data.discovery import discover
+from graft.training.fitting import fit
 
 
 def subset_manifest(data: str, per_class: int, folder: Path) -> Path:

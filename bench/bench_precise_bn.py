@@ -19,7 +19,8 @@ from pathlib import Path
 from bench_lpft import subset_manifest
 
 from graft.config import load_config
-from graft.trainer import fit, precise_bn
+from graft.training.fitting import fit
+from graft.training.precise_bn import precise_bn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

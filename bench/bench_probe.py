@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from graft.config import load_config
-from graft.trainer import fit
+from graft.training.fitting import fit
 
 
 def run(data: str, output: Path, size: int, **overrides) -> tuple[float, float]:

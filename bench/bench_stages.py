@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from graft.compare import advise
+from graft.probing.advice import advise
 
 BASELINES = {"flowers5": 0.71, "mnist_test10k": 0.94}
 

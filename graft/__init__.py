@@ -1,16 +1,35 @@
-"""graft: a folder of labelled images in, an accurate fine-tuned classifier out, by transfer learning."""
+"""graft: a folder of labelled images in, an accurate fine-tuned classifier out, by transfer learning.
 
-__version__ = "0.1.0"
+The public API is imported lazily (PEP 562), so ``import graft`` and ``graft --help`` do not pay for torch and timm;
+the first use of a name below imports the module that holds it.
+"""
 
-from graft.backbones import Backbone, Preprocessing, create_backbone  # noqa: E402
-from graft.config import FitConfig, load_config  # noqa: E402
-from graft.errors import GraftError  # noqa: E402
-from graft.evaluate import evaluate, predict  # noqa: E402
-from graft.model import GraftModel, load  # noqa: E402
-from graft.surgery import cut, list_nodes  # noqa: E402
-from graft.trainer import FitResult, Hooks, fit  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "Backbone", "FitConfig", "FitResult", "GraftError", "GraftModel", "Hooks", "Preprocessing", "create_backbone",
-    "cut", "evaluate", "fit", "list_nodes", "load", "load_config", "predict", "__version__",
-]
+import importlib
+
+from graft.utils.versions import __version__
+
+_EXPORTS = {
+    "Backbone": "graft.models.backbones.base", "Preprocessing": "graft.models.backbones.base",
+    "create_backbone": "graft.models.backbones.registry", "FitConfig": "graft.config", "load_config": "graft.config",
+    "GraftError": "graft.errors", "evaluate": "graft.evaluation.scoring", "predict": "graft.evaluation.inference",
+    "GraftModel": "graft.models.grafted", "load": "graft.models.run_folder", "cut": "graft.models.surgery",
+    "list_nodes": "graft.models.surgery", "FitResult": "graft.training.state", "Hooks": "graft.training.state",
+    "fit": "graft.training.fitting",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -17,6 +17,15 @@ import yaml
 
 from graft.errors import GraftError
 
+__all__ = [
+    "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "DataConfig",
+    "FitConfig", "HEAD_FITS", "MAX_BATCH_SIZE", "MAX_CONVS", "MAX_EPOCHS", "MAX_HEAD_LAYERS", "MAX_HEAD_WIDTH",
+    "MAX_IMAGE_SIZE", "MAX_INIT_STD", "MAX_LR", "MAX_SEED", "MAX_STAGES", "MAX_WIDTH", "MIN_IMAGE_SIZE",
+    "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
+    "apply_overrides", "check_number", "check_option", "check_ranges", "load_config", "parse_head", "parse_init",
+    "parse_unfreeze", "parse_vgg_stages", "validate"
+]
+
 STRATEGIES = ("probe", "finetune", "scratch", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTATIONS = ("standard", "light", "none")
@@ -313,7 +322,7 @@ def validate(config: FitConfig) -> None:
     _check_choice("bn_stats", config.train.bn_stats, BN_STATS)
     _check_choice("head_fit", config.train.head_fit, HEAD_FITS)
     _check_choice("balance", config.train.balance, BALANCES)
-    from graft.lab import ArchOptions
+
 
     model = config.model
     ArchOptions(model.activation, model.norm, model.init, model.vgg_stages).validate()
@@ -337,3 +346,55 @@ def check_ranges(config: FitConfig) -> None:
                 check_number(f"{section}.{spec.name}", value, allowed, integer)
             except GraftError as error:
                 raise GraftError(f"{error}{flag}") from None
+
+
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
+NORMS = ("batch", "layer", "instance", "group", "none")
+
+
+# vgg-like: bounds that keep a typo (2x100000) from allocating tens of GB while the network is built
+MAX_WIDTH, MAX_CONVS, MAX_STAGES = 4096, 16, 8
+MAX_INIT_STD = 10.0
+
+
+@dataclass(frozen=True)
+class ArchOptions:
+    """How a lab network is built; stored in every run's config (model.activation, model.norm, ...)."""
+
+    activation: str = "relu"
+    norm: str = "none"
+    init: str = "kaiming"  # kaiming | xavier | normal:STD (e.g. normal:0.01)
+    vgg_stages: str = "2x32,2x64,2x128"  # vgg-like: CONVSxWIDTH per stage
+
+    def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise GraftError(f"activation '{self.activation}' not understood: choose one of {', '.join(ACTIVATIONS)}")
+        if self.norm not in NORMS:
+            raise GraftError(f"norm '{self.norm}' not understood: choose one of {', '.join(NORMS)}")
+        parse_init(self.init)
+        parse_vgg_stages(self.vgg_stages)
+
+
+def parse_init(spec: str) -> tuple[str, float]:
+    """``kaiming`` / ``xavier`` → (scheme, 0); ``normal:0.01`` → ("normal", 0.01)."""
+    if spec in ("kaiming", "xavier"):
+        return spec, 0.0
+    match = re.fullmatch(r"normal:(\d*\.?\d+(?:e-?\d+)?)", spec)
+    if not match or not 0 < float(match.group(1)) <= MAX_INIT_STD:  # 1e999 reads as inf
+        raise GraftError(f"init '{spec:.40}' not understood: use kaiming, xavier or normal:STD with STD in "
+                         f"(0, {MAX_INIT_STD:g}] (e.g. normal:0.01)")
+    return "normal", float(match.group(1))
+
+
+def parse_vgg_stages(spec: str) -> list[tuple[int, int]]:
+    """``2x32,2x64`` → [(2, 32), (2, 64)]: convolutions and width per stage."""
+    stages = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d{1,9})x(\d{1,9})\s*", part)
+        if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+            raise GraftError(f"vgg stages '{spec}' not understood: use CONVSxWIDTH per stage, e.g. 2x32,2x64,3x128")
+        stages.append((int(match.group(1)), int(match.group(2))))
+    if len(stages) > MAX_STAGES or any(convs > MAX_CONVS or width > MAX_WIDTH for convs, width in stages):
+        raise GraftError(f"vgg stages '{spec:.40}': at most {MAX_STAGES} stages, each of 1 to {MAX_CONVS} convolutions "
+                         f"of width 1 to {MAX_WIDTH} (e.g. 2x32,2x64,3x128)")
+    return stages

@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from synthetic import make_shapes  # noqa: E402
 
-from graft.config import load_config  # noqa: E402
+from graft.config import load_config# noqa: E402
 
 TINY = "test_resnet"  # timm's ~0.5 M-parameter ResNet: real BN, stages and group_matcher, fast at 32 px
 
@@ -42,7 +42,7 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(shapes, tmp_path_factory) -> Path:
     """A finished finetune run of the tiny backbone (shared: predict, evaluate, load and CLI tests read it)."""
-    from graft.trainer import fit
+    from graft.training.fitting import fit
 
     output = tmp_path_factory.mktemp("runs") / "shapes"
     fit(tiny_config(shapes, output, **{"train.strategy": "finetune", "train.epochs": 12}), verbose=False)

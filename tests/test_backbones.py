@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from graft.backbones import (
-    PACKAGED_WEIGHTS, Preprocessing, create_backbone, read_weights_file,
-)
-from graft.data import build_transform
+from graft.models.backbones.timm_source import PACKAGED_WEIGHTS
+from graft.models.backbones.base import Preprocessing, read_weights_file
+from graft.models.backbones.registry import create_backbone
+from graft.data.transforms import build_transform
 from graft.errors import GraftError
 
 TINY_MODELS = ["test_resnet", "test_convnext", "test_vit", "test_efficientnet"]

@@ -15,11 +15,12 @@ from synthetic import make_shapes
 from typer.testing import CliRunner
 
 from graft import cli
-from graft.backbones import _file_preprocessing
-from graft.data import discover
+from graft.cli import shared
+from graft.models.backbones.base import _file_preprocessing
+from graft.data.discovery import discover
 from graft.errors import GraftError
-from graft.memory import out_of_memory_hint
-from graft.safefiles import read_safetensors
+from graft.utils.memory import out_of_memory_hint
+from graft.utils.safefiles import read_safetensors
 
 runner = CliRunner()
 
@@ -176,8 +177,8 @@ def test_bad_preprocessing_metadata_in_a_weights_file_is_one_error(tmp_path):
 
 
 def test_a_truncated_cache_shard_is_rebuilt_once(tmp_path, caplog):
-    from graft.backbones import create_backbone
-    from graft.features import FeatureExtractor, extract_features
+    from graft.models.backbones.registry import create_backbone
+    from graft.probing.extraction import FeatureExtractor, extract_features
 
     data = make_shapes(tmp_path / "data", splits={"train": 4, "val": 2}, seed=3)
     splits, cache = discover(data), tmp_path / "cache"
@@ -225,7 +226,7 @@ def test_resume_after_the_classes_changed_names_them(trained_run, shapes, tmp_pa
 
 def test_resume_warns_of_each_ignored_flag(shapes, tmp_path):
     from graft.config import load_config
-    from graft.trainer import ignored_on_resume
+    from graft.training.checkpoints import ignored_on_resume
 
     saved = load_config(None, {"data.path": str(shapes), "train.lr": 0.01, "train.epochs": 3})
     given = load_config(None, {"data.path": str(shapes), "train.lr": 0.5, "train.epochs": 3, "data.batch_size": 7,
@@ -271,7 +272,7 @@ def _fail_forward(monkeypatch, module):
 
 
 def test_out_of_memory_in_training_and_predict_is_one_line(trained_run, shapes, tmp_path, monkeypatch):
-    from graft.model import GraftModel
+    from graft.models.grafted import GraftModel
 
     _fail_forward(monkeypatch, GraftModel)
     result = invoke("predict", trained_run, shapes / "val" / "circle", "--batch-size", 8, "--format", "csv")
@@ -283,7 +284,7 @@ def test_out_of_memory_in_training_and_predict_is_one_line(trained_run, shapes, 
 
 
 def test_out_of_memory_in_feature_extraction_is_one_line(shapes, tmp_path, monkeypatch):
-    from graft.features import FeatureExtractor
+    from graft.probing.extraction import FeatureExtractor
 
     _fail_forward(monkeypatch, FeatureExtractor)
     result = invoke("features", shapes, "--backbone", "test_resnet", "--no-pretrained", "--image-size", 32,
@@ -299,12 +300,12 @@ def test_out_of_memory_in_feature_extraction_is_one_line(shapes, tmp_path, monke
 def broken_command(monkeypatch, tmp_path):
     """A command with a bug in it, and the log folder under tmp_path."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setitem(cli.DEBUG, "on", False)
+    monkeypatch.setitem(shared.DEBUG, "on", False)
 
     def fail(*args, **kwargs):
         raise ValueError("kaput [red]\nsecond line")
 
-    monkeypatch.setattr("graft.backbones.create_backbone", fail)
+    monkeypatch.setattr("graft.models.backbones.registry.create_backbone", fail)
     monkeypatch.setattr(sys, "argv", ["graft", "layers", "test_resnet"])
     return tmp_path / "cache" / "graft" / "logs"
 
@@ -332,7 +333,7 @@ def test_graft_errors_and_interrupts_keep_their_handling(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("graft.backbones.create_backbone", interrupted)
+    monkeypatch.setattr("graft.models.backbones.registry.create_backbone", interrupted)
     monkeypatch.setattr(sys, "argv", ["graft", "layers", "test_resnet"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -340,7 +341,7 @@ def test_graft_errors_and_interrupts_keep_their_handling(monkeypatch, capsys):
 
 
 def test_bad_preprocessing_metadata_in_lab_weights_is_one_error(tmp_path):
-    from graft.backbones import create_backbone
+    from graft.models.backbones.registry import create_backbone
 
     net = create_backbone("small-cnn-cifar", pretrained=False).net
     path = tmp_path / "lab.safetensors"

@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from graft.cli import app
+from graft.cli.shared import app
 
 runner = CliRunner()
 

@@ -131,7 +131,7 @@ def sandbox(shapes, trained_run, tmp_path, monkeypatch):
 
 
 def check_invocation(sandbox: Path, name: str, changes: dict[str, str]) -> None:
-    from graft.cli import app
+    from graft.cli.shared import app
 
     command = COMMANDS[name]
     output = Path(tempfile.mkdtemp(dir=sandbox, prefix="out-")) / "result"

@@ -8,10 +8,12 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from graft.backbones import Backbone, Preprocessing, register_source
-from graft.cli import app
-from graft.compare import advise, knn_accuracy, probe_backbones
-from graft.trainer import fit
+from graft.models.backbones.base import Backbone, Preprocessing
+from graft.models.backbones.registry import register_source
+from graft.cli.shared import app
+from graft.probing.advice import advise
+from graft.probing.leaderboard import knn_accuracy, probe_backbones
+from graft.training.fitting import fit
 from conftest import tiny_config
 from synthetic import make_shapes
 

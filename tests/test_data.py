@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft.data import (
-    DatasetSplits, ImageDataset, build_transform, discover, expand_inputs, load_image, scan, stratified_split,
-)
-from graft.backbones import Preprocessing
-from graft.data import ImageError
+from graft.data.discovery import DatasetSplits, discover, expand_inputs, stratified_split
+from graft.data.datasets import ImageDataset
+from graft.data.transforms import build_transform
+from graft.data.images import load_image
+from graft.data.scan import scan
+from graft.models.backbones.base import Preprocessing
+from graft.data.images import ImageError
 
 
 def _save(image: Image.Image, path, **kwargs):

@@ -1,6 +1,6 @@
 """The embedded default on its real data (scikit-learn digits) and real ImageNet weights, at a reduced budget."""
 
-from graft.demo import run_demo, write_digits
+from graft.analysis.demo import run_demo, write_digits
 
 
 def test_write_digits_split_sizes(tmp_path):

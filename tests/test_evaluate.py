@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from graft.errors import GraftError
-from graft.evaluate import classification_metrics, evaluate, predict
+from graft.evaluation.metrics import classification_metrics
+from graft.evaluation.scoring import evaluate
+from graft.evaluation.inference import predict
 
 
 def test_metrics_match_hand_computed_numbers():
@@ -68,7 +70,7 @@ def test_ensemble_needs_the_same_classes(trained_run, shapes, tmp_path):
 
 
 def test_newer_or_damaged_run_folders_are_refused(trained_run, tmp_path):
-    from graft.model import load
+    from graft.models.run_folder import load
 
     damaged = tmp_path / "damaged"
     shutil.copytree(trained_run, damaged)

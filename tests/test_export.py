@@ -11,13 +11,15 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from graft.batchnorm import fold_batch_norms, recompute_statistics
+from graft.models.batchnorm import fold_batch_norms, recompute_statistics
 from graft.config import load_config
 from graft.errors import GraftError
-from graft.evaluate import predict
-from graft.export import consumer_metadata, export, onnx_session
-from graft.model import build_model, load, read_card
-from graft.trainer import fit, precise_bn
+from graft.evaluation.inference import predict
+from graft.deploy.export import consumer_metadata, export, onnx_session
+from graft.models.grafted import build_model
+from graft.models.run_folder import load, read_card
+from graft.training.fitting import fit
+from graft.training.precise_bn import precise_bn
 
 
 def _model_with_moved_statistics(backbone: str, head: str = "linear", cut_at: str | None = None):
@@ -160,7 +162,7 @@ def test_export_errors_are_clear(trained_run, tmp_path):
 def test_cli_export_prints_parity_and_latency(trained_run, tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     result = CliRunner().invoke(app, ["export", str(trained_run), "-o", str(tmp_path / "cli"), "--format", "onnx",
                                       "--fold-bn"])

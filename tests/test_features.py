@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from graft.backbones import create_backbone
-from graft.data import discover
-from graft.features import CacheSpace, FeatureExtractor, extract_features
-from graft.surgery import DEFAULT_NODE, cut
+from graft.models.backbones.registry import create_backbone
+from graft.data.discovery import discover
+from graft.probing.cache import CacheSpace
+from graft.probing.extraction import FeatureExtractor, extract_features
+from graft.models.surgery import DEFAULT_NODE, cut
 from synthetic import make_shapes
 
 
@@ -110,7 +111,7 @@ def test_concurrent_index_updates_keep_both_shards(tmp_path):
 def test_a_damaged_cache_index_is_rebuilt_not_fatal(tmp_path):
     import numpy as np
 
-    from graft.features import CacheSpace
+    from graft.probing.cache import CacheSpace
 
     space = CacheSpace(tmp_path / "space", {"node": "x"})
     space.add_shard(["a", "b"], np.ones((2, 3), np.float16))

@@ -23,13 +23,14 @@ from conftest import tiny_config
 from synthetic import make_shapes, shape_image
 from test_serve import server  # noqa: F401 - the live server fixture, reused for the upload test
 
-from graft.cli import app
-from graft.data import (
-    ALLOWED_FORMATS, MAX_FILE_BYTES, _check_file, decode_image, discover, load_image, scan,
-)
+from graft.cli.shared import app
+from graft.data.images import ALLOWED_FORMATS, MAX_FILE_BYTES, decode_image, load_image
+from graft.data.scan import _check_file, scan
+from graft.data.discovery import discover
 from graft.errors import GraftError
-from graft.evaluate import evaluate, iter_predictions, predict
-from graft.text import display_name, unescape_field
+from graft.evaluation.scoring import evaluate
+from graft.evaluation.inference import iter_predictions, predict
+from graft.utils.text import display_name, unescape_field
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
 PS = b"%!PS-Adobe-3.0\n/Helvetica findfont 12 scalefont setfont 72 72 moveto (hello) show showpage\n"
@@ -83,7 +84,7 @@ def test_load_and_decode_refuse_other_formats_by_content(gs_log, tmp_path):
 
 
 def test_scan_and_fit_skip_them_and_skipped_files_keeps_one_record_per_line(gs_log, tmp_path):
-    from graft.trainer import fit
+    from graft.training.fitting import fit
 
     data = make_shapes(tmp_path / "data", per_class=6, seed=4)
     hostile = _hostile_files(data / "circle")
@@ -125,7 +126,7 @@ def test_serve_answers_415_to_an_upload_of_another_format(gs_log, server):  # no
 
 
 def test_the_exported_standalone_example_refuses_them_too(gs_log, trained_run, tmp_path):
-    from graft.export import export
+    from graft.deploy.export import export
 
     out = tmp_path / "export"
     export(trained_run, out, formats=("onnx",), fold_bn=False)
@@ -218,7 +219,7 @@ def test_pillow_object_reprs_never_reach_a_reason():
 @pytest.fixture(scope="module")
 def odd_names_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data, run): classes named by a non-UTF-8 folder and by spreadsheet formulas, trained for one epoch."""
-    from graft.trainer import fit
+    from graft.training.fitting import fit
 
     root = tmp_path_factory.mktemp("odd")
     data = make_shapes(root / "data", per_class=8, seed=7)
@@ -263,7 +264,7 @@ def test_non_utf8_and_formula_class_names_survive_predict_and_the_cli(odd_names_
 def test_non_utf8_class_names_in_the_servers_json(odd_names_run):
     from fastapi.testclient import TestClient
 
-    from graft.serve import ServeConfig, create_app
+    from graft.deploy.serve import ServeConfig, create_app
 
     data, run = odd_names_run
     image = next((data / "caf\udce9").iterdir()).read_bytes()

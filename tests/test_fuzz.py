@@ -10,7 +10,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graft.data import ImageError, _check_file, load_image
+from graft.data.images import ImageError, load_image
+from graft.data.scan import _check_file
 
 SIGNATURES = [
     b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"GIF89a", b"GIF87a",

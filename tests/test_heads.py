@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from graft.heads import build_head
+from graft.models.heads import build_head
 
 
 def test_linear_head_is_xavier_with_zero_bias():

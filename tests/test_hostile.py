@@ -17,8 +17,11 @@ import pytest
 import torch
 from PIL import Image, ImageCms
 
-from graft.backbones import Preprocessing
-from graft.data import build_transform, discover, load_image, scan
+from graft.models.backbones.base import Preprocessing
+from graft.data.transforms import build_transform
+from graft.data.discovery import discover
+from graft.data.images import load_image
+from graft.data.scan import scan
 from graft.errors import GraftError
 from synthetic import make_shapes, shape_image
 
@@ -289,7 +292,7 @@ def test_a_csv_that_is_not_utf8_is_an_error(tmp_path):
 def test_fit_on_a_hostile_folder_finishes_and_lists_every_bad_file(dataset, tmp_path):
     from conftest import tiny_config
 
-    from graft.trainer import fit
+    from graft.training.fitting import fit
 
     bad = [BAD[kind](dataset / "square") for kind in ("truncated JPEG", "zero-byte file", "HTML page named .png",
                                                          "broken symbolic link", "decompression bomb header")]
@@ -307,7 +310,7 @@ def test_fit_on_a_hostile_folder_finishes_and_lists_every_bad_file(dataset, tmp_
 def test_predict_writes_non_utf8_file_names_back_as_their_bytes(trained_run, tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     image = _write(tmp_path, b"caf\xe9.png", _encoded(_photo(), "PNG"))
     result = CliRunner().invoke(app, ["predict", str(trained_run), str(image), "--format", "csv",

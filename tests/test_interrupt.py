@@ -21,7 +21,7 @@ from conftest import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graft.outputs import MANIFEST
+from graft.utils.outputs import MANIFEST
 
 EPOCHS = 12  # ~0.1 s each here: a kill aimed at epochs 1-4 leaves a wide margin before the run ends
 

@@ -13,16 +13,21 @@ from conftest import TINY, tiny_config
 from PIL import Image
 from torch import nn
 
-from graft.backbones import create_backbone
-from graft.baselines import compare_strategies
+from graft.models.backbones.registry import create_backbone
+from graft.analysis.comparison import compare_strategies
 from graft.config import load_config
-from graft.diagnose import activation_statistics, dataset_statistics, diagnose, gradient_flow, lr_sweep
+from graft.analysis.diagnose import activation_statistics, diagnose, gradient_flow
+from graft.data.statistics import dataset_statistics
+from graft.training.lr_find import lr_sweep
 from graft.errors import GraftError
-from graft.evaluate import predict
-from graft.lab import ACTIVATIONS, NORMS, ArchOptions, build_lab_net
-from graft.model import load, read_card
-from graft.surgery import list_nodes, receptive_fields
-from graft.trainer import Runtime, find_lr, fit
+from graft.evaluation.inference import predict
+from graft.config import ACTIVATIONS, NORMS, ArchOptions
+from graft.models.backbones.lab import build_lab_net
+from graft.models.run_folder import load, read_card
+from graft.models.surgery import list_nodes, receptive_fields
+from graft.utils.runtime import Runtime
+from graft.training.lr_find import find_lr
+from graft.training.fitting import fit
 
 
 def _shapes(name: str, size: int) -> dict[str, tuple]:
@@ -127,7 +132,7 @@ def test_lr_sweep_suggests_a_tenth_of_the_lowest_loss_rate():
 def test_lr_find_on_a_toy_task_is_within_an_order_of_magnitude_of_a_known_good_rate(shapes):
     config = tiny_config(shapes, "unused", **{"train.strategy": "scratch"})  # 1e-2 trains it well (other tests)
     runtime = Runtime(torch.device("cpu"), None, True, verbose=False)
-    from graft.data import discover
+    from graft.data.discovery import discover
 
     finding = find_lr(config, discover(shapes, seed=0), runtime, steps=60, start=1e-6, end=10)
     assert 1e-3 <= finding.suggestion <= 1e-1, finding.reason
@@ -158,7 +163,7 @@ def test_a_lab_network_trains_from_scratch_and_reloads(shapes, tmp_path):
 
 def test_scratch_training_normalises_with_the_datas_own_statistics(shapes, tmp_path):
     result = fit(tiny_config(shapes, tmp_path / "s", **{"train.strategy": "scratch", "train.epochs": 1}), verbose=False)
-    from graft.data import discover
+    from graft.data.discovery import discover
 
     stats = dataset_statistics([p for p, _ in discover(shapes, seed=0).train], size=32, max_images=2000)
     assert read_card(result.run_dir)["preprocessing"]["mean"] == pytest.approx(list(stats.mean))
@@ -175,7 +180,7 @@ def test_dataset_statistics_are_exact_on_known_images(tmp_path):
 def test_the_sigmoid_head_is_one_logit_for_two_classes(tmp_path):
     from synthetic import make_shapes
 
-    from graft.heads import BinaryLogit, build_head
+    from graft.models.heads import BinaryLogit, build_head
 
     head = build_head(8, 2, "sigmoid")
     features = torch.randn(5, 8)
@@ -200,7 +205,7 @@ def test_lab_options_are_validated_and_refused_for_other_backbones():
     with pytest.raises(GraftError, match="init 'he' not understood"):
         load_config(None, {"model.init": "he"})
     with pytest.raises(GraftError, match="shape the lab networks"):
-        from graft.model import build_model
+        from graft.models.grafted import build_model
 
         build_model(load_config(None, {"model.backbone": TINY, "model.norm": "batch", "train.strategy": "scratch"}),
                     ["a", "b"])
@@ -233,7 +238,7 @@ def test_compare_prints_the_lectures_table_and_writes_csv_and_png(shapes, tmp_pa
 def test_cli_diagnose_stats_and_lr_find(shapes, tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["diagnose", "vgg-like", str(shapes), "--activation", "tanh", "--init", "normal:0.01",

@@ -6,9 +6,9 @@ import pytest
 from synthetic import make_shapes
 from typer.testing import CliRunner
 
-from graft.cli import app
-from graft.model import write_json
-from graft.outputs import MANIFEST, TEMP_PREFIX, read_manifest, remove_temp_files
+from graft.cli.shared import app
+from graft.utils.files import write_json
+from graft.utils.outputs import MANIFEST, TEMP_PREFIX, read_manifest, remove_temp_files
 
 runner = CliRunner()
 DOTFILES = (".env.local", ".eslintrc.json", ".gitlab-ci.yml", ".pre-commit-config.yaml")
@@ -113,7 +113,7 @@ def test_temp_clean_up_removes_only_graft_temp_files_only_in_graft_folders(tmp_p
 def test_atomic_write_temp_files_carry_the_graft_prefix(tmp_path):
     from pathlib import Path
 
-    from graft.model import atomic_write
+    from graft.utils.files import atomic_write
 
     seen = []
     atomic_write(tmp_path / "x.json", lambda temp: (seen.append(temp), Path(temp).write_text("{}")))

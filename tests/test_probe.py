@@ -5,7 +5,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from graft.probe import class_weights, fit_linear_probe
+from graft.probing.linear import class_weights, fit_linear_probe
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,10 @@ def test_balanced_probe_favours_the_minority_class():
 
 
 def test_large_problems_use_the_minibatch_solver(digits, monkeypatch):
-    import graft.probe
+    import graft.probing.linear
 
     train_x, train_y, val_x, val_y, test_x, test_y = digits
-    monkeypatch.setattr(graft.probe, "FULL_BATCH_LIMIT", 0)  # as if the features did not fit one batch
+    monkeypatch.setattr(graft.probing.linear, "FULL_BATCH_LIMIT", 0)  # as if the features did not fit one batch
     result = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1e-3,))
     assert result.grid[0]["iterations"] == 1000  # the minibatch solver's step budget, not L-BFGS's evaluations
     lbfgs = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1e-3,))

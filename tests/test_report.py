@@ -17,12 +17,15 @@ from conftest import tiny_config
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from graft.backbones import Preprocessing
-from graft.data import TTAViews, build_transform, load_image
+from graft.models.backbones.base import Preprocessing
+from graft.data.transforms import TTAViews, build_transform
+from graft.data.images import load_image
 from graft.errors import GraftError
-from graft.evaluate import classification_metrics, evaluate, expected_calibration_error, predict
-from graft.report import PLOTS, write_report
-from graft.trainer import fit
+from graft.evaluation.metrics import classification_metrics, expected_calibration_error
+from graft.evaluation.scoring import evaluate
+from graft.evaluation.inference import predict
+from graft.evaluation.report import PLOTS, write_report
+from graft.training.fitting import fit
 
 SECTIONS = ("summary", "training", "confusion", "per-class", "calibration", "mistakes")
 PREPROCESSING = Preprocessing((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
@@ -140,7 +143,7 @@ def test_predict_with_tta_gives_probabilities_that_sum_to_one(trained_run, shape
 def test_cli_evaluate_prints_both_numbers_and_writes_the_report(trained_run, shapes, tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     result = CliRunner().invoke(app, ["evaluate", str(trained_run), str(shapes), "--tta", "flip",
                                       "--output", str(tmp_path / "cli")])
@@ -150,7 +153,7 @@ def test_cli_evaluate_prints_both_numbers_and_writes_the_report(trained_run, sha
 
 
 def test_thumbnails_survive_a_file_deleted_after_evaluation(shapes, tmp_path):
-    from graft.report import _thumbnail
+    from graft.evaluation.report import _thumbnail
 
     assert _thumbnail(str(tmp_path / "gone.png")).size == (112, 112)
     assert max(_thumbnail(str(next((shapes / "val" / "circle").iterdir()))).size) <= 112

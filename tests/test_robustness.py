@@ -12,12 +12,16 @@ import pytest
 import torch
 from conftest import TINY, tiny_config
 
-from graft import trainer
-from graft.backbones import read_weights_file
+from graft.training import checkpoints, loop, setup
+from graft.models.backbones.base import read_weights_file
 from graft.config import load_config
 from graft.errors import GraftError
-from graft.model import atomic_write, config_from_card, load, read_card
-from graft.trainer import Hooks, balanced_sampler, fit, read_checkpoint, run_lock
+from graft.utils.files import atomic_write
+from graft.models.run_folder import config_from_card, load, read_card
+from graft.training.state import Hooks
+from graft.training.setup import balanced_sampler
+from graft.training.fitting import fit
+from graft.training.checkpoints import read_checkpoint, run_lock
 
 # ---------------------------------------------------------------------------------------------- concurrent runs, disk
 
@@ -48,7 +52,7 @@ def test_a_failed_write_keeps_the_previous_file_and_says_the_disk_is_full(tmp_pa
 
 def test_a_full_disk_mid_training_leaves_the_last_checkpoint_resumable(shapes, tmp_path, monkeypatch):
     saves = []
-    real_save = trainer.save_file
+    real_save = checkpoints.save_file
 
     def save_until_the_disk_fills(tensors, path, metadata=None):
         saves.append(path)
@@ -57,11 +61,11 @@ def test_a_full_disk_mid_training_leaves_the_last_checkpoint_resumable(shapes, t
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(trainer, "save_file", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoints, "save_file", save_until_the_disk_fills)
     config = tiny_config(shapes, tmp_path / "full", **{"train.strategy": "scratch", "train.epochs": 3})
     with pytest.raises(GraftError, match="disk is full"):
         fit(config, verbose=False)
-    monkeypatch.setattr(trainer, "save_file", real_save)
+    monkeypatch.setattr(checkpoints, "save_file", real_save)
     assert read_checkpoint(tmp_path / "full")[3].epoch == 1
     assert not [p for p in (tmp_path / "full").iterdir() if p.name.startswith(".checkpoint")]
     assert fit(config, resume=True, verbose=False).metrics["epochs"] == 3
@@ -73,7 +77,7 @@ def test_a_full_disk_mid_training_leaves_the_last_checkpoint_resumable(shapes, t
 def _nan_on_calls(monkeypatch, calls: set[int] | None):
     """Makes the training loss NaN on the given call numbers (None: on every call from the fifth on)."""
     count = {"n": 0}
-    real = trainer.compute_loss
+    real = loop.compute_loss
 
     def loss(*args, **kwargs):
         count["n"] += 1
@@ -81,7 +85,7 @@ def _nan_on_calls(monkeypatch, calls: set[int] | None):
         poisoned = count["n"] in calls if calls is not None else count["n"] >= 5
         return value * math.nan if poisoned else value
 
-    monkeypatch.setattr(trainer, "compute_loss", loss)
+    monkeypatch.setattr(loop, "compute_loss", loss)
 
 
 def test_a_nan_loss_rolls_back_and_retries_at_half_the_learning_rate(shapes, tmp_path, monkeypatch, capsys):
@@ -167,7 +171,7 @@ def test_the_balanced_sampler_draws_classes_equally_often():
 def test_balance_loss_weights_classes_by_inverse_frequency(shapes, tmp_path):
     samples = [("x", 0)] * 6 + [("y", 1)] * 2
     config = load_config(None, {"train.balance": "loss"})
-    weights = trainer._loss_class_weights(type("D", (), {"samples": samples}), 2, config, torch.device("cpu"))
+    weights = setup._loss_class_weights(type("D", (), {"samples": samples}), 2, config, torch.device("cpu"))
     assert torch.allclose(weights, torch.tensor([8 / 12, 8 / 4]))
     for balance in ("sampler", "loss"):
         result = fit(tiny_config(shapes, tmp_path / balance, **{"train.strategy": "scratch", "train.epochs": 4,
@@ -203,7 +207,7 @@ def test_a_pickle_bomb_is_refused_and_its_code_never_runs(tmp_path):
 def test_the_cli_refuses_a_pickle_bomb_in_one_line(shapes, tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     marker = tmp_path / "the-bomb-went-off"
     torch.save(_RunsCodeWhenUnpickled(marker), tmp_path / "model.bin")
@@ -250,7 +254,7 @@ def test_yaml_style_numbers_are_accepted_and_wrong_types_named(tmp_path):
 def test_hostile_class_names_never_escape_the_run_folder(tmp_path):
     from synthetic import make_shapes
 
-    from graft.evaluate import evaluate
+    from graft.evaluation.scoring import evaluate
 
     make_shapes(tmp_path / "img", per_class=8, seed=2)
     names = {"circle": "../../escaped", "square": "a/b\\c:d", "triangle": ".."}

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from graft.evaluate import predict
-from graft.serve import ServeConfig, create_app
+from graft.evaluation.inference import predict
+from graft.deploy.serve import ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_concurrent_requests_are_batched_and_all_answered(server):
 def test_the_cli_refuses_a_missing_run_in_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from graft.cli import app
+    from graft.cli.shared import app
 
     result = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert result.exit_code == 2 and "not a graft run folder" in result.output

@@ -2,14 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from graft.backbones import create_backbone
+from graft.models.backbones.registry import create_backbone
 from graft.errors import GraftError
-from graft.heads import build_head
-from graft.model import GraftModel
-from graft.surgery import (
-    DEFAULT_NODE, cut, freeze_trunk, keep_frozen_norms_eval, list_nodes, receptive_fields, stage_groups,
-    unfreeze_last,
-)
+from graft.models.heads import build_head
+from graft.models.grafted import GraftModel
+from graft.models.surgery import DEFAULT_NODE, cut, freeze_trunk, keep_frozen_norms_eval, list_nodes, receptive_fields, stage_groups, unfreeze_last
 
 
 def _net(name="test_resnet"):

@@ -6,11 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from graft import recipes
+from graft.training import recipes
 from graft.errors import GraftError
-from graft.model import build_model, load
-from graft.outputs import MANIFEST
-from graft.trainer import Hooks, fit
+from graft.models.grafted import build_model
+from graft.models.run_folder import load
+from graft.utils.outputs import MANIFEST
+from graft.training.state import Hooks
+from graft.training.fitting import fit
 
 
 def _weights(run_dir):
@@ -79,8 +81,10 @@ def test_run_folder_holds_everything_predict_needs(trained_run):
 
 
 def test_save_load_predict_gives_identical_logits(trained_run, shapes):
-    from graft.data import ImageDataset, build_transform, discover
-    from graft.trainer import fit as _  # noqa: F401  (the fixture trained it)
+    from graft.data.datasets import ImageDataset
+    from graft.data.transforms import build_transform
+    from graft.data.discovery import discover
+    from graft.training.fitting import fit as _# noqa: F401  (the fixture trained it)
 
     loaded = load(trained_run)
     samples = discover(shapes).val[:8]
@@ -191,7 +195,7 @@ def test_cached_probe_solves_the_head_and_leaves_the_trunk_alone(shapes, tmp_pat
     grid = list(csv.DictReader(open(result.run_dir / "probe_grid.csv")))
     assert len(grid) == 7 and {"l2", "val_acc", "train_loss"} <= set(grid[0])
     assert result.metrics["val"]["accuracy"] >= 0.8 and result.metrics["epochs"] == 0
-    from graft.evaluate import evaluate
+    from graft.evaluation.scoring import evaluate
 
     direct = evaluate(result.run_dir, shapes, split="val", device="cpu", output=tmp_path / "e")
     assert direct["accuracy"] == pytest.approx(result.metrics["val"]["accuracy"], abs=1 / 30 + 1e-6)  # fp16 cache
@@ -232,6 +236,6 @@ def test_unreadable_files_are_skipped_and_listed_in_the_run_folder(tmp_path):
 ])
 def test_auto_batch_norm_statistics(overrides, images, expected):
     from graft.config import load_config
-    from graft.trainer import resolve_bn_stats
+    from graft.training.setup import resolve_bn_stats
 
     assert resolve_bn_stats(load_config(None, {"train.strategy": "finetune", **overrides}), images) == expected

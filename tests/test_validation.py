@@ -15,11 +15,12 @@ from conftest import TINY, tiny_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from graft.cli import app
+from graft.cli.shared import app
 from graft.config import load_config
 from graft.errors import GraftError
-from graft.model import load, non_finite_tensors
-from graft.trainer import Hooks, fit
+from graft.models.run_folder import load, non_finite_tensors
+from graft.training.state import Hooks
+from graft.training.fitting import fit
 
 runner = CliRunner()
 

@@ -1,0 +1,5 @@
+"""``python -m graft`` (and ``torchrun -m graft``): the same entry point as the ``graft`` command."""
+
+from graft.cli import main
+
+main()

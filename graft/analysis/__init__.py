@@ -1,0 +1,1 @@
+"""Looking at networks and strategies: diagnostics and the scratch-vs-probe-vs-finetune comparison."""

@@ -1,0 +1,98 @@
+"""`graft export`, `graft serve` and `graft precise-bn`: getting a trained run out of graft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from graft.cli.shared import (
+    BATCH_SIZES,
+    TOP_K,
+    DeviceOpt,
+    TTAOpt,
+    _check_options,
+    app,
+    err,
+    friendly_errors,
+    out,
+    print_table,
+)
+
+__all__ = ["export", "precise_bn_command", "serve"]
+
+
+@app.command()
+@friendly_errors
+def export(
+    run: Annotated[str, typer.Argument(help="the run folder to export")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN/export")] = None,
+    formats: Annotated[str, typer.Option("--format", help="comma-separated: onnx, torch, safetensors")] =
+    "onnx,torch,safetensors",
+    fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms into convs")] = True,
+    data: Annotated[Optional[str], typer.Option(help="images for the parity checks (default: the run's data)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+):
+    """Export for deployment (ONNX, torch.export, safetensors + JSON), each verified against the trained model.
+
+    Example: graft export runs/pets --fold-bn --format onnx
+    """
+    from graft.deploy.export import export as export_run
+
+    result = export_run(run, output or Path(run) / "export", tuple(f.strip() for f in formats.split(",") if f.strip()),
+                        fold_bn, data, overwrite, log=lambda message: err.print(message, highlight=False))
+    rows = [[form, f"{difference:.2e}"] for form, difference in result.parity.items()]
+    print_table(f"exported to {result.out_dir} (parity on {result.inputs})", ["form", "max |Δlogit|"], rows)
+    print_table("batch-1 latency (median, CPU)", ["form", "ms"],
+                [[form, f"{ms:.3f}"] for form, ms in result.latency_ms.items()])
+    out.print("files: " + ", ".join(result.files))
+
+
+@app.command("precise-bn")
+@friendly_errors
+def precise_bn_command(
+    run: Annotated[str, typer.Argument(help="a finished run folder")],
+    data: Annotated[Optional[str], typer.Option(help="the training data (default: the run's own)")] = None,
+    device: DeviceOpt = "auto",
+    augment: Annotated[bool, typer.Option("--augment/--no-augment",
+                                          help="in the training augmentation (default) or evaluation preprocessing")]
+    = True,
+):
+    """Recompute batch-norm statistics over the whole training set ("precise BN") and save them into the run.
+
+    Example: graft precise-bn runs/pets
+    """
+    from graft.training.precise_bn import precise_bn
+
+    precise_bn(run, data, device, augmented=augment)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    runs: Annotated[list[str], typer.Argument(help="RUN [RUN...] (several: an ensemble)")],
+    host: Annotated[str, typer.Option(help="127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")] =
+    "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    device: DeviceOpt = "auto",
+    max_upload_mb: Annotated[float, typer.Option(help="largest request body accepted")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="largest image accepted (decompression bombs)")] = 40_000_000,
+    max_batch: Annotated[int, typer.Option(help="images per forward pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a request waits to share a batch")] = 10.0,
+    top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
+    tta: TTAOpt = None,
+):
+    """Serve predictions over HTTP: POST /predict (multipart images), GET /health, GET /metadata.
+
+    Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict
+    """
+    from graft.deploy.serve import ServeConfig
+    from graft.deploy.serve import serve as serve_runs
+
+    _check_options(("--port", port, 1, 65535), ("--max-upload-mb", max_upload_mb, 0, 10_240, True),
+                   ("--max-pixels", max_pixels, 1, 1_000_000_000), ("--max-batch", max_batch, *BATCH_SIZES),
+                   ("--max-wait-ms", max_wait_ms, 0, 60_000), ("--top-k", top_k, *TOP_K))
+    config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+                         max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta)
+    serve_runs(runs, host, port, device, config)

@@ -1,0 +1,162 @@
+"""`graft layers`, `graft features`, `graft probe` and `graft advise`: frozen features and what they say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from graft.cli.shared import (
+    BATCH_SIZES,
+    IMAGE_SIZES,
+    WORKERS,
+    CacheOpt,
+    DeviceOpt,
+    ImageSizeOpt,
+    PretrainedOpt,
+    WorkersOpt,
+    _check_options,
+    app,
+    err,
+    friendly_errors,
+    out,
+    print_table,
+)
+from graft.errors import GraftError
+
+__all__ = ["advise", "features", "layers", "probe"]
+
+
+@app.command()
+@friendly_errors
+def layers(
+    backbone: Annotated[str, typer.Argument(help="timm name[.tag] or tv:NAME")],
+    all_nodes: Annotated[bool, typer.Option("--all", help="every named module, not only the stages")] = False,
+    size: Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")] = None,
+):
+    """List the named nodes of a backbone (output shape, parameters, receptive field): the names --cut-at takes.
+
+    Example: graft layers resnet50 --size 224
+    """
+    from graft.models.backbones.registry import create_backbone
+    from graft.models.surgery import DEFAULT_NODE, cut, list_nodes
+
+    _check_options(("--size", size, *IMAGE_SIZES))
+    model = create_backbone(backbone, pretrained=False)  # shapes need no weights: works offline
+    input_size = model.preprocessing.with_size(size).input_size
+    nodes = list_nodes(model.net, input_size, stages_only=not all_nodes, stage_nodes=model.stage_nodes)
+    rows = [[n.name + (" *" if n.stage else ""), n.kind, "x".join(map(str, n.shape)), f"{n.params:,}",
+             n.receptive_field] for n in nodes]
+    _, width = cut(model.net, None, "avg", input_size)
+    rows.append([f"{DEFAULT_NODE} (default)", "pooled features", str(width), "", ""])
+    print_table(f"{backbone} at {input_size[0]}x{input_size[1]} (* stage)",
+                ["node", "type", "output", "params", "receptive field"], rows)
+
+
+@app.command()
+@friendly_errors
+def features(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    cut_at: Annotated[Optional[str], typer.Option(help="comma-separated nodes, e.g. layer2,layer3,layer4")] = None,
+    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    augment: Annotated[int, typer.Option(help="also cache K augmented views of each training image")] = 0,
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    cache: CacheOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="also write NODE.npz files here")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="default: 16 on the CPU, 64 on a GPU")] = None,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
+
+    Example: graft features ./pets --backbone resnet50.a1_in1k --cut-at layer2,layer3,layer4 -o feats/
+    """
+    from graft.data.discovery import discover
+    from graft.data.scan import scan
+    from graft.models.surgery import DEFAULT_NODE
+    from graft.probing.cache import cache_folder
+    from graft.probing.extraction import save_feature_set
+    from graft.probing.leaderboard import stage_features
+    from graft.utils.outputs import output_folder
+
+    _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
+                   ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
+    if output:  # before the work: an unwritable or clashing folder wastes nothing
+        output_folder(output, "-o", ((data, "data"), (cache_folder(cache), "feature cache")))
+    splits = discover(data)
+    report = scan(splits)
+    for warning in report.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
+    _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
+                                workers, augment_views=augment)
+    stats = next(iter(sets.values())).stats
+    speed = f"{stats['images_per_s']:.1f}" if stats.get("images_per_s") else "-"
+    print_table(f"features of {backbone} ({stats['extracted']} images extracted at {speed} img/s, "
+                f"{stats['cached']} from the cache)", ["node", "width", "train", "val", "test", "augmented views"],
+                [[node, s.dim, len(s.labels["train"]), len(s.labels["val"]), len(s.labels["test"]), len(s.augmented)]
+                 for node, s in sets.items()])
+    for node, feature_set in sets.items() if output else ():
+        out.print(f"wrote {save_feature_set(feature_set, output / f'{node}.npz')}")
+
+
+@app.command()
+@friendly_errors
+def probe(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbones: Annotated[str, typer.Option(help="comma-separated backbone names")],
+    stages: Annotated[str, typer.Option(help="default (pooled features only) or all (every stage too)")] = "default",
+    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for leaderboard.csv/.png")] = None,
+    cache: CacheOpt = None,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Leaderboard of linear probes: which backbone, which stage (cached features, L-BFGS heads).
+
+    Example: graft probe ./pets --backbones resnet50,convnext_tiny,vit_small_patch16_224 --stages all -o cmp/
+    """
+    from graft.probing.leaderboard import probe_backbones
+
+    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
+    if stages not in ("default", "all"):
+        raise GraftError(f"stages '{stages}' not understood: use default or all")
+    rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
+                           workers=workers, output=output)
+    print_table("linear probe leaderboard", ["backbone", "node", "width", "val acc", "k-NN acc", "extract img/s",
+                                             "params (M)", "ms/image"],
+                [[r.backbone, r.node, r.width, r.val_accuracy, r.knn_accuracy,
+                  f"{r.extract_images_per_s:.1f}" if r.extract_images_per_s else "cached", f"{r.params_m:.2f}",
+                  f"{r.inference_ms:.2f}"] for r in rows])
+    if output:
+        out.print(f"wrote {output / 'leaderboard.csv'} and {output / 'leaderboard.png'}")
+
+
+@app.command()
+@friendly_errors
+def advise(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    image_size: ImageSizeOpt = None,
+    pretrained: PretrainedOpt = True,
+    cache: CacheOpt = None,
+    workers: WorkersOpt = -1,
+    device: DeviceOpt = "auto",
+):
+    """Recommend a strategy (probe top layer, probe an earlier stage, fine-tune the last stages or everything).
+
+    Example: graft advise ./pets --backbone resnet50.a1_in1k
+    """
+    from graft.probing.advice import advise as advise_on
+
+    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
+    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers)
+    print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
+                                                                               "k-NN acc"],
+                [[s["node"], s["width"], s["probe_accuracy"], s["knn_accuracy"]] for s in advice.stages])
+    out.print(f"recommendation: [bold]{advice.recommendation}[/bold]\n{advice.reason}\nrun: {advice.command}")

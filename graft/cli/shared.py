@@ -1,0 +1,146 @@
+"""The `graft` command: a thin typer layer over the library (every command calls an importable function)."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from graft.config import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_option
+from graft.errors import GraftError
+from graft.utils.text import display_name
+
+__all__ = [
+    "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "err", "friendly_errors", "main", "out",
+    "print_table"
+]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+# Shared option aliases (as huggingface_hub's CLI does), so each flag is spelled and documented once.
+BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME[.WEIGHTS]")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="local .safetensors/.pth weights instead of downloading")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+ActivationOpt = Annotated[Optional[str], typer.Option(help="lab networks: relu, leaky_relu, prelu, elu, selu, gelu, "
+                                                           "swish, maxout, tanh or sigmoid")]
+NormOpt = Annotated[Optional[str], typer.Option(help="lab networks: batch, layer, instance, group or none")]
+InitOpt = Annotated[Optional[str], typer.Option(help="lab networks: kaiming, xavier or normal:STD")]
+VggStagesOpt = Annotated[Optional[str], typer.Option(help="vgg-like: CONVSxWIDTH per stage, e.g. 2x32,2x64")]
+TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
+
+
+def friendly_errors(command):
+    """Prints a GraftError as one line (no traceback) and exits with status 2; Ctrl-C or SIGTERM exits with 130
+    after the library has left its last checkpoint on disk."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        previous = _on_sigterm(_interrupt)  # a scheduler's stop (SIGTERM) is handled like Ctrl-C
+        try:
+            return command(*args, **kwargs)
+        except GraftError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]", highlight=False)
+            raise typer.Exit(130) from None
+        finally:
+            _on_sigterm(previous)
+
+    return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _on_sigterm(handler):
+    """Installs a SIGTERM handler, returning the previous one; a no-op off the main thread (Python forbids it there)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    # display_name: a class or file name that is not UTF-8 would stop the terminal's encoder
+    table = Table(title=display_name(title), title_justify="left")
+    for column in columns:
+        table.add_column(display_name(column))
+    for row in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else display_name(str(v)) for v in row])
+    out.print(table)
+
+
+PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="random weights: a baseline")]
+ImageSizeOpt = Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")]
+CacheOpt = Annotated[Optional[str], typer.Option(help="feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)")]
+WorkersOpt = Annotated[int, typer.Option(help="DataLoader workers (-1: auto)")]
+
+
+IMAGE_SIZES, BATCH_SIZES, WORKERS, TOP_K = (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), (1, MAX_BATCH_SIZE), (-1, 64), (1, 1000)
+
+
+def _check_options(*checks: tuple) -> None:
+    """Range checks of options that are not config fields (those are checked in graft.config): each check is
+    (flag, value, low, high[, low_open[, note]]); a value of None (option not given) passes."""
+    for flag, value, low, high, *rest in checks:
+        low_open, note = (list(rest) + [False, ""][len(rest):])[:2]
+        check_option(flag, value, low, high, low_open=low_open, note=note)
+DEBUG = {"on": False}  # set by the global --debug flag: an unexpected exception prints its traceback
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="print the traceback of an internal error")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
+
+def main() -> None:
+    """The `graft` entry point. Last resort for a bug (an exception no check turned into a GraftError): one line
+    naming a log file with the traceback, exit status 1; with --debug, the traceback itself."""
+    try:
+        app()
+    except Exception as error:  # KeyboardInterrupt and SystemExit (typer's exits) pass through
+        if DEBUG["on"]:
+            raise
+        from rich.markup import escape
+
+        text = (str(error).splitlines() or [""])[0][:200]
+        err.print(f"[red]internal error:[/red] {escape(f'{type(error).__name__}: {text}; details in ')}"
+                  f"{escape(_log_traceback(error))} (--debug prints them)", highlight=False)
+        sys.exit(1)
+
+
+def _log_traceback(error: BaseException) -> str:
+    """Writes the traceback to a new file under the user cache folder (else the temp folder); returns its path."""
+    import os
+    import tempfile
+    import traceback
+
+    details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft" / "logs"
+    for folder in (base, Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, path = tempfile.mkstemp(prefix="graft-internal-error-", suffix=".log", dir=folder)
+            with os.fdopen(handle, "w", encoding="utf-8", errors="backslashreplace") as file:
+                file.write(f"graft {' '.join(sys.argv[1:])}\n\n{details}")
+            return path
+        except OSError:
+            continue
+    return "nowhere (no writable cache or temp folder)"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""`graft fit`, `graft lr-find`, `graft compare` and `graft demo`: training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from graft.cli.shared import (
+    BATCH_SIZES,
+    IMAGE_SIZES,
+    ActivationOpt,
+    BackboneOpt,
+    CacheOpt,
+    DeviceOpt,
+    ImageSizeOpt,
+    InitOpt,
+    NormOpt,
+    VggStagesOpt,
+    WeightsOpt,
+    _check_options,
+    app,
+    err,
+    friendly_errors,
+    out,
+    print_table,
+)
+from graft.config import MAX_EPOCHS, MAX_LR
+from graft.errors import GraftError
+
+__all__ = ["compare", "demo", "fit", "lr_find"]
+
+
+@app.command()
+@friendly_errors
+def fit(
+    data: Annotated[Optional[str], typer.Argument(help="class folders (optionally train/val/test) or a CSV")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="run folder to write")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/train sections")] = None,
+    backbone: BackboneOpt = None,
+    weights: WeightsOpt = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="probe, finetune, scratch or auto")] = None,
+    head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
+    bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
+    augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
+    balance: Annotated[Optional[str], typer.Option(help="imbalanced classes: none, sampler or loss")] = None,
+    cache: CacheOpt = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="head learning rate, or auto (lr-find first)")] = None,
+    finetune_lr_ratio: Annotated[Optional[float], typer.Option(help="trunk lr = lr x this when unfrozen")] = None,
+    stem_lr_ratio: Annotated[Optional[float], typer.Option(help="the stem's lr relative to the top stage's")] = None,
+    unfreeze: Annotated[Optional[str], typer.Option(help="all, or last:K stages")] = None,
+    cut_at: Annotated[Optional[str], typer.Option(help="node name from `graft layers`")] = None,
+    pool: Annotated[Optional[str], typer.Option(help="avg or avgmax")] = None,
+    head: Annotated[Optional[str], typer.Option(help="linear, sigmoid (2 classes) or mlp:512[,256]")] = None,
+    activation: ActivationOpt = None,
+    norm: NormOpt = None,
+    init: InitOpt = None,
+    vgg_stages: VggStagesOpt = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds of training; schedules end within it")] =
+    None,
+    dropout: Annotated[Optional[float], typer.Option()] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="standard, light or none")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option()] = None,
+    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience in epochs, 0 = off")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (-1: auto)")] = None,
+    limit_batches: Annotated[Optional[int], typer.Option(help="smoke runs: batches per epoch")] = None,
+    precise_bn: Annotated[Optional[bool], typer.Option(
+        "--precise-bn/--no-precise-bn", help="recompute BN statistics over the training set at the end")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --output")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --output")] = False,
+):
+    """Train a classifier on DATA and write a run folder.
+
+    Example: graft fit ./pets --backbone resnet50.a1_in1k --strategy finetune --epochs 10 -o runs/pets
+    """
+    from graft.config import load_config
+    from graft.training.fitting import fit as fit_run
+
+    overrides = {
+        "data.path": data, "output": output, "model.backbone": backbone, "model.weights": weights,
+        "model.pretrained": pretrained, "train.strategy": strategy, "train.epochs": epochs,
+        "train.head_epochs": head_epochs, "train.lr": lr, "train.finetune_lr_ratio": finetune_lr_ratio,
+        "train.stem_lr_ratio": stem_lr_ratio,
+        "train.unfreeze": unfreeze, "model.cut_at": cut_at, "model.pool": pool, "model.head": head,
+        "model.dropout": dropout, "train.optimizer": optimizer, "train.weight_decay": weight_decay,
+        "train.label_smoothing": label_smoothing, "data.batch_size": batch_size, "data.image_size": image_size,
+        "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
+        "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
+        "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
+        "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance": balance,
+        "train.precise_bn": precise_bn, "model.activation": activation, "model.norm": norm, "model.init": init,
+        "model.vgg_stages": vgg_stages, "train.time_budget": time_budget,
+    }
+    settings = load_config(config, overrides)
+    if not resume and not settings.data.path:
+        raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
+    result = fit_run(settings, resume=resume, overwrite=overwrite)
+    metrics = result.metrics.get("val", {})
+    print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
+                [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],
+                  result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
+    if not metrics:
+        out.print("no validation images: metrics.json has training history only")
+
+
+@app.command()
+@friendly_errors
+def demo(
+    data: Annotated[Optional[str], typer.Option(help="your class folders instead of scikit-learn's digits")] = None,
+    shots: Annotated[int, typer.Option(help="training images per class (digits)")] = 10,
+    epochs: Annotated[int, typer.Option()] = 12,
+    image_size: Annotated[int, typer.Option()] = 64,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="keep the run folders here")] = None,
+):
+    """Scratch vs probe vs finetune with a real ImageNet backbone (EfficientNet-Lite0), offline.
+
+    Example: graft demo            (digits, about 20 seconds on two CPU cores)
+             graft demo --data ./pets
+    """
+    from graft.analysis.demo import DEMO_BACKBONE, run_demo
+
+    _check_options(("--shots", shots, 1, 10_000), ("--epochs", epochs, 1, MAX_EPOCHS),
+                   ("--image-size", image_size, *IMAGE_SIZES))
+    what = data or f"scikit-learn digits, {shots} training images per class"
+    err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
+    rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
+    print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
+                                                                "wall time (s)", "images/s"],
+                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}"] for r in rows])
+    best = max(rows, key=lambda r: r.accuracy)
+    scratch = next((r for r in rows if r.strategy == "scratch"), None)
+    if scratch and best.strategy != "scratch":
+        out.print(f"{best.strategy} beats scratch by {100 * (best.accuracy - scratch.accuracy):.1f} points")
+
+
+def _lab_overrides(activation, norm, init, vgg_stages) -> dict:
+    return {"model.activation": activation, "model.norm": norm, "model.init": init, "model.vgg_stages": vgg_stages}
+
+
+@app.command("lr-find")
+@friendly_errors
+def lr_find(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: BackboneOpt = None,
+    strategy: Annotated[str, typer.Option(help="finetune or scratch: the stage whose rate is found")] = "finetune",
+    output: Annotated[Path, typer.Option("--output", "-o", help="lr_find.png and lr_find.csv go here")] =
+    Path("lr-find"),
+    steps: Annotated[int, typer.Option(help="rates tried, one training step each")] = 200,
+    start_lr: Annotated[float, typer.Option()] = 1e-7,
+    end_lr: Annotated[float, typer.Option()] = 10.0,
+    image_size: ImageSizeOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = True,
+    device: DeviceOpt = "auto",
+    activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
+):
+    """Sweep the learning rate exponentially for a few hundred steps and suggest one (`graft fit --lr auto` does
+    this first).
+
+    Example: graft lr-find ./pets -b resnet50.a1_in1k --strategy finetune
+    """
+    from graft.config import load_config
+    from graft.data.discovery import discover
+    from graft.data.scan import scan
+    from graft.training.lr_find import find_lr, plot_lr_finding
+    from graft.utils.outputs import output_folder
+    from graft.utils.runtime import Runtime, autocast_dtype, resolve_device
+
+    _check_options(("--steps", steps, 2, 100_000), ("--start-lr", start_lr, 0, MAX_LR, True),
+                   ("--end-lr", end_lr, start_lr if start_lr > 0 else 0, MAX_LR, True))
+    output_folder(output, "-o", ((data, "data"),))  # before the sweep: an unwritable folder wastes nothing
+    values = {"data.path": data, "model.backbone": backbone, "train.strategy": strategy, "data.image_size": image_size,
+              "data.batch_size": batch_size, "model.pretrained": pretrained, "train.device": device,
+              **_lab_overrides(activation, norm, init, vgg_stages)}
+    config = load_config(None, values)
+    target = resolve_device(config.train.device)
+    runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last)
+    splits = discover(data, config.data.val_fraction, config.train.seed)
+    scan(splits, config.data.max_image_pixels)
+    finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
+    plot_lr_finding(finding, output / "lr_find.png")
+    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png")
+
+
+@app.command()
+@friendly_errors
+def compare(
+    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b", help="the pretrained backbone (probe, finetune)")] =
+    "tf_efficientnet_lite0",
+    scratch_backbone: Annotated[Optional[str], typer.Option(help="train this from scratch instead (e.g. "
+                                                                 "small-cnn-cifar); default: the backbone")] = None,
+    strategies: Annotated[str, typer.Option(help="comma-separated")] = "scratch,probe,finetune",
+    epochs: Annotated[int, typer.Option(help="scratch and fine-tuning epochs (an upper bound with --budget)")] = 12,
+    budget: Annotated[float, typer.Option(help="seconds of training per strategy: an equal wall-clock budget")] = 0,
+    image_size: ImageSizeOpt = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    output: Annotated[Path, typer.Option("--output", "-o", help="run folders, comparison.csv and .png")] =
+    Path("compare"),
+    activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
+):
+    """Scratch vs probe vs finetune on the same split and budget: the lecture's table (accuracy, wall time, img/s).
+
+    Example: graft compare ./flowers --scratch-backbone small-cnn-cifar --budget 300
+    """
+    from graft.analysis.comparison import compare_strategies
+
+    _check_options(("--epochs", epochs, 1, MAX_EPOCHS), ("--budget", budget, 0, 1e9, False, "0: no limit"),
+                   ("--image-size", image_size, *IMAGE_SIZES), ("--batch-size", batch_size, *BATCH_SIZES))
+    overrides = {"data.image_size": image_size, "data.batch_size": batch_size}
+    lab_options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
+    rows = compare_strategies(data, backbone, output, tuple(s.strip() for s in strategies.split(",")),
+                              scratch_backbone, epochs, budget, overrides, lab_options, verbose=True)
+    print_table("scratch vs transfer", ["strategy", "backbone", "accuracy", "split", "wall time (s)", "images/s",
+                                        "epochs"],
+                [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]
+                 for r in rows])
+    out.print(f"wrote {output}/comparison.csv and comparison.png")

@@ -1,0 +1,1 @@
+"""Images in: decoding, discovery of folders and CSV manifests, the scan, datasets and transforms."""

@@ -1,0 +1,268 @@
+"""Images in: robust loading, dataset discovery (class folders or a CSV manifest), the pre-training scan, datasets.
+
+Data flows ``discover`` → ``scan`` (drops unreadable files, warns about imbalance and train/val duplicates) →
+``ImageDataset`` with transforms built from the backbone's preprocessing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from graft.errors import GraftError
+
+__all__ = [
+    "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",
+    "discover", "expand_inputs", "is_image_file", "stratified_split", "walk_images"
+]
+
+log = logging.getLogger(__name__)
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+LITTER = frozenset({"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini", "@eaDir"})  # archive and OS by-products
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+TINY_CLASS = 5  # fewer images than this in a class's training split earns a warning
+
+
+IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
+
+Sample = tuple[str, int]  # (path, class index)
+
+
+def is_image_file(path: Path) -> bool:
+    """A candidate image by name: a known extension in any case, or no extension at all (the scan decodes it to
+    decide); hidden files and OS litter never are."""
+    name = path.name
+    if name.startswith(".") or name in LITTER:
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or not path.suffix
+
+
+def walk_images(root: Path, notes: list[str] | None = None) -> list[str]:
+    """Sorted candidate image paths under ``root``, following symbolic links once and never around a loop.
+
+    Hidden folders and litter (``__MACOSX``, ``.DS_Store``) are skipped silently; files with a non-image extension
+    and link loops are counted into ``notes``.
+    """
+    found, ignored, seen = [], [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:  # reached again through a link: a loop or a second path to it
+            if notes is not None:
+                notes.append(f"{folder}: symbolic link back to a folder already read (a loop?); skipped it")
+            subfolders[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in LITTER)
+        for name in files:
+            path = Path(folder) / name
+            if is_image_file(path):
+                found.append(str(path))
+            elif not name.startswith(".") and name not in LITTER:
+                ignored.append(str(path))
+    if ignored and notes is not None:
+        notes.append(f"{len(ignored)} file(s) without an image extension ignored, e.g. {ignored[0]}")
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------------------------ discovery
+
+
+@dataclass
+class DatasetSplits:
+    """Samples per split with a stable (sorted) class order."""
+
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] = field(default_factory=list)
+    source: str = ""  # how the splits were found, for the report
+    notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
+    root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
+
+    def counts(self, split: str) -> dict[str, int]:
+        counter = Counter(label for _, label in getattr(self, split))
+        return {name: counter.get(index, 0) for index, name in enumerate(self.classes)}
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _class_folders(root: Path, notes: list[str] | None = None) -> dict[str, list[str]]:
+    """{class name: sorted image paths} for a root/CLASS/**/image tree; hidden folders and litter are ignored."""
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    except PermissionError:
+        raise GraftError(f"{root}: permission denied listing the folder; check its permissions") from None
+    folders = {}
+    for class_dir in entries:
+        folders[class_dir.name] = walk_images(class_dir, notes)
+    return folders
+
+
+def _samples(folders: dict[str, list[str]], classes: list[str]) -> list[Sample]:
+    index = {name: i for i, name in enumerate(classes)}
+    return [(path, index[name]) for name, paths in folders.items() for path in paths]
+
+
+def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Splits each class separately (seeded), so val keeps the class proportions; classes of 1 stay in train."""
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        by_class[sample[1]].append(sample)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction))) if len(members) > 1 else 0
+        val += members[:n_val]
+        train += members[n_val:]
+    return sorted(train), sorted(val)
+
+
+def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+    """Finds the samples of a class-per-folder tree or a CSV manifest.
+
+    Layouts: ``root/train/CLASS/*`` with ``root/val/CLASS/*`` (and optional ``root/test/``); ``root/train`` alone
+    or a plain ``root/CLASS/*`` tree, split stratified by ``val_fraction``; or ``manifest.csv`` with columns
+    ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
+
+    Raises:
+        GraftError: when the path holds no recognisable dataset, with what was expected.
+    """
+    root = Path(path)
+    if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
+        return _discover_csv(root, val_fraction, seed)
+    if not root.is_dir():
+        raise GraftError(f"{root}: no such folder or CSV manifest; expected DATA/CLASS/*.jpg or a path,label CSV")
+    train_dir = _find_split_dir(root, "train")
+    base = train_dir or root
+    notes: list[str] = []
+    train_folders = _class_folders(base, notes)
+    classes = sorted(name for name, files in train_folders.items() if files)
+    if not classes:
+        raise GraftError(f"{base}: no class folders with images found; expected {base}/CLASS_NAME/image.jpg")
+    empty = sorted(name for name, files in train_folders.items() if not files)
+    if empty:
+        notes.append(f"empty class folder(s) ignored: {', '.join(empty[:10])}; add images to train them")
+    train = _samples({k: v for k, v in train_folders.items() if k in classes}, classes)
+    val_dir, test_dir = (_find_split_dir(root, "val"), _find_split_dir(root, "test")) if train_dir else (None, None)
+    if val_dir:
+        val = _split_samples(val_dir, classes, "val")
+        source = f"{train_dir.name}/ and {val_dir.name}/ folders"
+    else:
+        train, val = stratified_split(train, val_fraction, seed)
+        source = f"one tree split stratified, val_fraction={val_fraction}, seed={seed}"
+    test = _split_samples(test_dir, classes, "test") if test_dir else []
+    return DatasetSplits(classes, train, val, test, source, notes, str(root))
+
+
+def _split_samples(split_dir: Path, classes: list[str], split: str) -> list[Sample]:
+    folders = {k: v for k, v in _class_folders(split_dir).items() if v}
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise GraftError(
+            f"{split_dir}: {split} has classes that train/ lacks ({', '.join(unknown[:5])}); "
+            "add training images for them or remove those folders"
+        )
+    return _samples(folders, classes)
+
+
+def _manifest_rows(manifest: Path, text: str, dialect) -> list[dict]:
+    """The manifest's rows as dicts; a malformed line (a field over csv's 128 KiB limit, usually an unclosed quote
+    swallowing the rest of the file) is a GraftError naming the CSV and the line."""
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    rows = []
+    try:
+        for row in reader:
+            rows.append(row)
+    except csv.Error as error:
+        line = reader.line_num + 1  # where the failing record starts: DictReader counts only finished rows
+        if "field larger than field limit" in str(error):
+            raise GraftError(f"{manifest}, line {line}: a field longer than {csv.field_size_limit():,} characters "
+                             "(an unclosed quote?); close the quote or shorten the field") from None
+        raise GraftError(f"{manifest}, line {line}: not a readable CSV row ({error}); fix the row") from None
+    return rows
+
+
+def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
+    except UnicodeDecodeError:
+        raise GraftError(f"{manifest}: not UTF-8 text; save the CSV as UTF-8") from None
+    try:
+        dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else "", delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    rows = _manifest_rows(manifest, text, dialect)
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
+    by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
+    where: dict[str, tuple[str, str]] = {}  # file → (split, label) of its first row
+    notes: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        raw_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not raw_path or not label:
+            raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
+        if "\0" in raw_path:
+            raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
+        file = Path(raw_path)
+        file = str(file if file.is_absolute() else manifest.parent / file)
+        split = (row.get("split") or "train").strip().lower() or "train"
+        if split not in SPLIT_NAMES:
+            raise GraftError(f"{manifest}, line {line}: split '{split}' for {raw_path} is not one of train, val, test")
+        if file in where:
+            if where[file] != (split, label):
+                raise GraftError(f"{manifest}, line {line}: {raw_path} is listed twice with different labels or "
+                                 f"splits ({'/'.join(where[file])} and {split}/{label}); keep one row")
+            notes.append(f"{manifest}, line {line}: duplicate row for {raw_path} ignored")
+            continue
+        where[file] = (split, label)
+        by_split[split][file] = label
+    classes = sorted(set(by_split["train"].values()))
+    unknown = sorted({label for split in ("val", "test") for label in by_split[split].values()} - set(classes))
+    if unknown:
+        raise GraftError(f"{manifest}: val/test rows have labels with no training rows ({', '.join(unknown[:5])}); "
+                         "add training rows for them or remove those rows")
+    index = {name: i for i, name in enumerate(classes)}
+
+    def samples(split: str) -> list[Sample]:
+        return sorted((file, index[label]) for file, label in by_split[split].items())
+
+    train, val = samples("train"), samples("val")
+    if not val:
+        train, val = stratified_split(train, val_fraction, seed)
+    if len(notes) > 3:
+        notes = notes[:3] + [f"... {len(notes) - 3} more duplicate rows"]
+    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes, str(manifest))
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, folders (recursively, image files only) and glob patterns → a sorted, de-duplicated list of paths."""
+    import glob
+
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += walk_images(path)
+        elif path.exists():
+            found.append(str(path))
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise GraftError(f"{item}: no such file, folder or matching glob pattern")
+            found += [m for m in matches if Path(m).is_file()]
+    return list(dict.fromkeys(found))

@@ -1,0 +1,1 @@
+"""Getting models out: export (ONNX, torch.export, safetensors) and the HTTP server."""

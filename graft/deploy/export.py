@@ -1,0 +1,309 @@
+"""Deployment: a folder that runs without graft's training stack.
+
+``export(run, out)`` writes, each checked against the eager model on real images:
+
+- ``model.onnx`` — dynamic batch axis, input ``images`` (N, 3, H, W float32, normalised), output ``logits``;
+  verified with ONNX Runtime;
+- ``model.pt2`` — a ``torch.export`` program (``torch.export.load(path).module()(images)``);
+- ``model.safetensors`` + ``graft.json`` — the plain run folder format (``graft.load`` reads it);
+- ``preprocessing.json`` — class names and preprocessing, all a consumer needs; ``predict_onnx.py`` — a standalone
+  example that uses only NumPy, Pillow and ONNX Runtime;
+- ``export.json`` — what was exported, the parity numbers, how many batch norms were folded and the latency change.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from graft.data.discovery import discover
+from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, load_image
+from graft.data.scan import readable
+from graft.data.transforms import build_transform
+from graft.errors import GraftError
+from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
+from graft.models.grafted import GraftModel
+from graft.models.run_folder import load, read_card
+from graft.utils.files import atomic_write, write_json
+from graft.utils.outputs import output_folder, record
+
+__all__ = [
+    "ExportResult", "FOLD_TOLERANCE", "FORMATS", "OPSET", "PARITY_INPUTS", "RUNTIME_TOLERANCE", "STANDALONE_EXAMPLE",
+    "call_times", "consumer_metadata", "export", "export_onnx", "export_program", "latency_ms", "onnx_session",
+    "parity_inputs", "standalone_example"
+]
+
+FORMATS = ("onnx", "torch", "safetensors")
+OPSET = 18
+PARITY_INPUTS = 16  # images used to verify each exported form
+FOLD_TOLERANCE = 1e-4  # max |Δlogit| in float32 that folding may cause (the issue's bound)
+RUNTIME_TOLERANCE = 1e-3  # ONNX Runtime / torch.export vs eager: different kernels, same maths
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str] = field(default_factory=list)
+    parity: dict[str, float] = field(default_factory=dict)  # form → max |Δlogit| vs the eager model
+    folded: FoldResult | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # batch-1 median per form
+    inputs: str = ""
+
+    def to_dict(self) -> dict:
+        folded = None if self.folded is None else {
+            "count": self.folded.count, "pairs": [list(p) for p in self.folded.folded],
+            "skipped": [list(s) for s in self.folded.skipped]}
+        return {"files": self.files, "parity_max_abs_logit_diff": self.parity, "fold_bn": folded,
+                "latency_ms_batch1_median": self.latency_ms, "parity_inputs": self.inputs, "onnx_opset": OPSET}
+
+
+def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int = PARITY_INPUTS
+                  ) -> tuple[torch.Tensor, str]:
+    """Real images in the model's preprocessing: from ``data`` or the run's own validation split; random tensors
+    only when neither can be read (said so in export.json)."""
+    source = data or read_card(run_dir).get("config", {}).get("data", {}).get("path")
+    transform = build_transform(model.preprocessing)
+    samples = []
+    if source:
+        try:
+            splits = discover(source, seed=0)
+            samples = readable((splits.val or splits.train)[:count] + splits.train[:count])[:count]
+        except (GraftError, OSError):
+            samples = []
+    if samples:
+        return torch.stack([transform(load_image(path)) for path, _ in samples]), f"{len(samples)} images from {source}"
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(count, 3, *model.preprocessing.input_size, generator=generator)
+    return inputs, "random normal tensors (no readable data found; pass --data for real images)"
+
+
+def call_times(forward, example: torch.Tensor, repeats: int = 30, warmup: int = 3) -> list[float]:
+    """Seconds per call of ``forward(example)``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        forward(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward(example)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency_ms(forward, example: torch.Tensor, repeats: int = 30) -> float:
+    """Median wall time of one forward, after warm-up, in milliseconds."""
+    return statistics.median(call_times(forward, example, repeats)) * 1000
+
+
+def export_program(model: nn.Module, example: torch.Tensor):
+    """A ``torch.export`` program with a dynamic batch axis. Non-strict tracing first; strict (TorchDynamo) for
+    models cut at an inner node, whose stop-hook only Dynamo follows."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    errors = []
+    for strict in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=strict)
+        except Exception as error:  # noqa: BLE001 - try the next strategy, report both if neither works
+            errors.append(f"strict={strict}: {str(error).splitlines()[0][:200]}")
+    raise GraftError(f"torch.export could not capture this model ({'; '.join(errors)}); export --format onnx")
+
+
+def _save_program(program, path: str) -> None:
+    with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name, and the temp file has none
+        torch.export.save(program, handle)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401 - the exporter needs it; fail here with the fix, not deep inside torch.onnx
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise GraftError("ONNX export needs onnx and onnxscript: pip install 'graft[export]'") from None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+
+    def write(temp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), temp, dynamo=True, opset_version=OPSET, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
+                              verbose=False)
+
+    atomic_write(path, write)
+
+
+def onnx_session(path: Path):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise GraftError("checking the ONNX file needs onnxruntime: pip install 'graft[export]'") from None
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _check(name: str, difference: float, tolerance: float) -> float:
+    if not difference <= tolerance:  # also catches NaN
+        raise GraftError(f"export parity failed for {name}: max |Δlogit| {difference:.2e} > {tolerance:.0e}; the "
+                         "exported model would not match — please report this with the run's graft.json")
+    return difference
+
+
+def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS, fold_bn: bool = True,
+           data: str | None = None, overwrite: bool = False, log=None) -> ExportResult:
+    """Exports a run folder for deployment and verifies every exported form on real images (see the module doc).
+
+    Args:
+        fold_bn: fold batch norms into the preceding conv/linear layers first (verified to 1e-4 in float32).
+        data: images for the parity checks; default: the run's own data.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from {', '.join(FORMATS)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.resolve() == run_dir.resolve():
+        raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
+    output_folder(out_dir, "--output", ((data, "data"),), overwrite=overwrite)  # before the work: nothing wasted
+    say = log or (lambda message: None)
+    model = load(run_dir, "cpu").float().eval()
+    inputs, described = parity_inputs(model, run_dir, data)
+    result = ExportResult(out_dir, inputs=described)
+    deployed: nn.Module = model
+    eager_ms = latency_ms(model, inputs[:1])
+    result.latency_ms["eager"] = round(eager_ms, 3)
+    if fold_bn:
+        deployed, result.folded = fold_batch_norms(model, inputs, FOLD_TOLERANCE)
+        result.parity["fold_bn"] = _check("batch-norm folding", max_logit_difference(model, deployed, inputs),
+                                          FOLD_TOLERANCE)
+        result.latency_ms["folded"] = round(latency_ms(deployed, inputs[:1]), 3)
+        say(f"folded {result.folded.count} batch norm(s) (max |Δlogit| {result.parity['fold_bn']:.1e}); batch-1 "
+            f"latency {eager_ms:.2f} → {result.latency_ms['folded']:.2f} ms")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        expected = model(inputs).float()
+    if "onnx" in formats:
+        export_onnx(deployed, inputs[:2], out_dir / "model.onnx")
+        session = onnx_session(out_dir / "model.onnx")
+        logits = torch.from_numpy(session.run(None, {"images": inputs.numpy()})[0])
+        result.parity["onnx"] = _check("ONNX Runtime", (logits - expected).abs().max().item(), RUNTIME_TOLERANCE)
+        result.latency_ms["onnxruntime"] = round(latency_ms(
+            lambda x: session.run(None, {"images": x.numpy()}), inputs[:1]), 3)
+        result.files.append("model.onnx")
+    if "torch" in formats:
+        program = export_program(deployed, inputs[:2])
+        atomic_write(out_dir / "model.pt2", lambda temp: _save_program(program, temp))
+        reloaded = torch.export.load(str(out_dir / "model.pt2")).module()
+        with torch.no_grad():
+            difference = (reloaded(inputs).float() - expected).abs().max().item()
+        result.parity["torch_export"] = _check("torch.export", difference, RUNTIME_TOLERANCE)
+        result.files.append("model.pt2")
+    if "safetensors" in formats:
+        for name in ("model.safetensors", "graft.json"):
+            shutil.copyfile(run_dir / name, out_dir / name)
+            record(out_dir / name)  # graft's file: --overwrite may replace it
+        result.files += ["model.safetensors", "graft.json"]
+    write_json(out_dir / "preprocessing.json", consumer_metadata(model))
+    atomic_write(out_dir / "predict_onnx.py", lambda temp: Path(temp).write_text(standalone_example()))
+    result.files += ["preprocessing.json", "predict_onnx.py", "export.json"]
+    write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
+    return result
+
+
+def consumer_metadata(model: GraftModel) -> dict:
+    """Everything a consumer without graft needs to feed the exported network."""
+    prep = model.preprocessing
+    size = list(prep.input_size)
+    return {
+        "classes": model.classes,
+        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "channels": "RGB", "height": size[0],
+                  "width": size[1]},
+        "output": {"name": "logits", "softmax": "apply softmax over axis 1 for probabilities"},
+        "preprocessing": {
+            "resize_shorter_side": int(min(size) / prep.crop_pct), "interpolation": prep.interpolation,
+            "center_crop": size, "scale": "divide 8-bit values by 255", "mean": list(prep.mean), "std": list(prep.std),
+        },
+    }
+
+
+def standalone_example() -> str:
+    """``predict_onnx.py``'s source, carrying graft's format allow-list (it runs without graft, so it gets a copy)."""
+    return (STANDALONE_EXAMPLE.replace("__ALLOWED_FORMATS__", repr(ALLOWED_FORMATS))
+            .replace("__FORMAT_LIST__", FORMAT_LIST))
+
+
+STANDALONE_EXAMPLE = '''"""Classify images with the exported model, without graft or torch.
+
+Needs: pip install onnxruntime pillow numpy
+
+Usage: python predict_onnx.py IMAGE [IMAGE ...]
+
+Reads __FORMAT_LIST__ only, by content, whatever a file is called: Pillow's other formats include EPS,
+which runs Ghostscript on the file. A file that cannot be read is reported on stderr and skipped.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image, UnidentifiedImageError
+
+ALLOWED_FORMATS = __ALLOWED_FORMATS__  # graft's allow-list, by Pillow's format names
+HERE = Path(__file__).parent
+META = json.loads((HERE / "preprocessing.json").read_text())
+PREP = META["preprocessing"]
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def preprocess(path):
+    with Image.open(path, formats=ALLOWED_FORMATS) as opened:
+        image = opened.convert("RGB")
+    short = PREP["resize_shorter_side"]
+    scale = short / min(image.size)
+    image = image.resize((max(short, round(image.width * scale)), max(short, round(image.height * scale))),
+                         RESAMPLE.get(PREP["interpolation"], Image.BILINEAR))
+    height, width = PREP["center_crop"]
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    pixels = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+    pixels = (pixels - np.array(PREP["mean"], np.float32)) / np.array(PREP["std"], np.float32)
+    return pixels.transpose(2, 0, 1)
+
+
+def readable(paths):
+    """(paths, pixels) of the files that decode; the others are named on stderr with the reason."""
+    kept, images = [], []
+    for path in paths:
+        try:
+            images.append(preprocess(path))
+            kept.append(path)
+        except UnidentifiedImageError:
+            print(f"{path}: skipped, not an allowed image format; this reads __FORMAT_LIST__", file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - one bad file must not cost the others their answer
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            print(f"{path}: skipped, not a readable image ({reason})", file=sys.stderr)
+    return kept, images
+
+
+def main(paths):
+    paths, images = readable(paths)
+    if not images:
+        return 1
+    session = onnxruntime.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"images": np.stack(images)})[0]
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    for path, row in zip(paths, probabilities):
+        best = int(row.argmax())
+        print(f"{path}\\t{META['classes'][best]}\\t{row[best]:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+'''

@@ -1,0 +1,265 @@
+"""A small prediction server: FastAPI + uvicorn over a run folder (or an ensemble of them).
+
+- ``POST /predict``: multipart upload of one or more images (any field name), or one image as the raw body with an
+  ``image/*`` content type. Returns top-k labels and probabilities per image.
+- ``GET /health``: liveness and counters (requests, batches, the largest batch run).
+- ``GET /metadata``: classes, preprocessing, backbone, limits.
+
+Concurrent requests are batched: a single inference task collects images until ``max_batch`` or ``max_wait_ms``
+and runs them in one forward pass on one worker thread. Bad input never reaches the model and never crashes the
+server: more bytes than ``max_upload_bytes`` → 413, more pixels than ``max_pixels`` (decompression bombs) → 413,
+not an image → 415, no image → 400; every error is JSON ``{"error": "..."}``.
+"""
+
+import asyncio  # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from graft.data.images import ImageError, PixelLimitError, decode_image
+from graft.data.transforms import TTAViews
+from graft.errors import GraftError
+from graft.evaluation.inference import PerView, load_ensemble
+from graft.utils.text import display_name
+
+__all__ = [
+    "ApiError", "Counters", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "Predictor", "ServeConfig", "create_app",
+    "serve"
+]
+
+log = logging.getLogger(__name__)
+
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # tighter than training's limit: a server faces strangers
+MAX_FILES = 64  # images per request
+
+
+@dataclass
+class ServeConfig:
+    """Limits and batching; the defaults suit one CPU or GPU box behind a proxy."""
+
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_files: int = MAX_FILES
+    max_batch: int = 32
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
+    top_k: int = 5
+    tta: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class _Pending:
+    images: torch.Tensor  # (n, views, 3, H, W)
+    future: asyncio.Future
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    images: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+
+
+class Predictor:
+    """Models, their preprocessing and the batching queue."""
+
+    def __init__(self, run_dirs, device: str, config: ServeConfig):
+        self.runs, self.device, self.models = load_ensemble(run_dirs, device)
+        self.config = config
+        self.views = TTAViews(self.models[0].preprocessing, config.tta)
+        self.per_view = [PerView(model, True).eval() for model in self.models]
+        self.classes = self.models[0].classes
+        self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
+        self.counters = Counters()
+        self.queue: asyncio.Queue[_Pending] | None = None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
+        self.decoder = ThreadPoolExecutor(4, thread_name_prefix="graft-decode")
+
+    def preprocess(self, data: bytes, name: str) -> torch.Tensor:
+        return self.views(decode_image(data, name, self.config.max_pixels))
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device)
+        total = None
+        for per_view in self.per_view:
+            probabilities = per_view(images).reshape(len(images), len(self.views), -1).exp().mean(1)
+            total = probabilities if total is None else total + probabilities
+        return (total / len(self.per_view)).cpu()
+
+    async def run_batches(self) -> None:
+        """The batching loop: gathers pending requests, runs them together, hands each its rows."""
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = [await self.queue.get()]
+            size = len(pending[0].images)
+            deadline = loop.time() + self.config.max_wait_ms / 1000
+            while size < self.config.max_batch:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                pending.append(item)
+                size += len(item.images)
+            batch = torch.cat([item.images for item in pending])
+            try:
+                result = await loop.run_in_executor(self.worker, self.probabilities, batch)
+            except Exception as error:  # noqa: BLE001 - every waiting request gets the error; the loop lives on
+                log.exception("inference failed")
+                for item in pending:
+                    if not item.future.done():
+                        item.future.set_exception(ApiError(500, f"inference failed: {error}"))
+                continue
+            self.counters.batches += 1
+            self.counters.largest_batch = max(self.counters.largest_batch, len(batch))
+            start = 0
+            for item in pending:
+                if not item.future.done():
+                    item.future.set_result(result[start:start + len(item.images)])
+                start += len(item.images)
+
+    async def predict(self, images: torch.Tensor) -> torch.Tensor:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(images, future))
+        return await future
+
+    def metadata(self) -> dict:
+        model = self.models[0]
+        return {"classes": self.labels, "runs": [display_name(str(r)) for r in self.runs],
+                "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
+                "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
+                           "max_files": self.config.max_files},
+                "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms}}
+
+
+async def _read_limited(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"upload of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"upload exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _uploads(request, config: ServeConfig) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every uploaded image: multipart files, or the raw body for an image/* content type."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    body = await _read_limited(request, config.max_upload_bytes)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("image/") or content_type == "application/octet-stream":
+        return [("body", body)]
+    if not content_type.startswith("multipart/form-data"):
+        raise ApiError(415, f"expected multipart/form-data or an image/* body, got '{content_type or 'nothing'}'")
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=config.max_files,
+                                     max_fields=config.max_files).parse()
+    except MultiPartException as error:
+        raise ApiError(400, f"malformed multipart body: {error}") from None
+    files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
+             if isinstance(value, UploadFile)]
+    if not files:
+        raise ApiError(400, "no image in the request: send multipart files (e.g. curl -F file=@cat.jpg)")
+    return files
+
+
+def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None):
+    """The FastAPI application for ``run_dirs`` (one run folder or several: an ensemble)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse
+    except ImportError:
+        raise GraftError("graft serve needs FastAPI and uvicorn: pip install 'graft[serve]'") from None
+    from contextlib import asynccontextmanager
+
+    config = config or ServeConfig()
+    predictor = Predictor(run_dirs, device, config)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        predictor.queue = asyncio.Queue()
+        task = asyncio.create_task(predictor.run_batches())
+        yield
+        task.cancel()
+        predictor.worker.shutdown(wait=False)
+        predictor.decoder.shutdown(wait=False)
+
+    app = FastAPI(title="graft", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.predictor = predictor
+
+    def error(status: int, message: str) -> JSONResponse:
+        predictor.counters.errors[status] = predictor.counters.errors.get(status, 0) + 1
+        return JSONResponse({"error": display_name(message)}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error(500, f"internal error ({type(exc).__name__}); the server keeps running")
+
+    @app.get("/health")
+    async def health():
+        counters = predictor.counters
+        return {"status": "ok", "requests": counters.requests, "images": counters.images,
+                "batches": counters.batches, "largest_batch": counters.largest_batch, "errors": counters.errors}
+
+    @app.get("/metadata")
+    async def metadata():
+        return predictor.metadata()
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        predictor.counters.requests += 1
+        uploads = await _uploads(request, config)
+        loop = asyncio.get_running_loop()
+        try:
+            tensors = await asyncio.gather(*[loop.run_in_executor(predictor.decoder, predictor.preprocess, data, name)
+                                             for name, data in uploads])
+        except PixelLimitError as exc:
+            raise ApiError(413, str(exc)) from None
+        except ImageError as exc:
+            raise ApiError(415, str(exc)) from None
+        probabilities = await predictor.predict(torch.stack(tensors))
+        predictor.counters.images += len(uploads)
+        k = min(config.top_k, len(predictor.classes))
+        rows = []
+        for (name, _), row in zip(uploads, probabilities):
+            values, indices = row.topk(k)
+            rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
+                         "probabilities": [round(v, 6) for v in values.tolist()]})
+        return {"predictions": rows}
+
+    return app
+
+
+def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          config: ServeConfig | None = None) -> None:
+    """Runs the server until interrupted (Ctrl-C)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise GraftError("graft serve needs FastAPI and uvicorn: pip install 'graft[serve]'") from None
+    uvicorn.run(create_app(run_dirs, device, config), host=host, port=port, log_level="info")

@@ -1,0 +1,1 @@
+"""Using and measuring trained runs: inference, metrics and the HTML report."""

@@ -1,0 +1,178 @@
+"""Predictions and metrics: accuracy, top-k, per-class precision/recall/F1, confusion matrix; predict on files."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from graft.data.datasets import FileDataset, ImageDataset
+from graft.data.discovery import expand_inputs
+from graft.data.transforms import TTAViews
+from graft.errors import GraftError
+from graft.models.grafted import GraftModel
+from graft.models.run_folder import load
+from graft.utils.memory import out_of_memory_hint
+from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_device
+
+__all__ = [
+    "PerView", "Prediction", "ensemble_probabilities", "eval_loader", "iter_predictions", "load_ensemble", "predict",
+    "predict_logits"
+]
+
+
+@torch.inference_mode()
+def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, channels_last: bool = True,
+                   limit_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every batch of ``loader`` with the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    slices = 1  # doubled after an out-of-memory error, for the rest of the pass
+    for index, (images, labels, *_) in enumerate(loader):
+        if limit_batches and index >= limit_batches:
+            break
+        images = to_device(images, device, channels_last)
+        while True:
+            try:
+                with autocast(device, dtype):
+                    logits = torch.cat([model(part) for part in images.chunk(slices)])
+                break
+            except torch.cuda.OutOfMemoryError:
+                if slices >= len(images):
+                    raise GraftError("out of memory evaluating one image at a time; use a smaller --image-size or "
+                                     "free the device's memory") from None
+                slices *= 2
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        all_logits.append(logits.float().cpu())
+        all_labels.append(torch.as_tensor(labels))
+    model.train(was_training)
+    if not all_logits:
+        return torch.zeros(0, len(model.classes)), torch.zeros(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def eval_loader(model: GraftModel, dataset, batch_size: int = 64, workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+class PerView(nn.Module):
+    """Runs a model on (batch, views, 3, H, W) and returns per-view log-probabilities flattened to (batch, views*C)."""
+
+    def __init__(self, model: GraftModel, channels_last: bool):
+        super().__init__()
+        self.model, self.classes, self.channels_last = model, model.classes, channels_last
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        batch = views.shape[0]
+        images = views.flatten(0, 1)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model(images).float().log_softmax(1).reshape(batch, -1)
+
+
+def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
+                           batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class probabilities averaged over ensemble members: (plain (N, C), with test-time augmentation (N, C), labels).
+
+    Without ``tta`` both are the same tensor. View 0 of every TTA set is the plain evaluation view, so one pass gives
+    both numbers.
+    """
+    plain, augmented, labels = None, None, None
+    for member in models:
+        views = TTAViews(member.preprocessing, tta)
+        dataset = ImageDataset(samples, views, None)
+        logits, labels = predict_logits(PerView(member, True), eval_loader(member, dataset, batch_size, workers),
+                                        device, autocast_dtype(device), channels_last=False)
+        probabilities = logits.reshape(len(labels), len(views), -1).exp()
+        plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
+        augmented = probabilities.mean(1) if augmented is None else augmented + probabilities.mean(1)
+    plain, augmented = plain / len(models), augmented / len(models)
+    return plain, (augmented if tta else plain), labels
+
+
+def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[GraftModel]]:
+    """(run folders, device, models) for one run folder or several; an ensemble's members must share classes."""
+    runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
+    target = resolve_device(device)
+    models = [load(run, target) for run in runs]
+    for model, run in zip(models[1:], runs[1:]):
+        if model.classes != models[0].classes:
+            raise GraftError(f"{run}: its classes differ from {runs[0]}'s; an ensemble needs the same classes")
+    return runs, target, models
+
+
+@dataclass
+class Prediction:
+    """Top-k labels and probabilities for one file, or the error that prevented it."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+            workers: int = 0, tta: str | None = None) -> list[Prediction]:
+    """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
+
+    Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
+    flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
+    one batch at a time.
+    """
+    return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta))
+
+
+def iter_predictions(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+                     workers: int = 0, tta: str | None = None) -> Iterator[Prediction]:
+    """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
+    however many images there are. The models and inputs are checked before the first row."""
+    _, target, models = load_ensemble(run_dirs, device)
+    paths = expand_inputs(inputs)
+    return _prediction_rows(models, paths, target, top_k, batch_size, workers, tta)
+
+
+def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.device, top_k: int, batch_size: int,
+                     workers: int, tta: str | None) -> Iterator[Prediction]:
+    # one loader per member over the same paths in the same order: zipped, they give each batch for every member
+    loaders = []
+    for model in models:
+        views = TTAViews(model.preprocessing, tta)
+        dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
+        loaders.append(eval_loader(model, dataset, batch_size, workers))
+    members = [PerView(model, True).eval() for model in models]
+    classes = models[0].classes
+    k = min(top_k, len(classes))
+    start = 0
+    for batches in zip(*loaders):
+        with out_of_memory_hint(batch_size):
+            probabilities = _ensemble_batch(members, [images for images, _, _ in batches], target)
+        _, ok, messages = batches[0]  # a file that fails to decode fails for every member
+        for offset, (good, message) in enumerate(zip(ok.tolist(), messages)):
+            path = paths[start + offset]
+            if not good:
+                yield Prediction(path, error=message)
+                continue
+            values, indices = probabilities[offset].topk(k)
+            yield Prediction(path, [classes[i] for i in indices.tolist()],
+                             [round(v, 6) for v in values.tolist() if not math.isnan(v)])
+        start += len(ok)
+
+
+@torch.inference_mode()
+def _ensemble_batch(members: list[PerView], batches: list[torch.Tensor], target: torch.device) -> torch.Tensor:
+    """Class probabilities of one batch, averaged over the test-time views and then over the ensemble's members."""
+    total = None
+    for per_view, images in zip(members, batches):
+        with autocast(target, autocast_dtype(target)):
+            log_probabilities = per_view(images.to(target)).reshape(len(images), images.shape[1], -1)
+        probabilities = log_probabilities.float().exp().mean(1).cpu()
+        total = probabilities if total is None else total + probabilities
+    return total / len(members)

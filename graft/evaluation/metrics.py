@@ -1,0 +1,55 @@
+"""Classification metrics from logits: accuracy, top-k, per-class, confusion, calibration error."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from graft.errors import GraftError
+
+__all__ = ["classification_metrics", "expected_calibration_error"]
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
+    """Loss, accuracy, top-k accuracy, per-class precision/recall/F1/support, macro F1 and the confusion matrix
+    (rows: true class, columns: predicted)."""
+    count = len(classes)
+    k = min(top_k, count)
+    if len(labels) == 0:
+        raise GraftError("no images to evaluate")
+    predicted = logits.argmax(dim=1)
+    confusion = torch.zeros(count, count, dtype=torch.long)
+    confusion.index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    per_class = []
+    for index, name in enumerate(classes):
+        true_positive = confusion[index, index].item()
+        precision = true_positive / max(1, confusion[:, index].sum().item())
+        recall = true_positive / max(1, confusion[index].sum().item())
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                          "support": int(confusion[index].sum())})
+    top = logits.topk(k, dim=1).indices
+    return {
+        "images": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (predicted == labels).float().mean().item(),
+        f"top{k}_accuracy": (top == labels[:, None]).any(dim=1).float().mean().item(),
+        "macro_f1": sum(c["f1"] for c in per_class) / count,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+    }
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width confidence bins."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    error = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            gap = abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            error += inside.float().mean().item() * gap
+    return error

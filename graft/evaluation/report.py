@@ -1,0 +1,265 @@
+"""The evaluation report: one self-contained HTML page (inline CSS, images as data URIs, no scripts, no network) and
+the same plots as PNG files beside it.
+
+Sections: headline numbers (plain and with test-time augmentation), training curves from each run's history,
+the confusion matrix as a heat map, per-class precision/recall/F1, a reliability diagram with the expected
+calibration error, and a grid of the most confident mistakes.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from graft.data.images import load_image  # noqa: E402
+from graft.utils.files import atomic_write  # noqa: E402
+from graft.utils.text import display_name  # noqa: E402
+
+__all__ = [
+    "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "plot_confusion", "plot_mistakes",
+    "plot_reliability", "plot_training_curves", "reliability_bins", "write_report"
+]
+
+matplotlib.use("Agg")  # headless: no display, same output everywhere
+
+
+MISTAKES = 24  # thumbnails in the grid
+THUMBNAIL = 112  # pixels, longer side
+PLOTS = ("training_curves", "confusion_matrix", "reliability", "mistakes")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
+td:first-child,th:first-child{text-align:left} .numbers td{font-size:1.1em}
+img.plot{max-width:100%} .grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:130px;font-size:12px} figure img{display:block;max-width:120px;max-height:120px}
+.wrong{color:#b00} .muted{color:#777}
+"""
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def plot_training_curves(runs: list) -> bytes | None:
+    """Loss, accuracy and learning rate per epoch for each run; dotted lines mark stage boundaries."""
+    histories = [(display_name(Path(run).name), _read_history(run)) for run in runs]
+    histories = [(name, rows) for name, rows in histories if rows]
+    if not histories:
+        return None
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name, rows in histories:
+        epochs = [int(row["epoch"]) for row in rows]
+        label = f"{name}: " if len(histories) > 1 else ""
+        for axis, key in ((axes[0], "loss"), (axes[1], "acc")):
+            axis.plot(epochs, [float(row[f"train_{key}"]) for row in rows], "-o", ms=3, label=f"{label}train")
+            axis.plot(epochs, [float(row[f"val_{key}"]) for row in rows], "-s", ms=3, label=f"{label}val")
+        axes[2].plot(epochs, [float(row["lr"]) for row in rows], "-o", ms=3, label=name)
+        for previous, row in zip(rows, rows[1:]):
+            if row["stage"] != previous["stage"]:
+                for axis in axes:
+                    axis.axvline(int(previous["epoch"]) + 0.5, color="#999", ls=":")
+    for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    if all(float(row["lr"]) > 0 for _, rows in histories for row in rows):
+        axes[2].set_yscale("log")  # a schedule that ends at 0 stays linear
+    return _png(figure)
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str]) -> bytes:
+    """Rows are true classes, columns predictions; colour is the row-normalised rate, text the count."""
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    size = min(14, 2.5 + 0.45 * len(classes))
+    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
+    ticks = range(len(classes))
+    axis.set_xticks(ticks, [c[:20] for c in classes], rotation=60, ha="right", fontsize=8)
+    axis.set_yticks(ticks, [c[:20] for c in classes], fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if len(classes) <= 25:
+        for row in ticks:
+            for column in ticks:
+                value = int(counts[row, column])
+                if value:
+                    colour = "white" if rates[row, column] > 0.5 else "black"
+                    axis.text(column, row, str(value), ha="center", va="center", fontsize=8, color=colour)
+    return _png(figure)
+
+
+def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[dict]:
+    """Per equal-width confidence bin: count, mean confidence, accuracy (the reliability diagram's data)."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    rows = []
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        inside = (confidence > low) & (confidence <= high)
+        count = int(inside.sum())
+        rows.append({"low": low, "high": high, "count": count,
+                     "confidence": confidence[inside].mean().item() if count else None,
+                     "accuracy": correct[inside].mean().item() if count else None})
+    return rows
+
+
+def plot_reliability(curves: dict[str, tuple[list[dict], float]]) -> bytes:
+    """Accuracy against confidence per bin (a calibrated model sits on the diagonal); ECE in the legend."""
+    figure, axis = plt.subplots(figsize=(5, 4.6))
+    axis.plot([0, 1], [0, 1], color="#999", ls="--", label="perfect calibration")
+    for name, (rows, ece) in curves.items():
+        used = [row for row in rows if row["count"]]
+        axis.plot([r["confidence"] for r in used], [r["accuracy"] for r in used], "-o", ms=4,
+                  label=f"{name} (ECE {ece:.3f})")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("confidence (top-1 probability)")
+    axis.set_ylabel("accuracy")
+    axis.legend(fontsize=8, loc="upper left")
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def confident_mistakes(samples: list, probabilities: torch.Tensor, classes: list[str], limit: int = MISTAKES):
+    """The wrong predictions with the highest confidence: (path, true class, predicted class, p(predicted), p(true))."""
+    confidence, predicted = probabilities.max(1)
+    labels = torch.tensor([label for _, label in samples])
+    wrong = (predicted != labels).nonzero().flatten()
+    order = wrong[confidence[wrong].argsort(descending=True)][:limit].tolist()
+    return [(samples[i][0], classes[samples[i][1]], classes[predicted[i]], confidence[i].item(),
+             probabilities[i, samples[i][1]].item()) for i in order]
+
+
+def _thumbnail(path: str) -> Image.Image:
+    try:
+        image = load_image(path)
+    except Exception:  # noqa: BLE001 - a file changed since evaluation: a grey tile, not a failed report
+        image = Image.new("RGB", (THUMBNAIL, THUMBNAIL), (200, 200, 200))
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return image
+
+
+def plot_mistakes(mistakes: list) -> bytes | None:
+    if not mistakes:
+        return None
+    columns = min(6, len(mistakes))
+    rows = (len(mistakes) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (path, true, predicted, confidence, _) in zip(axes.flat, mistakes):
+        axis.imshow(_thumbnail(path))
+        axis.set_title(f"true {true[:14]}\npred {predicted[:14]} {confidence:.2f}", fontsize=7)
+    return _png(figure)
+
+
+def _jpeg_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return _data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def _numbers_table(metrics: dict) -> str:
+    top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
+    rows = [("plain", metrics)] + ([(f"TTA ({', '.join(metrics['tta']['views'])}; {metrics['tta']['count']} views)",
+                                     metrics["tta"])] if "tta" in metrics else [])
+    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{m['accuracy']:.4f}</td><td>{m[top_key]:.4f}</td>"
+                   f"<td>{m['macro_f1']:.4f}</td><td>{m['loss']:.4f}</td><td>{m['ece']:.4f}</td></tr>"
+                   for name, m in rows)
+    return (f"<table class='numbers'><tr><th></th><th>accuracy</th><th>{top_key.replace('_', ' ')}</th>"
+            f"<th>macro F1</th><th>loss</th><th>ECE</th></tr>{body}</table>")
+
+
+def _per_class_table(metrics: dict) -> str:
+    body = "".join(f"<tr><td>{html.escape(c['class'])}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
+                   f"<td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>" for c in metrics["per_class"])
+    return f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{body}</table>"
+
+
+def _mistake_grid(mistakes: list) -> str:
+    if not mistakes:
+        return "<p>No mistakes.</p>"
+    figures = "".join(
+        f"<figure><img src='{_jpeg_uri(_thumbnail(path))}' alt='{html.escape(Path(path).name, quote=True)}'>"
+        f"<figcaption>true <b>{html.escape(true)}</b><br><span class='wrong'>predicted {html.escape(predicted)} "
+        f"{confidence:.2f}</span><br><span class='muted'>p(true) {p_true:.2f}</span></figcaption></figure>"
+        for path, true, predicted, confidence, p_true in mistakes)
+    return f"<div class='grid'>{figures}</div>"
+
+
+def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilities: torch.Tensor,
+                 tta_probabilities: torch.Tensor | None, runs: list) -> Path:
+    """Writes ``report.html`` and the PNG plots into ``out_dir``; returns the HTML's path."""
+    out_dir = Path(out_dir)
+    labels = torch.tensor([label for _, label in samples])
+    classes = [display_name(name) for name in metrics["classes"]]  # plots and HTML need valid Unicode
+    curves = {"plain": (reliability_bins(probabilities, labels), metrics["ece"])}
+    if tta_probabilities is not None:
+        curves["TTA"] = (reliability_bins(tta_probabilities, labels), metrics["tta"]["ece"])
+    mistakes = confident_mistakes(samples, probabilities, classes)
+    plots = {"training_curves": plot_training_curves(runs),
+             "confusion_matrix": plot_confusion(metrics["confusion_matrix"], classes),
+             "reliability": plot_reliability(curves), "mistakes": plot_mistakes(mistakes)}
+    for name, data in plots.items():
+        if data is not None:
+            atomic_write(out_dir / f"{name}.png", lambda temp, data=data: Path(temp).write_bytes(data))
+
+    def plot(name: str, alt: str) -> str:
+        data = plots[name]
+        return f"<img class='plot' src='{_data_uri(data)}' alt='{alt}'>" if data else "<p class='muted'>none</p>"
+
+    title = html.escape(", ".join(Path(r).name for r in runs))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>graft report: {title}</title><style>{CSS}</style></head>
+<body>
+<h1>graft evaluation: {title}</h1>
+<p class="muted">{len(samples)} images from {html.escape(str(metrics['data']))}; {len(runs)} run(s):
+{html.escape(', '.join(str(r) for r in runs))}</p>
+<h2 id="summary">Summary</h2>
+{_numbers_table(metrics)}
+<h2 id="training">Training curves</h2>
+{plot("training_curves", "loss, accuracy and learning rate per epoch")}
+<h2 id="confusion">Confusion matrix</h2>
+{plot("confusion_matrix", "confusion matrix")}
+<h2 id="per-class">Per class</h2>
+{_per_class_table(metrics)}
+<h2 id="calibration">Calibration</h2>
+<p>Expected calibration error {metrics['ece']:.4f}: the average gap between confidence and accuracy.</p>
+{plot("reliability", "reliability diagram")}
+<h2 id="mistakes">Most confident mistakes</h2>
+{_mistake_grid(mistakes)}
+</body></html>
+"""
+    path = out_dir / "report.html"
+    page = display_name(page)  # paths and class names that are not UTF-8, shown as \xNN: the page says it is UTF-8
+    atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8"))
+    return path

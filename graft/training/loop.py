@@ -1,0 +1,145 @@
+"""One epoch of training and one of validation: the loss, the step, out-of-memory and blow-up handling."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from graft.errors import GraftError
+from graft.evaluation.inference import predict_logits
+from graft.models.grafted import GraftModel
+from graft.training.state import Hooks
+from graft.utils.runtime import Runtime, autocast, to_device
+
+__all__ = ["NonFiniteLoss", "compute_loss", "train_epoch", "validate"]
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; carries what a person needs to find the cause."""
+
+    def __init__(self, value: float, step: int, lr: float, files: list[str], what: str = "loss"):
+        super().__init__(f"{what} {value} at step {step}")
+        self.value, self.step, self.lr, self.files, self.what = value, step, lr, files, what
+
+
+def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+
+
+def _train_step(model, images, labels, optimizer, scaler, runtime: Runtime, loss_options: dict,
+                micro_batches: int) -> tuple[float, int, torch.Tensor]:
+    """One optimiser step over ``micro_batches`` slices of the batch (gradient accumulation keeps the effective
+    batch); returns (summed loss, correct predictions, the loss of the last slice)."""
+    optimizer.zero_grad(set_to_none=True)
+    total_loss, correct = 0.0, 0
+    for part_images, part_labels in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
+        with autocast(runtime.device, runtime.dtype):
+            logits = model(part_images)
+            loss = compute_loss(logits, part_labels, **loss_options)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(loss.item(), 0, optimizer.param_groups[0]["lr"], [])
+        scaler.scale(loss * (part_labels.numel() / labels.numel())).backward()
+        total_loss += loss.item() * part_labels.numel()
+        correct += (logits.argmax(1) == part_labels).sum().item()
+    scaler.step(optimizer)
+    scaler.update()
+    return total_loss, correct, loss
+
+
+def _after_out_of_memory(micro_batches: int, batch: int, optimizer, runtime: Runtime) -> int:
+    """Halves the micro-batch after an out-of-memory error, or gives up with what to do at one image per slice."""
+    optimizer.zero_grad(set_to_none=True)
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if micro_batches >= batch:
+        raise GraftError("out of memory even at one image per step; use a smaller --image-size or backbone, or free "
+                         "the device's memory") from None
+    micro_batches *= 2
+    runtime.log(f"warning: out of memory at batch size {batch}; continuing with {micro_batches} micro-batches of "
+                f"~{math.ceil(batch / micro_batches)} (gradient accumulation keeps the effective batch)")
+    return micro_batches
+
+
+def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
+                limit_batches: int = 0, hooks: Hooks | None = None, progress=None,
+                class_weights: torch.Tensor | None = None, micro_batches: int = 1) -> dict:
+    """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use.
+
+    Raises:
+        NonFiniteLoss: naming the batch's files (when the dataset yields indices) and the learning rate.
+    """
+    model.train()
+    scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
+    loss_options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
+    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    for step, (images, labels, *indices) in enumerate(loader):
+        if limit_batches and step >= limit_batches:
+            break
+        images = to_device(images, runtime.device, runtime.channels_last)
+        labels = labels.to(runtime.device, non_blocking=True)
+        while True:
+            try:
+                batch_loss, batch_correct, loss = _train_step(model, images, labels, optimizer, scaler, runtime,
+                                                              loss_options, micro_batches)
+                break
+            except torch.cuda.OutOfMemoryError:
+                micro_batches = _after_out_of_memory(micro_batches, labels.numel(), optimizer, runtime)
+            except NonFiniteLoss as blowup:
+                files = [loader.dataset.samples[i][0] for i in indices[0].tolist()] if indices else []
+                raise NonFiniteLoss(blowup.value, step, blowup.lr, files) from None
+        scheduler.step()
+        total_loss += batch_loss
+        correct += batch_correct
+        seen += labels.numel()
+        if hooks and hooks.on_batch_end:
+            hooks.on_batch_end(step, loss.item())
+        if progress is not None:
+            progress(seen, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
+            "images_per_s": seen / max(seconds, 1e-9), "micro_batches": micro_batches}
+
+
+def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0) -> dict:
+    logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last, limit_batches)
+    if not len(labels):
+        return {"val_loss": math.nan, "val_acc": math.nan}
+    return {"val_loss": F.cross_entropy(logits, labels).item(),
+            "val_acc": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def _epoch_line(row: dict) -> str:
+    return (f"epoch {row['epoch']:>3} [{row['stage']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
+            f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['images_per_s']:.1f} img/s"
+            f" | {row['seconds']:.1f}s")
+
+
+class _progress_bar:
+    """A rich progress bar with loss, accuracy and images/s on a terminal; silent elsewhere (logs, CI, tests)."""
+
+    def __init__(self, runtime: Runtime, description: str, total: int):
+        self.enabled = runtime.verbose and runtime.is_main and sys.stderr.isatty()
+        self.description, self.total = description, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=self.total, stats="")
+        return self.update
+
+    def update(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
+        self.progress.update(self.task, completed=seen, stats=f"loss {loss:.3f} acc {accuracy:.3f} {speed:.0f} img/s")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.stop()

@@ -1,0 +1,118 @@
+"""The learning-rate finder: one step per rate on a fresh model, the curve and its suggestion."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from graft.config import FitConfig, apply_overrides
+from graft.data.discovery import DatasetSplits
+from graft.errors import GraftError
+from graft.training import recipes
+from graft.training.loop import compute_loss
+from graft.training.optim import make_optimizer
+from graft.training.setup import build_on_device, make_loaders
+from graft.utils.files import _save
+from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
+
+__all__ = ["LRFinding", "find_lr", "lr_sweep", "plot_lr_finding"]
+
+
+def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: int = 200, start: float = 1e-7,
+            end: float = 10.0):
+    """The learning-rate finder on the recipe's main stage (the one trained longest): one step per rate on a fresh
+    model, rates growing exponentially. Returns a ``graft.training.lr_find.LRFinding`` whose ``suggestion`` is in the units
+    of ``train.lr`` (the head's rate; the trunk's follows from finetune_lr_ratio)."""
+    unit = apply_overrides(copy.deepcopy(config), {"train.lr": 1.0})
+    stages = recipes.plan(unit)
+    if not stages:
+        raise GraftError("this strategy solves its head in closed form (probe): there is no learning rate to find")
+    stage = stages[-1]
+    seed_everything(config.train.seed)
+    model, _ = build_on_device(unit, splits, runtime)
+    groups = recipes.configure(model, stage, unit.train)
+    ratios = [group["lr"] for group in groups]  # with train.lr = 1 each group's rate is its ratio to train.lr
+    optimizer = make_optimizer(groups, unit)
+    loader, _, generator = make_loaders(splits, model, unit, runtime)
+    generator.manual_seed(config.train.seed)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def step_loss(lr: float) -> float:
+        for group, ratio in zip(optimizer.param_groups, ratios):
+            group["lr"] = lr * ratio
+        images, labels, *_ = next(stream)
+        images = to_device(images, runtime.device, runtime.channels_last)
+        with autocast(runtime.device, runtime.dtype):
+            loss = compute_loss(model(images), labels.to(runtime.device), config.train.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return math.inf
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    finding = lr_sweep(step_loss, start, end, steps)
+    finding.suggestion = finding.suggestion / stage.lr  # the stage's rate → train.lr (the head's)
+    return finding
+
+
+@dataclass
+class LRFinding:
+    lrs: list[float]
+    losses: list[float]  # smoothed
+    suggestion: float
+    reason: str
+
+
+def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200, smoothing: float = 0.9
+             ) -> LRFinding:
+    """Runs ``step_loss(lr)`` (one training step at ``lr``, returning its loss) for exponentially growing rates and
+    suggests a tenth of the rate with the lowest smoothed loss (Smith's rule, fastai v1's default: the point of
+    steepest descent is noisier). Stops early once the loss has blown up (4x its minimum, or not finite)."""
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    for index in range(steps):
+        lr = start * factor ** index
+        loss = step_loss(lr)
+        if not math.isfinite(loss):
+            break
+        average = smoothing * average + (1 - smoothing) * loss
+        smoothed = average / (1 - smoothing ** (index + 1))  # bias-corrected, as Adam's moments
+        lrs.append(lr)
+        losses.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > 4 * best and index > 10:
+            break
+    if len(losses) < 5:
+        raise GraftError("the loss blew up at once: the sweep's start rate is already too high; lower --start-lr")
+    low = int(np.argmin(losses))
+    slopes = np.gradient(np.array(losses), np.log(np.array(lrs)))
+    steepest = lrs[int(np.argmin(slopes[: low + 1]))]
+    reason = f"lowest loss at {lrs[low]:.1e}, a tenth of it; steepest descent at {steepest:.1e}"
+    return LRFinding(lrs, losses, float(lrs[low] / 10), reason)
+
+
+def plot_lr_finding(finding: LRFinding, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(finding.lrs, finding.losses)
+    axis.axvline(finding.suggestion, color="#c33", ls="--", label=f"suggested {finding.suggestion:.1e}")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss (smoothed)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    _save(figure, path)

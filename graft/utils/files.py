@@ -1,0 +1,102 @@
+"""Writing files so that nothing is ever half-written: atomic writes, JSON, CSV, weights, figures."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from graft.errors import GraftError
+from graft.utils.outputs import record, temp_prefix
+
+__all__ = ["atomic_write", "save_weights", "write_json"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file.
+
+    The temp file is ``.graft-tmp-NAME.*`` (see ``graft.outputs``): the only names a clean-up may remove.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)  # a name no user picks
+    os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is shared like any other file
+    os.close(handle)
+    try:
+        write(temp)
+        with open(temp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+        _fsync_folder(path.parent)
+        record(path)  # into the folder's manifest if graft made the folder: what --overwrite may remove
+    except BaseException as error:
+        Path(temp).unlink(missing_ok=True)
+        if isinstance(error, OSError) or type(error).__name__ == "SafetensorError":  # safetensors wraps io errors
+            raise GraftError(_write_error(path, error)) from None
+        raise
+
+
+def _write_error(path: Path, error: BaseException) -> str:
+    text = str(error)
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
+    hint = "the disk is full: free space, then continue with --resume" if full else "check the folder is writable"
+    reason = getattr(error, "strerror", None) or text.splitlines()[0][:200]
+    return f"{path}: could not be written ({reason}); the previous version is intact; {hint}"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes the rename itself durable (POSIX); a power cut after it then cannot bring back the old file."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its rename is durable enough
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda temp: save_file(state, temp, metadata=metadata or {}))
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _save(figure, path) -> None:
+    import matplotlib.pyplot as plt
+
+
+
+    figure.tight_layout()
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))  # recorded in graft's manifest
+    plt.close(figure)
