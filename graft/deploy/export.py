@@ -9,6 +9,9 @@
 - ``preprocessing.json`` — class names and preprocessing, all a consumer needs; ``predict_onnx.py`` — a standalone
   example that uses only NumPy, Pillow and ONNX Runtime;
 - ``export.json`` — what was exported, the parity numbers, how many batch norms were folded and the latency change.
+
+``--format timm`` and ``--format hf`` write a folder of their own instead, for plain timm and the Hugging Face hub
+(see ``graft.deploy.hub``).
 """
 
 from __future__ import annotations
@@ -35,12 +38,27 @@ from graft.utils.files import atomic_write, write_json
 from graft.utils.outputs import output_folder, record
 
 __all__ = [
-    "ExportResult", "FOLD_TOLERANCE", "FORMATS", "OPSET", "PARITY_INPUTS", "RUNTIME_TOLERANCE", "STANDALONE_EXAMPLE",
-    "call_times", "consumer_metadata", "export", "export_onnx", "export_program", "latency_ms", "onnx_session",
-    "parity_inputs", "standalone_example"
+    "ECOSYSTEM_FORMATS",
+    "FOLD_TOLERANCE",
+    "FORMATS",
+    "OPSET",
+    "PARITY_INPUTS",
+    "RUNTIME_TOLERANCE",
+    "STANDALONE_EXAMPLE",
+    "ExportResult",
+    "call_times",
+    "consumer_metadata",
+    "export",
+    "export_onnx",
+    "export_program",
+    "latency_ms",
+    "onnx_session",
+    "parity_inputs",
+    "standalone_example"
 ]
 
 FORMATS = ("onnx", "torch", "safetensors")
+ECOSYSTEM_FORMATS = ("timm", "hf")  # folders plain timm / the Hugging Face hub load (graft.deploy.hub)
 OPSET = 18
 PARITY_INPUTS = 16  # images used to verify each exported form
 FOLD_TOLERANCE = 1e-4  # max |Δlogit| in float32 that folding may cause (the issue's bound)
@@ -164,9 +182,12 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
         fold_bn: fold batch norms into the preceding conv/linear layers first (verified to 1e-4 in float32).
         data: images for the parity checks; default: the run's own data.
     """
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats) - set(FORMATS) - set(ECOSYSTEM_FORMATS))
     if unknown:
-        raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from {', '.join(FORMATS)}")
+        raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
+                         f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
+    if set(formats) & set(ECOSYSTEM_FORMATS):
+        return _export_ecosystem(run_dir, out_dir, formats, data, overwrite)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
@@ -214,6 +235,18 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     result.files += ["preprocessing.json", "predict_onnx.py", "export.json"]
     write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
     return result
+
+
+def _export_ecosystem(run_dir, out_dir, formats: tuple[str, ...], data: str | None, overwrite: bool) -> ExportResult:
+    """``--format timm`` / ``hf``: a folder of their own (its model.safetensors holds timm's names, not graft's)."""
+    if len(set(formats)) != 1:
+        raise GraftError(f"--format {formats[0] if formats[0] in ECOSYSTEM_FORMATS else 'timm'} writes a folder of "
+                         "its own: export it alone (another --output for onnx, torch or safetensors)")
+    from graft.deploy.hub import export_timm
+
+    done = export_timm(run_dir, out_dir, hf=formats[0] == "hf", data=data, overwrite=overwrite)
+    return ExportResult(Path(out_dir), files=done["files"], parity=done["parity_max_abs_logit_diff"],
+                        inputs=done["parity_inputs"])
 
 
 def consumer_metadata(model: GraftModel) -> dict:
