@@ -111,11 +111,15 @@ class TimmSource:
                 f"(.safetensors/.pth), pre-download with `hf download {hub_id}` where there is a network, "
                 "or use --no-pretrained"
             )
+        hub_id = _cfg_value(cfg, "hf_hub_id") or name
+        cached = cached_hub_file(hub_id) if _cfg_value(cfg, "hf_hub_id") else None
+        # Offline, the cached file itself: the hub client would otherwise spend a minute retrying before using it.
+        overlay = {"file": cached} if cached and not hub_reachable() else None
         try:
-            net = timm.create_model(name, pretrained=True, num_classes=0)
+            net = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
         except Exception as error:  # network, missing file on the hub, ...
             raise GraftError(f"could not fetch pretrained weights for '{name}': {str(error).splitlines()[0]}") from None
-        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"hub:{_cfg_value(cfg, 'hf_hub_id') or name}")
+        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"hub:{hub_id}")
 
     @staticmethod
     def _from_package(name: str, net: nn.Module, packaged: PackagedWeights) -> Backbone:
