@@ -20,7 +20,7 @@ from graft.cli.shared import (
     print_table,
 )
 
-__all__ = ["export", "precise_bn_command", "serve"]
+__all__ = ["export", "precise_bn_command", "push", "serve"]
 
 
 @app.command()
@@ -28,7 +28,8 @@ __all__ = ["export", "precise_bn_command", "serve"]
 def export(
     run: Annotated[str, typer.Argument(help="the run folder to export")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN/export")] = None,
-    formats: Annotated[str, typer.Option("--format", help="comma-separated: onnx, torch, safetensors")] =
+    formats: Annotated[str, typer.Option("--format", help="comma-separated: onnx, torch, safetensors; or "
+                                          "timm / hf alone (a folder plain timm or the Hugging Face hub loads)")] =
     "onnx,torch,safetensors",
     fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms into convs")] = True,
     data: Annotated[Optional[str], typer.Option(help="images for the parity checks (default: the run's data)")] = None,
@@ -36,7 +37,7 @@ def export(
 ):
     """Export for deployment (ONNX, torch.export, safetensors + JSON), each verified against the trained model.
 
-    Example: graft export runs/pets --fold-bn --format onnx
+    Example: graft export runs/pets --fold-bn --format onnx;  graft export runs/pets --format timm -o pets-timm
     """
     from graft.deploy.export import export as export_run
 
@@ -44,9 +45,29 @@ def export(
                         fold_bn, data, overwrite, log=lambda message: err.print(message, highlight=False))
     rows = [[form, f"{difference:.2e}"] for form, difference in result.parity.items()]
     print_table(f"exported to {result.out_dir} (parity on {result.inputs})", ["form", "max |Δlogit|"], rows)
-    print_table("batch-1 latency (median, CPU)", ["form", "ms"],
-                [[form, f"{ms:.3f}"] for form, ms in result.latency_ms.items()])
+    if result.latency_ms:  # none for --format timm / hf, which time nothing
+        print_table("batch-1 latency (median, CPU)", ["form", "ms"],
+                    [[form, f"{ms:.3f}"] for form, ms in result.latency_ms.items()])
     out.print("files: " + ", ".join(result.files))
+
+
+@app.command()
+@friendly_errors
+def push(
+    run: Annotated[str, typer.Argument(help="the run folder to upload")],
+    repo_id: Annotated[str, typer.Argument(help="the hub repository, OWNER/NAME")],
+    private: Annotated[bool, typer.Option("--private/--public", help="a private repository")] = False,
+    folder: Annotated[Optional[Path], typer.Option("--folder", help="an existing `export --format hf` folder to "
+                                                   "upload (default: exported now to RUN/hf)")] = None,
+):
+    """Upload a run to the Hugging Face hub as a timm model repository (weights, config.json, model card).
+
+    Example: graft push runs/pets your-name/pets-resnet50 --private
+    """
+    from graft.deploy.hub import push as push_run
+
+    url = push_run(run, repo_id, private, folder, log=lambda message: err.print(message, highlight=False))
+    out.print(f"uploaded to {url}")
 
 
 @app.command("precise-bn")

@@ -19,7 +19,7 @@ from graft.utils.text import display_name
 
 __all__ = [
     "ALLOWED_FORMATS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES", "PixelLimitError",
-    "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb"
+    "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb", "upright_rgb"
 ]
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,15 @@ def _empty(name) -> str:
 
 def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
     with _decoded(source, name, max_pixels) as image:
-        return to_rgb(ImageOps.exif_transpose(_to_srgb(image)))
+        return upright_rgb(image)
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as graft feeds it to a network: colours to sRGB (ICC), EXIF orientation applied, 8-bit RGB.
+
+    Exported deployment examples carry this function's source (and its helpers'), so they decode exactly as graft.
+    """
+    return to_rgb(ImageOps.exif_transpose(_to_srgb(image)))
 
 
 @contextlib.contextmanager

@@ -9,10 +9,14 @@
 - ``preprocessing.json`` — class names and preprocessing, all a consumer needs; ``predict_onnx.py`` — a standalone
   example that uses only NumPy, Pillow and ONNX Runtime;
 - ``export.json`` — what was exported, the parity numbers, how many batch norms were folded and the latency change.
+
+``--format timm`` and ``--format hf`` write a folder of their own instead, for plain timm and the Hugging Face hub
+(see ``graft.deploy.hub``).
 """
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import statistics
 import time
@@ -24,9 +28,9 @@ import torch
 from torch import nn
 
 from graft.data.discovery import discover
-from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, load_image
+from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, _to_srgb, load_image, to_rgb, upright_rgb
 from graft.data.scan import readable
-from graft.data.transforms import build_transform
+from graft.data.transforms import MAX_ASPECT, CapAspect, build_transform
 from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
@@ -35,12 +39,27 @@ from graft.utils.files import atomic_write, write_json
 from graft.utils.outputs import output_folder, record
 
 __all__ = [
-    "ExportResult", "FOLD_TOLERANCE", "FORMATS", "OPSET", "PARITY_INPUTS", "RUNTIME_TOLERANCE", "STANDALONE_EXAMPLE",
-    "call_times", "consumer_metadata", "export", "export_onnx", "export_program", "latency_ms", "onnx_session",
-    "parity_inputs", "standalone_example"
+    "ECOSYSTEM_FORMATS",
+    "FOLD_TOLERANCE",
+    "FORMATS",
+    "OPSET",
+    "PARITY_INPUTS",
+    "RUNTIME_TOLERANCE",
+    "STANDALONE_EXAMPLE",
+    "ExportResult",
+    "call_times",
+    "consumer_metadata",
+    "export",
+    "export_onnx",
+    "export_program",
+    "latency_ms",
+    "onnx_session",
+    "parity_inputs",
+    "standalone_example"
 ]
 
 FORMATS = ("onnx", "torch", "safetensors")
+ECOSYSTEM_FORMATS = ("timm", "hf")  # folders plain timm / the Hugging Face hub load (graft.deploy.hub)
 OPSET = 18
 PARITY_INPUTS = 16  # images used to verify each exported form
 FOLD_TOLERANCE = 1e-4  # max |Δlogit| in float32 that folding may cause (the issue's bound)
@@ -164,9 +183,12 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
         fold_bn: fold batch norms into the preceding conv/linear layers first (verified to 1e-4 in float32).
         data: images for the parity checks; default: the run's own data.
     """
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats) - set(FORMATS) - set(ECOSYSTEM_FORMATS))
     if unknown:
-        raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from {', '.join(FORMATS)}")
+        raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
+                         f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
+    if set(formats) & set(ECOSYSTEM_FORMATS):
+        return _export_ecosystem(run_dir, out_dir, formats, data, overwrite)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
@@ -216,6 +238,18 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     return result
 
 
+def _export_ecosystem(run_dir, out_dir, formats: tuple[str, ...], data: str | None, overwrite: bool) -> ExportResult:
+    """``--format timm`` / ``hf``: a folder of their own (its model.safetensors holds timm's names, not graft's)."""
+    if len(set(formats)) != 1:
+        raise GraftError(f"--format {formats[0] if formats[0] in ECOSYSTEM_FORMATS else 'timm'} writes a folder of "
+                         "its own: export it alone (another --output for onnx, torch or safetensors)")
+    from graft.deploy.hub import export_timm
+
+    done = export_timm(run_dir, out_dir, hf=formats[0] == "hf", data=data, overwrite=overwrite)
+    return ExportResult(Path(out_dir), files=done["files"], parity=done["parity_max_abs_logit_diff"],
+                        inputs=done["parity_inputs"])
+
+
 def consumer_metadata(model: GraftModel) -> dict:
     """Everything a consumer without graft needs to feed the exported network."""
     prep = model.preprocessing
@@ -227,15 +261,20 @@ def consumer_metadata(model: GraftModel) -> dict:
         "output": {"name": "logits", "softmax": "apply softmax over axis 1 for probabilities"},
         "preprocessing": {
             "resize_shorter_side": int(min(size) / prep.crop_pct), "interpolation": prep.interpolation,
+            "crop_pct": prep.crop_pct,
             "center_crop": size, "scale": "divide 8-bit values by 255", "mean": list(prep.mean), "std": list(prep.std),
         },
     }
 
 
 def standalone_example() -> str:
-    """``predict_onnx.py``'s source, carrying graft's format allow-list (it runs without graft, so it gets a copy)."""
+    """``predict_onnx.py``'s source. It runs without graft, so it carries copies: the format allow-list and the
+    source of graft's own decoding functions (ICC to sRGB, EXIF orientation, RGB conversion, the aspect cap), so an
+    image decodes there exactly as in ``graft predict``; resize and crop follow torchvision's rules (tested)."""
+    decoding = "\n\n".join(inspect.getsource(function) for function in (_to_srgb, to_rgb, upright_rgb, CapAspect))
     return (STANDALONE_EXAMPLE.replace("__ALLOWED_FORMATS__", repr(ALLOWED_FORMATS))
-            .replace("__FORMAT_LIST__", FORMAT_LIST))
+            .replace("__FORMAT_LIST__", FORMAT_LIST).replace("__MAX_ASPECT__", repr(MAX_ASPECT))
+            .replace("# __GRAFT_DECODING__\n", decoding))
 
 
 STANDALONE_EXAMPLE = '''"""Classify images with the exported model, without graft or torch.
@@ -247,33 +286,58 @@ Usage: python predict_onnx.py IMAGE [IMAGE ...]
 Reads __FORMAT_LIST__ only, by content, whatever a file is called: Pillow's other formats include EPS,
 which runs Ghostscript on the file. A file that cannot be read is reported on stderr and skipped.
 """
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = __ALLOWED_FORMATS__  # graft's allow-list, by Pillow's format names
+MAX_ASPECT = __MAX_ASPECT__  # graft's cap on the longer side, in multiples of the shorter one
 HERE = Path(__file__).parent
 META = json.loads((HERE / "preprocessing.json").read_text())
 PREP = META["preprocessing"]
 RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+# graft's own decoding functions (graft.data.images, graft.data.transforms), copied when this file was exported:
+# __GRAFT_DECODING__
+
+
+def resized(image):
+    """Resize as torchvision does in graft: a square input keeps the aspect (shorter side to size / crop_pct,
+    the longer one truncated), a non-square one goes to exactly (height, width) / crop_pct."""
+    height, width = PREP["center_crop"]
+    target = [int(height / PREP["crop_pct"]), int(width / PREP["crop_pct"])]
+    if height == width:
+        short, long = sorted(image.size)
+        side = (target[0], int(target[0] * long / short))
+        target = list(side) if image.height <= image.width else list(reversed(side))
+    return image.resize((target[1], target[0]), RESAMPLE.get(PREP["interpolation"], Image.BILINEAR))
+
+
+def center_crop(pixels):
+    """torchvision's centre crop of an HxWxC array: zero padding where the crop is larger, offsets rounded."""
+    height, width = PREP["center_crop"]
+    pad_h, pad_w = max(height - pixels.shape[0], 0), max(width - pixels.shape[1], 0)
+    if pad_h or pad_w:
+        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+    top, left = round((pixels.shape[0] - height) / 2.0), round((pixels.shape[1] - width) / 2.0)
+    return pixels[top:top + height, left:left + width]
+
+
 def preprocess(path):
     with Image.open(path, formats=ALLOWED_FORMATS) as opened:
-        image = opened.convert("RGB")
-    short = PREP["resize_shorter_side"]
-    scale = short / min(image.size)
-    image = image.resize((max(short, round(image.width * scale)), max(short, round(image.height * scale))),
-                         RESAMPLE.get(PREP["interpolation"], Image.BILINEAR))
-    height, width = PREP["center_crop"]
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    pixels = np.asarray(image.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+        opened.seek(0)
+        opened.load()
+        image = upright_rgb(opened)
+    image = resized(CapAspect()(image))
+    pixels = center_crop(np.asarray(image, dtype=np.float32) / 255.0)
     pixels = (pixels - np.array(PREP["mean"], np.float32)) / np.array(PREP["std"], np.float32)
-    return pixels.transpose(2, 0, 1)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def readable(paths):

@@ -39,6 +39,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, 0o666 & ~_UMASK)  # again: writers such as safetensors replace the temp file with a 0600 one
         with open(temp, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)

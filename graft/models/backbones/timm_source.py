@@ -19,9 +19,10 @@ from graft.models.backbones.base import (
     _suggest,
     load_trunk_weights,
     read_weights_file,
+    run_weights_path,
 )
 
-__all__ = ["PACKAGED_WEIGHTS", "PackagedWeights", "TimmSource", "hub_reachable"]
+__all__ = ["PACKAGED_WEIGHTS", "PackagedWeights", "TimmSource", "cached_hub_file", "hub_reachable"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,27 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
-def _timm_cached(pretrained_cfg) -> bool:
-    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
-    if not hub_id:
-        return False
+def _cfg_value(pretrained_cfg, key: str):
+    """A field of a pretrained config: timm 1.0 gives a model's as a dict, the older PretrainedCfg an object."""
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get(key)
+    return getattr(pretrained_cfg, key, None)
+
+
+def cached_hub_file(hub_id: str, filenames=("model.safetensors", "pytorch_model.bin")) -> str | None:
+    """The path of the first of ``filenames`` in the local Hugging Face cache for ``hub_id``; None if none is."""
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id, filename), str):
-            return True
-    return False
+    for filename in filenames:
+        found = try_to_load_from_cache(hub_id, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _timm_cached(pretrained_cfg) -> bool:
+    hub_id = _cfg_value(pretrained_cfg, "hf_hub_id")
+    return bool(hub_id) and cached_hub_file(hub_id) is not None
 
 
 class TimmSource:
@@ -81,7 +93,7 @@ class TimmSource:
         net = timm.create_model(name if tag else arch, pretrained=False, num_classes=0)
         cfg = net.pretrained_cfg
         if weights_file:
-            path = Path(weights_file)
+            path = run_weights_path(Path(weights_file))  # a graft run folder means its model.safetensors
             state, metadata = read_weights_file(path)
             load_trunk_weights(net, state, str(path), by_order=metadata.get("graft.match") == "order")
             tag_cfg = cfg if tag else None
@@ -93,17 +105,21 @@ class TimmSource:
         if not _timm_cached(cfg) and packaged and tag in ("", packaged.tag) and _importable(packaged.module):
             return self._from_package(name, net, packaged)
         if not _timm_cached(cfg) and not hub_reachable():
-            hub_id = getattr(cfg, "hf_hub_id", None) or name
+            hub_id = _cfg_value(cfg, "hf_hub_id") or f"timm/{name}"  # the hub repository: timm's live under timm/
             raise GraftError(
                 f"no pretrained weights for '{name}' offline (hub unreachable, not in the cache): pass --weights FILE "
                 f"(.safetensors/.pth), pre-download with `hf download {hub_id}` where there is a network, "
                 "or use --no-pretrained"
             )
+        hub_id = _cfg_value(cfg, "hf_hub_id") or name
+        cached = cached_hub_file(hub_id) if _cfg_value(cfg, "hf_hub_id") else None
+        # Offline, the cached file itself: the hub client would otherwise spend a minute retrying before using it.
+        overlay = {"file": cached} if cached and not hub_reachable() else None
         try:
-            net = timm.create_model(name, pretrained=True, num_classes=0)
+            net = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
         except Exception as error:  # network, missing file on the hub, ...
             raise GraftError(f"could not fetch pretrained weights for '{name}': {str(error).splitlines()[0]}") from None
-        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"hub:{cfg.hf_hub_id or name}")
+        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"hub:{hub_id}")
 
     @staticmethod
     def _from_package(name: str, net: nn.Module, packaged: PackagedWeights) -> Backbone:

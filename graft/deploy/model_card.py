@@ -1,0 +1,91 @@
+"""The README.md model card of a Hugging Face hub repository, built from a run's own records.
+
+It states what the model was trained on (data_report.json), what it predicts (graft.json), how well it did per class
+(metrics.json), how to load it, what it is for and where it stops.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["hf_model_card"]
+
+
+def _json(path: Path) -> dict:
+    """A run's JSON record, or {} when the run has none (a card says what is known, it does not fail the export)."""
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _names(classes: list[str], shown: int = 20) -> str:
+    return ", ".join(classes[:shown]) + (", ..." if len(classes) > shown else "")
+
+
+def _where(data: dict) -> str:
+    return f" (`{Path(str(data['path'])).name}`)" if data.get("path") else ""  # the folder's name, not the user's path
+
+
+def _metrics_rows(metrics: dict) -> list[str]:
+    lines = []
+    for split in ("test", "val"):
+        block = metrics.get(split)
+        if not isinstance(block, dict):
+            continue
+        summary = ", ".join(f"{key.replace('_', ' ')} {block[key]:.4f}" for key in ("accuracy", "macro_f1",
+                            "top3_accuracy") if isinstance(block.get(key), (int, float)))
+        lines += [f"### {split} split ({block.get('images', '?')} images)", "", summary, "",
+                  "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for row in block.get("per_class", []):
+            lines.append(f"| {row.get('class')} | {row.get('precision', 0):.4f} | {row.get('recall', 0):.4f} | "
+                         f"{row.get('f1', 0):.4f} | {row.get('support', 0)} |")
+        lines.append("")
+    return lines or ["No held-out metrics were recorded for this run (no validation or test split).", ""]
+
+
+def _data_lines(report: dict, classes: list[str]) -> list[str]:
+    counts = report.get("counts", {}) if isinstance(report.get("counts"), dict) else {}
+    lines = [f"Source: {report.get('source', 'an image folder')}.", "", "| class | " + " | ".join(counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for name in classes:
+        lines.append(f"| {name} | " + " | ".join(str(split.get(name, 0)) for split in counts.values()) + " |")
+    warnings = [str(w) for w in report.get("warnings", [])]
+    return lines + ([""] + [f"- data warning: {w}" for w in warnings] if warnings else []) + [""]
+
+
+def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") -> str:
+    """The model card's Markdown (with the hub's YAML metadata block) for the run in ``run_dir``."""
+    run_dir = Path(run_dir)
+    metrics, report = _json(run_dir / "metrics.json"), _json(run_dir / "data_report.json")
+    classes, prep = list(card["classes"]), card["preprocessing"]
+    config = card.get("config", {})
+    data = config.get("data", {}) if isinstance(config, dict) else {}
+    header = ["---", "library_name: timm", "pipeline_tag: image-classification", "tags:", "- image-classification",
+              "- timm", "- graft", "base_model_relation: finetune", "---", ""]
+    summary = (f"An image classifier for {len(classes)} classes ({_names(classes)}), trained with graft by transfer "
+               f"learning from the `{card['backbone']}` backbone (strategy `{card.get('strategy', '?')}`, head "
+               f"`{card['head']}`, weights from `{card.get('weights', '?')}`).")
+    usage = ["```python", "import timm, torch", "from PIL import Image", "",
+             f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()',
+             "config = timm.data.resolve_data_config(model=model)", "transform = timm.data.create_transform(**config)",
+             'probabilities = model(transform(Image.open("photo.jpg").convert("RGB")).unsqueeze(0)).softmax(1)',
+             'print(model.pretrained_cfg["label_names"][probabilities.argmax()])', "```", "",
+             (f"Input: RGB, {prep['input_size'][0]}x{prep['input_size'][1]} after resizing by crop_pct "
+              f"{prep['crop_pct']} ({prep['interpolation']}) and a centre crop; normalised with mean {prep['mean']} "
+              f"and std {prep['std']}."), ""]
+    intended = (f"Classifying images like those in the training data{_where(data)} into exactly these classes. Every "
+                "image gets one of them, so an image of anything else is still assigned a class: check the "
+                "probability, or add an 'other' class.")
+    limitations = [
+        ("- The metrics above come from the held-out split of the same collection; images from other cameras, places "
+         "or times may score lower."),
+        "- Classes with few training images (see the table above) are the least reliable.",
+        "- Biases in how the images were collected and labelled carry over into the predictions.",
+        "- Not evaluated for safety-critical use.", ""]
+    lines = [*header, f"# {repo_id.rpartition('/')[2]}", "", summary, "", "## How to use", "", *usage,
+             "## Training data", "", *_data_lines(report, classes), "## Metrics", "", *_metrics_rows(metrics),
+             "## Intended use", "", intended, "", "## Limitations", "", *limitations]
+    return "\n".join(lines)
