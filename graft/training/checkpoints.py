@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from graft import outputs
+from graft.utils import outputs
 from graft.config import FitConfig
 from graft.data.discovery import DatasetSplits
 from graft.errors import GraftError
