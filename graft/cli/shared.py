@@ -38,6 +38,7 @@ NormOpt = Annotated[Optional[str], config_option("model.norm")]
 InitOpt = Annotated[Optional[str], config_option("model.init")]
 VggStagesOpt = Annotated[Optional[str], config_option("model.vgg_stages")]
 BatchSizeOpt = Annotated[int, config_option("data.batch_size")]
+PoolOpt = Annotated[str, config_option("model.pool")]
 TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
 
 

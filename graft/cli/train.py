@@ -8,21 +8,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from graft.cli.options import field_parameters, parse_set, split_fields
+from graft.cli.options import config_option, field_parameters, parse_set, split_fields
 from graft.cli.shared import (
     BATCH_SIZES,
     IMAGE_SIZES,
     ActivationOpt,
     BackboneOpt,
     BatchSizeOpt,
-    CacheOpt,
     DeviceOpt,
     ImageSizeOpt,
     InitOpt,
     NormOpt,
     PretrainedOpt,
     VggStagesOpt,
-    WeightsOpt,
     _check_options,
     app,
     err,
@@ -167,7 +165,7 @@ def lr_find(
 @friendly_errors
 def compare(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="the pretrained backbone (probe, finetune)")] =
+    backbone: Annotated[str, config_option("model.backbone", help="the pretrained backbone (probe, finetune)")] =
     "tf_efficientnet_lite0",
     scratch_backbone: Annotated[Optional[str], typer.Option(help="train this from scratch instead (e.g. "
                                                                  "small-cnn-cifar); default: the backbone")] = None,
