@@ -16,7 +16,7 @@ import typer
 from graft.config import flag_of, option_fields
 from graft.errors import GraftError
 
-__all__ = ["PANELS", "config_option", "field_parameters", "parse_set", "split_fields"]
+__all__ = ["PANELS", "config_option", "field_parameters", "given_fields", "parse_set"]
 
 PANELS = {"data": "Data", "model": "Model", "train": "Training"}  # a field's panel unless it names its own
 _ORDER = ("Data", "Model", "Training", "Runtime", "Run")  # of the panels in --help
@@ -70,11 +70,10 @@ def field_parameters() -> list[inspect.Parameter]:
     return [parameter for _, parameter in sorted(parameters, key=lambda pair: pair[0])]  # stable: field order
 
 
-def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Separates the generated parameters (as dotted overrides) from the command's own."""
-    fields = {name.replace(_SEP, "."): value for name, value in values.items() if _SEP in name or name == "output"}
-    own = {name: value for name, value in values.items() if name.replace(_SEP, ".") not in fields}
-    return fields, own
+def given_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The generated parameters that were given, as dotted overrides (``train__lr`` → ``train.lr``); a flag not given
+    is None and left out, so that it never hides a --set of the same key."""
+    return {name.replace(_SEP, "."): value for name, value in values.items() if value is not None}
 
 
 def parse_set(items: list[str] | None) -> dict[str, Any]:

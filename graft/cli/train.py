@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from graft.cli.options import config_option, field_parameters, parse_set, split_fields
+from graft.cli.options import config_option, field_parameters, given_fields, parse_set
 from graft.cli.shared import (
     BATCH_SIZES,
     IMAGE_SIZES,
@@ -55,9 +55,7 @@ def fit(
     from graft.config import load_config
     from graft.training.fitting import fit as fit_run
 
-    given, _ = split_fields(fields)
-    # flags not given are None: dropped here so that they never hide a --set of the same key
-    overrides = {"data.path": data, **parse_set(set_values), **{k: v for k, v in given.items() if v is not None}}
+    overrides = {"data.path": data, **parse_set(set_values), **given_fields(fields)}
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
         raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
