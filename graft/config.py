@@ -6,24 +6,21 @@ Every run folder stores the full resolved config in ``graft.json`` so a saved mo
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from graft.errors import GraftError
+from graft.utils.ranges import Range, check_number, check_option
 
 __all__ = [
     "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "DataConfig",
     "FitConfig", "HEAD_FITS", "MAX_BATCH_SIZE", "MAX_CONVS", "MAX_EPOCHS", "MAX_HEAD_LAYERS", "MAX_HEAD_WIDTH",
     "MAX_IMAGE_SIZE", "MAX_INIT_STD", "MAX_LR", "MAX_SEED", "MAX_STAGES", "MAX_WIDTH", "MIN_IMAGE_SIZE",
     "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
-    "apply_overrides", "check_number", "check_option", "check_ranges", "load_config", "parse_head", "parse_init",
-    "parse_unfreeze", "parse_vgg_stages", "validate"
+    "apply_overrides", "check_number", "check_option", "check_ranges", "flag_of", "load_config", "option_fields",
+    "parse_head", "parse_init", "parse_unfreeze", "parse_vgg_stages", "validate"
 ]
 
 STRATEGIES = ("probe", "finetune", "scratch", "auto")
@@ -34,6 +31,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
 BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
+ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
+NORMS = ("batch", "layer", "instance", "group", "none")
 BN_AUTO_FROZEN_BELOW = 2000  # training images
 # Limits that keep a typo from allocating tens of GB before anything can fail cleanly (refused where the config is
 # built, before a network or a batch exists). 2048 px is 80x the pixels of a 224 px ImageNet input.
@@ -45,141 +44,103 @@ MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_HEAD_WIDTH, MAX_HEAD_LAYERS = 16384, 8  # mlp:WIDTH[,WIDTH...]
 
 
-@dataclass(frozen=True)
-class Range:
-    """The numbers a numeric option accepts: finite, between ``low`` and ``high`` (each end open or closed)."""
-
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""  # what a special value means, e.g. "0: no limit"
-
-    def describe(self, integer: bool) -> str:
-        ends = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        kind = "an integer" if integer else "a finite number"
-        text = f"{kind} in {ends[0]}{_show(self.low)}, {_show(self.high)}{ends[1]}"
-        return text + (f" ({self.note})" if self.note else "")
-
-    def contains(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return math.isfinite(value) and above and below
-
-
-def _show(bound: float) -> str:
-    """4294967295, not 4.29497e+09; 0.5 and 1e-07 as they are."""
-    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
-
-
-def _ranged(default: Any, low: float, high: float, low_open: bool = False, high_open: bool = False, note: str = "",
-            cli: bool = True) -> Any:
-    """A dataclass field with its accepted range beside it (``cli``: the option is also a flag of `graft fit`)."""
-    return field(default=default, metadata={"range": Range(low, high, low_open, high_open, note), "cli": cli})
-
-
-def check_number(name: str, value: Any, allowed: Range, integer: bool = False) -> None:
-    """Raises GraftError naming ``name`` and the range unless ``value`` is a finite number inside ``allowed``.
-
-    The one range check behind the config's fields and the CLI's own options (``graft serve --port`` ...).
-    """
-    kind = numbers.Integral if integer else numbers.Real  # numpy's numbers too
-    is_number = isinstance(value, kind) and not isinstance(value, bool)
-    try:
-        inside = is_number and allowed.contains(float(value))
-    except OverflowError:  # a 400-digit integer has no float
-        inside = False
-    if not inside:
-        shown = f"{value:.4g}" if isinstance(value, float) else f"{value!s:.40}"
-        raise GraftError(f"{name} must be {allowed.describe(integer)}, got {shown}")
-
-
-def check_option(flag: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False,
-                 note: str = "") -> None:
-    """A CLI option's range check (None: the option was not given); integers are checked as integers."""
-    if value is not None:
-        check_number(flag, value, Range(low, high, low_open, high_open, note), isinstance(value, int))
+def _option(default: Any, help: str, *, choices: tuple[str, ...] = (), low: float | None = None, high: float = 0,
+            low_open: bool = False, high_open: bool = False, note: str = "", flags: tuple[str, ...] = (),
+            panel: str = "") -> Any:
+    """A field declared once: its default, help text, choices and range, which the validator, `graft fit`'s generated
+    flag (``flags``; default ``--field-name``) and its ``--help`` (under ``panel``; default the section's) all read."""
+    metadata = {"help": help, "choices": tuple(choices), "flags": tuple(flags), "panel": panel}
+    if low is not None:
+        metadata["range"] = Range(low, high, low_open, high_open, note)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
     """Where the images are and how they are fed to the network."""
 
-    path: str = ""  # class-per-folder tree (optionally with train/ val/ test/) or a CSV manifest (path,label[,split])
-    # used only when the data has no val/ split of its own
-    val_fraction: float = _ranged(0.2, 0, 1, low_open=True, high_open=True)
-    # None: the backbone's pretrained input size; smaller is faster on CPU
-    image_size: int | None = _ranged(None, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
-    augment: str = "standard"  # standard: random-resized-crop + flip; light: milder crops; none: eval transform
-    hflip: bool = True  # turn off for data where mirroring changes the class (digits, text)
-    batch_size: int = _ranged(32, 1, MAX_BATCH_SIZE)
-    # DataLoader workers; -1: none on the CPU (they steal its cores), up to 8 on a GPU
-    workers: int = _ranged(-1, -1, 64, note="-1: auto")
-    # Pillow's default bomb limit; larger images are skipped and listed
-    max_image_pixels: int = _ranged(89_478_485, 1, 1_000_000_000, cli=False)
-    augment_views: int = _ranged(0, 0, 64)  # cached probes: also cache this many augmented views of each training image
-    cache_dir: str | None = None  # feature cache; None: $GRAFT_CACHE or ~/.cache/graft/features
+    path: str = _option("", "class folders (optionally train/val/test) or a CSV (path,label[,split])")
+    val_fraction: float = _option(0.2, "held out for validation when the data has no val/ split of its own",
+                                  low=0, high=1, low_open=True, high_open=True)
+    image_size: int | None = _option(None, "input size (default: the backbone's); smaller is faster on CPU",
+                                     low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+    augment: str = _option("standard", "standard: random-resized-crop + flip; light: milder crops; none: eval transform",
+                           choices=AUGMENTATIONS)
+    hflip: bool = _option(True, "mirror images (off for data where mirroring changes the class: digits, text)")
+    batch_size: int = _option(32, "images per training step", low=1, high=MAX_BATCH_SIZE)
+    workers: int = _option(-1, "DataLoader workers; -1: auto (none on the CPU, whose cores they steal; up to 8 on a GPU)",
+                           low=-1, high=64, note="-1: auto", panel="Runtime")
+    max_image_pixels: int = _option(89_478_485, "larger images are skipped and listed (Pillow's bomb limit)",
+                                    low=1, high=1_000_000_000)
+    augment_views: int = _option(0, "cached probe: augmented views cached per training image", low=0, high=64)
+    cache_dir: str | None = _option(None, "feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)",
+                                    flags=("--cache",))
 
 
 @dataclass
 class ModelConfig:
     """The backbone, where it is cut, and the new head grafted on."""
 
-    backbone: str = "tf_efficientnet_lite0"  # timm name[.tag], or tv:NAME[.WEIGHTS] for torchvision
-    weights: str | None = None  # local .safetensors/.pth file to use instead of downloading
-    pretrained: bool = True  # False: random init (the `scratch` strategy forces this)
-    cut_at: str | None = None  # None: the backbone's own pooled features; else a node name from `graft layers`
-    pool: str = "avg"  # global pooling after the cut: avg, or avgmax (concatenated average and max)
-    head: str = "linear"  # linear, or mlp:512 / mlp:512,256 (BN + ReLU + dropout between layers)
-    dropout: float = _ranged(0.0, 0, 1, high_open=True)  # dropout before the final linear layer
+    backbone: str = _option("tf_efficientnet_lite0", "timm name[.tag] or tv:NAME[.WEIGHTS] for torchvision",
+                            flags=("--backbone", "-b"))
+    weights: str | None = _option(None, "local .safetensors/.pth weights instead of downloading")
+    pretrained: bool = _option(True, "pretrained weights; --no-pretrained: random weights, a baseline (scratch forces "
+                               "it)")
+    cut_at: str | None = _option(None, "node name from `graft layers` (default: the backbone's pooled features)")
+    pool: str = _option("avg", "global pooling after the cut (avgmax: average and max concatenated)", choices=POOLS)
+    head: str = _option("linear", "linear, sigmoid (2 classes) or mlp:512[,256] (BN + ReLU + dropout between)")
+    dropout: float = _option(0.0, "dropout before the final linear layer", low=0, high=1, high_open=True)
     # lab networks (small-cnn-cifar, small-cnn-catsdogs, vgg-like) only:
-    activation: str = "relu"  # relu leaky_relu prelu elu selu gelu swish maxout tanh sigmoid
-    norm: str = "none"  # batch | layer | instance | group | none
-    init: str = "kaiming"  # kaiming | xavier | normal:STD
-    vgg_stages: str = "2x32,2x64,2x128"  # vgg-like: CONVSxWIDTH per stage
+    activation: str = _option("relu", "lab networks: the activation", choices=ACTIVATIONS)
+    norm: str = _option("none", "lab networks: the normalisation layer", choices=NORMS)
+    init: str = _option("kaiming", "lab networks: kaiming, xavier or normal:STD")
+    vgg_stages: str = _option("2x32,2x64,2x128", "vgg-like: CONVSxWIDTH per stage, e.g. 2x32,2x64")
 
 
 @dataclass
 class TrainConfig:
     """How the head and trunk are trained."""
 
-    strategy: str = "finetune"  # probe | finetune | scratch | auto (graft advise decides)
-    # epochs of the main stage (the whole-network stage for finetune/scratch, the head for probe)
-    epochs: int = _ranged(10, 1, MAX_EPOCHS)
-    # finetune with head_fit=epochs: head-only epochs on the frozen trunk before unfreezing
-    head_epochs: int = _ranged(2, 0, MAX_EPOCHS)
-    head_fit: str = "lbfgs"  # linear heads on a frozen trunk: lbfgs (cached features, L2 path, to convergence) or
-    # epochs (the classic way: a forward pass per epoch). finetune then starts from that probe (LP-FT)
-    balance: str = "none"  # imbalanced classes: sampler (draw classes equally often) or loss (inverse-frequency
-    # class weights in the loss); either weights the solved probe's loss too
-    # head learning rate (the trunk gets lr * finetune_lr_ratio); "auto": graft lr-find picks
-    lr: float | str = _ranged(1e-3, 0, MAX_LR, low_open=True, note="or 'auto'")
-    # seconds of training for the run (0: no limit); the last stage's schedule is re-planned after its first epoch so
-    # it ends annealed within the budget (graft compare's equal-budget comparison)
-    time_budget: float = _ranged(0.0, 0, 1e9, note="0: no limit")
-    # the seeds' "1/10 of the original learning rate" for fine-tuning
-    finetune_lr_ratio: float = _ranged(0.1, 0, 1, low_open=True)
-    # discriminative LR: the stem's rate relative to the top stage's, geometric between
-    stem_lr_ratio: float = _ranged(0.1, 0, 1, low_open=True)
-    unfreeze: str = "all"  # all, or last:K to fine-tune only the last K stages
-    bn_stats: str = "auto"  # unfrozen batch norm: update running statistics, keep them frozen, or auto (pretrained
-    # statistics frozen below 2,000 training images, where batch statistics are noise, and whenever fine-tuning
-    # starts from the solved probe, which they would undo)
-    precise_bn: bool = False  # after training, recompute BN statistics over the whole training set (eval transform)
-    optimizer: str = "adamw"  # adamw | sgd (with Nesterov momentum)
-    momentum: float = _ranged(0.9, 0, 1, high_open=True, cli=False)
-    weight_decay: float = _ranged(0.01, 0, 1)
-    # fraction of each stage's steps spent warming the LR up linearly
-    warmup_fraction: float = _ranged(0.05, 0, 1, high_open=True, cli=False)
-    label_smoothing: float = _ranged(0.1, 0, 1, high_open=True)
-    # early stopping: stop after this many epochs without a better val loss; 0 disables
-    patience: int = _ranged(5, 0, MAX_EPOCHS, note="0: off")
-    seed: int = _ranged(0, 0, MAX_SEED)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "auto"  # auto: bf16 autocast on CUDA where supported, fp16 otherwise, fp32 on CPU
-    channels_last: bool = True  # measured 1.4-1.8x faster on a 2-core CPU (bench/RESULTS.md); what tensor cores want
-    # smoke runs: stop each epoch after this many batches (0: no limit)
-    limit_batches: int = _ranged(0, 0, 10**9, note="0: no limit")
+    strategy: str = _option("finetune", "auto: graft advise decides", choices=STRATEGIES)
+    epochs: int = _option(10, "epochs of the main stage (the whole network for finetune/scratch, the head for probe)",
+                          low=1, high=MAX_EPOCHS)
+    head_epochs: int = _option(2, "finetune with --head-fit epochs: head-only epochs on the frozen trunk first",
+                               low=0, high=MAX_EPOCHS)
+    head_fit: str = _option("lbfgs", "linear heads on a frozen trunk: lbfgs (cached features, L2 path, to convergence) "
+                            "or epochs (a forward pass per epoch); finetune then starts from that probe (LP-FT)",
+                            choices=HEAD_FITS)
+    balance: str = _option("none", "imbalanced classes: sampler (draw classes equally often) or loss (inverse-"
+                           "frequency class weights, the solved probe's too)", choices=BALANCES)
+    lr: float | str = _option(1e-3, "head learning rate (the trunk gets lr x finetune-lr-ratio), or auto (lr-find "
+                              "first)", low=0, high=MAX_LR, low_open=True, note="or 'auto'")
+    time_budget: float = _option(0.0, "seconds of training, 0: no limit; the last stage's schedule is re-planned to "
+                                 "end annealed within it", low=0, high=1e9, note="0: no limit")
+    finetune_lr_ratio: float = _option(0.1, "trunk lr = lr x this when unfrozen (the seeds' 1/10)", low=0, high=1,
+                                       low_open=True)
+    stem_lr_ratio: float = _option(0.1, "discriminative lr: the stem's rate relative to the top stage's, geometric "
+                                   "between", low=0, high=1, low_open=True)
+    unfreeze: str = _option("all", "all, or last:K to fine-tune only the last K stages")
+    bn_stats: str = _option("auto", "unfrozen batch norm: update or keep frozen its running statistics; auto: frozen "
+                            "below 2,000 training images (batch statistics are noise) and after a solved probe",
+                            choices=BN_STATS)
+    precise_bn: bool = _option(False, "recompute BN statistics over the training set at the end (eval transform)")
+    optimizer: str = _option("adamw", "sgd: with Nesterov momentum", choices=OPTIMIZERS)
+    momentum: float = _option(0.9, "sgd's momentum", low=0, high=1, high_open=True)
+    weight_decay: float = _option(0.01, "decoupled weight decay", low=0, high=1)
+    warmup_fraction: float = _option(0.05, "fraction of each stage's steps warming the lr up linearly", low=0, high=1,
+                                     high_open=True)
+    label_smoothing: float = _option(0.1, "label smoothing of the loss", low=0, high=1, high_open=True)
+    patience: int = _option(5, "early stopping: epochs without a better val loss, 0 = off", low=0, high=MAX_EPOCHS,
+                            note="0: off")
+    seed: int = _option(0, "seed of the split, the initialisation and the data order", low=0, high=MAX_SEED,
+                        panel="Runtime")
+    device: str = _option("auto", "auto, cpu, cuda, cuda:N or mps", panel="Runtime")
+    precision: str = _option("auto", "auto: bf16 autocast on CUDA where supported, fp16 otherwise, fp32 on CPU",
+                             choices=PRECISIONS, panel="Runtime")
+    channels_last: bool = _option(True, "channels-last memory format: 1.4-1.8x faster on a 2-core CPU "
+                                  "(bench/RESULTS.md), what tensor cores want", panel="Runtime")
+    limit_batches: int = _option(0, "smoke runs: batches per epoch, 0: no limit", low=0, high=10**9, note="0: no limit",
+                                 panel="Runtime")
 
 
 @dataclass
@@ -189,7 +150,7 @@ class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output: str = "runs/graft"
+    output: str = _option("runs/graft", "run folder to write", flags=("--output", "-o"), panel="Run")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +161,9 @@ class FitConfig:
         config = cls()
         apply_overrides(config, _flatten(raw), source)
         return config
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -267,6 +231,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
     """Defaults, then the YAML file (if any), then ``overrides`` (dotted keys), validated."""
     config = FitConfig()
     if yaml_path is not None:
+        import yaml  # here: `graft --help` reads the fields' help and never loads a file
         path = Path(yaml_path)
         if not path.is_file():
             raise GraftError(f"{path}: config file not found")
@@ -312,18 +277,35 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise GraftError(f"{name} '{value}' not understood: choose one of {', '.join(choices)}")
 
 
+def option_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every field a user may set, as (dotted key, field): the sections' fields, then ``output``."""
+    found = []
+    for spec in dataclasses.fields(FitConfig):
+        if spec.name in _SECTIONS:
+            found += [(f"{spec.name}.{leaf.name}", leaf) for leaf in dataclasses.fields(_SECTIONS[spec.name])]
+        else:
+            found.append((spec.name, spec))
+    return found
+
+
+def flag_of(dotted: str, spec: dataclasses.Field) -> str:
+    """The long flag of `graft fit` that sets a field: declared with it, else ``--field-name``."""
+    declared = [flag for flag in spec.metadata.get("flags", ()) if flag.startswith("--")]
+    return declared[0] if declared else "--" + dotted.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _value(config: FitConfig, dotted: str) -> Any:
+    target: Any = config
+    for part in dotted.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def validate(config: FitConfig) -> None:
     """Checks every field a user can set, with a message that names the field and the fix."""
-    _check_choice("strategy", config.train.strategy, STRATEGIES)
-    _check_choice("optimizer", config.train.optimizer, OPTIMIZERS)
-    _check_choice("augment", config.data.augment, AUGMENTATIONS)
-    _check_choice("pool", config.model.pool, POOLS)
-    _check_choice("precision", config.train.precision, PRECISIONS)
-    _check_choice("bn_stats", config.train.bn_stats, BN_STATS)
-    _check_choice("head_fit", config.train.head_fit, HEAD_FITS)
-    _check_choice("balance", config.train.balance, BALANCES)
-
-
+    for dotted, spec in option_fields():
+        if spec.metadata.get("choices"):
+            _check_choice(spec.name, _value(config, dotted), spec.metadata["choices"])
     model = config.model
     ArchOptions(model.activation, model.norm, model.init, model.vgg_stages).validate()
     parse_head(config.model.head)
@@ -333,23 +315,16 @@ def validate(config: FitConfig) -> None:
 
 def check_ranges(config: FitConfig) -> None:
     """Every numeric field against the range declared beside it: finite and inside, with the dotted key, the range
-    and (for a flag of `graft fit`) the flag in the message. NaN, infinities and 20-digit seeds all stop here."""
-    for section in ("data", "model", "train"):
-        part = getattr(config, section)
-        for spec in dataclasses.fields(part):
-            allowed, value = spec.metadata.get("range"), getattr(part, spec.name)
-            if allowed is None or value is None or (spec.name == "lr" and value == "auto"):
-                continue
-            flag = f" (option --{spec.name.replace('_', '-')})" if spec.metadata.get("cli") else ""
-            integer = str(spec.type).split("|")[0].strip() == "int"
-            try:
-                check_number(f"{section}.{spec.name}", value, allowed, integer)
-            except GraftError as error:
-                raise GraftError(f"{error}{flag}") from None
-
-
-ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
-NORMS = ("batch", "layer", "instance", "group", "none")
+    and the flag of `graft fit` in the message. NaN, infinities and 20-digit seeds all stop here."""
+    for dotted, spec in option_fields():
+        allowed, value = spec.metadata.get("range"), _value(config, dotted)
+        if allowed is None or value is None or (spec.name == "lr" and value == "auto"):
+            continue
+        integer = str(spec.type).split("|")[0].strip() == "int"
+        try:
+            check_number(dotted, value, allowed, integer)
+        except GraftError as error:
+            raise GraftError(f"{error} (option {flag_of(dotted, spec)})") from None
 
 
 # vgg-like: bounds that keep a typo (2x100000) from allocating tens of GB while the network is built

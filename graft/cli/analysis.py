@@ -11,9 +11,11 @@ from graft.cli.shared import (
     BATCH_SIZES,
     IMAGE_SIZES,
     ActivationOpt,
+    BatchSizeOpt,
     ImageSizeOpt,
     InitOpt,
     NormOpt,
+    PretrainedOpt,
     VggStagesOpt,
     _check_options,
     app,
@@ -34,11 +36,11 @@ def diagnose(
     data: Annotated[str, typer.Argument(help="class folders or a CSV: one batch of training images is used")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="diagnosis.json + activations.png")] =
     None,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: BatchSizeOpt = 64,
     lr: Annotated[Optional[float], typer.Option(help="for the update/weight ratios (default: the run's, or 1e-3)")]
     = None,
     image_size: ImageSizeOpt = None,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = False,
+    pretrained: PretrainedOpt = False,
     activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
 ):
     """Why does it train badly? Activation statistics (dead ReLUs, saturation, collapse), gradient flow

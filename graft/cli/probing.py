@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from graft.cli.options import config_option
 from graft.cli.shared import (
     BATCH_SIZES,
     IMAGE_SIZES,
@@ -14,6 +15,7 @@ from graft.cli.shared import (
     CacheOpt,
     DeviceOpt,
     ImageSizeOpt,
+    PoolOpt,
     PretrainedOpt,
     WorkersOpt,
     _check_options,
@@ -58,9 +60,9 @@ def layers(
 @friendly_errors
 def features(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    backbone: Annotated[str, config_option("model.backbone")],
     cut_at: Annotated[Optional[str], typer.Option(help="comma-separated nodes, e.g. layer2,layer3,layer4")] = None,
-    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    pool: PoolOpt = "avg",
     augment: Annotated[int, typer.Option(help="also cache K augmented views of each training image")] = 0,
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
@@ -109,7 +111,7 @@ def probe(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
     backbones: Annotated[str, typer.Option(help="comma-separated backbone names")],
     stages: Annotated[str, typer.Option(help="default (pooled features only) or all (every stage too)")] = "default",
-    pool: Annotated[str, typer.Option(help="avg or avgmax")] = "avg",
+    pool: PoolOpt = "avg",
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for leaderboard.csv/.png")] = None,
@@ -141,7 +143,7 @@ def probe(
 @friendly_errors
 def advise(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME")],
+    backbone: Annotated[str, config_option("model.backbone")],
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from graft.cli.options import config_option
 from graft.config import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_option
 from graft.errors import GraftError
 from graft.utils.text import display_name
@@ -27,15 +28,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-# Shared option aliases (as huggingface_hub's CLI does), so each flag is spelled and documented once.
-BackboneOpt = Annotated[Optional[str], typer.Option("--backbone", "-b", help="timm name[.tag] or tv:NAME[.WEIGHTS]")]
-WeightsOpt = Annotated[Optional[str], typer.Option(help="local .safetensors/.pth weights instead of downloading")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
-ActivationOpt = Annotated[Optional[str], typer.Option(help="lab networks: relu, leaky_relu, prelu, elu, selu, gelu, "
-                                                           "swish, maxout, tanh or sigmoid")]
-NormOpt = Annotated[Optional[str], typer.Option(help="lab networks: batch, layer, instance, group or none")]
-InitOpt = Annotated[Optional[str], typer.Option(help="lab networks: kaiming, xavier or normal:STD")]
-VggStagesOpt = Annotated[Optional[str], typer.Option(help="vgg-like: CONVSxWIDTH per stage, e.g. 2x32,2x64")]
+# Shared option aliases (as huggingface_hub's CLI does), so each flag is spelled and documented once: those that are
+# config fields take their flag and help from the field (graft.config), as `graft fit`'s generated options do.
+BackboneOpt = Annotated[Optional[str], config_option("model.backbone")]
+WeightsOpt = Annotated[Optional[str], config_option("model.weights")]
+DeviceOpt = Annotated[str, config_option("train.device")]
+ActivationOpt = Annotated[Optional[str], config_option("model.activation")]
+NormOpt = Annotated[Optional[str], config_option("model.norm")]
+InitOpt = Annotated[Optional[str], config_option("model.init")]
+VggStagesOpt = Annotated[Optional[str], config_option("model.vgg_stages")]
+BatchSizeOpt = Annotated[int, config_option("data.batch_size")]
+PoolOpt = Annotated[str, config_option("model.pool")]
 TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
 
 
@@ -81,10 +84,10 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     out.print(table)
 
 
-PretrainedOpt = Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="random weights: a baseline")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")]
-CacheOpt = Annotated[Optional[str], typer.Option(help="feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)")]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader workers (-1: auto)")]
+PretrainedOpt = Annotated[bool, config_option("model.pretrained")]
+ImageSizeOpt = Annotated[Optional[int], config_option("data.image_size")]
+CacheOpt = Annotated[Optional[str], config_option("data.cache_dir")]
+WorkersOpt = Annotated[int, config_option("data.workers")]
 
 
 IMAGE_SIZES, BATCH_SIZES, WORKERS, TOP_K = (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), (1, MAX_BATCH_SIZE), (-1, 64), (1, 1000)
@@ -99,9 +102,21 @@ def _check_options(*checks: tuple) -> None:
 DEBUG = {"on": False}  # set by the global --debug flag: an unexpected exception prints its traceback
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from graft.utils.versions import installed_versions
+
+        found = installed_versions()
+        out.print(f"graft {found.pop('graft')} ({', '.join(f'{name} {version}' for name, version in found.items())})",
+                  highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: Annotated[bool, typer.Option("--debug", help="print the traceback of an internal error")] = False,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="print graft's version and torch's, timm's, Python's")] = False,
 ) -> None:
     DEBUG["on"] = debug
 

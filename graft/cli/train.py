@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from graft.cli.options import config_option, field_parameters, given_fields, parse_set
 from graft.cli.shared import (
     BATCH_SIZES,
     IMAGE_SIZES,
     ActivationOpt,
     BackboneOpt,
-    CacheOpt,
+    BatchSizeOpt,
     DeviceOpt,
     ImageSizeOpt,
     InitOpt,
     NormOpt,
+    PretrainedOpt,
     VggStagesOpt,
-    WeightsOpt,
     _check_options,
     app,
     err,
@@ -32,78 +34,28 @@ from graft.errors import GraftError
 __all__ = ["compare", "demo", "fit", "lr_find"]
 
 
-@app.command()
 @friendly_errors
 def fit(
     data: Annotated[Optional[str], typer.Argument(help="class folders (optionally train/val/test) or a CSV")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="run folder to write")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/train sections")] = None,
-    backbone: BackboneOpt = None,
-    weights: WeightsOpt = None,
-    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="probe, finetune, scratch or auto")] = None,
-    head_fit: Annotated[Optional[str], typer.Option(help="lbfgs (cached features) or epochs")] = None,
-    bn_stats: Annotated[Optional[str], typer.Option(help="auto, update or frozen")] = None,
-    augment_views: Annotated[Optional[int], typer.Option(help="cached probe: augmented views per image")] = None,
-    balance: Annotated[Optional[str], typer.Option(help="imbalanced classes: none, sampler or loss")] = None,
-    cache: CacheOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="epochs of the main stage")] = None,
-    head_epochs: Annotated[Optional[int], typer.Option(help="finetune: head-only epochs first")] = None,
-    lr: Annotated[Optional[str], typer.Option(help="head learning rate, or auto (lr-find first)")] = None,
-    finetune_lr_ratio: Annotated[Optional[float], typer.Option(help="trunk lr = lr x this when unfrozen")] = None,
-    stem_lr_ratio: Annotated[Optional[float], typer.Option(help="the stem's lr relative to the top stage's")] = None,
-    unfreeze: Annotated[Optional[str], typer.Option(help="all, or last:K stages")] = None,
-    cut_at: Annotated[Optional[str], typer.Option(help="node name from `graft layers`")] = None,
-    pool: Annotated[Optional[str], typer.Option(help="avg or avgmax")] = None,
-    head: Annotated[Optional[str], typer.Option(help="linear, sigmoid (2 classes) or mlp:512[,256]")] = None,
-    activation: ActivationOpt = None,
-    norm: NormOpt = None,
-    init: InitOpt = None,
-    vgg_stages: VggStagesOpt = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="seconds of training; schedules end within it")] =
-    None,
-    dropout: Annotated[Optional[float], typer.Option()] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw or sgd")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option()] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="input size (default: the backbone's)")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="standard, light or none")] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option()] = None,
-    patience: Annotated[Optional[int], typer.Option(help="early-stopping patience in epochs, 0 = off")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (-1: auto)")] = None,
-    limit_batches: Annotated[Optional[int], typer.Option(help="smoke runs: batches per epoch")] = None,
-    precise_bn: Annotated[Optional[bool], typer.Option(
-        "--precise-bn/--no-precise-bn", help="recompute BN statistics over the training set at the end")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --output")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --output")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with data/model/train sections",
+                                                   rich_help_panel="Run")] = None,
+    set_values: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", rich_help_panel="Run",
+        help="any config key, dotted (repeatable): --set train.momentum=0.8; after --config, before the flags")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the interrupted run in --output", rich_help_panel="Run")] =
+    False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty --output", rich_help_panel="Run")] = False,
+    **fields,
 ):
-    """Train a classifier on DATA and write a run folder.
+    """Train a classifier on DATA and write a run folder. Every option below is a config key (YAML: data/model/train
+    sections); the defaults shown apply unless --config or --set says otherwise.
 
     Example: graft fit ./pets --backbone resnet50.a1_in1k --strategy finetune --epochs 10 -o runs/pets
     """
     from graft.config import load_config
     from graft.training.fitting import fit as fit_run
 
-    overrides = {
-        "data.path": data, "output": output, "model.backbone": backbone, "model.weights": weights,
-        "model.pretrained": pretrained, "train.strategy": strategy, "train.epochs": epochs,
-        "train.head_epochs": head_epochs, "train.lr": lr, "train.finetune_lr_ratio": finetune_lr_ratio,
-        "train.stem_lr_ratio": stem_lr_ratio,
-        "train.unfreeze": unfreeze, "model.cut_at": cut_at, "model.pool": pool, "model.head": head,
-        "model.dropout": dropout, "train.optimizer": optimizer, "train.weight_decay": weight_decay,
-        "train.label_smoothing": label_smoothing, "data.batch_size": batch_size, "data.image_size": image_size,
-        "data.augment": augment, "data.hflip": hflip, "data.val_fraction": val_fraction, "train.patience": patience,
-        "train.seed": seed, "train.device": device, "train.precision": precision, "data.workers": workers,
-        "train.limit_batches": limit_batches, "train.head_fit": head_fit, "train.bn_stats": bn_stats,
-        "data.augment_views": augment_views, "data.cache_dir": cache, "train.balance": balance,
-        "train.precise_bn": precise_bn, "model.activation": activation, "model.norm": norm, "model.init": init,
-        "model.vgg_stages": vgg_stages, "train.time_budget": time_budget,
-    }
+    overrides = {"data.path": data, **parse_set(set_values), **given_fields(fields)}
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
         raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
@@ -114,6 +66,18 @@ def fit(
                   result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
     if not metrics:
         out.print("no validation images: metrics.json has training history only")
+
+
+def _with_field_options(command):
+    """Replaces ``**fields`` in the command's signature by one option per config field, which typer then reads
+    (after the argument, before the command's own options: the order of the panels in --help)."""
+    signature = inspect.signature(command, eval_str=True)
+    data, *own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[data, *field_parameters(), *own])
+    return command
+
+
+app.command()(_with_field_options(fit))
 
 
 @app.command()
@@ -162,8 +126,8 @@ def lr_find(
     start_lr: Annotated[float, typer.Option()] = 1e-7,
     end_lr: Annotated[float, typer.Option()] = 10.0,
     image_size: ImageSizeOpt = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained")] = True,
+    batch_size: BatchSizeOpt = 32,
+    pretrained: PretrainedOpt = True,
     device: DeviceOpt = "auto",
     activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,
 ):
@@ -199,7 +163,7 @@ def lr_find(
 @friendly_errors
 def compare(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="the pretrained backbone (probe, finetune)")] =
+    backbone: Annotated[str, config_option("model.backbone", help="the pretrained backbone (probe, finetune)")] =
     "tf_efficientnet_lite0",
     scratch_backbone: Annotated[Optional[str], typer.Option(help="train this from scratch instead (e.g. "
                                                                  "small-cnn-cifar); default: the backbone")] = None,
@@ -207,7 +171,7 @@ def compare(
     epochs: Annotated[int, typer.Option(help="scratch and fine-tuning epochs (an upper bound with --budget)")] = 12,
     budget: Annotated[float, typer.Option(help="seconds of training per strategy: an equal wall-clock budget")] = 0,
     image_size: ImageSizeOpt = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
+    batch_size: BatchSizeOpt = 32,
     output: Annotated[Path, typer.Option("--output", "-o", help="run folders, comparison.csv and .png")] =
     Path("compare"),
     activation: ActivationOpt = None, norm: NormOpt = None, init: InitOpt = None, vgg_stages: VggStagesOpt = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-__all__ = ["__version__", "versions"]
+__all__ = ["__version__", "installed_versions", "versions"]
 
 
 def _installed_version() -> str:
@@ -28,3 +28,16 @@ def versions() -> dict[str, str]:
         "graft": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "timm": timm.__version__, "python": platform.python_version(),
     }
+
+
+def installed_versions() -> dict[str, str]:
+    """The same as versions(), read from the installed packages' metadata instead of importing them (`graft
+    --version` answers in a tenth of a second, not the three of importing torch and timm)."""
+    found = {"graft": __version__}
+    for name in ("torch", "torchvision", "timm"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["python"] = platform.python_version()
+    return found
