@@ -21,7 +21,7 @@ from graft.models.backbones.base import Preprocessing
 from graft.data.transforms import TTAViews, build_transform
 from graft.data.images import load_image
 from graft.errors import GraftError
-from graft.evaluation.metrics import classification_metrics, expected_calibration_error
+from graft.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins
 from graft.evaluation.scoring import evaluate
 from graft.evaluation.inference import predict
 from graft.evaluation.report import PLOTS, write_report
@@ -100,6 +100,17 @@ def test_expected_calibration_error_matches_a_hand_computation():
     probabilities = torch.tensor([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 2)
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     assert expected_calibration_error(probabilities, labels) == pytest.approx(0.1 + 0.2)
+
+
+def test_ece_is_computed_from_the_reliability_diagrams_bins():
+    torch.manual_seed(0)
+    probabilities = torch.softmax(3 * torch.randn(200, 4), dim=1)
+    labels = torch.randint(0, 4, (200,))
+    rows = reliability_bins(probabilities, labels, bins=10)
+    assert sum(row["count"] for row in rows) == 200 and len(rows) == 10
+    gaps = sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / 200
+    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(gaps)
+    assert 0 < gaps < 1
 
 
 def test_tta_views_come_in_the_documented_order():

@@ -22,6 +22,7 @@ from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.evaluation.inference import PerView, load_ensemble
+from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # tighter than training's limit: a server faces strangers
+MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64  # images per request
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from graft import outputs
+from graft.utils import outputs
 from graft.config import FitConfig, apply_overrides, check_ranges
 from graft.data.datasets import ImageDataset
 from graft.data.discovery import DatasetSplits, discover

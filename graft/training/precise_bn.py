@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from graft import outputs
+from graft.utils import outputs
 from graft.config import FitConfig
 from graft.data.datasets import ImageDataset, resolve_workers
 from graft.data.discovery import DatasetSplits, discover
