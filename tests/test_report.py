@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from graft.models.backbones.base import Preprocessing
-from graft.data.transforms import TTAViews, build_transform
+from graft.data.transforms import TTAViews, create_transform
 from graft.data.images import load_image
 from graft.errors import GraftError
 from graft.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins
@@ -115,13 +115,13 @@ def test_ece_is_computed_from_the_reliability_diagrams_bins():
 
 def test_tta_views_come_in_the_documented_order():
     image = Image.effect_mandelbrot((70, 50), (-2, -1, 1, 1), 60).convert("RGB")
-    plain = build_transform(PREPROCESSING)(image)
+    plain = create_transform(PREPROCESSING)(image)
     flip = TTAViews(PREPROCESSING, "flip")(image)
     assert flip.shape == (2, 3, 32, 32) and torch.equal(flip[0], plain) and torch.equal(flip[1], plain.flip(-1))
     both = TTAViews(PREPROCESSING, "crops,flip")(image)  # the order of the words does not matter
     assert both.shape == (10, 3, 32, 32) and torch.equal(both[0], plain)
     resized = TF.resize(image, 36, antialias=True)
-    top_left = build_transform(Preprocessing((32, 32), (0.5,) * 3, (0.25,) * 3, "bilinear", 1.0))(
+    top_left = create_transform(Preprocessing((32, 32), (0.5,) * 3, (0.25,) * 3, "bilinear", 1.0))(
         TF.crop(resized, 0, 0, 32, 32))
     assert torch.allclose(both[1], top_left)
     assert all(torch.equal(both[5 + i], both[i].flip(-1)) for i in range(5))

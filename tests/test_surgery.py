@@ -1,14 +1,25 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from graft.models.backbones.registry import create_backbone
 from graft.errors import GraftError
-from graft.models.heads import build_head
+from graft.models.heads import create_head
 from graft.models.grafted import GraftModel
-import copy
-
-from graft.models.surgery import DEFAULT_NODE, Capture, StopForward, cut, freeze_trunk, keep_frozen_norms_eval, list_nodes, receptive_fields, stage_groups, unfreeze_last
+from graft.models.surgery import (
+    DEFAULT_NODE,
+    Capture,
+    StopForward,
+    cut,
+    freeze_trunk,
+    keep_frozen_norms_eval,
+    list_nodes,
+    receptive_fields,
+    stage_groups,
+    unfreeze_last,
+)
 
 
 def _net(name="test_resnet"):
@@ -149,7 +160,7 @@ def test_unfreeze_last_k_stages():
 
 def test_frozen_batch_norm_stays_in_eval_mode_after_train():
     trunk, width = cut(_net(), None, "avg", (32, 32))
-    model = GraftModel(trunk, build_head(width, 3), ["a", "b", "c"], None)
+    model = GraftModel(trunk, create_head(width, 3), ["a", "b", "c"], None)
     freeze_trunk(model.trunk)
     unfreeze_last(model.trunk, 1)
     model.train()

@@ -45,7 +45,8 @@ class ImageDataset(Dataset):
 class FileDataset(Dataset):
     """Images for prediction: (tensor, ok flag, error); an unreadable file gives zeros of ``shape`` and ok=False."""
 
-    def __init__(self, paths: list[str], transform, shape: tuple[int, ...], max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    def __init__(self, paths: list[str], transform, shape: tuple[int, ...],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths, self.transform, self.shape, self.max_pixels = paths, transform, tuple(shape), max_pixels
 
     def __len__(self) -> int:

@@ -19,7 +19,8 @@ from graft.utils.limits import DEFAULT_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
-    "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES", "PixelLimitError",
+    "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES",
+    "PixelLimitError",
     "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb"
 ]
 

@@ -22,7 +22,8 @@ from graft.utils.safefiles import read_safetensors
 from graft.utils.versions import versions
 
 __all__ = [
-    "CARD_FIELDS", "FORMAT_VERSION", "HISTORY", "check_finite", "config_from_card", "load", "model_card", "non_finite_tensors",
+    "CARD_FIELDS", "FORMAT_VERSION", "HISTORY", "check_finite", "config_from_card", "load", "model_card",
+    "non_finite_tensors",
     "read_card", "read_history", "save_model", "spec_from_card"
 ]
 

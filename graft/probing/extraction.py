@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.datasets import resolve_workers
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
-from graft.data.transforms import build_transform
+from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor
@@ -86,7 +86,7 @@ class _ViewDataset(Dataset):
 
     def __init__(self, paths: list[str], preprocessing: Preprocessing, view: int, hflip: bool = True):
         self.paths, self.view = paths, view
-        self.transform = build_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
+        self.transform = create_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
 
     def __len__(self) -> int:
         return len(self.paths)

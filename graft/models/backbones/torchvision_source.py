@@ -99,7 +99,8 @@ class TorchvisionSource:
         try:
             weights = weights_enum[tag or "DEFAULT"]
         except KeyError:
-            raise GraftError(f"'{tag}' is not a weights tag of {arch}: choose from {[w.name for w in weights_enum]}")
+            choices = [w.name for w in weights_enum]
+            raise GraftError(f"'{tag}' is not a weights tag of {arch}: choose from {choices}") from None
         preprocessing = _torchvision_preprocessing(weights)
         use_download = pretrained and not weights_file
         try:
