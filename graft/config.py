@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from graft.errors import GraftError
-from graft.utils.limits import DEFAULT_MAX_PIXELS
 
 __all__ = [
     "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "DataConfig",
@@ -117,7 +116,7 @@ class DataConfig:
     # DataLoader workers; -1: none on the CPU (they steal its cores), up to 8 on a GPU
     workers: int = _ranged(-1, -1, 64, note="-1: auto")
     # Pillow's default bomb limit; larger images are skipped and listed
-    max_image_pixels: int = _ranged(DEFAULT_MAX_PIXELS, 1, 1_000_000_000, cli=False)
+    max_image_pixels: int = _ranged(89_478_485, 1, 1_000_000_000, cli=False)
     augment_views: int = _ranged(0, 0, 64)  # cached probes: also cache this many augmented views of each training image
     cache_dir: str | None = None  # feature cache; None: $GRAFT_CACHE or ~/.cache/graft/features
 

@@ -15,7 +15,7 @@ from graft.training import recipes
 from graft.utils.runtime import Runtime
 
 __all__ = [
-    "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "create_on_device", "create_loaders",
+    "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "create_loaders", "create_on_device",
     "resolve_bn_stats"
 ]
 

@@ -24,8 +24,8 @@ from graft.config import ArchOptions, parse_init, parse_vgg_stages
 from graft.errors import GraftError
 
 __all__ = [
-    "ARCHITECTURES", "BUILDERS", "LabNet", "LabSource", "Maxout", "PREFIX", "create_lab_net", "conv_block",
-    "dense_block", "initialise", "lab_backbone_name", "create_activation", "create_norm", "parse_lab_name",
+    "ARCHITECTURES", "BUILDERS", "LabNet", "LabSource", "Maxout", "PREFIX", "conv_block", "create_activation",
+    "create_lab_net", "create_norm", "dense_block", "initialise", "lab_backbone_name", "parse_lab_name",
     "small_cnn_catsdogs", "small_cnn_cifar", "vgg_like"
 ]
 
