@@ -33,13 +33,10 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 class StopForward(Exception):
     """Raised by a ``Capture`` once it holds every output it needs: the rest of the network is not needed.
 
-    Carries the capture that raised it, so nested captures (a cut inside the torchvision adapter, which captures its
+    Plain (no arguments): TorchDynamo, which ``torch.export`` uses for a cut model, follows it through the hook. The
+    capture that raised it marks itself, so nested captures (a cut inside the torchvision adapter, which captures its
     own feature map) each catch only their own stop and let the other travel on to its owner.
     """
-
-    def __init__(self, capture: Capture):
-        super().__init__()
-        self.capture = capture
 
 
 def first_tensor(output):
@@ -64,6 +61,7 @@ class Capture:
         modules = dict(net.named_modules())
         self.nodes, self.stop = list(dict.fromkeys(nodes)), stop
         self.outputs: dict[str, Any] = {}
+        self._stopped = False  # set by this capture's own hook just before it raises StopForward
         # bound methods (not closures), so a deep copy of the network records into the copy's own Capture
         self._handles = [modules[node].register_forward_hook(functools.partial(self._record, node), prepend=prepend)
                          for node in self.nodes]
@@ -71,15 +69,16 @@ class Capture:
     def _record(self, node: str, module, inputs, output) -> None:
         self.outputs.setdefault(node, output)
         if self.stop and len(self.outputs) == len(self.nodes):
-            raise StopForward(self)
+            self._stopped = True
+            raise StopForward
 
     def run(self, forward: Callable, *args) -> tuple[Any, dict[str, Any]]:
         """Calls ``forward(*args)``; returns (its result, or None when the pass was stopped; {node: raw output})."""
-        self.outputs = {}
+        self.outputs, self._stopped = {}, False
         try:
             result = forward(*args)
-        except StopForward as stop:
-            if stop.capture is not self:
+        except StopForward:
+            if not self._stopped:
                 raise  # another capture's stop (an enclosing cut): its owner catches it
             result = None
         outputs, self.outputs = self.outputs, {}
