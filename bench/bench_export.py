@@ -18,7 +18,7 @@ import torch
 
 from graft.config import load_config
 from graft.deploy.export import call_times, export, onnx_session
-from graft.models.grafted import build_model
+from graft.models.grafted import create_model
 from graft.models.run_folder import model_card, save_model
 
 
@@ -26,7 +26,7 @@ def make_run(backbone: str, size: int, folder: Path) -> Path:
     pretrained = backbone == "tf_efficientnet_lite0"  # the one ImageNet backbone that installs offline
     config = load_config(None, {"model.backbone": backbone, "model.pretrained": pretrained, "data.image_size": size,
                                 "output": str(folder)})
-    model, info = build_model(config, [f"class{i}" for i in range(5)])
+    model, info = create_model(config, [f"class{i}" for i in range(5)])
     card = model_card(model, config, info)
     card["status"] = "complete"
     save_model(folder, model.eval(), card)

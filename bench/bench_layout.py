@@ -14,7 +14,7 @@ import time
 import torch
 
 from graft.models.backbones.registry import create_backbone
-from graft.models.heads import build_head
+from graft.models.heads import create_head
 from graft.models.grafted import GraftModel
 from graft.models.surgery import cut
 
@@ -47,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = create_backbone(args.backbone, pretrained=False)
     trunk, width = cut(backbone.net, None, "avg", (args.size, args.size))
-    model = GraftModel(trunk, build_head(width, 10), [str(i) for i in range(10)], backbone.preprocessing)
+    model = GraftModel(trunk, create_head(width, 10), [str(i) for i in range(10)], backbone.preprocessing)
     batch = torch.randn(args.batch, 3, args.size, args.size)
     rows = []
     for mode in ("train", "inference"):

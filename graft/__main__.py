@@ -2,4 +2,6 @@
 
 from graft.cli import main
 
+__all__: list[str] = []  # a script: nothing to import from it
+
 main()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.errors import GraftError
+from graft.utils.limits import DEFAULT_MAX_PIXELS
 from graft.utils.ranges import Range, check_number, check_option
 
 __all__ = [
@@ -70,7 +71,7 @@ class DataConfig:
     batch_size: int = _option(32, "images per training step", low=1, high=MAX_BATCH_SIZE)
     workers: int = _option(-1, "DataLoader workers; -1: auto (none on the CPU, whose cores they steal; up to 8 on a GPU)",
                            low=-1, high=64, note="-1: auto", panel="Runtime")
-    max_image_pixels: int = _option(89_478_485, "larger images are skipped and listed (Pillow's bomb limit)",
+    max_image_pixels: int = _option(DEFAULT_MAX_PIXELS, "larger images are skipped and listed (Pillow's bomb limit)",
                                     low=1, high=1_000_000_000)
     augment_views: int = _option(0, "cached probe: augmented views cached per training image", low=0, high=64)
     cache_dir: str | None = _option(None, "feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)",

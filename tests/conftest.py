@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from synthetic import make_shapes  # noqa: E402
 
-from graft.config import load_config# noqa: E402
+from graft.config import load_config  # noqa: E402
 
 TINY = "test_resnet"  # timm's ~0.5 M-parameter ResNet: real BN, stages and group_matcher, fast at 32 px
 
@@ -40,13 +40,18 @@ def shapes(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(shapes, tmp_path_factory) -> Path:
-    """A finished finetune run of the tiny backbone (shared: predict, evaluate, load and CLI tests read it)."""
+def trained_result(shapes, tmp_path_factory):
+    """A finished finetune run of the tiny backbone, with the in-memory model ``fit`` returned beside its folder."""
     from graft.training.fitting import fit
 
     output = tmp_path_factory.mktemp("runs") / "shapes"
-    fit(tiny_config(shapes, output, **{"train.strategy": "finetune", "train.epochs": 12}), verbose=False)
-    return output
+    return fit(tiny_config(shapes, output, **{"train.strategy": "finetune", "train.epochs": 12}), verbose=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_result) -> Path:
+    """The finished run's folder (shared: predict, evaluate, load and CLI tests read it)."""
+    return trained_result.run_dir
 
 
 @pytest.fixture(scope="session")

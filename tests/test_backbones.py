@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from graft.models.backbones.timm_source import PACKAGED_WEIGHTS
+from graft.data.transforms import create_transform
+from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing, read_weights_file
 from graft.models.backbones.registry import create_backbone
-from graft.data.transforms import build_transform
-from graft.errors import GraftError
+from graft.models.backbones.timm_source import PACKAGED_WEIGHTS
 
 TINY_MODELS = ["test_resnet", "test_convnext", "test_vit", "test_efficientnet"]
 
@@ -134,7 +134,7 @@ def test_packaged_imagenet_weights_classify_sample_photos():
     assert backbone.preprocessing == packaged.preprocessing
     state, _ = read_weights_file(packaged.locate(__import__(packaged.module)))
     classifier_weight, classifier_bias = list(state.values())[-2:]
-    transform = build_transform(backbone.preprocessing)
+    transform = create_transform(backbone.preprocessing)
     images = torch.stack([transform(Image.fromarray(np.asarray(image))) for image in load_sample_images().images])
     net = backbone.net.eval()
     with torch.no_grad():

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from graft import cli
 from graft.cli import shared
-from graft.models.backbones.base import _file_preprocessing
 from graft.data.discovery import discover
 from graft.errors import GraftError
+from graft.models.backbones.base import _file_preprocessing
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.safefiles import read_safetensors
 

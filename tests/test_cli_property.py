@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
-
-from conftest import TINY
 
 EXAMPLES = int(os.environ.get("GRAFT_CLI_EXAMPLES", "6"))  # per command; a long run: GRAFT_CLI_EXAMPLES=200
 SECONDS = 60  # an example that runs longer was let through with a value that should have been refused

@@ -4,18 +4,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
+from synthetic import make_shapes
 from torch import nn
 from typer.testing import CliRunner
 
+from graft.cli.shared import app
 from graft.models.backbones.base import Backbone, Preprocessing
 from graft.models.backbones.registry import register_source
-from graft.cli.shared import app
 from graft.probing.advice import advise
 from graft.probing.leaderboard import knn_accuracy, probe_backbones
 from graft.training.fitting import fit
-from conftest import tiny_config
-from synthetic import make_shapes
 
 
 class ToyNet(nn.Module):

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft.data.discovery import DatasetSplits, discover, expand_inputs, stratified_split
 from graft.data.datasets import ImageDataset
-from graft.data.transforms import build_transform
-from graft.data.images import load_image
+from graft.data.discovery import DatasetSplits, discover, expand_inputs, stratified_split
+from graft.data.images import ImageError, load_image
 from graft.data.scan import scan
+from graft.data.transforms import create_transform
 from graft.models.backbones.base import Preprocessing
-from graft.data.images import ImageError
 
 
 def _save(image: Image.Image, path, **kwargs):
@@ -157,7 +156,7 @@ def test_val_classes_missing_from_train_are_an_error(tmp_path):
 def test_dataset_substitutes_a_file_broken_after_the_scan(tmp_path):
     _tree(tmp_path, ["a"], 2)
     paths = sorted(str(p) for p in tmp_path.rglob("*.png"))
-    transform = build_transform(Preprocessing((8, 8)))
+    transform = create_transform(Preprocessing((8, 8)))
     dataset = ImageDataset([(paths[0], 0), (paths[1], 1)], transform)
     (tmp_path / "a" / "0.png").write_bytes(b"garbage")
     image, label = dataset[0]
@@ -167,9 +166,9 @@ def test_dataset_substitutes_a_file_broken_after_the_scan(tmp_path):
 def test_transforms_follow_the_preprocessing():
     preprocessing = Preprocessing((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875)
     white = Image.new("RGB", (50, 40), (255, 255, 255))
-    tensor = build_transform(preprocessing)(white)
+    tensor = create_transform(preprocessing)(white)
     assert tensor.shape == (3, 32, 32) and float(tensor.min()) == pytest.approx(1.0)
-    train = build_transform(preprocessing, train=True, augment="standard")(white)
+    train = create_transform(preprocessing, train=True, augment="standard")(white)
     assert train.shape == (3, 32, 32)
 
 

@@ -17,13 +17,13 @@ from PIL import Image, ImageCms
 
 from graft.config import load_config
 from graft.data.images import load_image
-from graft.data.transforms import build_transform
+from graft.data.transforms import create_transform
 from graft.deploy.export import export
 from graft.deploy.hub import export_timm, push, timm_classifier
 from graft.errors import GraftError
 from graft.evaluation.inference import predict
 from graft.models.backbones.registry import create_backbone
-from graft.models.grafted import build_model
+from graft.models.grafted import create_model
 from graft.models.run_folder import load, model_card, read_card, save_model
 from graft.utils import files
 
@@ -31,7 +31,7 @@ REPO = "timm/test_resnet.r160_in1k"  # test_resnet's default tag: its hub reposi
 
 
 def _logits(model, paths):
-    transform = build_transform(model.preprocessing)
+    transform = create_transform(model.preprocessing)
     batch = torch.stack([transform(load_image(path)) for path in paths])
     with torch.no_grad():
         return batch, model(batch)
@@ -61,7 +61,7 @@ def test_timm_loads_the_exported_folder_with_graft_logits_and_class_names(traine
 
 def _card_for(config, classes=("a", "b", "c")):
     torch.manual_seed(0)
-    model, info = build_model(config, list(classes))
+    model, info = create_model(config, list(classes))
     return model.eval(), model_card(model, config, info)
 
 
@@ -228,7 +228,7 @@ def test_hf_hub_and_local_dir_names_resolve_offline(hub_cache, trained_run, tmp_
 def test_an_earlier_run_seeds_another_through_weights(trained_run, shapes, tmp_path, form):
     weights = trained_run if form == "folder" else trained_run / "model.safetensors"
     config = tiny_config(shapes, tmp_path / "seeded", **{"model.pretrained": True, "model.weights": str(weights)})
-    model, info = build_model(config, ["x", "y"])
+    model, info = create_model(config, ["x", "y"])
     earlier = load(trained_run)
     assert _same_trunk(model.trunk, earlier.trunk)  # all 294-style trunk tensors found under their own names
     assert model.preprocessing == earlier.preprocessing and info["weights"].startswith("file:")
@@ -263,7 +263,7 @@ def test_the_onnx_example_preprocesses_exactly_as_graft(trained_run, shapes, tmp
         sys.modules.clear()
         sys.modules.update(saved)
     model = load(trained_run)
-    transform = build_transform(model.preprocessing)
+    transform = create_transform(model.preprocessing)
     for path in paths:
         assert np.abs(example["preprocess"](path) - transform(load_image(path)).numpy()).max() <= 1e-4, path
     assert Image.open(rotated).size == (80, 48) and load_image(rotated).size == (48, 80)  # EXIF really rotates it

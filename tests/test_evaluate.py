@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from graft.errors import GraftError
+from graft.evaluation.inference import predict
 from graft.evaluation.metrics import classification_metrics
 from graft.evaluation.scoring import evaluate
-from graft.evaluation.inference import predict
 
 
 def test_metrics_match_hand_computed_numbers():

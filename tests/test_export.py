@@ -11,12 +11,12 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from graft.models.batchnorm import fold_batch_norms, recompute_statistics
 from graft.config import load_config
+from graft.deploy.export import consumer_metadata, export, onnx_session
 from graft.errors import GraftError
 from graft.evaluation.inference import predict
-from graft.deploy.export import consumer_metadata, export, onnx_session
-from graft.models.grafted import build_model
+from graft.models.batchnorm import fold_batch_norms, recompute_statistics
+from graft.models.grafted import create_model
 from graft.models.run_folder import load, read_card
 from graft.training.fitting import fit
 from graft.training.precise_bn import precise_bn
@@ -27,7 +27,7 @@ def _model_with_moved_statistics(backbone: str, head: str = "linear", cut_at: st
     torch.manual_seed(0)
     config = load_config(None, {"model.backbone": backbone, "model.pretrained": False, "data.image_size": 32,
                                 "model.head": head, "model.cut_at": cut_at})
-    model, _ = build_model(config, ["a", "b", "c"])
+    model, _ = create_model(config, ["a", "b", "c"])
     model.train()
     with torch.no_grad():
         for _ in range(3):

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic import make_shapes
 
-from graft.models.backbones.registry import create_backbone
 from graft.data.discovery import discover
+from graft.models.backbones.registry import create_backbone
+from graft.models.surgery import DEFAULT_NODE, cut
 from graft.probing.cache import CacheSpace
 from graft.probing.extraction import FeatureExtractor, extract_features
-from graft.models.surgery import DEFAULT_NODE, cut
-from synthetic import make_shapes
 
 
 def _backbone():

@@ -16,20 +16,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import EpsImagePlugin, Image
-from typer.testing import CliRunner
-
 from conftest import tiny_config
+from PIL import EpsImagePlugin, Image
 from synthetic import make_shapes, shape_image
 from test_serve import server  # noqa: F401 - the live server fixture, reused for the upload test
+from typer.testing import CliRunner
 
 from graft.cli.shared import app
+from graft.data.discovery import discover
 from graft.data.images import ALLOWED_FORMATS, MAX_FILE_BYTES, decode_image, load_image
 from graft.data.scan import _check_file, scan
-from graft.data.discovery import discover
 from graft.errors import GraftError
-from graft.evaluation.scoring import evaluate
 from graft.evaluation.inference import iter_predictions, predict
+from graft.evaluation.scoring import evaluate
 from graft.utils.text import display_name, unescape_field
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"

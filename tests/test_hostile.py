@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageCms
+from synthetic import make_shapes, shape_image
 
-from graft.models.backbones.base import Preprocessing
-from graft.data.transforms import build_transform
 from graft.data.discovery import discover
 from graft.data.images import load_image
 from graft.data.scan import scan
+from graft.data.transforms import create_transform
 from graft.errors import GraftError
-from synthetic import make_shapes, shape_image
+from graft.models.backbones.base import Preprocessing
 
 MAX_PIXELS = 50_000  # the scan's limit in these tests: the clean images are 48x48
 PREPROCESSING = Preprocessing((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 0.875)
@@ -192,7 +192,7 @@ def test_odd_but_valid_files_load_as_rgb(dataset, kind):
     image = load_image(path, MAX_PIXELS)
     assert image.mode == "RGB" and min(image.size) >= 1
     for train in (True, False):
-        tensor = build_transform(PREPROCESSING, train=train)(image)
+        tensor = create_transform(PREPROCESSING, train=train)(image)
         assert tensor.shape == (3, 32, 32) and torch.isfinite(tensor).all()
 
 
@@ -220,7 +220,7 @@ def test_what_each_odd_file_becomes(tmp_path):
     assert load_image(rotated).size == (30, 60)  # displayed upright, as a viewer shows it
     deep = load_image(_write(tmp_path, "d.png", _encoded(Image.new("I;16", (4, 4), 65535), "PNG")))
     assert deep.getpixel((0, 0)) == (255, 255, 255)  # 16-bit full scale → 8-bit full scale, not clipped at 255/65535
-    tall = build_transform(PREPROCESSING)(load_image(_write(tmp_path, "t.png", _encoded(_photo((4, 400)), "PNG"))))
+    tall = create_transform(PREPROCESSING)(load_image(_write(tmp_path, "t.png", _encoded(_photo((4, 400)), "PNG"))))
     assert tall.shape == (3, 32, 32)  # capped at 8:1 and padded, not a 36x3600 intermediate
 
 

@@ -13,21 +13,19 @@ from conftest import TINY, tiny_config
 from PIL import Image
 from torch import nn
 
-from graft.models.backbones.registry import create_backbone
 from graft.analysis.comparison import compare_strategies
-from graft.config import load_config
 from graft.analysis.diagnose import activation_statistics, diagnose, gradient_flow
+from graft.config import ACTIVATIONS, NORMS, ArchOptions, load_config
 from graft.data.statistics import dataset_statistics
-from graft.training.lr_find import lr_sweep
 from graft.errors import GraftError
 from graft.evaluation.inference import predict
-from graft.config import ACTIVATIONS, NORMS, ArchOptions
-from graft.models.backbones.lab import build_lab_net
+from graft.models.backbones.lab import create_lab_net
+from graft.models.backbones.registry import create_backbone
 from graft.models.run_folder import load, read_card
 from graft.models.surgery import list_nodes, receptive_fields
-from graft.utils.runtime import Runtime
-from graft.training.lr_find import find_lr
 from graft.training.fitting import fit
+from graft.training.lr_find import find_lr, lr_sweep
+from graft.utils.runtime import Runtime
 
 
 def _shapes(name: str, size: int) -> dict[str, tuple]:
@@ -52,7 +50,7 @@ def test_small_cnn_catsdogs_has_the_lectures_shapes():
 
 
 def test_vgg_like_stages_and_receptive_fields():
-    net, size = build_lab_net("vgg-like", ArchOptions(vgg_stages="3x8,1x16"))
+    net, size = create_lab_net("vgg-like", ArchOptions(vgg_stages="3x8,1x16"))
     fields = receptive_fields(net, ["features.stage1.conv1", "features.stage1.conv2", "features.stage1.conv3",
                                     "features.stage1.pool", "features.stage2.conv1"], (size, size))
     # three stacked 3x3 stride-1 convs see 7x7, like one 7x7 (the VGG argument); the pool adds 1, then 3x3 adds 4
@@ -64,7 +62,7 @@ def test_vgg_like_stages_and_receptive_fields():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_activation_and_norm_builds_and_runs(activation, norm):
-    net, _ = build_lab_net("small-cnn-cifar", ArchOptions(activation, norm, "kaiming"))
+    net, _ = create_lab_net("small-cnn-cifar", ArchOptions(activation, norm, "kaiming"))
     net.train()
     out = net.forward_head(net.forward_features(torch.randn(2, 3, 32, 32)))
     assert out.shape == (2, 512) and torch.isfinite(out).all()
@@ -73,7 +71,7 @@ def test_every_activation_and_norm_builds_and_runs(activation, norm):
 
 
 def _deep(activation: str, init: str, width: int = 64, norm: str = "none") -> nn.Module:
-    return build_lab_net("vgg-like", ArchOptions(activation, norm, init, f"10x{width}"))[0].features
+    return create_lab_net("vgg-like", ArchOptions(activation, norm, init, f"10x{width}"))[0].features
 
 
 @pytest.mark.parametrize("activation, norm", [("relu", "none"), ("relu", "batch"), ("relu", "layer"),
@@ -105,7 +103,7 @@ def test_larger_normal_init_with_tanh_saturates_and_xavier_does_not():
 
 
 def test_dead_relu_units_are_detected():
-    net, _ = build_lab_net("vgg-like", ArchOptions(vgg_stages="2x16"))
+    net, _ = create_lab_net("vgg-like", ArchOptions(vgg_stages="2x16"))
     with torch.no_grad():
         net.features.stage1.conv1.conv.bias[:12] = -1e4  # 12 of 16 units can never fire
     rows = activation_statistics(net, torch.randn(8, 3, 16, 16))
@@ -114,7 +112,7 @@ def test_dead_relu_units_are_detected():
 
 
 def test_gradient_flow_reports_update_ratios():
-    net, _ = build_lab_net("vgg-like", ArchOptions(vgg_stages="2x8"))
+    net, _ = create_lab_net("vgg-like", ArchOptions(vgg_stages="2x8"))
     model = nn.Sequential(net, nn.Linear(8, 3))
     rows = gradient_flow(model, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]),
                          lambda params: torch.optim.SGD(params, lr=1e-3))
@@ -180,15 +178,15 @@ def test_dataset_statistics_are_exact_on_known_images(tmp_path):
 def test_the_sigmoid_head_is_one_logit_for_two_classes(tmp_path):
     from synthetic import make_shapes
 
-    from graft.models.heads import BinaryLogit, build_head
+    from graft.models.heads import BinaryLogit, create_head
 
-    head = build_head(8, 2, "sigmoid")
+    head = create_head(8, 2, "sigmoid")
     features = torch.randn(5, 8)
     logits = head(features)
     z = head[-1].linear(features).squeeze(1)
     assert isinstance(head[-1], BinaryLogit) and torch.allclose(logits.softmax(1)[:, 1], torch.sigmoid(z))
     with pytest.raises(GraftError, match="'sigmoid' is for two classes"):
-        build_head(8, 3, "sigmoid")
+        create_head(8, 3, "sigmoid")
     data = make_shapes(tmp_path / "two", per_class=16, seed=4)
     (data / "triangle").rename(tmp_path / "unused")
     for path in (tmp_path / "unused").iterdir():
@@ -205,9 +203,9 @@ def test_lab_options_are_validated_and_refused_for_other_backbones():
     with pytest.raises(GraftError, match="init 'he' not understood"):
         load_config(None, {"model.init": "he"})
     with pytest.raises(GraftError, match="shape the lab networks"):
-        from graft.models.grafted import build_model
+        from graft.models.grafted import create_model
 
-        build_model(load_config(None, {"model.backbone": TINY, "model.norm": "batch", "train.strategy": "scratch"}),
+        create_model(load_config(None, {"model.backbone": TINY, "model.norm": "batch", "train.strategy": "scratch"}),
                     ["a", "b"])
     with pytest.raises(GraftError, match="has no pretrained weights"):
         create_backbone("small-cnn-cifar", pretrained=True)
@@ -278,4 +276,17 @@ def test_cli_diagnose_stats_and_lr_find(shapes, tmp_path):
 def test_diagnose_a_trained_run(trained_run, shapes):
     result = diagnose(str(trained_run), str(shapes), batch_size=16)
     assert result.activations and result.gradients and result.nodes
-    assert all(row.grad_norm >= 0 for row in result.gradients)
+    # a healthy trained network: a finite, non-zero gradient reaches every weight tensor, and none is flagged dead
+    assert all(math.isfinite(row.grad_norm) and row.grad_norm > 0 for row in result.gradients)
+    assert not any("no gradient" in flag for row in result.gradients for flag in row.flags)
+
+
+def test_gradient_flow_flags_layers_a_collapsed_init_cuts_off():
+    net, _ = create_lab_net("vgg-like", ArchOptions(vgg_stages="2x8"))
+    head = nn.Linear(8, 3)
+    nn.init.zeros_(head.weight)  # a zero head passes no gradient back: every layer below it is cut off
+    rows = gradient_flow(nn.Sequential(net, head), torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]),
+                         lambda params: torch.optim.SGD(params, lr=1e-3))
+    below, top = rows[:-1], rows[-1]
+    assert below and all(row.grad_norm == 0 and "no gradient reaches this layer" in row.flags for row in below)
+    assert top.name == "1.weight" and top.grad_norm > 0 and "no gradient reaches this layer" not in top.flags

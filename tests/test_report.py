@@ -17,14 +17,14 @@ from conftest import tiny_config
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from graft.models.backbones.base import Preprocessing
-from graft.data.transforms import TTAViews, build_transform
 from graft.data.images import load_image
+from graft.data.transforms import TTAViews, create_transform
 from graft.errors import GraftError
-from graft.evaluation.metrics import classification_metrics, expected_calibration_error
-from graft.evaluation.scoring import evaluate
 from graft.evaluation.inference import predict
+from graft.evaluation.metrics import classification_metrics, expected_calibration_error, reliability_bins
 from graft.evaluation.report import PLOTS, write_report
+from graft.evaluation.scoring import evaluate
+from graft.models.backbones.base import Preprocessing
 from graft.training.fitting import fit
 
 SECTIONS = ("summary", "training", "confusion", "per-class", "calibration", "mistakes")
@@ -102,15 +102,26 @@ def test_expected_calibration_error_matches_a_hand_computation():
     assert expected_calibration_error(probabilities, labels) == pytest.approx(0.1 + 0.2)
 
 
+def test_ece_is_computed_from_the_reliability_diagrams_bins():
+    torch.manual_seed(0)
+    probabilities = torch.softmax(3 * torch.randn(200, 4), dim=1)
+    labels = torch.randint(0, 4, (200,))
+    rows = reliability_bins(probabilities, labels, bins=10)
+    assert sum(row["count"] for row in rows) == 200 and len(rows) == 10
+    gaps = sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / 200
+    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(gaps)
+    assert 0 < gaps < 1
+
+
 def test_tta_views_come_in_the_documented_order():
     image = Image.effect_mandelbrot((70, 50), (-2, -1, 1, 1), 60).convert("RGB")
-    plain = build_transform(PREPROCESSING)(image)
+    plain = create_transform(PREPROCESSING)(image)
     flip = TTAViews(PREPROCESSING, "flip")(image)
     assert flip.shape == (2, 3, 32, 32) and torch.equal(flip[0], plain) and torch.equal(flip[1], plain.flip(-1))
     both = TTAViews(PREPROCESSING, "crops,flip")(image)  # the order of the words does not matter
     assert both.shape == (10, 3, 32, 32) and torch.equal(both[0], plain)
     resized = TF.resize(image, 36, antialias=True)
-    top_left = build_transform(Preprocessing((32, 32), (0.5,) * 3, (0.25,) * 3, "bilinear", 1.0))(
+    top_left = create_transform(Preprocessing((32, 32), (0.5,) * 3, (0.25,) * 3, "bilinear", 1.0))(
         TF.crop(resized, 0, 0, 32, 32))
     assert torch.allclose(both[1], top_left)
     assert all(torch.equal(both[5 + i], both[i].flip(-1)) for i in range(5))

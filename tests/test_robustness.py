@@ -12,16 +12,16 @@ import pytest
 import torch
 from conftest import TINY, tiny_config
 
-from graft.training import checkpoints, loop, setup
-from graft.models.backbones.base import read_weights_file
 from graft.config import load_config
 from graft.errors import GraftError
-from graft.utils.files import atomic_write
+from graft.models.backbones.base import read_weights_file
 from graft.models.run_folder import config_from_card, load, read_card
-from graft.training.state import Hooks
-from graft.training.setup import balanced_sampler
-from graft.training.fitting import fit
+from graft.training import checkpoints, loop, setup
 from graft.training.checkpoints import read_checkpoint, run_lock
+from graft.training.fitting import fit
+from graft.training.setup import balanced_sampler
+from graft.training.state import Hooks
+from graft.utils.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------- concurrent runs, disk
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from graft.evaluation.inference import predict
 from graft.deploy.serve import ServeConfig, create_app
+from graft.evaluation.inference import predict
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,25 @@ def test_the_cli_refuses_a_missing_run_in_one_line(tmp_path):
     assert result.exit_code == 2 and "not a graft run folder" in result.output
 
 
-def test_metadata_is_json_serialisable_for_an_ensemble(trained_run):
+def test_an_ensembles_metadata_and_predictions_say_what_they_should(trained_run, shapes):
+    from fastapi.testclient import TestClient
+
     app = create_app([trained_run, trained_run], "cpu")
-    assert json.dumps(app.state.predictor.metadata())
+    metadata = json.loads(json.dumps(app.state.predictor.metadata()))  # JSON-serialisable, and unchanged by it
+    assert metadata["classes"] == ["circle", "square", "triangle"] and len(metadata["runs"]) == 2
+    assert metadata["preprocessing"]["input_size"] == [32, 32]
+    files = [sorted((shapes / "val" / name).iterdir())[0] for name in metadata["classes"]]
+    with TestClient(app) as client:
+        response = client.post("/predict", files=[("file", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    single = predict(trained_run, [str(f) for f in files], top_k=3, device="cpu")  # two equal members: the same
+    assert [row["file"] for row in rows] == [f.name for f in files]
+    for row, reference, path in zip(rows, single, files):
+        assert sorted(row["labels"]) == metadata["classes"], "all three classes, each once"
+        assert sum(row["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+        assert row["probabilities"] == sorted(row["probabilities"], reverse=True)
+        assert row["labels"][0] == reference.labels[0]
+        assert row["probabilities"] == pytest.approx(reference.probabilities, abs=1e-4)
+    right = [row["labels"][0] == path.parent.name for row, path in zip(rows, files)]
+    assert sum(right) >= 2, f"the trained run names most val shapes right: {rows}"

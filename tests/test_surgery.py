@@ -1,12 +1,25 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from graft.models.backbones.registry import create_backbone
 from graft.errors import GraftError
-from graft.models.heads import build_head
+from graft.models.backbones.registry import create_backbone
 from graft.models.grafted import GraftModel
-from graft.models.surgery import DEFAULT_NODE, cut, freeze_trunk, keep_frozen_norms_eval, list_nodes, receptive_fields, stage_groups, unfreeze_last
+from graft.models.heads import create_head
+from graft.models.surgery import (
+    DEFAULT_NODE,
+    Capture,
+    StopForward,
+    cut,
+    freeze_trunk,
+    keep_frozen_norms_eval,
+    list_nodes,
+    receptive_fields,
+    stage_groups,
+    unfreeze_last,
+)
 
 
 def _net(name="test_resnet"):
@@ -48,6 +61,49 @@ def test_cut_features_equal_the_hooked_activation():
     net.forward_features(x)
     trunk, _ = cut(_net().eval(), "layer2", "avg", (64, 64))
     assert torch.allclose(trunk.eval()(x), captured["out"].mean(dim=(2, 3)), atol=1e-6)
+
+
+def test_capture_records_several_nodes_in_one_pass_and_stops_after_the_last():
+    net = _net().eval()
+    reached = []
+    net.layer4.register_forward_pre_hook(lambda module, inputs: reached.append("layer4"))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        with Capture(net, ["layer3", "layer2"]) as capture:
+            result, outputs = capture.run(net.forward_features, images)
+    assert result is None, "the pass was stopped"
+    assert reached == [], "nothing after the last captured node ran"
+    assert set(outputs) == {"layer2", "layer3"}
+    assert outputs["layer2"].shape[1] == 48 and outputs["layer3"].shape[1] == 192
+    assert not net._forward_hooks and not net.layer2._forward_hooks, "leaving the with block removes the hooks"
+
+
+def test_capture_without_stop_lets_the_pass_finish():
+    net = _net().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad(), Capture(net, ["layer2"], stop=False) as capture:
+        result, outputs = capture.run(net.forward_features, images)
+        assert torch.equal(result, net.forward_features(images))
+    assert outputs["layer2"].shape[1] == 48
+
+
+def test_a_nested_capture_lets_the_outer_stop_pass_to_its_owner():
+    net = _net().eval()
+    inner = Capture(net, ["layer4"], prepend=False)
+    outer = Capture(net, ["layer2"])
+    with torch.no_grad():
+        result, outputs = outer.run(lambda x: inner.run(net.forward_features, x), torch.randn(1, 3, 64, 64))
+    assert result is None and set(outputs) == {"layer2"}, "the inner capture re-raised the outer one's stop"
+    with pytest.raises(StopForward), torch.no_grad():  # the inner capture's run does not swallow it either
+        inner.run(lambda x: outer._record("layer2", None, None, x), torch.zeros(1))
+
+
+def test_a_deep_copied_torchvision_cut_records_into_its_own_capture():
+    trunk, width = cut(copy.deepcopy(create_backbone("tv:resnet18", pretrained=False).net), "model.layer2", "avg",
+                       (64, 64))
+    twin = copy.deepcopy(trunk).eval()
+    assert twin(torch.randn(1, 3, 64, 64)).shape == (1, width)
+    assert twin.net._capture is not trunk.net._capture
 
 
 def test_unknown_node_says_how_to_list_them():
@@ -103,7 +159,7 @@ def test_unfreeze_last_k_stages():
 
 def test_frozen_batch_norm_stays_in_eval_mode_after_train():
     trunk, width = cut(_net(), None, "avg", (32, 32))
-    model = GraftModel(trunk, build_head(width, 3), ["a", "b", "c"], None)
+    model = GraftModel(trunk, create_head(width, 3), ["a", "b", "c"], None)
     freeze_trunk(model.trunk)
     unfreeze_last(model.trunk, 1)
     model.train()

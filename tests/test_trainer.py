@@ -3,16 +3,16 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
-from graft.training import recipes
 from graft.errors import GraftError
-from graft.models.grafted import build_model
+from graft.models.grafted import create_model
 from graft.models.run_folder import load
-from graft.utils.outputs import MANIFEST
-from graft.training.state import Hooks
+from graft.training import recipes
 from graft.training.fitting import fit
+from graft.training.state import Hooks
+from graft.utils.outputs import MANIFEST
 
 
 def _weights(run_dir):
@@ -34,7 +34,7 @@ def test_probe_leaves_every_trunk_tensor_bit_identical(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "probe", **{"train.strategy": "probe", "train.epochs": 2,
                                                          "data.augment": "standard", "model.dropout": 0.2})
     torch.manual_seed(config.train.seed)
-    before, _ = build_model(config, ["circle", "square", "triangle"])
+    before, _ = create_model(config, ["circle", "square", "triangle"])
     result = fit(config, verbose=False)
     after = result.model.state_dict()
     trunk_keys = [k for k in after if k.startswith("trunk.")]
@@ -48,7 +48,7 @@ def test_frozen_bn_statistics_do_not_move_during_finetune(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "ft", **{"train.strategy": "finetune", "train.epochs": 1,
                                                       "train.bn_stats": "frozen"})
     torch.manual_seed(config.train.seed)
-    before, _ = build_model(config, ["circle", "square", "triangle"])
+    before, _ = create_model(config, ["circle", "square", "triangle"])
     after = fit(config, verbose=False).model.state_dict()
     stats = [k for k in after if k.endswith(("running_mean", "running_var"))]
     assert all(torch.equal(before.state_dict()[k], after[k]) for k in stats)
@@ -59,7 +59,7 @@ def test_frozen_bn_statistics_do_not_move_during_finetune(shapes, tmp_path):
 def test_unfreeze_last_stage_trains_only_that_stage(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "last1", **{"train.unfreeze": "last:1", "train.epochs": 1})
     torch.manual_seed(config.train.seed)
-    before = build_model(config, ["circle", "square", "triangle"])[0].state_dict()
+    before = create_model(config, ["circle", "square", "triangle"])[0].state_dict()
     after = fit(config, verbose=False).model.state_dict()
     changed = {k.split(".")[2] for k in after if k.startswith("trunk.") and not torch.equal(before[k], after[k])}
     assert changed == {"layer4"}
@@ -80,20 +80,23 @@ def test_run_folder_holds_everything_predict_needs(trained_run):
     assert {"train_loss", "val_acc", "images_per_s", "lr"} <= set(rows[0])
 
 
-def test_save_load_predict_gives_identical_logits(trained_run, shapes):
+def test_save_load_predict_gives_identical_logits(trained_result, shapes):
     from graft.data.datasets import ImageDataset
-    from graft.data.transforms import build_transform
     from graft.data.discovery import discover
-    from graft.training.fitting import fit as _# noqa: F401  (the fixture trained it)
+    from graft.data.transforms import create_transform
 
-    loaded = load(trained_run)
+    trained = trained_result.model.eval()  # the model fit held in memory and saved
+    loaded = load(trained_result.run_dir)
     samples = discover(shapes).val[:8]
-    batch = torch.stack([ImageDataset(samples, build_transform(loaded.preprocessing))[i][0] for i in range(8)])
-    again = load(trained_run)
+    batch = torch.stack([ImageDataset(samples, create_transform(loaded.preprocessing))[i][0] for i in range(8)])
     with torch.no_grad():
-        assert torch.equal(loaded(batch), again(batch))
-    state = _weights(trained_run)
+        expected, logits = trained(batch), loaded.eval()(batch)
+    assert logits.shape == (8, 3)
+    assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
+    assert loaded.classes == trained.classes and loaded.preprocessing == trained.preprocessing
+    state = _weights(trained_result.run_dir)
     assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v.cpu(), loaded.state_dict()[k]) for k, v in trained.state_dict().items())
 
 
 RESUME_CASES = {
@@ -154,7 +157,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(shapes, tmp_path):
 def test_discriminative_learning_rates_decay_from_top_to_stem(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "x", **{"train.lr": 1e-2, "train.finetune_lr_ratio": 0.1,
                                                      "train.stem_lr_ratio": 0.1, "train.head_fit": "epochs"})
-    model, _ = build_model(config, ["a", "b", "c"])
+    model, _ = create_model(config, ["a", "b", "c"])
     stages = recipes.plan(config)
     assert [s.name for s in stages] == ["head", "finetune"]
     groups = {g["name"]: g["lr"] for g in recipes.configure(model, stages[1], config.train)}
@@ -188,7 +191,7 @@ def test_sgd_optimizer_and_limit_batches(shapes, tmp_path):
 def test_cached_probe_solves_the_head_and_leaves_the_trunk_alone(shapes, tmp_path):
     config = tiny_config(shapes, tmp_path / "lbfgs", **{"train.strategy": "probe"})
     torch.manual_seed(config.train.seed)
-    before = build_model(config, ["circle", "square", "triangle"])[0].state_dict()
+    before = create_model(config, ["circle", "square", "triangle"])[0].state_dict()
     result = fit(config, verbose=False)
     after = result.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("trunk."))

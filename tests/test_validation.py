@@ -19,8 +19,8 @@ from graft.cli.shared import app
 from graft.config import load_config
 from graft.errors import GraftError
 from graft.models.run_folder import load, non_finite_tensors
-from graft.training.state import Hooks
 from graft.training.fitting import fit
+from graft.training.state import Hooks
 
 runner = CliRunner()
 

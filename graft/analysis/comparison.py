@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graft.config import load_config
+from graft.models.run_folder import read_history
 from graft.probing.cache import cache_folder
 from graft.training.fitting import fit
 from graft.utils.files import atomic_write
@@ -60,17 +61,12 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
         result = fit(load_config(None, values), overwrite=True, verbose=verbose)
         seconds = time.perf_counter() - start
         split = "test" if "test" in result.metrics else "val"
-        speeds = [float(row["images_per_s"]) for row in _history(result.run_dir)]
+        speeds = [float(row["images_per_s"]) for row in read_history(result.run_dir)]
         speed = max(speeds) if speeds else result.metrics.get("features", {}).get("images_per_s") or 0.0
         rows.append(StrategyRow(strategy, name, result.metrics[split]["accuracy"], split, seconds, speed,
                                 result.metrics["epochs"]))
     write_comparison(rows, output)
     return rows
-
-
-def _history(run_dir: Path) -> list[dict]:
-    with open(run_dir / "history.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def write_comparison(rows: list[StrategyRow], folder: Path) -> None:

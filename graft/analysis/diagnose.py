@@ -129,15 +129,16 @@ class LayerGradient:
     flags: list[str] = field(default_factory=list)
 
 
-def gradient_flow(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, make_optimizer) -> list[LayerGradient]:
+def gradient_flow(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  create_optimizer) -> list[LayerGradient]:
     """One optimiser step on a copy of ``model``: per weight tensor, the gradient norm and how far the step moved it
-    relative to its size. ``make_optimizer(parameters)`` builds the optimiser the run would use."""
+    relative to its size. ``create_optimizer(parameters)`` builds the optimiser the run would use."""
     trial = copy.deepcopy(model).train()
     parameters = [(name, p) for name, p in trial.named_parameters() if p.requires_grad and p.ndim > 1]
     if not parameters:
         raise GraftError("nothing trainable with weights in this network (a frozen trunk and no head?)")
     before = {name: p.detach().clone() for name, p in parameters}
-    optimizer = make_optimizer([p for _, p in parameters])
+    optimizer = create_optimizer([p for _, p in parameters])
     optimizer.zero_grad()
     F.cross_entropy(trial(images), labels).backward()
     grads = {name: (p.grad.norm().item() if p.grad is not None else 0.0) for name, p in parameters}
@@ -182,8 +183,8 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     from graft.data.discovery import discover
     from graft.data.images import load_image
     from graft.data.scan import readable
-    from graft.data.transforms import build_transform
-    from graft.models.grafted import build_model
+    from graft.data.transforms import create_transform
+    from graft.models.grafted import create_model
     from graft.models.run_folder import load, read_card
     from graft.models.surgery import list_nodes
     from graft.utils.outputs import output_folder
@@ -198,7 +199,7 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     else:
         values = {"model.backbone": target, "model.pretrained": pretrained, "data.image_size": image_size,
                   "train.strategy": "finetune" if pretrained else "scratch", **(model_options or {})}
-        model, _ = build_model(load_config(None, values), splits.classes)
+        model, _ = create_model(load_config(None, values), splits.classes)
         lr = lr or 1e-3
     for parameter in model.parameters():
         parameter.requires_grad_(True)  # diagnose the whole network, whatever a run froze
@@ -207,14 +208,14 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     samples = readable(pool[::max(1, len(pool) // (batch_size * 2))][: batch_size * 2])[:batch_size]
     if not samples:
         raise GraftError(f"{data}: no readable training images of the model's classes")
-    transform = build_transform(model.preprocessing)
+    transform = create_transform(model.preprocessing)
     images = torch.stack([transform(load_image(path)) for path, _ in samples])
     labels = torch.tensor([label for _, label in samples])
     activations = activation_statistics(model, images)
     gradients = gradient_flow(model, images, labels, lambda params: torch.optim.AdamW(params, lr=lr))
     net = model.trunk.net
     stage_nodes = [info["module"] for info in getattr(net, "feature_info", [])]
-    nodes = [n for n in list_nodes(net, model.preprocessing.input_size, stages_only=True, stage_nodes=stage_nodes)]
+    nodes = list_nodes(net, model.preprocessing.input_size, stages_only=True, stage_nodes=stage_nodes)
     flags = [f"{row.name}: {flag}" for row in activations + gradients for flag in row.flags]
     diagnosis = Diagnosis(activations, gradients, nodes, flags)
     if output:

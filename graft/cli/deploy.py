@@ -19,6 +19,7 @@ from graft.cli.shared import (
     out,
     print_table,
 )
+from graft.utils.limits import SERVE_MAX_PIXELS
 
 __all__ = ["export", "precise_bn_command", "push", "serve"]
 
@@ -98,7 +99,7 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     device: DeviceOpt = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="largest request body accepted")] = 20.0,
-    max_pixels: Annotated[int, typer.Option(help="largest image accepted (decompression bombs)")] = 40_000_000,
+    max_pixels: Annotated[int, typer.Option(help="largest image accepted (decompression bombs)")] = SERVE_MAX_PIXELS,
     max_batch: Annotated[int, typer.Option(help="images per forward pass")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="how long a request waits to share a batch")] = 10.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from graft.data.discovery import Sample
-from graft.data.images import ImageError, load_image
+from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.errors import GraftError
 
 __all__ = ["FileDataset", "ImageDataset", "resolve_workers"]
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class ImageDataset(Dataset):
     """(image tensor, class index) pairs; a file that fails mid-training is replaced by the next one, never a crash."""
 
-    def __init__(self, samples: list[Sample], transform, max_pixels: int | None = 89_478_485,
+    def __init__(self, samples: list[Sample], transform, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  with_index: bool = False):
         self.samples = samples
         self.transform = transform
@@ -45,7 +45,8 @@ class ImageDataset(Dataset):
 class FileDataset(Dataset):
     """Images for prediction: (tensor, ok flag, error); an unreadable file gives zeros of ``shape`` and ok=False."""
 
-    def __init__(self, paths: list[str], transform, shape: tuple[int, ...], max_pixels: int | None = 89_478_485):
+    def __init__(self, paths: list[str], transform, shape: tuple[int, ...],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths, self.transform, self.shape, self.max_pixels = paths, transform, tuple(shape), max_pixels
 
     def __len__(self) -> int:

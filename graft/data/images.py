@@ -15,11 +15,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from graft.errors import GraftError
+from graft.utils.limits import DEFAULT_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
-    "ALLOWED_FORMATS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES", "PixelLimitError",
-    "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb", "upright_rgb"
+    "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES",
+    "PixelLimitError", "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb", "upright_rgb"
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class PixelLimitError(ImageError):
 # --------------------------------------------------------------------------------------------------------------- images
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Opens a JPEG, PNG, WebP, BMP, GIF or TIFF file and returns it as 8-bit RGB with EXIF orientation applied.
 
     Animated GIF/WebP give their first frame; grayscale, palette, RGBA (composited on white), CMYK, 16-bit and
@@ -60,7 +61,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = 89_478_485) -> 
     return _decode(path, str(path), max_pixels)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int | None = 89_478_485) -> Image.Image:
+def decode_image(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """``load_image`` for bytes already in memory (an upload); errors name ``name``."""
     if not data:
         raise ImageError(_empty(name))

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from graft.data.discovery import IMBALANCE_RATIO, TINY_CLASS, DatasetSplits, Sample
-from graft.data.images import ImageError, _decoded, check_image_file
+from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, _decoded, check_image_file
 from graft.errors import GraftError
 from graft.utils.text import escape_field
 
@@ -61,20 +61,20 @@ def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | No
     return digest, None
 
 
-def check_files(paths, max_pixels: int | None = 89_478_485, workers: int = 4) -> dict[str, tuple]:
+def check_files(paths, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> dict[str, tuple]:
     """{path: (sha1 or None, reason or None)} for each path, decoded in a thread pool (Pillow releases the GIL)."""
     unique = sorted(set(paths))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return dict(zip(unique, pool.map(lambda p: _check_file(p, max_pixels), unique)))
 
 
-def readable(samples: list[Sample], max_pixels: int | None = 89_478_485, workers: int = 4) -> list[Sample]:
+def readable(samples: list[Sample], max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> list[Sample]:
     """The samples whose files decode."""
     checked = check_files([path for path, _ in samples], max_pixels, workers)
     return [sample for sample in samples if checked[sample[0]][1] is None]
 
 
-def scan(splits: DatasetSplits, max_pixels: int | None = 89_478_485, workers: int = 4) -> ScanReport:
+def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> ScanReport:
     """Decodes every file once (threads), drops unreadable ones from ``splits`` in place, and reports.
 
     Warns on class imbalance, tiny classes (< 5 training images), empty val classes and identical files in

@@ -10,7 +10,7 @@ from torchvision import transforms
 
 from graft.errors import GraftError
 
-__all__ = ["CapAspect", "MAX_ASPECT", "TTAViews", "TTA_VIEWS", "build_transform", "parse_tta"]
+__all__ = ["CapAspect", "MAX_ASPECT", "TTAViews", "TTA_VIEWS", "create_transform", "parse_tta"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CapAspect:
         return image.crop((left, top, left + keep_w, top + keep_h))
 
 
-def build_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True):
+def create_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True):
     """The torchvision transform for a backbone's preprocessing (see ``graft.models.backbones.base.Preprocessing``).
 
     Training: random-resized-crop (scale 0.08-1 for ``standard``, 0.6-1 for ``light``) and optional horizontal

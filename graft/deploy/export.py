@@ -30,7 +30,7 @@ from torch import nn
 from graft.data.discovery import discover
 from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, _to_srgb, load_image, to_rgb, upright_rgb
 from graft.data.scan import readable
-from graft.data.transforms import MAX_ASPECT, CapAspect, build_transform
+from graft.data.transforms import MAX_ASPECT, CapAspect, create_transform
 from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
@@ -88,7 +88,7 @@ def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int
     """Real images in the model's preprocessing: from ``data`` or the run's own validation split; random tensors
     only when neither can be read (said so in export.json)."""
     source = data or read_card(run_dir).get("config", {}).get("data", {}).get("path")
-    transform = build_transform(model.preprocessing)
+    transform = create_transform(model.preprocessing)
     samples = []
     if source:
         try:

@@ -22,6 +22,7 @@ from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.evaluation.inference import PerView, load_ensemble
+from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 40_000_000  # tighter than training's limit: a server faces strangers
+MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64  # images per request
 
 
@@ -207,18 +208,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     app = FastAPI(title="graft", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.predictor = predictor
 
-    def error(status: int, message: str) -> JSONResponse:
-        predictor.counters.errors[status] = predictor.counters.errors.get(status, 0) + 1
-        return JSONResponse({"error": display_name(message)}, status_code=status)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error(exc.status, exc.message)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error")
-        return error(500, f"internal error ({type(exc).__name__}); the server keeps running")
+    _add_error_handlers(app, predictor, JSONResponse)
 
     @app.get("/health")
     async def health():
@@ -233,26 +223,48 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     @app.post("/predict")
     async def predict(request: Request):
         predictor.counters.requests += 1
-        uploads = await _uploads(request, config)
-        loop = asyncio.get_running_loop()
-        try:
-            tensors = await asyncio.gather(*[loop.run_in_executor(predictor.decoder, predictor.preprocess, data, name)
-                                             for name, data in uploads])
-        except PixelLimitError as exc:
-            raise ApiError(413, str(exc)) from None
-        except ImageError as exc:
-            raise ApiError(415, str(exc)) from None
-        probabilities = await predictor.predict(torch.stack(tensors))
-        predictor.counters.images += len(uploads)
-        k = min(config.top_k, len(predictor.classes))
-        rows = []
-        for (name, _), row in zip(uploads, probabilities):
-            values, indices = row.topk(k)
-            rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
-                         "probabilities": [round(v, 6) for v in values.tolist()]})
-        return {"predictions": rows}
+        return await _predictions(predictor, config, await _uploads(request, config))
 
     return app
+
+
+def _add_error_handlers(app, predictor: Predictor, response_type) -> None:
+    """Every failure becomes a JSON ``{"error": ...}`` with its status, counted in ``/health``."""
+
+    def error(status: int, message: str):
+        predictor.counters.errors[status] = predictor.counters.errors.get(status, 0) + 1
+        return response_type({"error": display_name(message)}, status_code=status)
+
+    async def api_error(request, exc: ApiError):
+        return error(exc.status, exc.message)
+
+    async def unexpected(request, exc: Exception):
+        log.exception("unexpected error")
+        return error(500, f"internal error ({type(exc).__name__}); the server keeps running")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[tuple[str, bytes]]) -> dict:
+    """Decodes the uploads in the decoder threads, predicts them in one micro-batch, returns the top-k per file."""
+    loop = asyncio.get_running_loop()
+    try:
+        tensors = await asyncio.gather(*[loop.run_in_executor(predictor.decoder, predictor.preprocess, data, name)
+                                         for name, data in uploads])
+    except PixelLimitError as exc:
+        raise ApiError(413, str(exc)) from None
+    except ImageError as exc:
+        raise ApiError(415, str(exc)) from None
+    probabilities = await predictor.predict(torch.stack(tensors))
+    predictor.counters.images += len(uploads)
+    k = min(config.top_k, len(predictor.classes))
+    rows = []
+    for (name, _), row in zip(uploads, probabilities):
+        values, indices = row.topk(k)
+        rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
+                     "probabilities": [round(v, 6) for v in values.tolist()]})
+    return {"predictions": rows}
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

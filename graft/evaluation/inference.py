@@ -58,7 +58,7 @@ def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, 
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def eval_loader(model: GraftModel, dataset, batch_size: int = 64, workers: int = 0) -> DataLoader:
+def eval_loader(dataset, batch_size: int = 64, workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
@@ -89,7 +89,7 @@ def ensemble_probabilities(models: list[GraftModel], samples: list, device: torc
     for member in models:
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
-        logits, labels = predict_logits(PerView(member, True), eval_loader(member, dataset, batch_size, workers),
+        logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers),
                                         device, autocast_dtype(device), channels_last=False)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
@@ -146,7 +146,7 @@ def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.d
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
-        loaders.append(eval_loader(model, dataset, batch_size, workers))
+        loaders.append(eval_loader(dataset, batch_size, workers))
     members = [PerView(model, True).eval() for model in models]
     classes = models[0].classes
     k = min(top_k, len(classes))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from graft.errors import GraftError
 
-__all__ = ["classification_metrics", "expected_calibration_error"]
+__all__ = ["classification_metrics", "expected_calibration_error", "reliability_bins"]
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
@@ -41,15 +41,26 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
     }
 
 
-def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
-    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width confidence bins."""
+def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[dict]:
+    """Per equal-width confidence bin ``(low, high]``: count, mean confidence, accuracy (None when empty).
+
+    The one binning of calibration: the reliability diagram draws these rows and the ECE is computed from them.
+    """
     confidence, predicted = probabilities.max(1)
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
-    error = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    rows = []
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
         inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            gap = abs(correct[inside].mean().item() - confidence[inside].mean().item())
-            error += inside.float().mean().item() * gap
-    return error
+        count = int(inside.sum())
+        rows.append({"low": low, "high": high, "count": count,
+                     "confidence": confidence[inside].mean().item() if count else None,
+                     "accuracy": correct[inside].mean().item() if count else None})
+    return rows
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over ``reliability_bins``' bins."""
+    rows = reliability_bins(probabilities, labels, bins)
+    total = len(labels)
+    return sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in rows if row["count"])

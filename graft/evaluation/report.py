@@ -9,7 +9,6 @@ calibration error, and a grid of the most confident mistakes.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 from pathlib import Path
@@ -20,12 +19,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from graft.data.images import load_image  # noqa: E402
+from graft.evaluation.metrics import reliability_bins  # noqa: E402
+from graft.models.run_folder import read_history  # noqa: E402
 from graft.utils.files import atomic_write  # noqa: E402
 from graft.utils.text import display_name  # noqa: E402
 
 __all__ = [
     "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "plot_confusion", "plot_mistakes",
-    "plot_reliability", "plot_training_curves", "reliability_bins", "write_report"
+    "plot_reliability", "plot_training_curves", "write_report"
 ]
 
 matplotlib.use("Agg")  # headless: no display, same output everywhere
@@ -57,17 +58,9 @@ def _data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def plot_training_curves(runs: list) -> bytes | None:
     """Loss, accuracy and learning rate per epoch for each run; dotted lines mark stage boundaries."""
-    histories = [(display_name(Path(run).name), _read_history(run)) for run in runs]
+    histories = [(display_name(Path(run).name), read_history(run)) for run in runs]
     histories = [(name, rows) for name, rows in histories if rows]
     if not histories:
         return None
@@ -115,21 +108,6 @@ def plot_confusion(confusion: list[list[int]], classes: list[str]) -> bytes:
                     colour = "white" if rates[row, column] > 0.5 else "black"
                     axis.text(column, row, str(value), ha="center", va="center", fontsize=8, color=colour)
     return _png(figure)
-
-
-def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[dict]:
-    """Per equal-width confidence bin: count, mean confidence, accuracy (the reliability diagram's data)."""
-    confidence, predicted = probabilities.max(1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    rows = []
-    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist()):
-        inside = (confidence > low) & (confidence <= high)
-        count = int(inside.sum())
-        rows.append({"low": low, "high": high, "count": count,
-                     "confidence": confidence[inside].mean().item() if count else None,
-                     "accuracy": correct[inside].mean().item() if count else None})
-    return rows
 
 
 def plot_reliability(curves: dict[str, tuple[list[dict], float]]) -> bytes:

@@ -40,7 +40,7 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     model = models[0]
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
-    samples, _ = _labelled_samples(data, split, model.classes)
+    samples = _labelled_samples(data, split, model.classes)
     with out_of_memory_hint(batch_size):
         plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
@@ -83,7 +83,7 @@ def _data_name(data) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
+def _labelled_samples(data, split: str | None, model_classes: list[str]) -> list:
     """Samples of the evaluation data with labels re-indexed to the model's class order."""
     splits = discover(data, val_fraction=0.5)
     path = Path(data)
@@ -101,4 +101,4 @@ def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tupl
     if not chosen:
         raise GraftError(f"{data}: no readable images to evaluate")
     index = {name: model_classes.index(name) for name in splits.classes}
-    return [(path, index[splits.classes[label]]) for path, label in chosen], model_classes
+    return [(path, index[splits.classes[label]]) for path, label in chosen]

@@ -13,10 +13,10 @@ from graft.errors import GraftError
 from graft.models.backbones import lab
 from graft.models.backbones.base import Preprocessing
 from graft.models.backbones.registry import create_backbone
-from graft.models.heads import build_head
+from graft.models.heads import create_head
 from graft.models.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
 
-__all__ = ["GraftModel", "ModelSpec", "backbone_name", "build_model", "rebuild"]
+__all__ = ["GraftModel", "ModelSpec", "backbone_name", "create_model", "rebuild"]
 
 
 class GraftModel(nn.Module):
@@ -77,7 +77,7 @@ def backbone_name(model: ModelConfig) -> str:
     return model.backbone
 
 
-def build_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None) -> tuple[GraftModel, dict]:
+def create_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None) -> tuple[GraftModel, dict]:
     """Creates the backbone (pretrained unless the strategy is ``scratch``), cuts it and grafts a new head.
 
     Args:
@@ -93,7 +93,7 @@ def build_model(config: FitConfig, classes: list[str], mean_std: tuple | None = 
     if mean_std is not None:
         preprocessing = dataclasses.replace(preprocessing, mean=tuple(mean_std[0]), std=tuple(mean_std[1]))
     trunk, width = cut(backbone.net, config.model.cut_at, config.model.pool, preprocessing.input_size)
-    head = build_head(width, len(classes), config.model.head, config.model.dropout)
+    head = create_head(width, len(classes), config.model.head, config.model.dropout)
     info = {"backbone": name, "weights": backbone.weights, "feature_dim": width, "cut_at": trunk.node,
             "stage_nodes": backbone.stage_nodes}
     return GraftModel(trunk, head, classes, preprocessing), info
@@ -104,5 +104,5 @@ def rebuild(spec: ModelSpec) -> GraftModel:
     backbone = create_backbone(spec.backbone, pretrained=False)
     node = None if spec.cut_at == DEFAULT_NODE else spec.cut_at
     trunk, width = cut(backbone.net, node, spec.pool, spec.preprocessing.input_size)
-    head = build_head(width, len(spec.classes), spec.head, spec.dropout)
+    head = create_head(width, len(spec.classes), spec.head, spec.dropout)
     return GraftModel(trunk, head, spec.classes, spec.preprocessing)

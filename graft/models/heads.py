@@ -8,7 +8,7 @@ from torch import nn
 from graft.config import parse_head
 from graft.errors import GraftError
 
-__all__ = ["BinaryLogit", "build_head"]
+__all__ = ["BinaryLogit", "create_head"]
 
 
 class BinaryLogit(nn.Module):
@@ -25,7 +25,7 @@ class BinaryLogit(nn.Module):
         return torch.cat([torch.zeros_like(logit), logit], dim=1)
 
 
-def build_head(in_features: int, num_classes: int, spec: str = "linear", dropout: float = 0.0) -> nn.Sequential:
+def create_head(in_features: int, num_classes: int, spec: str = "linear", dropout: float = 0.0) -> nn.Sequential:
     """A fresh head: ``linear``, ``sigmoid`` (two classes, one logit) or ``mlp:W1[,W2...]`` (Linear → BatchNorm1d →
     ReLU per hidden layer).
 

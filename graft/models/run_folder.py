@@ -6,6 +6,7 @@ node, head, classes, preprocessing, versions), so ``load(folder)`` rebuilds the 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -21,11 +22,22 @@ from graft.utils.safefiles import read_safetensors
 from graft.utils.versions import versions
 
 __all__ = [
-    "CARD_FIELDS", "FORMAT_VERSION", "check_finite", "config_from_card", "load", "model_card", "non_finite_tensors",
-    "read_card", "save_model", "spec_from_card"
+    "CARD_FIELDS", "FORMAT_VERSION", "HISTORY", "check_finite", "config_from_card", "load", "model_card",
+    "non_finite_tensors",
+    "read_card", "read_history", "save_model", "spec_from_card"
 ]
 
 FORMAT_VERSION = 1  # bump when graft.json changes incompatibly; load() refuses newer folders
+HISTORY = "history.csv"  # one row per epoch, written by the fit (graft.training.checkpoints.write_history)
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of a run folder's ``history.csv`` as dicts of strings; [] when the run wrote none (e.g. a probe)."""
+    path = Path(run_dir) / HISTORY
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:

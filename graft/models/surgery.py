@@ -2,14 +2,18 @@
 
 A node is a module name as ``named_modules()`` spells it (``layer3``, ``blocks.4``, ``stages.2.blocks.0``), like
 TensorFlow's ``get_tensor_by_name``. The cut uses a forward hook that stops the pass once the node's output exists,
-so it works on every model, including those FX tracing cannot handle; modules after the cut are pruned.
+so it works on every model, including those FX tracing cannot handle; modules after the cut are pruned. ``Capture``
+is that hook-and-stop mechanism, shared by cuts, multi-node feature extraction and the torchvision adapter.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,8 +21,9 @@ from torch import nn
 from graft.errors import GraftError
 
 __all__ = [
-    "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut", "freeze_trunk",
-    "keep_frozen_norms_eval", "list_nodes", "receptive_fields", "set_trainable", "stage_groups", "unfreeze_last"
+    "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut", "first_tensor",
+    "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "receptive_fields", "set_trainable", "stage_groups",
+    "unfreeze_last"
 ]
 
 DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(forward_features(x), pre_logits=True)
@@ -26,7 +31,73 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 class StopForward(Exception):
-    """Raised by a capture hook (a cut, a feature extractor): the rest of the network is not needed."""
+    """Raised by a ``Capture`` once it holds every output it needs: the rest of the network is not needed.
+
+    Plain (no arguments): TorchDynamo, which ``torch.export`` uses for a cut model, follows it through the hook. The
+    capture that raised it marks itself, so nested captures (a cut inside the torchvision adapter, which captures its
+    own feature map) each catch only their own stop and let the other travel on to its owner.
+    """
+
+
+def first_tensor(output):
+    """A module's output as one tensor: the first element of a tuple or list (e.g. an attention block's)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class Capture:
+    """Outputs of named modules during a forward pass, stopping the pass once the last one needed has run.
+
+    The hooks stay registered until ``remove`` (or the end of a ``with`` block); ``run`` calls a forward function
+    with an empty record. A module reached several times keeps its first output, as a cut does.
+
+    Args:
+        net: the network whose modules are hooked.
+        nodes: module names as ``named_modules()`` spells them.
+        stop: stop the pass once every node has an output; False lets it finish (its result is wanted too).
+        prepend: run before hooks already on the same module, so a cut stops before an adapter's own capture.
+    """
+
+    def __init__(self, net: nn.Module, nodes: list[str], stop: bool = True, prepend: bool = True):
+        modules = dict(net.named_modules())
+        self.nodes, self.stop = list(dict.fromkeys(nodes)), stop
+        self.outputs: dict[str, Any] = {}
+        self._stopped = False  # set by this capture's own hook just before it raises StopForward
+        # bound methods (not closures), so a deep copy of the network records into the copy's own Capture
+        self._handles = [modules[node].register_forward_hook(functools.partial(self._record, node), prepend=prepend)
+                         for node in self.nodes]
+
+    def _record(self, node: str, module, inputs, output) -> None:
+        self.outputs.setdefault(node, output)
+        if self.stop and len(self.outputs) == len(self.nodes):
+            self._stopped = True
+            raise StopForward
+
+    def run(self, forward: Callable, *args) -> tuple[Any, dict[str, Any]]:
+        """Calls ``forward(*args)``; returns (its result, or None when the pass was stopped; {node: raw output})."""
+        self.outputs, self._stopped = {}, False
+        try:
+            result = forward(*args)
+        except StopForward:
+            if not self._stopped:
+                raise  # another capture's stop (an enclosing cut): its owner catches it
+            result = None
+        outputs, self.outputs = self.outputs, {}
+        return result, outputs
+
+    def __getstate__(self) -> dict:
+        # a copy's hooks are the copied network's (copied with it); the handles would point at the original's
+        return {**self.__dict__, "_handles": []}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
 
 
 class GlobalPool(nn.Module):
@@ -60,7 +131,7 @@ class Trunk(nn.Module):
         self.net = net
         self.node = node
         self.pool_kind = pool
-        self._captured: torch.Tensor | None = None
+        self._capture: Capture | None = None
         if node == DEFAULT_NODE:
             if pool != "avg":
                 self._set_model_pool(pool)
@@ -69,7 +140,7 @@ class Trunk(nn.Module):
             modules = dict(net.named_modules())
             if node not in modules or not node:
                 raise GraftError(f"no node '{node}' in this backbone; list the names with `graft layers BACKBONE`")
-            modules[node].register_forward_hook(self._stop_here, prepend=True)  # before any adapter's own stop
+            self._capture = Capture(net, [node])  # prepended: before any adapter's own stop
             self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
 
     def _set_model_pool(self, pool: str) -> None:
@@ -78,22 +149,14 @@ class Trunk(nn.Module):
         except Exception:
             raise GraftError(f"this backbone's own head cannot pool '{pool}'; cut at a named node to use it") from None
 
-    def _stop_here(self, module, inputs, output):
-        self._captured = output
-        raise StopForward
-
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The node's raw output (before pooling)."""
         if self.node == DEFAULT_NODE:
             return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        try:
-            self.net.forward_head(self.net.forward_features(x))
-        except StopForward:
-            pass
-        captured, self._captured = self._captured, None
-        if captured is None:
+        _, outputs = self._capture.run(lambda images: self.net.forward_head(self.net.forward_features(images)), x)
+        if self.node not in outputs:
             raise GraftError(f"node '{self.node}' is not reached by the backbone's forward pass; choose another")
-        return captured[0] if isinstance(captured, (tuple, list)) else captured
+        return first_tensor(outputs[self.node])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.feature_map(x))
@@ -233,35 +296,31 @@ def list_nodes(net: nn.Module, input_size=(224, 224), stages_only: bool = True, 
 
     Receptive fields are computed for stage nodes only (one backward pass each).
     """
-    outputs: dict[str, torch.Tensor] = {}
     modules = dict(net.named_modules())
     wanted = [n for n in modules if n and (not stages_only or n in stage_nodes)]
-    handles = [
-        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True)
-        for n in wanted
-    ]
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():
-            net.forward_head(net.forward_features(torch.zeros(1, 3, *input_size)), pre_logits=True)
+        with torch.no_grad(), Capture(net, wanted, stop=False) as capture:
+            _, outputs = capture.run(_pre_logits, net, torch.zeros(1, 3, *input_size))
     finally:
         net.train(was_training)
-        for handle in handles:
-            handle.remove()
     fields = receptive_fields(net, [n for n in wanted if n in outputs and n in stage_nodes], input_size)
     nodes = []
     for name in wanted:
         if name not in outputs:
             continue
-        out = outputs[name]
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = first_tensor(outputs[name])
         if not isinstance(out, torch.Tensor):
             continue
         params = sum(p.numel() for p in modules[name].parameters())
         nodes.append(NodeInfo(name, type(modules[name]).__name__, tuple(out.shape[1:]), params, name in stage_nodes,
                               fields.get(name, "")))
     return nodes
+
+
+def _pre_logits(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return net.forward_head(net.forward_features(images), pre_logits=True)
 
 
 def receptive_fields(net: nn.Module, nodes: list[str], input_size=(224, 224)) -> dict[str, str]:
@@ -276,22 +335,12 @@ def receptive_fields(net: nn.Module, nodes: list[str], input_size=(224, 224)) ->
         return {}
     probe = copy.deepcopy(net).float().eval()
     _make_positive(probe)
-    modules = dict(probe.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[n].register_forward_hook(lambda m, i, o, name=n: outputs.setdefault(name, o), prepend=True)
-        for n in nodes
-    ]
     image = torch.ones(1, 3, *input_size, requires_grad=True)
-    try:
-        probe.forward_head(probe.forward_features(image), pre_logits=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with Capture(probe, nodes, stop=False) as capture:
+        _, outputs = capture.run(_pre_logits, probe, image)
     fields = {}
     for name in nodes:
-        out = outputs[name]
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = first_tensor(outputs[name])
         if out.ndim != 4 or getattr(net, "output_fmt", "NCHW") != "NCHW":
             fields[name] = "global" if out.ndim == 3 else ""
             continue

@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.datasets import resolve_workers
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
-from graft.data.transforms import build_transform
+from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
-from graft.models.surgery import DEFAULT_NODE, GlobalPool, StopForward, Trunk
+from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor
 from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, weights_digest
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
@@ -62,32 +62,22 @@ class FeatureExtractor(nn.Module):
         if DEFAULT_NODE in self.nodes and pool != "avg":
             Trunk(net, DEFAULT_NODE, pool)  # configures the backbone's own pooling exactly as a cut would
         self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
-        self._captured: dict[str, torch.Tensor] = {}
-        for node in self.nodes:
-            if node != DEFAULT_NODE:
-                modules[node].register_forward_hook(self._hook(node), prepend=True)
+        named = [node for node in self.nodes if node != DEFAULT_NODE]
+        # the pass stops after the last named node unless the backbone's own pre_logits features are wanted too
+        self._capture = Capture(net, named, stop=DEFAULT_NODE not in self.nodes) if named else None
 
-    def _hook(self, node: str):
-        def capture(module, inputs, output):
-            self._captured[node] = output[0] if isinstance(output, (tuple, list)) else output
-            if DEFAULT_NODE not in self.nodes and len(self._captured) == len(self.nodes):
-                raise StopForward  # every node seen: the rest of the network is not needed
-
-        return capture
+    def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._captured = {}
-        try:
-            pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        except StopForward:
-            pooled = None
-        features = {node: self.pool(self._captured[node]) for node in self.nodes if node != DEFAULT_NODE}
+        pooled, outputs = self._capture.run(self._pre_logits, x) if self._capture else (self._pre_logits(x), {})
+        features = {node: self.pool(first_tensor(outputs[node])) for node in self.nodes
+                    if node != DEFAULT_NODE and node in outputs}
         if DEFAULT_NODE in self.nodes:
             features[DEFAULT_NODE] = pooled
         missing = [n for n in self.nodes if features.get(n) is None]
         if missing:
             raise GraftError(f"node '{missing[0]}' is not reached by the backbone's forward pass; choose another")
-        self._captured = {}
         return features
 
 
@@ -96,7 +86,7 @@ class _ViewDataset(Dataset):
 
     def __init__(self, paths: list[str], preprocessing: Preprocessing, view: int, hflip: bool = True):
         self.paths, self.view = paths, view
-        self.transform = build_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
+        self.transform = create_transform(preprocessing, train=view > 0, augment="standard", hflip=hflip)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -13,16 +13,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from graft.utils import outputs
 from graft.config import FitConfig
 from graft.data.discovery import DatasetSplits
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
 from graft.models.run_folder import (
+    HISTORY,
     config_from_card,
     read_card,
 )
 from graft.training.state import TrainState
+from graft.utils import outputs
 from graft.utils.files import _write_csv, atomic_write
 from graft.utils.safefiles import read_safetensors
 from graft.utils.text import display_name
@@ -91,7 +92,7 @@ HISTORY_COLUMNS = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_a
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    _write_csv(run_dir / "history.csv", HISTORY_COLUMNS, history)
+    _write_csv(run_dir / HISTORY, HISTORY_COLUMNS, history)
 
 
 LOCK = ".graft.lock"

@@ -2,7 +2,7 @@
 
 Reproducibility: every epoch reseeds all RNGs from (seed, epoch), so an interrupted run resumed from its last
 checkpoint follows exactly the path of an uninterrupted one. Distributed training (torchrun) slots in through
-``Runtime``: rank-0-only logging and saving, and ``make_sampler``.
+``Runtime``: rank-0-only logging and saving, and ``create_sampler``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from graft.utils import outputs
 from graft.config import FitConfig, apply_overrides, check_ranges
 from graft.data.datasets import ImageDataset
 from graft.data.discovery import DatasetSplits, discover
 from graft.data.scan import scan
-from graft.data.transforms import build_transform
+from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.evaluation.inference import predict_logits
 from graft.evaluation.metrics import classification_metrics
@@ -47,9 +46,10 @@ from graft.training.checkpoints import (
 )
 from graft.training.lr_find import find_lr, plot_lr_finding
 from graft.training.precise_bn import _precise_bn_after_training
-from graft.training.setup import build_on_device, make_loaders
+from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import _run_stages
 from graft.training.state import FitResult, Hooks, TrainState
+from graft.utils import outputs
 from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
@@ -114,7 +114,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         start = time.perf_counter()
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
         state.elapsed += time.perf_counter() - start
-    loaders = make_loaders(splits, model, config, runtime)
+    loaders = create_loaders(splits, model, config, runtime)
     state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
     return _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
 
@@ -125,7 +125,7 @@ def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     A network trained from scratch is normalised with the training data's own per-channel statistics (there are no
     pretrained ones to match).
     """
-    model, info = build_on_device(config, splits, runtime)
+    model, info = create_on_device(config, splits, runtime)
     card = model_card(model, config, info)
     card["status"] = "training"
     if runtime.is_main:
@@ -212,7 +212,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     if len(labels):
         metrics["val"] = classification_metrics(logits, labels, model.classes)
     if splits.test:
-        test_set = ImageDataset(splits.test, build_transform(model.preprocessing), config.data.max_image_pixels)
+        test_set = ImageDataset(splits.test, create_transform(model.preprocessing), config.data.max_image_pixels)
         test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
         logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
         metrics["test"] = classification_metrics(logits, labels, model.classes)

@@ -14,8 +14,8 @@ from graft.data.discovery import DatasetSplits
 from graft.errors import GraftError
 from graft.training import recipes
 from graft.training.loop import compute_loss
-from graft.training.optim import make_optimizer
-from graft.training.setup import build_on_device, make_loaders
+from graft.training.optim import create_optimizer
+from graft.training.setup import create_loaders, create_on_device
 from graft.utils.files import _save
 from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
 
@@ -33,11 +33,11 @@ def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: i
         raise GraftError("this strategy solves its head in closed form (probe): there is no learning rate to find")
     stage = stages[-1]
     seed_everything(config.train.seed)
-    model, _ = build_on_device(unit, splits, runtime)
+    model, _ = create_on_device(unit, splits, runtime)
     groups = recipes.configure(model, stage, unit.train)
     ratios = [group["lr"] for group in groups]  # with train.lr = 1 each group's rate is its ratio to train.lr
-    optimizer = make_optimizer(groups, unit)
-    loader, _, generator = make_loaders(splits, model, unit, runtime)
+    optimizer = create_optimizer(groups, unit)
+    loader, _, generator = create_loaders(splits, model, unit, runtime)
     generator.manual_seed(config.train.seed)
 
     def batches():

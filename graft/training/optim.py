@@ -9,10 +9,10 @@ import torch
 from graft.config import FitConfig
 from graft.training.state import TrainState
 
-__all__ = ["make_optimizer", "make_scheduler"]
+__all__ = ["create_optimizer", "create_scheduler"]
 
 
-def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimizer:
+def create_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimizer:
     train = config.train
     factories = {
         "adamw": lambda: torch.optim.AdamW(groups, lr=train.lr),
@@ -21,7 +21,7 @@ def make_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimiz
     return factories[train.optimizer]()
 
 
-def make_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: TrainState | None = None):
+def create_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: TrainState | None = None):
     """Linear warm-up, then cosine decay to zero, stepped per batch, times ``state.lr_scale`` (halved after a
     non-finite loss)."""
     horizon = {"steps": total_steps}  # shortened by a time-budget re-plan

@@ -8,12 +8,11 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from graft.utils import outputs
 from graft.config import FitConfig
 from graft.data.datasets import ImageDataset, resolve_workers
 from graft.data.discovery import DatasetSplits, discover
 from graft.data.scan import scan
-from graft.data.transforms import build_transform
+from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.batchnorm import batch_norms, recompute_statistics
 from graft.models.grafted import GraftModel
@@ -26,6 +25,7 @@ from graft.models.run_folder import (
 )
 from graft.training.checkpoints import run_lock
 from graft.training.loop import validate
+from graft.utils import outputs
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
 
 __all__ = ["precise_bn", "recompute_bn_statistics"]
@@ -49,7 +49,7 @@ def recompute_bn_statistics(model: GraftModel, samples: list, config: FitConfig,
     """Precise BN over ``samples`` (see ``graft.models.batchnorm.recompute_statistics``), in the training augmentation by
     default: the weights were learnt on augmented images' statistics (evaluation preprocessing measured worse, see
     bench/RESULTS.md)."""
-    transform = build_transform(model.preprocessing, augmented, config.data.augment, config.data.hflip)
+    transform = create_transform(model.preprocessing, augmented, config.data.augment, config.data.hflip)
     seed_everything(config.train.seed)  # the augmentation draws: the same statistics every time
     dataset = ImageDataset(samples, transform, config.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
@@ -74,7 +74,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         model = load(run_dir, target)
         if not batch_norms(model):
             raise GraftError(f"{run_dir}: this model has no batch norm layers; nothing to recompute")
-        val_set = ImageDataset(splits.val, build_transform(model.preprocessing), config.data.max_image_pixels)
+        val_set = ImageDataset(splits.val, create_transform(model.preprocessing), config.data.max_image_pixels)
         val_loader = DataLoader(val_set, batch_size=config.data.batch_size * 2)
         before = validate(model, val_loader, runtime)
         images = recompute_bn_statistics(model, splits.train, config, runtime, augmented)

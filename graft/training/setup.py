@@ -9,13 +9,13 @@ from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data.datasets import ImageDataset, resolve_workers
 from graft.data.discovery import DatasetSplits
 from graft.data.statistics import dataset_statistics
-from graft.data.transforms import build_transform
-from graft.models.grafted import GraftModel, build_model
+from graft.data.transforms import create_transform
+from graft.models.grafted import GraftModel, create_model
 from graft.training import recipes
 from graft.utils.runtime import Runtime
 
 __all__ = [
-    "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "build_on_device", "make_loaders",
+    "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "create_loaders", "create_on_device",
     "resolve_bn_stats"
 ]
 
@@ -36,16 +36,16 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
     return "frozen" if pretrained and (small or recipes.solves_head(config)) else "update"
 
 
-def make_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
+def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
     """Training and validation DataLoaders with the backbone's preprocessing."""
     data = config.data
     workers = resolve_workers(data.workers, runtime.device)
-    train_set = ImageDataset(splits.train, build_transform(model.preprocessing, True, data.augment, data.hflip),
+    train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip),
                              data.max_image_pixels, with_index=True)
-    val_set = ImageDataset(splits.val, build_transform(model.preprocessing), data.max_image_pixels)
+    val_set = ImageDataset(splits.val, create_transform(model.preprocessing), data.max_image_pixels)
     common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}
     generator = torch.Generator()
-    sampler = runtime.make_sampler(train_set, True, config.train.seed)
+    sampler = runtime.create_sampler(train_set, True, config.train.seed)
     if config.train.balance == "sampler" and sampler is None:
         sampler = balanced_sampler(train_set.samples, generator)
     # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
@@ -73,13 +73,13 @@ def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.
     return class_weights(torch.as_tensor([label for _, label in dataset.samples]), classes).to(device)
 
 
-def build_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> tuple[GraftModel, dict]:
+def create_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> tuple[GraftModel, dict]:
     mean_std = None
     if config.train.strategy == "scratch":
         stats = dataset_statistics([path for path, _ in splits.train], size=SCRATCH_STATS_SIZE,
                                    max_images=SCRATCH_STATS_IMAGES, seed=config.train.seed)
         mean_std = (stats.mean, stats.std)
-    model, info = build_model(config, splits.classes, mean_std)
+    model, info = create_model(config, splits.classes, mean_std)
     model.to(runtime.device)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)

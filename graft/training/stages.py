@@ -16,7 +16,7 @@ from graft.models.run_folder import (
 from graft.training import recipes
 from graft.training.checkpoints import BEST, read_checkpoint, save_checkpoint, write_history
 from graft.training.loop import NonFiniteLoss, _epoch_line, _progress_bar, train_epoch, validate
-from graft.training.optim import make_optimizer, make_scheduler
+from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.setup import _loss_class_weights
 from graft.training.state import Hooks, TrainState
 from graft.utils.files import save_weights
@@ -32,9 +32,9 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     stalls; a non-finite loss rolls back to the last checkpoint and retries once at half the learning rate."""
     train_loader, val_loader, generator = loaders
     groups = recipes.configure(model, stage, config.train)
-    optimizer = make_optimizer(groups, config)
+    optimizer = create_optimizer(groups, config)
     steps_per_epoch = min(len(train_loader), config.train.limit_batches or len(train_loader))
-    scheduler = make_scheduler(optimizer, stage_length(stage, state) * steps_per_epoch,
+    scheduler = create_scheduler(optimizer, stage_length(stage, state) * steps_per_epoch,
                                config.train.warmup_fraction, state)
     if resume_from is not None:
         optimizer.load_state_dict(resume_from[0])

@@ -71,7 +71,7 @@ class Runtime:
         if self.verbose and self.is_main:
             print(message, file=sys.stderr, flush=True)
 
-    def make_sampler(self, dataset, shuffle: bool, seed: int):
+    def create_sampler(self, dataset, shuffle: bool, seed: int):
         """None on one process (the DataLoader shuffles); a DistributedSampler under torchrun (a later issue)."""
         return None
 

@@ -24,8 +24,8 @@ from graft.config import ArchOptions, parse_init, parse_vgg_stages
 from graft.errors import GraftError
 
 __all__ = [
-    "ARCHITECTURES", "BUILDERS", "LabNet", "LabSource", "Maxout", "PREFIX", "build_lab_net", "conv_block",
-    "dense_block", "initialise", "lab_backbone_name", "make_activation", "make_norm", "parse_lab_name",
+    "ARCHITECTURES", "BUILDERS", "LabNet", "LabSource", "Maxout", "PREFIX", "conv_block", "create_activation",
+    "create_lab_net", "create_norm", "dense_block", "initialise", "lab_backbone_name", "parse_lab_name",
     "small_cnn_catsdogs", "small_cnn_cifar", "vgg_like"
 ]
 
@@ -44,7 +44,7 @@ class Maxout(nn.Module):
         return x.reshape(shape[0], shape[1] // self.pieces, self.pieces, *shape[2:]).amax(dim=2)
 
 
-def make_activation(name: str, channels: int) -> nn.Module:
+def create_activation(name: str, channels: int) -> nn.Module:
     factories = {
         "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": lambda: nn.PReLU(channels),
         "elu": lambda: nn.ELU(), "selu": lambda: nn.SELU(), "gelu": lambda: nn.GELU(), "swish": lambda: nn.SiLU(),
@@ -53,7 +53,7 @@ def make_activation(name: str, channels: int) -> nn.Module:
     return factories[name]()
 
 
-def make_norm(name: str, channels: int, spatial: bool = True) -> nn.Module:
+def create_norm(name: str, channels: int, spatial: bool = True) -> nn.Module:
     """A normalisation layer; for a fully connected layer only batch and layer norm apply (else nothing)."""
     if not spatial:
         return {"batch": lambda: nn.BatchNorm1d(channels), "layer": lambda: nn.LayerNorm(channels)}.get(
@@ -73,16 +73,16 @@ def conv_block(in_channels: int, out_channels: int, options: ArchOptions, paddin
     pieces = 2 if options.activation == "maxout" else 1
     width = out_channels * pieces
     conv = nn.Conv2d(in_channels, width, 3, padding=padding, bias=options.norm == "none")
-    return nn.Sequential(OrderedDict(conv=conv, norm=make_norm(options.norm, width),
-                                     act=make_activation(options.activation, width)))
+    return nn.Sequential(OrderedDict(conv=conv, norm=create_norm(options.norm, width),
+                                     act=create_activation(options.activation, width)))
 
 
 def dense_block(in_features: int, out_features: int, options: ArchOptions) -> nn.Sequential:
     pieces = 2 if options.activation == "maxout" else 1
     width = out_features * pieces
-    norm = make_norm(options.norm, width, spatial=False)
+    norm = create_norm(options.norm, width, spatial=False)
     linear = nn.Linear(in_features, width, bias=isinstance(norm, nn.Identity))
-    return nn.Sequential(OrderedDict(fc=linear, norm=norm, act=make_activation(options.activation, width)))
+    return nn.Sequential(OrderedDict(fc=linear, norm=norm, act=create_activation(options.activation, width)))
 
 
 _GAINS = {"relu": "relu", "leaky_relu": "leaky_relu", "tanh": "tanh", "sigmoid": "sigmoid", "selu": "selu",
@@ -192,7 +192,7 @@ BUILDERS = {"small-cnn-cifar": (small_cnn_cifar, 32), "small-cnn-catsdogs": (sma
             "vgg-like": (vgg_like, 64)}
 
 
-def build_lab_net(name: str, options: ArchOptions) -> tuple[LabNet, int]:
+def create_lab_net(name: str, options: ArchOptions) -> tuple[LabNet, int]:
     """(network, its native input size), initialised as ``options.init`` says."""
     options.validate()
     builder, size = BUILDERS[name]
@@ -232,7 +232,7 @@ class LabSource:
         from graft.models.backbones.base import Backbone, Preprocessing, load_trunk_weights, read_weights_file
 
         base, options = parse_lab_name(name)
-        net, size = build_lab_net(base, options)
+        net, size = create_lab_net(base, options)
         # mean/std 0.5 until the data's own statistics replace them (scratch training computes them, see graft stats)
         preprocessing = Preprocessing((size, size), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear", 1.0)
         if weights_file:

@@ -20,7 +20,7 @@ __all__ = ["BARE_NAMES", "SOURCES", "create_backbone", "register_source"]
 
 SOURCES: dict[str, object] = {"timm": TimmSource(), "tv": TorchvisionSource(), lab.PREFIX: lab.LabSource(),
                               "hf-hub": HubSource(), "local-dir": LocalDirSource()}  # the last two: timm's own names
-BARE_NAMES = {name: lab.PREFIX for name in lab.ARCHITECTURES}  # names reached without a prefix besides timm's
+BARE_NAMES = dict.fromkeys(lab.ARCHITECTURES, lab.PREFIX)  # names reached without a prefix besides timm's
 
 
 def register_source(prefix: str, source) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.models.backbones.base import Backbone, Preprocessing, _sha256, _suggest, read_weights_file
+from graft.models.surgery import Capture
 
 __all__ = ["TORCHVISION_FAMILIES", "TorchvisionFamily", "TorchvisionNet", "TorchvisionSource"]
 
@@ -38,14 +39,6 @@ TORCHVISION_FAMILIES = [
 ]
 
 
-class _StopForward(Exception):
-    """Raised from the adapter's hook to stop a torchvision network at its feature map.
-
-    Deliberately not ``graft.models.surgery.StopForward``: a cut inside the adapter raises that one from within this
-    adapter's own try block, and must travel past it to the Trunk that owns it.
-    """
-
-
 class TorchvisionNet(nn.Module):
     """Wraps a torchvision classifier so it honours timm's contract (forward_features / forward_head / ...)."""
 
@@ -57,9 +50,9 @@ class TorchvisionNet(nn.Module):
         setattr(model, family.classifier, nn.Identity())
         if hasattr(model, "avgpool"):
             model.avgpool = nn.Identity()
-        features = model.get_submodule(family.features)
-        self._captured: torch.Tensor | None = None
-        features.register_forward_hook(self._capture)
+        # appended, not prepended: a cut at the feature module itself stops first and its stop passes this one
+        self._capture = Capture(model, [family.features], prepend=False)
+        self._features = family.features
         with torch.no_grad():
             was_training = model.training
             model.eval()
@@ -69,17 +62,9 @@ class TorchvisionNet(nn.Module):
         stages = [n for n, _ in model.named_modules() if n and re.match(family.stages, n)]
         self.feature_info = [{"module": f"model.{n}"} for n in stages]
 
-    def _capture(self, module, inputs, output):
-        self._captured = output
-        raise _StopForward
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            self.model(x)
-        except _StopForward:
-            pass
-        features, self._captured = self._captured, None
-        return features
+        _, outputs = self._capture.run(self.model, x)
+        return outputs.get(self._features)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x.mean(dim=(2, 3))
@@ -114,7 +99,8 @@ class TorchvisionSource:
         try:
             weights = weights_enum[tag or "DEFAULT"]
         except KeyError:
-            raise GraftError(f"'{tag}' is not a weights tag of {arch}: choose from {[w.name for w in weights_enum]}")
+            choices = [w.name for w in weights_enum]
+            raise GraftError(f"'{tag}' is not a weights tag of {arch}: choose from {choices}") from None
         preprocessing = _torchvision_preprocessing(weights)
         use_download = pretrained and not weights_file
         try:
