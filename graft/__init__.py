@@ -6,8 +6,7 @@ the first use of a name below imports the module that holds it.
 
 from __future__ import annotations
 
-import importlib
-
+from graft.utils.lazy import lazy_exports
 from graft.utils.versions import __version__
 
 _EXPORTS = {
@@ -20,16 +19,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'graft' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
