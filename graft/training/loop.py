@@ -17,12 +17,7 @@ from graft.training.state import Hooks
 from graft.utils.runtime import Runtime, autocast, to_device
 
 __all__ = [
-    "DEFAULT_PROGRESS_SECONDS",
-    "PROGRESS_SECONDS",
-    "NonFiniteLoss",
-    "compute_loss",
-    "progress_seconds",
-    "train_epoch",
+    "DEFAULT_PROGRESS_SECONDS", "PROGRESS_SECONDS", "NonFiniteLoss", "compute_loss", "progress_seconds", "train_epoch",
     "validate"
 ]
 
