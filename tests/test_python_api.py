@@ -134,6 +134,9 @@ def test_an_unknown_backbone_fails_before_the_scan_and_leaves_no_trace(shapes, t
         patch.setattr(fitting, "scan", no_scan)
         with pytest.raises(GraftError, match="no_such_net"):
             fitting.fit(str(shapes), backbone="no_such_net", output=str(output), verbose=False)
+        with pytest.raises(GraftError, match="missing.safetensors"):
+            fitting.fit(str(shapes), output=str(output), verbose=False,
+                        **{**FAST, "pretrained": True, "weights": str(tmp_path / "missing.safetensors")})
     assert not (output / "data_report.json").exists()
     # the retry, corrected, needs no --overwrite
     result = fitting.fit(str(shapes), output=str(output), verbose=False, **{**FAST, "strategy": "probe", "epochs": 1})
