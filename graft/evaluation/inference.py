@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from graft.data.discovery import expand_inputs
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
+from graft.models.prediction import Prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_device
@@ -109,33 +109,24 @@ def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[Graft
     return runs, target, models
 
 
-@dataclass
-class Prediction:
-    """Top-k labels and probabilities for one file, or the error that prevented it."""
-
-    path: str
-    labels: list[str] = field(default_factory=list)
-    probabilities: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-def predict(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+def predict(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
             workers: int = 0, tta: str | None = None) -> list[Prediction]:
     """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
 
     Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
     flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
-    one batch at a time.
+    one batch at a time. ``inputs`` is one path (``str`` or ``os.PathLike``) or a list of them.
     """
     return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta))
 
 
-def iter_predictions(run_dirs, inputs: list[str], top_k: int = 3, batch_size: int = 32, device: str = "auto",
+def iter_predictions(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
                      workers: int = 0, tta: str | None = None) -> Iterator[Prediction]:
     """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
     however many images there are. The models and inputs are checked before the first row."""
     _, target, models = load_ensemble(run_dirs, device)
-    paths = expand_inputs(inputs)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs  # one path, not a list of its characters
+    paths = expand_inputs([os.fspath(item) for item in items])
     return _prediction_rows(models, paths, target, top_k, batch_size, workers, tta)
 
 

@@ -14,6 +14,7 @@ from graft.models.backbones import lab
 from graft.models.backbones.base import Preprocessing
 from graft.models.backbones.registry import create_backbone
 from graft.models.heads import create_head
+from graft.models.prediction import predict_images
 from graft.models.surgery import DEFAULT_NODE, Trunk, cut, keep_frozen_norms_eval
 
 __all__ = ["GraftModel", "ModelSpec", "backbone_name", "create_model", "rebuild"]
@@ -51,6 +52,24 @@ class GraftModel(nn.Module):
                 features = self.trunk(x)
             return self.head(features)
         return self.head(self.trunk(x))
+
+    @property
+    def transform(self):
+        """The evaluation preprocessing (a torchvision transform): a PIL image in, the network's input tensor out."""
+        from graft.data.transforms import create_transform  # here: torchvision loads only when it is used
+
+        return create_transform(self.preprocessing)
+
+    def predict(self, inputs, top_k: int = 3, batch_size: int = 32):
+        """Top-k labels and probabilities for a path, a PIL image, a NumPy array, a tensor or a list of them.
+
+        Raw images (paths, PIL images, ``uint8`` arrays and tensors) go through ``transform``; a floating-point tensor
+        is taken as already preprocessed (see ``graft.models.prediction``). Runs on the model's device, in eval mode.
+
+        Returns:
+            One ``Prediction`` for one input, a list for a list.
+        """
+        return predict_images(self, inputs, top_k, batch_size)
 
 
 @dataclass

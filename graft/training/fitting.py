@@ -8,6 +8,7 @@ checkpoint follows exactly the path of an uninterrupted one. Distributed trainin
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.evaluation.inference import predict_logits
 from graft.evaluation.metrics import classification_metrics
-from graft.models.grafted import GraftModel
+from graft.models.backbones.registry import create_backbone
+from graft.models.grafted import GraftModel, backbone_name
 from graft.models.run_folder import (
     model_card,
     non_finite_tensors,
@@ -35,6 +37,7 @@ from graft.probing.cache import cache_folder
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.linear import fit_linear_probe
 from graft.training import recipes
+from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
     CHECKPOINT,
     _check_same_classes,
@@ -44,6 +47,7 @@ from graft.training.checkpoints import (
     run_lock,
     write_history,
 )
+from graft.training.loop import progress_seconds
 from graft.training.lr_find import find_lr, plot_lr_finding
 from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
@@ -57,11 +61,16 @@ from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_ev
 __all__ = ["fit", "fit_probe_head"]
 
 
-def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks: Hooks | None = None,
-        verbose: bool = True, splits: DatasetSplits | None = None) -> FitResult:
+def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+        hooks: Hooks | None = None, verbose: bool = True, splits: DatasetSplits | None = None, **fields) -> FitResult:
     """Trains a classifier as ``config`` says and writes a run folder (see the README for its files).
 
+    ``graft.fit("pets/", backbone="resnet50.a1_in1k", epochs=5, output="runs/pets")`` in a notebook: every config
+    field by its name (or dotted, ``**{"train.lr": 0.01}``), checked as the CLI checks its flags.
+
     Args:
+        config: a FitConfig (used as it is), a dict of dotted or nested keys, or the data folder.
+        **fields: config fields by name, applied over ``config``.
         resume: continue the run in ``config.output`` from its last checkpoint (its saved config is used).
         overwrite: replace a non-empty output folder (never one another fit is writing to).
         splits: pre-discovered data (skips ``discover``); the scan still runs.
@@ -69,9 +78,13 @@ def fit(config: FitConfig, resume: bool = False, overwrite: bool = False, hooks:
     Raises:
         KeyboardInterrupt: after Ctrl-C, with the last checkpoint on disk (``--resume`` continues from it).
     """
+    config = config_from_arguments(config, fields)
     run_dir = Path(config.output)
     if resume and not (run_dir / "graft.json").is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
+    progress_seconds()  # a bad GRAFT_PROGRESS_SECONDS fails now, not after the scan
+    if not resume:  # a resumed run's backbone is the saved config's, checked once that is read
+        _check_backbone(config)
     outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
                                                                        "feature cache")))
     with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
@@ -83,6 +96,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                 splits: DatasetSplits | None) -> FitResult:
     if resume:
         config = _resumable_config(run_dir, config, verbose)
+        _check_backbone(config)
     if config.train.strategy == "auto":
         config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
     device = resolve_device(config.train.device)
@@ -117,6 +131,17 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     loaders = create_loaders(splits, model, config, runtime)
     state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
     return _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
+
+
+def _check_backbone(config: FitConfig) -> None:
+    """Builds the backbone once, before anything is scanned or written: an unknown name, weights missing offline or a
+    weights file that does not fit fail in a second, leaving nothing behind that blocks the retry.
+
+    The network is built again after the scan (that one is seeded); building it twice costs far less than a scan.
+    """
+    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    create_backbone(backbone_name(config.model), pretrained=pretrained,
+                    weights_file=config.model.weights if pretrained else None)
 
 
 def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
@@ -236,4 +261,4 @@ def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, sta
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     if "val" in metrics:
         runtime.log(f"done: val accuracy {metrics['val']['accuracy']:.4f} in {state.elapsed:.1f}s → {run_dir}")
-    return FitResult(run_dir, model.eval(), metrics)
+    return FitResult(run_dir, model.eval(), metrics, list(state.history))

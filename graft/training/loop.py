@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -15,7 +16,10 @@ from graft.models.grafted import GraftModel
 from graft.training.state import Hooks
 from graft.utils.runtime import Runtime, autocast, to_device
 
-__all__ = ["NonFiniteLoss", "compute_loss", "train_epoch", "validate"]
+__all__ = [
+    "DEFAULT_PROGRESS_SECONDS", "PROGRESS_SECONDS", "NonFiniteLoss", "compute_loss", "progress_seconds", "train_epoch",
+    "validate"
+]
 
 
 class NonFiniteLoss(Exception):
@@ -119,15 +123,43 @@ def _epoch_line(row: dict) -> str:
             f" | {row['seconds']:.1f}s")
 
 
+PROGRESS_SECONDS = "GRAFT_PROGRESS_SECONDS"  # env var: seconds between plain progress lines off a terminal
+DEFAULT_PROGRESS_SECONDS = 30.0
+
+
+def progress_seconds() -> float:
+    """Seconds between plain progress lines when stderr is not a terminal (``GRAFT_PROGRESS_SECONDS``; 0: none)."""
+    raw = os.environ.get(PROGRESS_SECONDS, "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_PROGRESS_SECONDS
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < math.inf:
+        raise GraftError(f"{PROGRESS_SECONDS}={raw!r:.40}: expected seconds >= 0 between progress lines (0: none)")
+    return value
+
+
+def _in_notebook() -> bool:
+    """True inside a Jupyter kernel, where rich draws its bar as a live widget (stderr is no terminal there)."""
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class _progress_bar:
-    """A rich progress bar with loss, accuracy and images/s on a terminal; silent elsewhere (logs, CI, tests)."""
+    """A rich progress bar with loss, accuracy and images/s on a terminal or in Jupyter; elsewhere (a cluster log, a
+    pipe) a plain line every ``progress_seconds()``, so a log shows where an epoch is before it ends."""
 
     def __init__(self, runtime: Runtime, description: str, total: int):
-        self.enabled = runtime.verbose and runtime.is_main and sys.stderr.isatty()
-        self.description, self.total = description, total
+        shown = runtime.verbose and runtime.is_main
+        self.bar = shown and (sys.stderr.isatty() or _in_notebook())
+        self.interval = progress_seconds() if shown and not self.bar else 0.0
+        self.description, self.total, self.runtime = description, total, runtime
+        self.last = time.perf_counter()
 
     def __enter__(self):
-        if not self.enabled:
+        if self.interval:
+            return self.line
+        if not self.bar:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -140,6 +172,15 @@ class _progress_bar:
     def update(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
         self.progress.update(self.task, completed=seen, stats=f"loss {loss:.3f} acc {accuracy:.3f} {speed:.0f} img/s")
 
+    def line(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        left = (self.total - seen) / speed if speed > 0 else math.nan
+        self.runtime.log(f"{self.description}: {seen}/{self.total} images, loss {loss:.4f} acc {accuracy:.3f}, "
+                         f"{speed:.1f} img/s, about {left:.0f}s left in the epoch")
+
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.bar:
             self.progress.stop()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from graft.errors import GraftError
 from graft.models.grafted import GraftModel
 from graft.training import recipes
 
@@ -41,6 +42,22 @@ class TrainState:
 
 @dataclass
 class FitResult:
+    """What ``fit`` returns: the run folder, the trained model (eval mode), its metrics and the epoch history."""
+
     run_dir: Path
     model: GraftModel
     metrics: dict
+    history: list[dict] = field(default_factory=list)  # history.csv's rows, as numbers (none for a solved probe)
+
+    def history_frame(self):
+        """The history as a pandas DataFrame, one row per epoch.
+
+        Raises:
+            GraftError: when pandas is not installed (``history`` holds the same rows as dicts).
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise GraftError("history_frame needs pandas (pip install pandas); result.history holds the same rows "
+                             "as dicts") from None
+        return pandas.DataFrame(self.history)
