@@ -151,7 +151,8 @@ class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output: str = _option("runs/graft", "run folder to write", flags=("--output", "-o"), panel="Run")
+    output: str = _option("runs/graft", "run folder to write; `graft fit` without one makes DEFAULT-N, the first "
+                          "free N", flags=("--output", "-o"), panel="Run")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -68,6 +68,8 @@ def _fit_with(monkeypatch, tmp_path, *args):
         return SimpleNamespace(metrics={}, run_dir=tmp_path / "run")
 
     monkeypatch.setattr(graft.training.fitting, "fit", fake_fit)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # without -o, fit claims runs/graft-N in the working folder: not the repo's
     result = runner.invoke(app, ["fit", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     return seen["settings"]

@@ -23,7 +23,7 @@ __all__ = [
     "print_table"
 ]
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -59,13 +59,52 @@ def fit(
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
         raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
-    result = fit_run(settings, resume=resume, overwrite=overwrite)
+    auto = "output" not in overrides and not _yaml_sets_output(config)
+    if auto:
+        settings.output = _auto_output(settings.output, resume)
+    try:
+        result = fit_run(settings, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if auto:  # a numbered folder nothing was written to would only push the retry to the next N
+            _remove_if_unused(Path(settings.output))
+        raise
     metrics = result.metrics.get("val", {})
     print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
                 [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],
                   result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
     if not metrics:
         out.print("no validation images: metrics.json has training history only")
+
+
+def _yaml_sets_output(config: Path | None) -> bool:
+    """Whether the --config file names the run folder (load_config has read and checked it already)."""
+    if config is None:
+        return False
+    import yaml
+
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    return "output" in raw
+
+
+def _auto_output(base: str, resume: bool) -> str:
+    """The run folder when none is given: ``BASE-N``, the first free N (runs/graft-1, -2, ...), so that a second
+    `graft fit` starts a new run instead of stopping at "output folder is not empty"."""
+    from graft.utils.outputs import numbered_folder
+
+    if resume:  # a new numbered folder holds nothing to continue
+        raise GraftError("--resume needs the run to continue: graft fit --resume -o RUN")
+    folder = numbered_folder(base)
+    err.print(f"run folder: {folder} (-o not given)", highlight=False)
+    return str(folder)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    from graft.utils.outputs import entries
+
+    if folder.is_dir() and not entries(folder):  # graft's bookkeeping only (manifest, lock, temp files)
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
 
 
 def _with_field_options(command):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -79,12 +78,10 @@ class CacheSpace:
     @contextlib.contextmanager
     def locked(self):
         """Serialises index updates between processes sharing a cache."""
-        with open(self.root / "index.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        from filelock import FileLock  # not fcntl: graft imports and runs on Windows too
+
+        with FileLock(self.root / "index.lock", thread_local=False):  # waits for the other writer
+            yield
 
     def read_index(self) -> dict:
         path = self.root / "index.json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -95,32 +94,41 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     _write_csv(run_dir / HISTORY, HISTORY_COLUMNS, history)
 
 
-LOCK = ".graft.lock"
+LOCK = outputs.RUN_LOCK
+OWNER = outputs.RUN_LOCK_OWNER  # beside the lock, not in it: filelock truncates the lock file on every attempt
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Holds an exclusive lock on the run folder while a fit writes to it; the OS drops it if the process dies."""
+    """Holds an exclusive lock on the run folder while a fit writes to it; the OS drops it if the process dies.
+
+    ``filelock`` rather than ``fcntl``, which does not exist on Windows (``import graft`` would fail there).
+    """
+    from filelock import FileLock, Timeout
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK, "a+")
+    lock = FileLock(run_dir / LOCK, timeout=0, thread_local=False)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
-        handle.close()
+        lock.acquire()
+    except Timeout:
+        owner = _read_owner(run_dir / OWNER)
         raise GraftError(f"{run_dir}: another graft fit (pid {owner}) is writing to this folder; wait for it to "
                          "finish, stop it, or choose another -o") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
     try:
+        (run_dir / OWNER).write_text(f"{os.getpid()}\n")
         yield
     finally:
-        (run_dir / LOCK).unlink(missing_ok=True)  # while still held: a finished folder carries no lock file
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        (run_dir / OWNER).unlink(missing_ok=True)  # while still held: a finished folder carries no lock files
+        with contextlib.suppress(OSError):  # Windows refuses to remove an open file, and removes it on release
+            (run_dir / LOCK).unlink(missing_ok=True)
+        lock.release()
+
+
+def _read_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:  # not written yet (the holder has just taken the lock) or already removed
+        return "?"
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -35,8 +35,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)  # a name no user picks
-    os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is shared like any other file
     os.close(handle)
+    os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run folder is shared like any other file (chmod, not
+    # fchmod: os.fchmod does not exist on Windows)
     try:
         write(temp)
         os.chmod(temp, 0o666 & ~_UMASK)  # again: writers such as safetensors replace the temp file with a 0600 one

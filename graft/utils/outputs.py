@@ -21,8 +21,8 @@ from pathlib import Path
 from graft.errors import GraftError
 
 __all__ = [
-    "LEGACY_RUN_FILES", "MANIFEST", "RUN_LOCK", "TEMP_PREFIX", "check_output", "claim", "entries", "is_graft_folder",
-    "output_folder", "read_manifest", "record", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
+    "LEGACY_RUN_FILES", "MANIFEST", "RUN_LOCK", "RUN_LOCK_OWNER", "TEMP_PREFIX", "check_output", "claim", "entries",
+    "is_graft_folder", "numbered_folder", "output_folder", "read_manifest", "record", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
 ]
 
 TEMP_PREFIX = ".graft-tmp-"
@@ -161,12 +161,13 @@ def remove_own_files(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
 
 
 RUN_LOCK = ".graft.lock"  # the run lock (graft.training.checkpoints.LOCK): graft's own, never a user's entry
+RUN_LOCK_OWNER = ".graft.lock.pid"  # the lock holder's pid, for the refusal message (filelock truncates the lock)
 
 
 def entries(folder: Path) -> list[str]:
     """A folder's names, less graft's bookkeeping (manifest, lock, temp files)."""
     return sorted(p.name for p in folder.iterdir()
-                  if p.name not in (MANIFEST, RUN_LOCK) and not p.name.startswith(TEMP_PREFIX))
+                  if p.name not in (MANIFEST, RUN_LOCK, RUN_LOCK_OWNER) and not p.name.startswith(TEMP_PREFIX))
 
 
 def replace_own(folder: Path, option: str = "--output") -> list[str]:
@@ -175,7 +176,7 @@ def replace_own(folder: Path, option: str = "--output") -> list[str]:
     if entries(folder) and not is_graft_folder(folder):
         raise GraftError(f"{folder}: {option} is not a folder graft wrote (no graft.json or {MANIFEST}); --overwrite "
                          "only replaces graft's own output: choose a new or empty folder")
-    return remove_own_files(folder, keep=(RUN_LOCK,))
+    return remove_own_files(folder, keep=(RUN_LOCK, RUN_LOCK_OWNER))
 
 
 def output_folder(folder: str | os.PathLike, option: str = "--output",
@@ -194,3 +195,23 @@ def output_folder(folder: str | os.PathLike, option: str = "--output",
     if overwrite:
         replace_own(folder, option)
     return claim(folder, option)
+
+
+def numbered_folder(base: str | os.PathLike) -> Path:
+    """Creates and returns ``BASE-N`` for the first N from 1 with no such entry (``runs/graft-1``, ``-2``, ...).
+
+    Creating it is the claim (``mkdir`` fails if it exists), so two runs started at once never share a folder.
+    """
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        folder = base.with_name(f"{base.name}-{number}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+        except OSError as error:
+            raise GraftError(f"{folder}: cannot create the run folder ({error.strerror or error}); choose one with "
+                             "-o") from None
