@@ -80,3 +80,8 @@ def test_newer_or_damaged_run_folders_are_refused(trained_run, tmp_path):
         load(damaged)
     with pytest.raises(GraftError, match="not a graft run folder"):
         load(tmp_path)
+
+
+def test_an_unknown_split_is_one_error_before_the_data_is_read(trained_run, tmp_path):
+    with pytest.raises(GraftError, match="--split '0' not understood: choose one of train, val, test"):
+        evaluate(trained_run, tmp_path / "no-such-data", split="0")

@@ -83,8 +83,13 @@ def _data_name(data) -> str:
     return path.stem if path.is_file() else path.name
 
 
+SPLITS = ("train", "val", "test")
+
+
 def _labelled_samples(data, split: str | None, model_classes: list[str]) -> list:
     """Samples of the evaluation data with labels re-indexed to the model's class order."""
+    if split and split not in SPLITS:  # checked before the data is read: it names an attribute below
+        raise GraftError(f"--split '{split}' not understood: choose one of {', '.join(SPLITS)}")
     splits = discover(data, val_fraction=0.5)
     path = Path(data)
     has_splits = path.is_dir() and any((path / name).is_dir() for name in ("train", "val", "test", "valid"))
