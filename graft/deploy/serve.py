@@ -3,7 +3,10 @@
 - ``POST /predict``: multipart upload of one or more images (any field name), or one image as the raw body with an
   ``image/*`` content type. Returns top-k labels and probabilities per image.
 - ``GET /health``: liveness and counters (requests, batches, the largest batch run).
-- ``GET /metadata``: classes, preprocessing, backbone, limits.
+- ``GET /metadata``: classes, preprocessing, limits, each run's facts (backbone, validation numbers, when trained),
+  the endpoints served and whether there is a report.
+- ``GET /``: a self-contained web page (graft/deploy/page.py) that sends dropped images to ``/predict``.
+- ``GET /report``: the run's newest ``report.html`` (from ``graft evaluate``); nothing else from the file system.
 
 Concurrent requests are batched: a single inference task collects images until ``max_batch`` or ``max_wait_ms``
 and runs them in one forward pass on one worker thread. Bad input never reaches the model and never crashes the
@@ -20,6 +23,7 @@ import torch
 
 from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
+from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
 from graft.errors import GraftError
 from graft.evaluation.inference import PerView, load_ensemble
 from graft.utils.limits import SERVE_MAX_PIXELS
@@ -82,6 +86,7 @@ class Predictor:
         self.per_view = [PerView(model, True).eval() for model in self.models]
         self.classes = self.models[0].classes
         self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
+        self.facts = [run_facts(run) for run in self.runs]
         self.counters = Counters()
         self.queue: asyncio.Queue[_Pending] | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
@@ -138,7 +143,7 @@ class Predictor:
     def metadata(self) -> dict:
         model = self.models[0]
         return {"classes": self.labels, "runs": [display_name(str(r)) for r in self.runs],
-                "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
+                "facts": self.facts, "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                            "max_files": self.config.max_files},
                 "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms}}
@@ -218,7 +223,10 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
 
     @app.get("/metadata")
     async def metadata():
-        return predictor.metadata()
+        endpoints = sorted({route.path for route in app.routes if getattr(route, "include_in_schema", False)})
+        return {**predictor.metadata(), "endpoints": endpoints, "report": latest_report(predictor.runs) is not None}
+
+    _add_page_routes(app, predictor)
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -226,6 +234,29 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         return await _predictions(predictor, config, await _uploads(request, config))
 
     return app
+
+
+def _add_page_routes(app, predictor: Predictor) -> None:
+    """``GET /`` (the page) and ``GET /report``: fixed paths, so no URL can name another file."""
+    from fastapi.responses import HTMLResponse, Response
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(PAGE, headers=PAGE_HEADERS)
+
+    @app.get("/report", include_in_schema=False)
+    async def report():
+        path = latest_report(predictor.runs)
+        if path is None:
+            raise ApiError(404, "no report.html in the run folder: run `graft evaluate RUN DATA` to write one")
+        try:
+            return HTMLResponse(path.read_bytes(), headers=REPORT_HEADERS)
+        except OSError as error:
+            raise ApiError(404, f"report.html could not be read ({error.strerror or error})") from None
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # browsers ask for it on their own; an empty answer keeps their consoles free of 404s
+        return Response(status_code=204)
 
 
 def _add_error_handlers(app, predictor: Predictor, response_type) -> None:
@@ -238,11 +269,17 @@ def _add_error_handlers(app, predictor: Predictor, response_type) -> None:
     async def api_error(request, exc: ApiError):
         return error(exc.status, exc.message)
 
+    async def http_error(request, exc):  # unknown paths (404) and methods (405): the same JSON shape as the rest
+        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
     async def unexpected(request, exc: Exception):
         log.exception("unexpected error")
         return error(500, f"internal error ({type(exc).__name__}); the server keeps running")
 
+    from starlette.exceptions import HTTPException
+
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 
 
