@@ -105,7 +105,7 @@ def serve(
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
     tta: TTAOpt = None,
 ):
-    """Serve predictions over HTTP: POST /predict (multipart images), GET /health, GET /metadata.
+    """Serve predictions over HTTP: POST /predict (multipart images), a web page on GET /, /health, /metadata, /report.
 
     Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict
     """

@@ -123,10 +123,12 @@ function showOverlay(card, url) {
   card.querySelector(".images").append(image);
 }
 function showError(card, message) {
+  card.querySelector(".out").classList.remove("muted");
   card.querySelector(".out").replaceChildren(el("div", "error", String(message).split("\\n")[0]));
 }
 function showLabels(card, row) {
   const out = card.querySelector(".out");
+  out.classList.remove("muted");
   out.replaceChildren(el("div", "top1", row.labels[0]));
   row.labels.forEach((label, i) => {
     const line = el("div", "label");
