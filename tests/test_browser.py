@@ -105,13 +105,13 @@ def upload(page, files):
     return {card.query_selector(".name").inner_text(): card for card in page.query_selector_all(".card")}
 
 
-def save_docs_screenshot(page) -> None:
-    """docs/serve-page.png for the README: a palette PNG keeps it well under 150 KB."""
+def save_docs_screenshot(page, name: str) -> None:
+    """docs/NAME for the README (the visible part only): a palette PNG keeps it well under 150 KB."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(64)
-    image.save(DOCS / "serve-page.png", optimize=True)
-    assert (DOCS / "serve-page.png").stat().st_size < 150_000
+    image.save(DOCS / name, optimize=True)
+    assert (DOCS / name).stat().st_size < 150_000
 
 
 def test_the_page_shows_the_model_and_names_uploads_right(server, watched, tmp_path):
@@ -130,7 +130,7 @@ def test_the_page_shows_the_model_and_names_uploads_right(server, watched, tmp_p
     assert page.is_visible("#report-link") and not page.is_visible("#explain-switch")  # no /explain served here
     page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
     if os.environ.get("GRAFT_DOCS_SCREENSHOT"):
-        save_docs_screenshot(page)
+        save_docs_screenshot(page, "serve-page.png")
     watched.check()
 
 
@@ -147,6 +147,20 @@ def test_a_bad_file_shows_its_one_line_error_beside_a_good_one(server, watched, 
     watched.check(allowed_errors=(REFUSED,))
 
 
+def test_a_dropped_file_is_classified_like_a_picked_one(server, watched):
+    page = watched.page
+    page.goto(f"{server}/")
+    transfer = page.evaluate_handle("""bytes => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+        return transfer;
+    }""", list(png(TWO_COLOURS["red"], 11)))
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    page.locator(".card.done").wait_for(timeout=15_000)
+    assert page.inner_text(".card .name") == "dropped.png" and page.inner_text(".card .top1") == "red"
+    watched.check()
+
+
 def test_the_report_renders_offline(server, watched, tmp_path):
     page = watched.page
     response = page.goto(f"{server}/report")
@@ -157,4 +171,6 @@ def test_the_report_renders_offline(server, watched, tmp_path):
     assert HOSTILE in page.inner_text("body")
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 1000
+    if os.environ.get("GRAFT_DOCS_SCREENSHOT"):
+        save_docs_screenshot(page, "report.png")
     watched.check()

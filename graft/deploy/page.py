@@ -178,7 +178,9 @@ function addCard(file) {
 }
 async function handle(files) {
   const queue = Array.from(files).map((file) => [file, addCard(file)]);
-  const worker = async () => { while (queue.length) { const [file, card] = queue.shift(); await classify(file, card); } };
+  const worker = async () => {
+    while (queue.length) { const [file, card] = queue.shift(); await classify(file, card); }
+  };
   await Promise.all([worker(), worker(), worker(), worker()]);  // one request per file, four at a time
 }
 const drop = $("drop");
@@ -290,6 +292,9 @@ def latest_report(run_dirs) -> Path | None:
     found = []
     for run in map(Path, run_dirs):
         for path in [run / "report.html", *run.glob("*/report.html")]:
-            if _regular_file(path):
-                found.append((path.stat().st_mtime, str(path), path))
+            try:
+                if _regular_file(path):
+                    found.append((path.stat().st_mtime, str(path), path))
+            except OSError:  # removed or unreadable between the listing and the look: not a report to serve
+                continue
     return max(found)[2] if found else None
