@@ -143,6 +143,22 @@ def test_resume_appends_to_the_same_trackers(two_shapes, tmp_path):
     assert [v for _, v in scalars["loss/val"]] == pytest.approx([r["val_loss"] for r in result.history], rel=1e-6)
 
 
+def test_mlflow_tracking_uri_wins(two_shapes, tmp_path, monkeypatch):
+    """A user's $MLFLOW_TRACKING_URI: the run goes there, and the run folder holds no store of its own."""
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "theirs").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    config = tiny_config(two_shapes, tmp_path / "run", **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                          "train.epochs": 1, "log": "mlflow"})
+    fit(config, verbose=False)
+    assert not (tmp_path / "run" / "mlruns").exists()
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("graft").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["graft.run_dir"] == str((tmp_path / "run").resolve())
+
+
 def test_unknown_logger_refused_with_the_known_ones(tmp_path):
     with pytest.raises(GraftError, match="--log 'wandb' not understood: choose from tensorboard, mlflow, csv"):
         load_config(None, {"data.path": str(tmp_path), "log": "tensorboard,wandb"})
@@ -169,7 +185,7 @@ def test_missing_package_refused_before_training(two_shapes, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert "refused: --log tensorboard needs the tensorboard package: pip install 'graft[track]'" in done.stdout, \
         done.stderr[-2000:]
-    assert not run_dir.exists() or not (run_dir / "data_report.json").exists()
+    assert not run_dir.exists()  # refused before the output folder was even made
 
 
 def test_a_failing_tracker_warns_once_and_the_run_completes(two_shapes, tmp_path, monkeypatch, capsys):
