@@ -21,7 +21,8 @@ __all__ = [
     "MAX_IMAGE_SIZE", "MAX_INIT_STD", "MAX_LR", "MAX_SEED", "MAX_STAGES", "MAX_WIDTH", "MIN_IMAGE_SIZE",
     "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
     "apply_overrides", "check_number", "check_option", "check_ranges", "flag_of", "load_config", "option_fields",
-    "parse_head", "parse_init", "parse_unfreeze", "parse_vgg_stages", "validate"
+    "parse_head", "parse_init", "parse_unfreeze", "parse_vgg_stages", "validate",
+    "LOGGERS", "parse_log",
 ]
 
 STRATEGIES = ("probe", "finetune", "scratch", "auto")
@@ -32,6 +33,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
 BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
+LOGGERS = ("tensorboard", "mlflow", "csv")  # fit --log: experiment trackers fed from the training hooks
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
 NORMS = ("batch", "layer", "instance", "group", "none")
 BN_AUTO_FROZEN_BELOW = 2000  # training images
@@ -47,10 +49,12 @@ MAX_HEAD_WIDTH, MAX_HEAD_LAYERS = 16384, 8  # mlp:WIDTH[,WIDTH...]
 
 def _option(default: Any, help: str, *, choices: tuple[str, ...] = (), low: float | None = None, high: float = 0,
             low_open: bool = False, high_open: bool = False, note: str = "", flags: tuple[str, ...] = (),
-            panel: str = "") -> Any:
+            panel: str = "", comma_list: bool = False) -> Any:
     """A field declared once: its default, help text, choices and range, which the validator, `graft fit`'s generated
-    flag (``flags``; default ``--field-name``) and its ``--help`` (under ``panel``; default the section's) all read."""
-    metadata = {"help": help, "choices": tuple(choices), "flags": tuple(flags), "panel": panel}
+    flag (``flags``; default ``--field-name``) and its ``--help`` (under ``panel``; default the section's) all read.
+    ``comma_list``: a comma-separated string that Python and YAML may also give as a list of strings."""
+    metadata = {"help": help, "choices": tuple(choices), "flags": tuple(flags), "panel": panel,
+                "comma_list": comma_list}
     if low is not None:
         metadata["range"] = Range(low, high, low_open, high_open, note)
     return field(default=default, metadata=metadata)
@@ -153,6 +157,9 @@ class FitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: str = _option("runs/graft", "run folder to write; `graft fit` without one makes DEFAULT-N, the first "
                           "free N", flags=("--output", "-o"), panel="Run")
+    log: str = _option("", "trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow (RUN/mlruns or "
+                       "$MLFLOW_TRACKING_URI), csv (RUN/history.csv, always written)", flags=("--log",), panel="Run",
+                       comma_list=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,6 +204,10 @@ def apply_overrides(config: FitConfig, overrides: dict[str, Any], source: str = 
         fields = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in fields:
             raise GraftError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+        if fields[leaf].metadata.get("comma_list") and isinstance(value, (list, tuple)):
+            if not all(isinstance(item, str) for item in value):
+                raise GraftError(f"{source}: '{dotted}' must be a list of names, got {value!r:.60}")
+            value = ",".join(value)  # graft.fit(log=["tensorboard"]) and a YAML list read as the flag's form
         setattr(target, leaf, _coerce(fields[leaf].type, value, dotted, source))
     return config
 
@@ -264,6 +275,16 @@ def parse_head(spec: str) -> list[int]:
     return widths
 
 
+def parse_log(spec: str) -> tuple[str, ...]:
+    """``tensorboard,mlflow`` → ("tensorboard", "mlflow"): the trackers, each once, in the given order; "" → ()."""
+    names = tuple(dict.fromkeys(name.strip().lower() for name in spec.split(",") if name.strip()))
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise GraftError(f"--log '{unknown[0]:.40}' not understood: choose from {', '.join(LOGGERS)} "
+                         "(comma-separated, e.g. --log tensorboard,mlflow)")
+    return names
+
+
 def parse_unfreeze(spec: str) -> int | None:
     """``all`` → None (every stage), ``last:2`` → 2."""
     if spec == "all":
@@ -312,6 +333,7 @@ def validate(config: FitConfig) -> None:
     ArchOptions(model.activation, model.norm, model.init, model.vgg_stages).validate()
     parse_head(config.model.head)
     parse_unfreeze(config.train.unfreeze)
+    parse_log(config.log)
     check_ranges(config)
 
 

@@ -34,7 +34,7 @@ def _help(dotted: str, spec: dataclasses.Field, with_default: bool) -> str:
     """The field's help, then its default as a flag would give it (typer's own show_default needs a real default,
     and a generated option's default is None, so that an absent flag leaves the YAML file's value)."""
     text, default = spec.metadata.get("help", ""), spec.default
-    if not with_default or default is None:
+    if not with_default or default is None or default == "":  # "" (e.g. --log): nothing, not "(default: )"
         return text
     if isinstance(default, bool):
         flag = flag_of(dotted, spec)

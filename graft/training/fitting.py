@@ -53,6 +53,7 @@ from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import _run_stages
 from graft.training.state import FitResult, Hooks, TrainState
+from graft.training.tracking import Tracker, check_available, join_hooks
 from graft.utils import outputs
 from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
@@ -83,6 +84,7 @@ def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool
     if resume and not (run_dir / "graft.json").is_file():
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
     progress_seconds()  # a bad GRAFT_PROGRESS_SECONDS fails now, not after the scan
+    check_available(config.log)  # a tracker's missing package fails before anything is written
     if not resume:  # a resumed run's backbone is the saved config's, checked once that is read
         _check_backbone(config)
     outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
@@ -96,6 +98,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                 splits: DatasetSplits | None) -> FitResult:
     if resume:
         config = _resumable_config(run_dir, config, verbose)
+        check_available(config.log)
         _check_backbone(config)
     if config.train.strategy == "auto":
         config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
@@ -129,8 +132,30 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
         state.elapsed += time.perf_counter() - start
     loaders = create_loaders(splits, model, config, runtime)
-    state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
-    return _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
+    return _train_tracked(model, card, splits, state, resume_from, loaders, config, runtime, run_dir, hooks, cached)
+
+
+def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState, resume_from, loaders,
+                   config: FitConfig, runtime: Runtime, run_dir: Path, hooks: Hooks,
+                   cached: FeatureSet | None) -> FitResult:
+    """The stages and the final evaluation, with the --log trackers (rank 0 only) fed from the hooks; a tracker is
+    closed however the run ends (MLflow's status FAILED or KILLED when it did not finish)."""
+    names = check_available(config.log) if runtime.is_main else ()
+    tracker = Tracker(names, run_dir, config, state.history, runtime.log) if names else None
+    if tracker:
+        hooks = join_hooks(hooks, tracker.hooks())
+    try:
+        state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
+        result = _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
+        if hooks.on_fit_end:
+            hooks.on_fit_end(result)
+    except BaseException as error:
+        if tracker:
+            tracker.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker:
+        tracker.close()
+    return result
 
 
 def _check_backbone(config: FitConfig) -> None:

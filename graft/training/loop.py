@@ -145,13 +145,23 @@ def _in_notebook() -> bool:
     return type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def _notebook_bar() -> bool:
+    """In Jupyter, rich's live bar is an ipywidgets Output; without ipywidgets it only warns and shows nothing, so
+    the plain progress lines are printed instead."""
+    if not _in_notebook():
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
 class _progress_bar:
     """A rich progress bar with loss, accuracy and images/s on a terminal or in Jupyter; elsewhere (a cluster log, a
     pipe) a plain line every ``progress_seconds()``, so a log shows where an epoch is before it ends."""
 
     def __init__(self, runtime: Runtime, description: str, total: int):
         shown = runtime.verbose and runtime.is_main
-        self.bar = shown and (sys.stderr.isatty() or _in_notebook())
+        self.bar = shown and (sys.stderr.isatty() or _notebook_bar())
         self.interval = progress_seconds() if shown and not self.bar else 0.0
         self.description, self.total, self.runtime = description, total, runtime
         self.last = time.perf_counter()

@@ -76,6 +76,10 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
             write_history(run_dir, state.history)
             save_checkpoint(run_dir, model, optimizer, scheduler, state)
         runtime.log(_epoch_line(row))
+        if hooks.on_learning_rates:
+            hooks.on_learning_rates(state.epoch, {group.get("name", str(index)): group["lr"] for index, group
+                                                  in enumerate(optimizer.param_groups)
+                                                  if not str(group.get("name", "")).endswith(".no_decay")})
         if hooks.on_epoch_end:
             hooks.on_epoch_end(row)
     _restore_best(model, state, run_dir, runtime)

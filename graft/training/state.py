@@ -21,6 +21,8 @@ class Hooks:
     on_stage_start: Callable[[recipes.Stage, GraftModel], None] | None = None
     on_batch_end: Callable[[int, float], None] | None = None  # (step in epoch, loss)
     on_epoch_end: Callable[[dict], None] | None = None  # the history row just written
+    on_learning_rates: Callable[[int, dict], None] | None = None  # (epoch, lr per param group) just before on_epoch_end
+    on_fit_end: Callable[[FitResult], None] | None = None  # the finished run, its files written
 
 
 @dataclass

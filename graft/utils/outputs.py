@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from graft.errors import GraftError
 
 __all__ = [
     "LEGACY_RUN_FILES", "MANIFEST", "RUN_LOCK", "RUN_LOCK_OWNER", "TEMP_PREFIX", "check_output", "claim", "entries",
-    "is_graft_folder", "numbered_folder", "output_folder", "read_manifest", "record", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
+    "is_graft_folder", "numbered_folder", "output_folder", "read_manifest", "record", "record_whole", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
 ]
 
 TEMP_PREFIX = ".graft-tmp-"
@@ -111,13 +112,27 @@ def record(path: str | os.PathLike) -> None:
         _write_manifest(path.parent, names + [path.name])
 
 
+def record_whole(folder: str | os.PathLike) -> None:
+    """Records ``folder`` in its parent's manifest as ``NAME/``: a folder graft made empty and handed whole to a
+    third-party writer (MLflow's file store, which reads every file in its folders, so a manifest cannot go inside);
+    cleaning the parent removes it with all it holds."""
+    folder = Path(folder)
+    manifest = folder.parent / MANIFEST
+    if not manifest.is_file():
+        return
+    names = read_manifest(folder.parent)
+    if folder.name + "/" not in names:
+        _write_manifest(folder.parent, [name for name in names if name != folder.name] + [folder.name + "/"])
+
+
 def read_manifest(folder: Path) -> list[str]:
     """The names in ``folder``'s manifest; a damaged one lists nothing (so nothing is removed)."""
     try:
         names = json.loads((folder / MANIFEST).read_text(encoding="utf-8", errors="surrogateescape"))
     except (OSError, ValueError):
         return []
-    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")] \
+    return [n for n in names if isinstance(n, str) and n and "/" not in n.removesuffix("/") and
+            n.removesuffix("/") not in ("", ".", "..")] \
         if isinstance(names, list) else []
 
 
@@ -144,8 +159,12 @@ def remove_own_files(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
     names = read_manifest(folder) if (folder / MANIFEST).is_file() else [
         n for n in LEGACY_RUN_FILES if (folder / n).exists()]
     for name in names:
-        path = folder / name
+        path = folder / name.removesuffix("/")
         if name in keep:
+            continue
+        if name.endswith("/"):  # a folder graft made and handed whole to a writer (record_whole)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
             continue
         if path.is_dir() and not path.is_symlink():
             # a folder graft claimed: its own manifest says what is graft's; emptied, it goes too

@@ -1,0 +1,216 @@
+"""fit --log tensorboard,mlflow,csv: what each tracker wrote, read back with its own reader."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import tiny_config
+from synthetic import make_shapes
+
+from graft.config import FitConfig, _flatten, load_config
+from graft.errors import GraftError
+from graft.training.fitting import fit
+from graft.training.tracking import confusion_image
+from graft.utils import outputs
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("mlflow")
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def two_shapes(tmp_path_factory) -> Path:
+    root = make_shapes(tmp_path_factory.mktemp("two"), splits={"train": 12, "val": 6}, seed=3)
+    for split in ("train", "val"):
+        shutil.rmtree(sorted((root / split).iterdir())[-1])  # two classes
+    return root
+
+
+@pytest.fixture(scope="module")
+def tracked(two_shapes, tmp_path_factory):
+    """A 2-epoch finetune with all three trackers, into the run's own local stores."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    run_dir = tmp_path_factory.mktemp("tracked") / "run"
+    config = tiny_config(two_shapes, run_dir, **{"train.strategy": "finetune", "train.head_fit": "epochs",
+                                                 "train.head_epochs": 0, "train.epochs": EPOCHS,
+                                                 "log": "tensorboard,mlflow,csv"})
+    return fit(config, verbose=False)
+
+
+def _scalars(run_dir: Path) -> tuple[dict[str, list], list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags["scalars"]}, tags["images"]
+
+
+def test_tensorboard_scalars_equal_the_history(tracked):
+    scalars, images = _scalars(tracked.run_dir)
+    history = tracked.history
+    assert len(history) == EPOCHS
+    for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_acc"),
+                     ("accuracy/val", "val_acc"), ("lr", "lr")):
+        assert [step for step, _ in scalars[tag]] == [row["epoch"] for row in history]
+        assert [value for _, value in scalars[tag]] == pytest.approx([row[key] for row in history], rel=1e-6)
+    assert "lr/head" in scalars and any(tag.startswith("lr/trunk") for tag in scalars)  # per param group
+    assert scalars["final/val.accuracy"][0][1] == pytest.approx(tracked.metrics["val"]["accuracy"], rel=1e-6)
+    assert images == ["confusion_matrix/val"]
+
+
+def test_mlflow_run_reads_back(tracked):
+    from mlflow.tracking import MlflowClient
+
+    store = tracked.run_dir / "mlruns"
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("graft").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    config = FitConfig.from_dict(__import__("json").loads((tracked.run_dir / "graft.json").read_text())["config"])
+    assert run.data.params == {key: str(value) for key, value in _flatten(config.to_dict()).items()}
+    assert run.data.tags["backbone"] == "test_resnet" and run.data.tags["strategy"] == "finetune"
+    assert "graft_version" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert [m.value for m in history] == pytest.approx([row["val_loss"] for row in tracked.history], rel=1e-6)
+    assert run.data.metrics["final.val.accuracy"] == pytest.approx(tracked.metrics["val"]["accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"graft.json", "metrics.json", "history.csv", "confusion_matrix_val.png"} <= artifacts
+    assert "model.safetensors" not in artifacts
+
+
+def test_csv_equals_the_history(tracked):
+    with open(tracked.run_dir / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == EPOCHS
+    for row, expected in zip(rows, tracked.history):
+        assert int(row["epoch"]) == expected["epoch"]
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc", "lr"):
+            assert float(row[key]) == pytest.approx(expected[key], rel=1e-9)
+
+
+def test_tracking_folders_are_graft_products(tracked, tmp_path):
+    """--overwrite removes both trackers' folders; a user's file in tensorboard/ (older than the run) stays."""
+    run_dir = tracked.run_dir
+    names = outputs.read_manifest(run_dir)
+    assert {"tensorboard", "mlruns/", "tracking.json"} <= set(names), names
+    events = [p.name for p in (run_dir / "tensorboard").iterdir() if "tfevents" in p.name]
+    assert events and set(events) <= set(outputs.read_manifest(run_dir / "tensorboard"))
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "tensorboard" / "notes.txt").write_text("a user's file")
+    os.utime(copy / "tensorboard" / "notes.txt", (0, 0))
+    (copy / "mine.txt").write_text("a user's file")
+    left = outputs.replace_own(copy)
+    assert left == ["mine.txt", "tensorboard"]
+    assert [p.name for p in (copy / "tensorboard").iterdir() if p.name != outputs.MANIFEST] == ["notes.txt"]
+    assert not (copy / "mlruns").exists()
+
+
+def test_resume_appends_to_the_same_trackers(two_shapes, tmp_path):
+    """Interrupted after epoch 1 (Ctrl-C in the hook), resumed: one MLflow run with both epochs, events 1 and 2."""
+    from graft.training.state import Hooks
+    from mlflow.tracking import MlflowClient
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    run_dir = tmp_path / "run"
+    config = tiny_config(two_shapes, run_dir, **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                 "train.epochs": 2, "log": ["tensorboard", "mlflow"]})
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, hooks=Hooks(on_epoch_end=stop), verbose=False)
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    first = client.search_runs([client.get_experiment_by_name("graft").experiment_id])
+    assert [r.info.status for r in first] == ["KILLED"]
+    result = fit(config, resume=True, verbose=False)
+    runs = client.search_runs([client.get_experiment_by_name("graft").experiment_id])
+    assert [r.info.run_id for r in runs] == [first[0].info.run_id] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2]
+    scalars, _ = _scalars(run_dir)
+    assert [step for step, _ in scalars["loss/val"]] == [1, 2]
+    assert [v for _, v in scalars["loss/val"]] == pytest.approx([r["val_loss"] for r in result.history], rel=1e-6)
+
+
+def test_mlflow_tracking_uri_wins(two_shapes, tmp_path, monkeypatch):
+    """A user's $MLFLOW_TRACKING_URI: the run goes there, and the run folder holds no store of its own."""
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "theirs").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    config = tiny_config(two_shapes, tmp_path / "run", **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                          "train.epochs": 1, "log": "mlflow"})
+    fit(config, verbose=False)
+    assert not (tmp_path / "run" / "mlruns").exists()
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("graft").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["graft.run_dir"] == str((tmp_path / "run").resolve())
+
+
+def test_unknown_logger_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(GraftError, match="--log 'wandb' not understood: choose from tensorboard, mlflow, csv"):
+        load_config(None, {"data.path": str(tmp_path), "log": "tensorboard,wandb"})
+    with pytest.raises(GraftError, match="list of names"):
+        load_config(None, {"data.path": str(tmp_path), "log": [1]})
+    assert load_config(None, {"data.path": str(tmp_path), "log": ["csv", "mlflow", "csv"]}).log == "csv,mlflow,csv"
+
+
+def test_missing_package_refused_before_training(two_shapes, tmp_path):
+    """tensorboard blocked in a fresh interpreter: the GraftError names the extra, and nothing was written."""
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tensorboard"] = None
+        from graft.training.fitting import fit
+        from graft.errors import GraftError
+        try:
+            fit({str(two_shapes)!r}, backbone="test_resnet", pretrained=False, image_size=32, workers=0, epochs=1,
+                output={str(run_dir)!r}, log="tensorboard", verbose=False)
+        except GraftError as error:
+            print("refused:", error)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert "refused: --log tensorboard needs the tensorboard package: pip install 'graft[track]'" in done.stdout, \
+        done.stderr[-2000:]
+    assert not run_dir.exists()  # refused before the output folder was even made
+
+
+def test_a_failing_tracker_warns_once_and_the_run_completes(two_shapes, tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = []
+
+    def broken(self, *args, **kwargs):
+        calls.append(args[0])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", broken)  # in the test only: a full disk under TensorBoard
+    run_dir = tmp_path / "run"
+    config = tiny_config(two_shapes, run_dir, **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                 "train.epochs": 2, "log": "tensorboard"})
+    result = fit(config, verbose=True)
+    assert result.metrics["epochs"] == 2 and (run_dir / "model.safetensors").is_file()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "tensorboard logging failed" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert len(calls) == 1  # dropped after the first failure
+
+
+def test_confusion_image_shades_rows():
+    image = confusion_image([[3, 1], [0, 4]], cell=20)
+    assert image.shape == (41, 41, 3) and image.dtype.name == "uint8"
+    full, empty = image[30, 35], image[30, 5]  # row 1: all four in column 1, none in column 0
+    assert tuple(empty) == (255, 255, 255) and full[0] < 100 and full[2] == 255
+    assert not math.isnan(float(image.mean()))
