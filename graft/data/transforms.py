@@ -45,8 +45,10 @@ class CapAspect:
 
 
 # --augment → timm's auto_augment string (timm.data.auto_augment); trivial is torchvision's TrivialAugmentWide, which
-# timm has no string for. "inc1": magnitudes that increase the distortion, as timm's training recipes use.
-AUTO_AUGMENT = {"rand": "rand-m9-mstd0.5-inc1", "auto": "original"}
+# timm has no string for. "inc1": magnitudes that increase the distortion, as timm's training recipes use; "mmax9":
+# mstd's noise may otherwise reach magnitude 10, where timm's increasing posterize keeps 0 bits, which Pillow >= 11
+# refuses (ValueError mid-epoch).
+AUTO_AUGMENT = {"rand": "rand-m9-mstd0.5-inc1-mmax9", "auto": "original"}
 CROP_SCALES = {"standard": (0.08, 1.0), "light": (0.6, 1.0)}
 
 
