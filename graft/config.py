@@ -27,7 +27,7 @@ __all__ = [
 
 STRATEGIES = ("probe", "finetune", "scratch", "auto")
 OPTIMIZERS = ("adamw", "sgd")
-AUGMENTATIONS = ("standard", "light", "none")
+AUGMENTATIONS = ("standard", "light", "rand", "trivial", "auto", "none")
 POOLS = ("avg", "avgmax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
@@ -69,7 +69,8 @@ class DataConfig:
                                   low=0, high=1, low_open=True, high_open=True)
     image_size: int | None = _option(None, "input size (default: the backbone's); smaller is faster on CPU",
                                      low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
-    augment: str = _option("standard", "standard: random-resized-crop + flip; light: milder crops; none: eval transform",
+    augment: str = _option("standard", "standard: random-resized-crop + flip; light: milder crops; rand / trivial / "
+                           "auto: RandAugment / TrivialAugment / AutoAugment after them (timm); none: eval transform",
                            choices=AUGMENTATIONS)
     hflip: bool = _option(True, "mirror images (off for data where mirroring changes the class: digits, text)")
     batch_size: int = _option(32, "images per training step", low=1, high=MAX_BATCH_SIZE)
@@ -80,6 +81,9 @@ class DataConfig:
     augment_views: int = _option(0, "cached probe: augmented views cached per training image", low=0, high=64)
     cache_dir: str | None = _option(None, "feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)",
                                     flags=("--cache",))
+    # training augmentation recipes (issue 14):
+    random_erasing: float = _option(0.0, "training: probability of erasing a random rectangle (timm's re_prob)", low=0,
+                                    high=1)
 
 
 @dataclass
@@ -146,6 +150,14 @@ class TrainConfig:
                                   "(bench/RESULTS.md), what tensor cores want", panel="Runtime")
     limit_batches: int = _option(0, "smoke runs: batches per epoch, 0: no limit", low=0, high=10**9, note="0: no limit",
                                  panel="Runtime")
+    # training recipes for far and small data (issue 14):
+    mixup: float = _option(0.0, "mixup alpha (timm's Mixup, soft-target loss), 0: off", low=0, high=100,
+                           note="0: off")
+    cutmix: float = _option(0.0, "cutmix alpha (with --mixup too: one of them per batch, chosen at random), 0: off",
+                            low=0, high=100, note="0: off")
+    lr_decay: float = _option(1.0, "layer-wise lr decay: each stage below the top trains at this times the rate of "
+                              "the one above (replaces --stem-lr-ratio's spread), 1: off", low=0, high=1,
+                              low_open=True, note="1: off")
 
 
 @dataclass

@@ -10,7 +10,9 @@ from torchvision import transforms
 
 from graft.errors import GraftError
 
-__all__ = ["CapAspect", "MAX_ASPECT", "TTAViews", "TTA_VIEWS", "create_transform", "parse_tta"]
+__all__ = [
+    "AUTO_AUGMENT", "CROP_SCALES", "CapAspect", "MAX_ASPECT", "TTAViews", "TTA_VIEWS", "create_transform", "parse_tta"
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,33 @@ class CapAspect:
         return image.crop((left, top, left + keep_w, top + keep_h))
 
 
-def create_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True):
+# --augment → timm's auto_augment string (timm.data.auto_augment); trivial is torchvision's TrivialAugmentWide, which
+# timm has no string for. "inc1": magnitudes that increase the distortion, as timm's training recipes use; "mmax9":
+# mstd's noise may otherwise reach magnitude 10, where timm's increasing posterize keeps 0 bits, which Pillow >= 11
+# refuses (ValueError mid-epoch).
+AUTO_AUGMENT = {"rand": "rand-m9-mstd0.5-inc1-mmax9", "auto": "original"}
+CROP_SCALES = {"standard": (0.08, 1.0), "light": (0.6, 1.0)}
+
+
+def create_transform(preprocessing, train: bool = False, augment: str = "standard", hflip: bool = True,
+                     random_erasing: float = 0.0):
     """The torchvision transform for a backbone's preprocessing (see ``graft.models.backbones.base.Preprocessing``).
 
     Training: random-resized-crop (scale 0.08-1 for ``standard``, 0.6-1 for ``light``) and optional horizontal
-    flip. Evaluation (and ``augment='none'``): resize to size / crop_pct, then centre crop, as the weights expect.
+    flip; ``rand`` / ``auto`` / ``trivial`` follow the standard crop and flip with timm's RandAugment / AutoAugment or
+    torchvision's TrivialAugmentWide (``timm.data.create_transform``'s pipeline, no colour jitter);
+    ``random_erasing`` (timm's ``re_prob``, per-pixel noise) erases a rectangle of the normalised tensor.
+    Evaluation (and ``augment='none'``): resize to size / crop_pct, then centre crop, as the weights expect.
     """
+    if train and augment in (*AUTO_AUGMENT, "trivial"):
+        return _timm_train_transform(preprocessing, augment, hflip, random_erasing)
     size = tuple(preprocessing.input_size)
     interpolation = _INTERPOLATION.get(preprocessing.interpolation, transforms.InterpolationMode.BILINEAR)
     normalize = [transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std)]
+    if train and random_erasing:
+        normalize.append(_random_erasing(random_erasing))
     if train and augment != "none":
-        scale = (0.08, 1.0) if augment == "standard" else (0.6, 1.0)
+        scale = CROP_SCALES.get(augment, CROP_SCALES["light"])
         ops = [transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)]
         if hflip:
             ops.append(transforms.RandomHorizontalFlip())
@@ -63,6 +81,28 @@ def create_transform(preprocessing, train: bool = False, augment: str = "standar
     if train and hflip:
         ops.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(ops + normalize)
+
+
+def _random_erasing(probability: float):
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability, mode="pixel", device="cpu")  # timm's train.py default mode
+
+
+def _timm_train_transform(preprocessing, augment: str, hflip: bool, random_erasing: float):
+    """timm's training pipeline (crop and flip, then the policy, then tensor, normalise, erasing) with the backbone's
+    size, interpolation and statistics; PIL images in, as graft's decode yields."""
+    from timm.data import create_transform as timm_transform
+
+    primary, secondary, final = timm_transform(
+        (3, *preprocessing.input_size), is_training=True, scale=CROP_SCALES["standard"], hflip=0.5 if hflip else 0.0,
+        color_jitter=None, auto_augment=AUTO_AUGMENT.get(augment), interpolation=preprocessing.interpolation,
+        mean=tuple(preprocessing.mean), std=tuple(preprocessing.std), re_prob=random_erasing, re_mode="pixel",
+        separate=True)
+    if augment == "trivial":
+        interpolation = _INTERPOLATION.get(preprocessing.interpolation, transforms.InterpolationMode.BILINEAR)
+        secondary = transforms.Compose([transforms.TrivialAugmentWide(interpolation=interpolation)])
+    return transforms.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
 
 
 TTA_VIEWS = ("flip", "crops")

@@ -9,6 +9,7 @@ is that hook-and-stop mechanism, shared by cuts, multi-node feature extraction a
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import re
 from collections.abc import Callable
@@ -21,9 +22,9 @@ from torch import nn
 from graft.errors import GraftError
 
 __all__ = [
-    "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut", "first_tensor",
-    "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "receptive_fields", "set_trainable", "stage_groups",
-    "unfreeze_last"
+    "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut",
+    "first_tensor", "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "parse_nodes", "receptive_fields",
+    "set_trainable", "stage_groups", "unfreeze_last"
 ]
 
 DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(forward_features(x), pre_logits=True)
@@ -118,30 +119,32 @@ class GlobalPool(nn.Module):
 
 
 class Trunk(nn.Module):
-    """A backbone cut at a named node, returning one pooled feature vector per image.
+    """A backbone cut at a named node (or several), returning one pooled feature vector per image.
+
+    Several nodes (``blocks.4,blocks.6,pre_logits``) give the concatenation of their pooled features in the order
+    listed, from one forward pass (one ``Capture``; it stops after the last named node unless ``pre_logits`` is
+    listed): the lecture's "linear classifier from different stages" for data far from the pretraining domain.
 
     Args:
         net: a backbone honouring timm's contract, classifier removed.
-        node: a module name, or ``pre_logits`` for the backbone's own pooled features.
+        node: a module name, ``pre_logits`` for the backbone's own pooled features, or a comma-separated list.
         pool: ``avg`` or ``avgmax``.
     """
 
     def __init__(self, net: nn.Module, node: str = DEFAULT_NODE, pool: str = "avg"):
         super().__init__()
         self.net = net
-        self.node = node
+        self.nodes = parse_nodes(net, node)
+        self.node = ",".join(self.nodes)
         self.pool_kind = pool
         self._capture: Capture | None = None
-        if node == DEFAULT_NODE:
-            if pool != "avg":
-                self._set_model_pool(pool)
-            self.pool = nn.Identity()
-        else:
-            modules = dict(net.named_modules())
-            if node not in modules or not node:
-                raise GraftError(f"no node '{node}' in this backbone; list the names with `graft layers BACKBONE`")
-            self._capture = Capture(net, [node])  # prepended: before any adapter's own stop
-            self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
+        if DEFAULT_NODE in self.nodes and pool != "avg":
+            self._set_model_pool(pool)
+        named = [n for n in self.nodes if n != DEFAULT_NODE]
+        if named:  # prepended: before any adapter's own stop
+            self._capture = Capture(net, named, stop=DEFAULT_NODE not in self.nodes)
+        self.pool = nn.Identity() if not named else GlobalPool(
+            pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
 
     def _set_model_pool(self, pool: str) -> None:
         try:
@@ -149,17 +152,48 @@ class Trunk(nn.Module):
         except Exception:
             raise GraftError(f"this backbone's own head cannot pool '{pool}'; cut at a named node to use it") from None
 
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        if self._capture is None:
+            return self.net.forward_head(self.net.forward_features(x), pre_logits=True), {}
+        pooled, outputs = self._capture.run(lambda images: self.net.forward_head(self.net.forward_features(images),
+                                                                                   pre_logits=True), x)
+        missing = [n for n in self.nodes if n != DEFAULT_NODE and n not in outputs]
+        if missing:
+            raise GraftError(f"node '{missing[0]}' is not reached by the backbone's forward pass; choose another")
+        return pooled, outputs
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The node's raw output (before pooling)."""
-        if self.node == DEFAULT_NODE:
-            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-        _, outputs = self._capture.run(lambda images: self.net.forward_head(self.net.forward_features(images)), x)
-        if self.node not in outputs:
-            raise GraftError(f"node '{self.node}' is not reached by the backbone's forward pass; choose another")
-        return first_tensor(outputs[self.node])
+        """The node's raw output (before pooling); a multi-node cut has no single map."""
+        if len(self.nodes) > 1:
+            raise GraftError(f"cut at several nodes ({self.node}): there is no one feature map; cut at one node")
+        pooled, outputs = self._outputs(x)
+        return pooled if self.node == DEFAULT_NODE else first_tensor(outputs[self.node])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.feature_map(x))
+        pooled, outputs = self._outputs(x)
+        parts = [pooled if n == DEFAULT_NODE else self.pool(first_tensor(outputs[n])) for n in self.nodes]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def parse_nodes(net: nn.Module, spec: str) -> list[str]:
+    """``blocks.4,blocks.6,pre_logits`` → the node names, each checked against the backbone's modules.
+
+    Raises:
+        GraftError: for an unknown node (naming the closest real ones), an empty name or a node listed twice.
+    """
+    nodes = [part.strip() for part in str(spec).split(",")]
+    modules = [name for name, _ in net.named_modules() if name]
+    known = set(modules)
+    for node in nodes:
+        if node != DEFAULT_NODE and node not in known:
+            near = difflib.get_close_matches(node, [*modules, DEFAULT_NODE], n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise GraftError(f"no node '{node:.60}' in this backbone (--cut-at); {hint}list the names with "
+                             "`graft layers BACKBONE`")
+    twice = [node for node in dict.fromkeys(nodes) if nodes.count(node) > 1]
+    if twice:
+        raise GraftError(f"--cut-at lists node '{twice[0]}' twice; name each node once")
+    return nodes
 
 
 def cut(net: nn.Module, node: str | None = None, pool: str = "avg", input_size=(224, 224)) -> tuple[Trunk, int]:
@@ -169,7 +203,7 @@ def cut(net: nn.Module, node: str | None = None, pool: str = "avg", input_size=(
     """
     trunk = Trunk(net, node or DEFAULT_NODE, pool)
     called = _modules_called(trunk, input_size)
-    if trunk.node != DEFAULT_NODE:
+    if DEFAULT_NODE not in trunk.nodes:
         _prune_unused(net, called)
     was_training = trunk.training
     trunk.eval()

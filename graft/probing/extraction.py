@@ -27,14 +27,17 @@ from graft.data.images import load_image
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
-from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor
+from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, parse_nodes
 from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, weights_digest
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 
-__all__ = ["FeatureExtractor", "FeatureSet", "SPLITS", "extract_features", "extraction_batch_size", "save_feature_set"]
+__all__ = [
+    "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
+    "save_feature_set"
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, net: nn.Module, nodes: list[str], pool: str = "avg"):
         super().__init__()
         self.net, self.nodes, self.pool_kind = net, list(nodes), pool
-        modules = dict(net.named_modules())
-        unknown = [n for n in self.nodes if n != DEFAULT_NODE and (n not in modules or not n)]
-        if unknown:
-            raise GraftError(f"no node '{unknown[0]}' in this backbone; list the names with `graft layers BACKBONE`")
+        parse_nodes(net, ",".join(self.nodes))  # an unknown node: the one-line error naming the closest real ones
         if DEFAULT_NODE in self.nodes and pool != "avg":
             Trunk(net, DEFAULT_NODE, pool)  # configures the backbone's own pooling exactly as a cut would
         self.pool = GlobalPool(pool, channels_last_layout=getattr(net, "output_fmt", "NCHW") == "NHWC")
@@ -79,6 +79,15 @@ class FeatureExtractor(nn.Module):
         if missing:
             raise GraftError(f"node '{missing[0]}' is not reached by the backbone's forward pass; choose another")
         return features
+
+
+def candidate_cuts(backbone) -> list[str]:
+    """Multi-node cuts worth probing for a backbone (or its list of stage nodes): the pooled features with the last
+    one, two and three stages below them, e.g. ``blocks.5,pre_logits``, ``blocks.4,blocks.5,pre_logits``. Far
+    domains (digits, medical, satellite) often do better with such mid-level features than with the top alone."""
+    stages = list(getattr(backbone, "stage_nodes", backbone) or ())
+    below = [node for node in stages if node != DEFAULT_NODE][:-1]  # the last stage feeds pre_logits directly
+    return [",".join([*below[-count:], DEFAULT_NODE]) for count in (1, 2, 3) if len(below) >= count]
 
 
 class _ViewDataset(Dataset):

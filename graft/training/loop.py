@@ -17,8 +17,8 @@ from graft.training.state import Hooks
 from graft.utils.runtime import Runtime, autocast, to_device
 
 __all__ = [
-    "DEFAULT_PROGRESS_SECONDS", "PROGRESS_SECONDS", "NonFiniteLoss", "compute_loss", "progress_seconds", "train_epoch",
-    "validate"
+    "DEFAULT_PROGRESS_SECONDS", "PROGRESS_SECONDS", "NonFiniteLoss", "compute_loss", "create_mixup", "progress_seconds",
+    "train_epoch", "validate"
 ]
 
 
@@ -32,7 +32,41 @@ class NonFiniteLoss(Exception):
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against class indices, or against (B, C) soft targets (mixup/cutmix, which carry their own
+    label smoothing: ``label_smoothing`` is then ignored).
+
+    With soft targets, class weights weight each image by its target's mixture of class weights (``targets @ w``),
+    normalised by their sum as ``F.cross_entropy``'s weighted mean is, so an unmixed one-hot target reduces to it.
+    """
+    if labels.ndim == 2:
+        targets = labels.float()
+        if class_weights is None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            return SoftTargetCrossEntropy()(logits.float(), targets)
+        per_image = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1)
+        weights = targets @ class_weights.float()
+        return (weights * per_image).sum() / weights.sum()
     return F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+
+
+def create_mixup(mixup: float, cutmix: float, num_classes: int, label_smoothing: float = 0.0):
+    """timm's ``Mixup`` for ``--mixup A --cutmix B`` (alphas; both 0: None). It smooths the mixed targets itself."""
+    if not mixup and not cutmix:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def _mix(mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed images and (B, C) soft targets. timm mixes a batch with its flipped self and refuses an odd size: such a
+    batch (a last one, or a data set smaller than a batch) keeps its images, with the same smoothed soft targets."""
+    if images.shape[0] % 2 == 0:
+        return mixup(images, labels)
+    from timm.data.mixup import mixup_target
+
+    return images, mixup_target(labels, mixup.num_classes, 1.0, mixup.label_smoothing)
 
 
 def _train_step(model, images, labels, optimizer, scaler, runtime: Runtime, loss_options: dict,
@@ -41,15 +75,17 @@ def _train_step(model, images, labels, optimizer, scaler, runtime: Runtime, loss
     batch); returns (summed loss, correct predictions, the loss of the last slice)."""
     optimizer.zero_grad(set_to_none=True)
     total_loss, correct = 0.0, 0
-    for part_images, part_labels in zip(images.chunk(micro_batches), labels.chunk(micro_batches)):
+    hard = labels.argmax(1) if labels.ndim == 2 else labels  # mixed targets: accuracy against their dominant class
+    for part_images, part_labels, part_hard in zip(images.chunk(micro_batches), labels.chunk(micro_batches),
+                                                   hard.chunk(micro_batches)):
         with autocast(runtime.device, runtime.dtype):
             logits = model(part_images)
             loss = compute_loss(logits, part_labels, **loss_options)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(loss.item(), 0, optimizer.param_groups[0]["lr"], [])
-        scaler.scale(loss * (part_labels.numel() / labels.numel())).backward()
-        total_loss += loss.item() * part_labels.numel()
-        correct += (logits.argmax(1) == part_labels).sum().item()
+        scaler.scale(loss * (part_hard.numel() / hard.numel())).backward()
+        total_loss += loss.item() * part_hard.numel()
+        correct += (logits.argmax(1) == part_hard).sum().item()
     scaler.step(optimizer)
     scaler.update()
     return total_loss, correct, loss
@@ -71,8 +107,11 @@ def _after_out_of_memory(micro_batches: int, batch: int, optimizer, runtime: Run
 
 def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
                 limit_batches: int = 0, hooks: Hooks | None = None, progress=None,
-                class_weights: torch.Tensor | None = None, micro_batches: int = 1) -> dict:
+                class_weights: torch.Tensor | None = None, micro_batches: int = 1, mixup=None) -> dict:
     """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use.
+
+    ``mixup`` (``create_mixup``): each batch is mixed and trained against soft targets; the training accuracy is then
+    measured against each mixed target's dominant class.
 
     Raises:
         NonFiniteLoss: naming the batch's files (when the dataset yields indices) and the learning rate.
@@ -86,20 +125,22 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
             break
         images = to_device(images, runtime.device, runtime.channels_last)
         labels = labels.to(runtime.device, non_blocking=True)
+        if mixup is not None:
+            images, labels = _mix(mixup, images, labels)
         while True:
             try:
                 batch_loss, batch_correct, loss = _train_step(model, images, labels, optimizer, scaler, runtime,
                                                               loss_options, micro_batches)
                 break
             except torch.cuda.OutOfMemoryError:
-                micro_batches = _after_out_of_memory(micro_batches, labels.numel(), optimizer, runtime)
+                micro_batches = _after_out_of_memory(micro_batches, labels.shape[0], optimizer, runtime)
             except NonFiniteLoss as blowup:
                 files = [loader.dataset.samples[i][0] for i in indices[0].tolist()] if indices else []
                 raise NonFiniteLoss(blowup.value, step, blowup.lr, files) from None
         scheduler.step()
         total_loss += batch_loss
         correct += batch_correct
-        seen += labels.numel()
+        seen += labels.shape[0]
         if hooks and hooks.on_batch_end:
             hooks.on_batch_end(step, loss.item())
         if progress is not None:

@@ -35,8 +35,8 @@ def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: i
     seed_everything(config.train.seed)
     model, _ = create_on_device(unit, splits, runtime)
     groups = recipes.configure(model, stage, unit.train)
-    ratios = [group["lr"] for group in groups]  # with train.lr = 1 each group's rate is its ratio to train.lr
     optimizer = create_optimizer(groups, unit)
+    ratios = [group["lr"] for group in optimizer.param_groups]  # train.lr = 1: each group's ratio (with --lr-decay's)
     loader, _, generator = create_loaders(splits, model, unit, runtime)
     generator.manual_seed(config.train.seed)
 

@@ -9,16 +9,36 @@ import torch
 from graft.config import FitConfig
 from graft.training.state import TrainState
 
-__all__ = ["create_optimizer", "create_scheduler"]
+__all__ = ["create_optimizer", "create_scheduler", "layer_decayed"]
 
 
 def create_optimizer(groups: list[dict], config: FitConfig) -> torch.optim.Optimizer:
     train = config.train
+    if train.lr_decay != 1.0 and train.strategy != "scratch":  # scratch trains every layer at one rate
+        groups = layer_decayed(groups, train.lr_decay)
     factories = {
         "adamw": lambda: torch.optim.AdamW(groups, lr=train.lr),
         "sgd": lambda: torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True),
     }
     return factories[train.optimizer]()
+
+
+def layer_decayed(groups: list[dict], decay: float) -> list[dict]:
+    """Layer-wise learning-rate decay over the recipe's named groups (``head``, ``trunk.0`` = the lowest trainable
+    stage ... ``trunk.K-1`` = the top one, each with a ``.no_decay`` twin): the top stage trains at the head's rate,
+    each stage below at ``decay`` times the rate of the one above. It replaces ``--stem-lr-ratio``'s spread."""
+    depths = [int(g["name"].split(".")[1]) for g in groups if g.get("name", "").startswith("trunk.")]
+    head = [g["lr"] for g in groups if g.get("name", "").split(".")[0] == "head"]
+    if not depths or not head:
+        return groups
+    top = max(depths)
+    out = []
+    for group in groups:
+        name = group.get("name", "")
+        if name.startswith("trunk."):
+            group = {**group, "lr": head[0] * decay ** (top - int(name.split(".")[1]))}
+        out.append(group)
+    return out
 
 
 def create_scheduler(optimizer, total_steps: int, warmup_fraction: float, state: TrainState | None = None):

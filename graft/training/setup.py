@@ -40,7 +40,8 @@ def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, 
     """Training and validation DataLoaders with the backbone's preprocessing."""
     data = config.data
     workers = resolve_workers(data.workers, runtime.device)
-    train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip),
+    train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip,
+                                                             data.random_erasing),
                              data.max_image_pixels, with_index=True)
     val_set = ImageDataset(splits.val, create_transform(model.preprocessing), data.max_image_pixels)
     common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}

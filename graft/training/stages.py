@@ -15,7 +15,7 @@ from graft.models.run_folder import (
 )
 from graft.training import recipes
 from graft.training.checkpoints import BEST, read_checkpoint, save_checkpoint, write_history
-from graft.training.loop import NonFiniteLoss, _epoch_line, _progress_bar, train_epoch, validate
+from graft.training.loop import NonFiniteLoss, _epoch_line, _progress_bar, create_mixup, train_epoch, validate
 from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.setup import _loss_class_weights
 from graft.training.state import Hooks, TrainState
@@ -46,6 +46,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
     class_weights = _loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
+    mixup = create_mixup(config.train.mixup, config.train.cutmix, len(model.classes), config.train.label_smoothing)
     while state.stage_epoch < stage_length(stage, state) and not state.stage_done:
         seed = epoch_seed(config.train.seed, state.epoch)
         seed_everything(seed)
@@ -55,7 +56,8 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
             with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage_length(stage, state)}",
                                len(train_loader.dataset)) as progress:
                 row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
-                                  config.train.limit_batches, hooks, progress, class_weights, state.micro_batches)
+                                  config.train.limit_batches, hooks, progress, class_weights, state.micro_batches,
+                                  mixup)
             row.update(validate(model, val_loader, runtime, config.train.limit_batches))
             _check_epoch_finite(model, row, len(val_loader.dataset), optimizer)
         except NonFiniteLoss as blowup:

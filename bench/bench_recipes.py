@@ -1,0 +1,81 @@
+"""Recipes for far and small data (issue 14): each --augment / mixup / erasing / lr-decay choice on flowers5 (fine-tune)
+and single- vs multi-node probes on MNIST, as one table of validation accuracy and wall-clock seconds.
+
+    python bench/bench_recipes.py                           # the measurement (whole runs: ~1-2 h on 2 cores)
+    python bench/bench_recipes.py --backbone test_resnet --no-pretrained --size 32 --epochs 1 --limit-batches 2 \
+        --flowers DIR --mnist DIR                           # a smoke run on tiny settings
+
+Run on a quiet machine: the seconds are the point as much as the accuracy. Every row is a fresh run folder under a
+temporary directory; the feature cache is shared between the MNIST rows (each node list has its own cache space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from graft.config import load_config
+from graft.models.backbones.registry import create_backbone
+from graft.probing.extraction import candidate_cuts
+from graft.training.fitting import fit
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data"
+
+# (label, overrides) on flowers5, all fine-tuning from the solved probe with the defaults otherwise
+FLOWERS_ROWS = [
+    ("standard (today's default)", {}),
+    ("light", {"data.augment": "light"}),
+    ("rand (RandAugment m9)", {"data.augment": "rand"}),
+    ("trivial (TrivialAugmentWide)", {"data.augment": "trivial"}),
+    ("auto (AutoAugment ImageNet)", {"data.augment": "auto"}),
+    ("rand + random erasing 0.25", {"data.augment": "rand", "data.random_erasing": 0.25}),
+    ("standard + mixup 0.2", {"train.mixup": 0.2}),
+    ("standard + cutmix 1.0", {"train.cutmix": 1.0}),
+    ("standard + mixup 0.8 + cutmix 1.0", {"train.mixup": 0.8, "train.cutmix": 1.0}),
+    ("standard + lr-decay 0.7", {"train.lr_decay": 0.7}),
+]
+
+
+def run(label: str, data: Path, overrides: dict, args, out: Path) -> dict:
+    values = {"data.path": str(data), "output": str(out / f"run-{abs(hash(label))}"), "model.backbone": args.backbone,
+              "model.pretrained": args.pretrained, "data.image_size": args.size, "train.epochs": args.epochs,
+              "train.limit_batches": args.limit_batches, "data.cache_dir": str(out / "cache"), **overrides}
+    start = time.perf_counter()
+    result = fit(load_config(None, values), verbose=args.verbose)
+    seconds = time.perf_counter() - start
+    return {"label": label, "data": data.name, "val_acc": result.metrics["val"]["accuracy"], "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flowers", type=Path, default=SHARED / "flowers5")
+    parser.add_argument("--mnist", type=Path, default=SHARED / "mnist_test10k")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    parser.add_argument("--size", type=int, default=None, help="input size (default: the backbone's)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--limit-batches", type=int, default=0, help="smoke runs: batches per epoch")
+    parser.add_argument("--only", choices=("flowers", "mnist"), default=None)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="graft-bench-recipes-") as folder:
+        out = Path(folder)
+        if args.only != "mnist":
+            rows += [run(label, args.flowers, overrides, args, out) for label, overrides in FLOWERS_ROWS]
+        if args.only != "flowers":
+            stages = create_backbone(args.backbone, pretrained=False).stage_nodes
+            cuts = ["pre_logits", *candidate_cuts(stages)]
+            rows += [run(f"probe --cut-at {spec}", args.mnist,
+                         {"train.strategy": "probe", "model.cut_at": spec, "data.hflip": False}, args, out)
+                     for spec in cuts]
+    width = max(len(row["label"]) for row in rows)
+    print(f"{'recipe':<{width}}  {'data':<14} {'val acc':>7} {'seconds':>8}")
+    for row in rows:
+        print(f"{row['label']:<{width}}  {row['data']:<14} {row['val_acc']:>7.3f} {row['seconds']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
