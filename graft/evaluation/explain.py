@@ -36,7 +36,10 @@ from graft.utils.files import atomic_write, write_json
 from graft.utils.runtime import resolve_device
 from graft.utils.text import display_name
 
-__all__ = ["ALPHA", "SUMMARY", "Explanation", "explain", "explain_images", "grad_cam", "overlay", "write_explanations"]
+__all__ = [
+    "ALPHA", "SUMMARY", "Explanation", "available", "explain", "explain_images", "grad_cam", "overlay",
+    "write_explanations"
+]
 
 ALPHA = 0.5  # heat-map opacity at the hottest pixel
 SUMMARY = "explanations.json"
@@ -57,6 +60,15 @@ class Explanation:
     image: Image.Image | None = None
     overlay: Image.Image | None = None
     error: str = ""
+
+
+def available() -> bool:
+    """Whether the explain extra (Captum) is installed."""
+    try:
+        _layer_grad_cam()
+    except GraftError:
+        return False
+    return True
 
 
 def _layer_grad_cam():
