@@ -225,23 +225,24 @@ def mistake_overlays(model, mistakes: list) -> list[Image.Image | None] | None:
     if not available():
         return None
     overlays: list[Image.Image | None] = []
+    names = {display_name(name): name for name in model.classes}  # the mistakes carry display names
     for path, _, predicted, _, _ in mistakes:
         try:
-            row = explain_images(model, [load_image(path)], top_k=1, target=predicted)[0]
+            row = explain_images(model, [load_image(path)], top_k=1, target=names.get(predicted, predicted))[0]
         except GraftError:  # a file changed since evaluation, or a trunk with no spatial map: the thumbnail alone
             overlays.append(None)
             continue
         row.overlay.thumbnail((THUMBNAIL, THUMBNAIL))
         overlays.append(row.overlay)
-    return overlays
+    return overlays if any(image is not None for image in overlays) else None
 
 
 def _mistake_grid(mistakes: list, data: str | os.PathLike, overlays: list | None) -> str:
     if not mistakes:
         return "<p>No mistakes.</p>"
     note = ("<p class='muted'>Beside each image, Grad-CAM: where the model looked for the class it predicted.</p>"
-            if overlays else "<p class='muted'>Grad-CAM overlays need the explain extra: pip install "
-                             "'graft[explain]'.</p>")
+            if overlays else "<p class='muted'>Grad-CAM overlays need the explain extra (pip install "
+                             "'graft[explain]') and a trunk with a spatial feature map.</p>")
     figures = []
     for index, (path, true, predicted, confidence, p_true) in enumerate(mistakes):
         shown = html.escape(display_name(shown_path(path, data)), quote=True)
