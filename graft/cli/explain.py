@@ -24,7 +24,7 @@ def explain(
     device: DeviceOpt = "auto",
 ):
     """Grad-CAM overlays: a heat map over each image of where the model looked for its top-1 class (or --class),
-    and explanations.json with the top-k labels. Needs the explain extra: pip install 'graft[explain]'.
+    and explanations.json with the top-k labels. Needs the explain extra (Captum), see README "Explanations".
 
     Example: graft explain runs/pets img.jpg more_images/ -o runs/pets/explained
     """
