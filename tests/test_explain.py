@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_config
 from PIL import Image
 from typer.testing import CliRunner
@@ -67,7 +68,7 @@ def test_explain_writes_overlays_of_the_image_size_and_a_summary(trained_run, sh
     assert [row.error for row in rows] == ["", ""]
     assert rows[0].labels[0] == "circle" and rows[0].target == "circle" and len(rows[0].labels) == 2
     assert rows[1].cam.shape == (40, 72) and rows[1].overlay.size == (72, 40)
-    assert 0 <= rows[0].cam.min() and rows[0].cam.max() == pytest.approx(1, abs=1e-6)
+    assert 0 <= rows[0].cam.min() and 0.95 < rows[0].cam.max() <= 1  # peak 1 at the input size, then resampled
     summary = json.loads(write_explanations(rows, tmp_path / "out").read_text())
     assert [r["overlay"] for r in summary["images"]] == ["000.cam.png", "wide.cam.png"]
     assert summary["images"][0]["labels"][0] == "circle"
@@ -95,6 +96,7 @@ def test_a_vit_trunk_gets_its_token_grid(tmp_path):
     from graft.evaluation.explain import explain_images
     from graft.models.grafted import create_model
 
+    torch.manual_seed(0)  # an untrained head: the same map on every run
     config = tiny_config(tmp_path, tmp_path / "run", **{"model.backbone": "test_vit", "data.image_size": 64})
     model, _ = create_model(config, ["a", "b"])
     rng = random.Random(0)
@@ -102,7 +104,7 @@ def test_a_vit_trunk_gets_its_token_grid(tmp_path):
     rows = explain_images(model, images, top_k=2, target="a")
     assert [row.cam.shape for row in rows] == [(64, 64), (64, 80)]
     assert all(row.target == "a" and sorted(row.labels) == ["a", "b"] for row in rows)
-    assert rows[0].cam.max() == pytest.approx(1, abs=1e-6) and rows[0].cam.std() > 0  # a real 4 x 4 map, not flat
+    assert 0.95 < rows[0].cam.max() <= 1 and rows[0].cam.std() > 0.05  # a real 4 x 4 map, not flat
 
 
 def test_a_trunk_without_a_spatial_map_is_refused_in_one_line(tmp_path):
