@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 runner = CliRunner()
 # every command that writes files; push uploads and precise-bn updates the run in place, so neither takes -o
-WRITERS = {"fit", "demo", "lr-find", "compare", "diagnose", "stats", "export", "predict", "evaluate", "features",
-           "probe"}
+WRITERS = {"fit", "demo", "lr-find", "compare", "diagnose", "stats", "export", "predict", "evaluate", "explain",
+           "features", "probe"}
 
 
 def _options(name: str) -> set[str]:

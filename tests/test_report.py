@@ -69,8 +69,11 @@ def test_report_of_a_tiny_run_is_self_contained_and_complete(trained_run, shapes
     page = check_report(Path(metrics["report"]))
     confusion = metrics["confusion_matrix"]
     mistakes = metrics["images"] - sum(confusion[i][i] for i in range(3))
-    # three plots (curves, confusion, reliability) and a thumbnail per mistake (mistakes.png holds the same grid)
-    assert len(page.images) == 3 + min(mistakes, 24)
+    # three plots (curves, confusion, reliability) and a thumbnail per mistake (mistakes.png holds the same grid),
+    # each with its Grad-CAM overlay beside it when the explain extra is installed
+    from graft.evaluation.explain import available
+
+    assert len(page.images) == 3 + min(mistakes, 24) * (2 if available() else 1)
     for name in PLOTS:
         if name != "mistakes" or mistakes:
             Image.open(tmp_path / "eval" / f"{name}.png").load()

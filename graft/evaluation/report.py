@@ -11,14 +11,17 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from graft.data.images import load_image  # noqa: E402
+from graft.errors import GraftError  # noqa: E402
 from graft.evaluation.metrics import reliability_bins  # noqa: E402
 from graft.models.run_folder import read_history  # noqa: E402
 from graft.utils.files import atomic_write  # noqa: E402
@@ -26,7 +29,7 @@ from graft.utils.text import display_name  # noqa: E402
 
 __all__ = [
     "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "plot_confusion", "plot_mistakes",
-    "plot_reliability", "plot_training_curves", "write_report"
+    "plot_reliability", "plot_training_curves", "training_curves_figure", "write_report"
 ]
 
 matplotlib.use("Agg")  # headless: no display, same output everywhere
@@ -43,6 +46,7 @@ table{border-collapse:collapse} td,th{padding:3px 10px;border-bottom:1px solid #
 td:first-child,th:first-child{text-align:left} .numbers td{font-size:1.1em}
 img.plot{max-width:100%} .grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:130px;font-size:12px} figure img{display:block;max-width:120px;max-height:120px}
+figure.mistake{width:250px} .pair{display:flex;gap:4px} .path{font-family:monospace;word-break:break-all}
 .wrong{color:#b00} .muted{color:#777}
 """
 
@@ -58,33 +62,51 @@ def _data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def plot_training_curves(runs: list) -> bytes | None:
-    """Loss, accuracy and learning rate per epoch for each run; dotted lines mark stage boundaries."""
+def training_curves_figure(runs: list):
+    """Loss, accuracy and learning rate per epoch for each run (a matplotlib figure, None without history).
+
+    Dotted lines mark stage boundaries. Epochs are whole numbers on the x axis, which spans at least one epoch
+    either side of a lone point: a one-epoch run shows a visible marker at 1, not a 0.96-1.04 scale.
+    """
     histories = [(display_name(Path(run).name), read_history(run)) for run in runs]
     histories = [(name, rows) for name, rows in histories if rows]
     if not histories:
         return None
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    longest = max(len(rows) for _, rows in histories)
+    size = 3 if longest > 1 else 7  # a single point must be seen
     for name, rows in histories:
         epochs = [int(row["epoch"]) for row in rows]
         label = f"{name}: " if len(histories) > 1 else ""
         for axis, key in ((axes[0], "loss"), (axes[1], "acc")):
-            axis.plot(epochs, [float(row[f"train_{key}"]) for row in rows], "-o", ms=3, label=f"{label}train")
-            axis.plot(epochs, [float(row[f"val_{key}"]) for row in rows], "-s", ms=3, label=f"{label}val")
-        axes[2].plot(epochs, [float(row["lr"]) for row in rows], "-o", ms=3, label=name)
+            axis.plot(epochs, [float(row[f"train_{key}"]) for row in rows], "-o", ms=size, label=f"{label}train")
+            axis.plot(epochs, [float(row[f"val_{key}"]) for row in rows], "-s", ms=size, label=f"{label}val")
+        axes[2].plot(epochs, [float(row["lr"]) for row in rows], "-o", ms=size, label=name)
         for previous, row in zip(rows, rows[1:]):
             if row["stage"] != previous["stage"]:
                 for axis in axes:
                     axis.axvline(int(previous["epoch"]) + 0.5, color="#999", ls=":")
+    first = min(int(rows[0]["epoch"]) for _, rows in histories)
+    last = max(int(rows[-1]["epoch"]) for _, rows in histories)
     for axis, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
         axis.set_title(title)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if last - first < 2:
+            axis.set_xlim(first - 1, last + 1)
+    axes[1].set_ylim(-0.02, 1.02)  # accuracy is a fraction: a flat one-epoch value is not blown up to fill the axis
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     if all(float(row["lr"]) > 0 for _, rows in histories for row in rows):
         axes[2].set_yscale("log")  # a schedule that ends at 0 stays linear
-    return _png(figure)
+    return figure
+
+
+def plot_training_curves(runs: list) -> bytes | None:
+    """``training_curves_figure`` as PNG bytes."""
+    figure = training_curves_figure(runs)
+    return None if figure is None else _png(figure)
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str]) -> bytes:
@@ -183,20 +205,65 @@ def _per_class_table(metrics: dict) -> str:
     return f"<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{body}</table>"
 
 
-def _mistake_grid(mistakes: list) -> str:
+def shown_path(path: str, data: str | os.PathLike) -> str:
+    """A sample's path as the report shows it: relative to the data folder (a CSV's folder) when inside it."""
+    root = Path(data)
+    root = root.parent if root.is_file() else root
+    try:
+        return os.path.relpath(path, root) if Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)) \
+            else str(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def mistake_overlays(model, mistakes: list) -> list[Image.Image | None] | None:
+    """Grad-CAM thumbnails (for the predicted class: what fooled the model) per mistake; None without the extra."""
+    if model is None or not mistakes:
+        return None
+    from graft.evaluation.explain import available, explain_images
+
+    if not available():
+        return None
+    overlays: list[Image.Image | None] = []
+    names = {display_name(name): name for name in model.classes}  # the mistakes carry display names
+    for path, _, predicted, _, _ in mistakes:
+        try:
+            row = explain_images(model, [load_image(path)], top_k=1, target=names.get(predicted, predicted))[0]
+        except GraftError:  # a file changed since evaluation, or a trunk with no spatial map: the thumbnail alone
+            overlays.append(None)
+            continue
+        row.overlay.thumbnail((THUMBNAIL, THUMBNAIL))
+        overlays.append(row.overlay)
+    return overlays if any(image is not None for image in overlays) else None
+
+
+def _mistake_grid(mistakes: list, data: str | os.PathLike, overlays: list | None) -> str:
     if not mistakes:
         return "<p>No mistakes.</p>"
-    figures = "".join(
-        f"<figure><img src='{_jpeg_uri(_thumbnail(path))}' alt='{html.escape(Path(path).name, quote=True)}'>"
-        f"<figcaption>true <b>{html.escape(true)}</b><br><span class='wrong'>predicted {html.escape(predicted)} "
-        f"{confidence:.2f}</span><br><span class='muted'>p(true) {p_true:.2f}</span></figcaption></figure>"
-        for path, true, predicted, confidence, p_true in mistakes)
-    return f"<div class='grid'>{figures}</div>"
+    note = ("<p class='muted'>Beside each image, Grad-CAM: where the model looked for the class it predicted.</p>"
+            if overlays else "<p class='muted'>Grad-CAM overlays need the explain extra (pip install "
+                             "'graft[explain]') and a trunk with a spatial feature map.</p>")
+    figures = []
+    for index, (path, true, predicted, confidence, p_true) in enumerate(mistakes):
+        shown = html.escape(display_name(shown_path(path, data)), quote=True)
+        cam = overlays[index] if overlays else None
+        images = f"<img src='{_jpeg_uri(_thumbnail(path))}' alt='{shown}'>" + (
+            f"<img src='{_jpeg_uri(cam)}' alt='Grad-CAM of {shown} for {html.escape(predicted, quote=True)}'>"
+            if cam is not None else "")
+        figures.append(f"<figure class='mistake'><div class='pair'>{images}</div><figcaption><span class='path'>"
+                       f"{shown}</span><br>true <b>{html.escape(true)}</b><br><span class='wrong'>predicted "
+                       f"{html.escape(predicted)} {confidence:.2f}</span><br><span class='muted'>p(true) "
+                       f"{p_true:.2f}</span></figcaption></figure>")
+    return f"{note}<div class='grid'>{''.join(figures)}</div>"
 
 
 def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilities: torch.Tensor,
-                 tta_probabilities: torch.Tensor | None, runs: list) -> Path:
-    """Writes ``report.html`` and the PNG plots into ``out_dir``; returns the HTML's path."""
+                 tta_probabilities: torch.Tensor | None, runs: list, model=None) -> Path:
+    """Writes ``report.html`` and the PNG plots into ``out_dir``; returns the HTML's path.
+
+    With ``model`` (the GraftModel evaluated) and the explain extra installed, each confident mistake gets its
+    Grad-CAM overlay beside the thumbnail.
+    """
     out_dir = Path(out_dir)
     labels = torch.tensor([label for _, label in samples])
     classes = [display_name(name) for name in metrics["classes"]]  # plots and HTML need valid Unicode
@@ -234,7 +301,7 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
 <p>Expected calibration error {metrics['ece']:.4f}: the average gap between confidence and accuracy.</p>
 {plot("reliability", "reliability diagram")}
 <h2 id="mistakes">Most confident mistakes</h2>
-{_mistake_grid(mistakes)}
+{_mistake_grid(mistakes, metrics['data'], mistake_overlays(model, mistakes))}
 </body></html>
 """
     path = out_dir / "report.html"

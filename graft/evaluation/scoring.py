@@ -56,7 +56,8 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     if report:
         from graft.evaluation.report import write_report
 
-        metrics["report"] = str(write_report(out_dir, metrics, samples, plain, augmented if tta else None, runs))
+        metrics["report"] = str(write_report(out_dir, metrics, samples, plain, augmented if tta else None, runs,
+                                             model=model))  # an ensemble's overlays: its first member's
     return metrics
 
 

@@ -1,0 +1,320 @@
+"""Grad-CAM explanations: where a trained model looked when it scored a class, as a heat map over the image.
+
+Captum's ``LayerGradCam`` does the attribution (gradient-weighted activations of one layer). The layer is the cut
+node's feature map, the last stage before the pool: the backbone's ``forward_features`` output for the default
+``pre_logits`` cut, the named node's output otherwise. ViT-style trunks give tokens (N, L, C): the prefix (class,
+register) tokens are set aside and the patch tokens reshaped to their H x W grid. When the trunk pools its class
+token, the last block's output patch tokens never reach the logits, so the map is taken at that block's input,
+where attention still mixes them (pytorch-grad-cam's recipe for ViTs). A trunk with no spatial map (a pooled
+vector) has nothing to localise and is refused.
+
+Maps are computed at the network's input size and placed back onto the original image through the inverse of the
+evaluation transform (aspect cap, resize, centre crop), so an overlay has the image's own size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from graft.data.discovery import expand_inputs
+from graft.data.images import load_image
+from graft.data.transforms import MAX_ASPECT
+from graft.errors import GraftError
+from graft.models.grafted import GraftModel
+from graft.models.run_folder import load
+from graft.models.surgery import DEFAULT_NODE
+from graft.utils.files import atomic_write, write_json
+from graft.utils.runtime import resolve_device
+from graft.utils.text import display_name
+
+__all__ = [
+    "ALPHA", "SUMMARY", "Explanation", "available", "explain", "explain_images", "grad_cam", "overlay",
+    "write_explanations"
+]
+
+ALPHA = 0.5  # heat-map opacity at the hottest pixel
+SUMMARY = "explanations.json"
+
+
+@dataclass
+class Explanation:
+    """One image's Grad-CAM: the map (H x W in [0, 1], the image's size), its overlay and the top-k it explains.
+
+    ``target`` is the class the map is for (top-1 unless asked); ``error`` is set instead when the file failed.
+    """
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    target: str = ""
+    cam: np.ndarray | None = None
+    image: Image.Image | None = None
+    overlay: Image.Image | None = None
+    error: str = ""
+
+
+def available() -> bool:
+    """Whether the explain extra (Captum) is installed."""
+    try:
+        _layer_grad_cam()
+    except GraftError:
+        return False
+    return True
+
+
+def _layer_grad_cam():
+    try:
+        from captum.attr import LayerGradCam
+    except ImportError:
+        raise GraftError("Grad-CAM explanations need Captum: pip install 'graft[explain]'") from None
+    return LayerGradCam
+
+
+class _Grid(nn.Module):
+    """The feature map as (N, C, H, W), Captum's layout; ``back`` restores the network's own layout around it."""
+
+    def __init__(self, layout: str, prefix: int = 0, grid: tuple[int, int] = (0, 0)):
+        super().__init__()
+        self.layout, self.prefix, self.grid = layout, prefix, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NLC":
+            patches = x[:, self.prefix:]
+            return patches.transpose(1, 2).reshape(len(x), x.shape[2], *self.grid)
+        return x.permute(0, 3, 1, 2) if self.layout == "NHWC" else x
+
+    def back(self, grid: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        if self.layout == "NLC":
+            return torch.cat([original[:, :self.prefix], grid.flatten(2).transpose(1, 2)], dim=1)
+        return grid.permute(0, 2, 3, 1) if self.layout == "NHWC" else grid
+
+    def through(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self(x), x)
+
+
+def _token_grid(tokens: int, prefix: int, input_size) -> tuple[int, int]:
+    patches = tokens - prefix
+    rows = round(math.sqrt(patches * input_size[0] / input_size[1]))
+    if rows < 1 or patches % rows:
+        raise GraftError(f"Grad-CAM: {patches} patch tokens do not form a grid for a {input_size[0]}x{input_size[1]} "
+                         "input; this trunk's tokens cannot be mapped back to the image")
+    return rows, patches // rows
+
+
+class _CamNet(nn.Module):
+    """The grafted model's logits with the target feature map passing through ``self.grid``, the layer Captum hooks."""
+
+    def __init__(self, model: GraftModel):
+        super().__init__()
+        self.model, self.trunk, self.net = model, model.trunk, model.trunk.net
+        self._handle = None
+        size = model.preprocessing.input_size
+        with torch.no_grad():
+            probe = self._feature_map(torch.zeros(1, 3, *size))
+        if probe.ndim == 2:
+            raise GraftError(f"Grad-CAM needs a spatial feature map, but this trunk (cut at '{self.trunk.node}') gives "
+                             "a pooled vector; explain a run cut at a stage node (see `graft layers BACKBONE`)")
+        if probe.ndim == 4:
+            self.grid = _Grid("NHWC" if getattr(self.net, "output_fmt", "NCHW") == "NHWC" else "NCHW")
+            return
+        prefix = int(getattr(self.net, "num_prefix_tokens", 0))
+        self.grid = _Grid("NLC", prefix, _token_grid(probe.shape[1], prefix, size))
+        if self.trunk.node == DEFAULT_NODE and prefix and getattr(self.net, "global_pool", "") in ("token", "map"):
+            self._hook_last_block_input()
+
+    def _hook_last_block_input(self) -> None:
+        info = getattr(self.net, "feature_info", None) or []
+        modules = dict(self.net.named_modules())
+        last = info[-1].get("module") if info and isinstance(info[-1], dict) else None
+        if last not in modules:
+            raise GraftError("Grad-CAM: this token trunk pools its class token and names no last block to explain "
+                             "at; cut at a block (see `graft layers BACKBONE`)")
+        self._handle = modules[last].register_forward_pre_hook(lambda module, args: (self.grid.through(args[0]),
+                                                                                     *args[1:]))
+
+    def _feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trunk.node == DEFAULT_NODE:
+            return self.net.forward_features(x)
+        return self.trunk.feature_map(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self._feature_map(x)
+        if self._handle is None:
+            features = self.grid.through(features)
+        if self.trunk.node == DEFAULT_NODE:
+            pooled = self.net.forward_head(features, pre_logits=True)
+        else:
+            pooled = self.trunk.pool(features)
+        return self.model.head(pooled)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def grad_cam(model: GraftModel, images: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """Grad-CAM maps (N, H, W) at the input size, each scaled to [0, 1] (all zeros where nothing is positive).
+
+    Args:
+        model: a trained model; it is used in eval mode and left as it was.
+        images: preprocessed inputs (N, 3, H, W) on the model's device.
+        targets: the class index each map is for.
+    """
+    layer_grad_cam = _layer_grad_cam()
+    was_training = model.training
+    model.eval()
+    camnet = _CamNet(model)
+    try:
+        with torch.enable_grad():
+            maps = layer_grad_cam(camnet, camnet.grid).attribute(images, target=list(targets),
+                                                               relu_attributions=True)
+    finally:
+        camnet.close()
+        model.train(was_training)
+    maps = F.interpolate(maps.detach().float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+    maps = maps[:, 0].clamp_min(0)
+    peak = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (maps / peak).cpu()
+
+
+def _crop_box(width: int, height: int, preprocessing) -> tuple[float, float, float, float]:
+    """Where the network's input lies in the original image: (left, top, width, height), the eval transform undone."""
+    keep_w, keep_h = min(width, MAX_ASPECT * min(width, height)), min(height, MAX_ASPECT * min(width, height))
+    left, top = (width - keep_w) // 2, (height - keep_h) // 2
+    crop_h, crop_w = preprocessing.input_size
+    resize = [int(s / preprocessing.crop_pct) for s in (crop_h, crop_w)]
+    if crop_h == crop_w:  # torchvision resizes the shorter side to the size, keeping the aspect
+        scale_x = scale_y = resize[0] / min(keep_w, keep_h)
+    else:
+        scale_y, scale_x = resize[0] / keep_h, resize[1] / keep_w
+    resized_w, resized_h = int(keep_w * scale_x), int(keep_h * scale_y)
+    crop_left, crop_top = round((resized_w - crop_w) / 2), round((resized_h - crop_h) / 2)
+    return left + crop_left / scale_x, top + crop_top / scale_y, crop_w / scale_x, crop_h / scale_y
+
+
+def _on_image(cam: torch.Tensor, image: Image.Image, preprocessing) -> np.ndarray:
+    """The input-size map placed on the original image (zero outside the part the network saw)."""
+    left, top, box_w, box_h = _crop_box(*image.size, preprocessing)
+    x0, y0 = max(0, round(left)), max(0, round(top))
+    x1, y1 = min(image.width, round(left + box_w)), min(image.height, round(top + box_h))
+    resized = F.interpolate(cam[None, None], size=(round(box_h), round(box_w)), mode="bilinear", align_corners=False)
+    full = np.zeros((image.height, image.width), dtype=np.float32)
+    ox, oy = x0 - round(left), y0 - round(top)
+    full[y0:y1, x0:x1] = resized[0, 0].numpy()[oy:oy + y1 - y0, ox:ox + x1 - x0]
+    return full.clip(0, 1)
+
+
+def overlay(image: Image.Image, cam: np.ndarray, alpha: float = ALPHA) -> Image.Image:
+    """The image with the map as a heat map (matplotlib's ``jet``) blended over it, more opaque where it is hot."""
+    from matplotlib import colormaps  # here: matplotlib loads only when an overlay is drawn
+
+    heat = colormaps["jet"](cam)[..., :3]
+    weight = alpha * np.sqrt(cam)[..., None]  # cold areas keep the photo readable
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+    blended = ((1 - weight) * pixels + weight * heat).clip(0, 1)
+    return Image.fromarray((blended * 255).round().astype(np.uint8))
+
+
+def explain_images(model: GraftModel, images: list[Image.Image], top_k: int = 3, target: str | None = None,
+                   paths: list[str] | None = None) -> list[Explanation]:
+    """Grad-CAM explanations of decoded RGB images with a loaded model (the report and the serve page use this).
+
+    Args:
+        target: the class to explain; None explains each image's top-1 prediction.
+        paths: names for the images in the results (default ``<input N>``).
+    """
+    if target is not None and target not in model.classes:
+        raise GraftError(f"--class {target!r} is not one of the run's classes ({', '.join(model.classes[:10])})")
+    if not images:
+        return []
+    device = next(model.parameters()).device
+    batch = torch.stack([model.transform(image) for image in images]).to(device)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        probabilities = model(batch).float().softmax(1).cpu()
+    model.train(was_training)
+    k = min(top_k, len(model.classes))
+    values, indices = probabilities.topk(k)
+    targets = [model.classes.index(target)] * len(images) if target is not None else indices[:, 0].tolist()
+    maps = grad_cam(model, batch, targets)
+    results = []
+    for i, image in enumerate(images):
+        cam = _on_image(maps[i], image, model.preprocessing)
+        results.append(Explanation(paths[i] if paths else f"<input {i}>", [model.classes[j] for j in indices[i]],
+                                   [round(v, 6) for v in values[i].tolist()], model.classes[targets[i]], cam, image,
+                                   overlay(image, cam)))
+    return results
+
+
+def explain(run_dir: str | os.PathLike, inputs, top_k: int = 3, target: str | None = None, device: str = "cpu",
+            batch_size: int = 16) -> list[Explanation]:
+    """Grad-CAM explanations for files, folders and glob patterns with a trained run's model.
+
+    Files go through graft's decoder (allowed formats, EXIF orientation, colour profiles) and the run's evaluation
+    transform; one that fails gives an ``Explanation`` with ``error`` set, never a crash.
+    """
+    model = load(run_dir, resolve_device(device))
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+    paths = expand_inputs([os.fspath(item) for item in items])
+    results: list[Explanation] = []
+    for start in range(0, len(paths), batch_size):
+        good, names = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                good.append(load_image(path))
+                names.append(path)
+            except GraftError as error:
+                results.append(Explanation(path, error=str(error)))
+        results.extend(explain_images(model, good, top_k, target, names))
+    order = {path: index for index, path in enumerate(paths)}
+    return sorted(results, key=lambda row: order[row.path])
+
+
+def _png_names(paths: list[str]) -> list[str]:
+    """``<stem>.cam.png`` per file, numbered where two files share a stem (``a.jpg`` and ``a.png``)."""
+    names, seen = [], set()
+    for path in paths:
+        stem = display_name(Path(path).stem) or "image"
+        name, number = f"{stem}.cam.png", 2
+        while name in seen:
+            name, number = f"{stem}-{number}.cam.png", number + 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def write_explanations(explanations: list[Explanation], out_dir: str | os.PathLike) -> Path:
+    """One overlay PNG per explained image (the top-k in its text chunks) and ``explanations.json``; its path.
+
+    The folder is not checked here: callers claim it first (``graft.utils.outputs.output_folder``).
+    """
+    from PIL import PngImagePlugin
+
+    out_dir = Path(out_dir)
+    rows = []
+    for row, name in zip(explanations, _png_names([row.path for row in explanations])):
+        entry = {"file": display_name(row.path), "overlay": None, "target": row.target, "labels": row.labels,
+                 "probabilities": row.probabilities, "error": row.error}
+        if row.overlay is not None:
+            info = PngImagePlugin.PngInfo()
+            info.add_text("graft.explained", row.target)
+            info.add_text("graft.top_k", ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels,
+                                                                                          row.probabilities)))
+            atomic_write(out_dir / name, lambda temp, image=row.overlay, info=info: image.save(temp, "PNG",
+                                                                                              pnginfo=info))
+            entry["overlay"] = name
+        rows.append(entry)
+    summary = out_dir / SUMMARY
+    write_json(summary, {"method": "grad-cam (captum LayerGradCam)", "images": rows})
+    return summary
