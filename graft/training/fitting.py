@@ -106,7 +106,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
     if resume:
         _check_same_classes(run_dir, splits, config.data.path)
-    report = scan(splits, config.data.max_image_pixels, workers=4)
+    report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
+                  seed=config.train.seed)
     _write_data_report(run_dir, splits, report, runtime)
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)
