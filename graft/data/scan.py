@@ -183,6 +183,10 @@ def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, wor
         limit: above this many files, a seeded sample is decoded instead (``_sampled``), and the report says so.
         cache: the scan cache (``ScanCache``, its folder, or None for ``scan_cache_dir()``); False: decode all.
     """
+    if splits.shards is not None:  # streamed: nothing to decode up front (a bad sample is skipped as it loads)
+        counts = {split: splits.counts(split) for split in ("train", "val") if getattr(splits, split)}
+        return ScanReport(counts, [], [], list(splits.notes) + [
+            "tar shards are decoded as they stream: a bad sample is skipped and logged then"])
     if cache is not False and not isinstance(cache, ScanCache):
         cache = ScanCache(cache)
     cache = cache or None
