@@ -55,7 +55,7 @@ def main() -> None:
                 shard_dataset(data, Path(folder) / f"shards-{scale}", shard_size="16MB")
                 data = Path(folder) / f"shards-{scale}"
             rows.append((scale, args.images * scale, _peak(data, Path(folder) / f"run-{scale}")))
-    print(f"| source | train images | peak RSS (MB) | vs 1x |\n|---|---:|---:|---:|")
+    print("| source | train images | peak RSS (MB) | vs 1x |\n|---|---:|---:|---:|")
     for scale, images, peak in rows:
         print(f"| {'shards' if args.shards else 'folder'} | {images:,} | {peak:.0f} | {peak / rows[0][2]:.3f} |")
 

@@ -5,7 +5,6 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -94,8 +93,8 @@ def test_each_rank_and_worker_takes_an_equal_disjoint_share(shards, monkeypatch)
         seen[rank] = [int(index) for _, _, index in dataset]
         assert len(dataset) == len(seen[rank]) == 13  # floor(27 / 2): both ranks step in lockstep
     monkeypatch.setattr("graft.data.shards.rank_and_world", lambda: (0, 1))
-    dataset = ShardDataset(splits.shards["train"], _transform(), shuffle=True, generator=torch.Generator().manual_seed(1),
-                           with_index=True)
+    dataset = ShardDataset(splits.shards["train"], _transform(), shuffle=True,
+                           generator=torch.Generator().manual_seed(1), with_index=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, generator=torch.Generator())
     indices = [int(i) for _, _, batch in loader for i in batch]
     assert sorted(indices) == list(range(27))  # two workers: every sample once
@@ -110,7 +109,7 @@ def test_a_bad_sample_is_logged_and_replaced_keeping_the_count(shards, tmp_path,
     import webdataset as wds
 
     splits = discover(shards)
-    url, members = splits.shards["val"][0]
+    _, members = splits.shards["val"][0]
     broken = tmp_path / "broken.tar"
     with wds.TarWriter(str(broken)) as sink:
         for number, (key, label) in enumerate(members):
@@ -160,6 +159,6 @@ def test_fit_from_shards_matches_the_folder_and_predict_loads_it(folder, shards,
         fit(tiny_config(shards, tmp_path / "probe", **{"train.strategy": "probe"}), verbose=False)
     done = subprocess.run([sys.executable, "-m", "graft", "predict", str(streamed.run_dir),
                            str(next((folder / "val" / "circle").iterdir()))], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr
     assert any(name in done.stdout for name in ("circle", "square", "triangle"))

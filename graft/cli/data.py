@@ -16,7 +16,8 @@ __all__ = ["shard"]
 @friendly_errors
 def shard(
     data: Annotated[str, typer.Argument(help="class folders (optionally train/val/test) or a CSV manifest")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="the shard folder: SPLIT-NNNNNN.tar + graft-shards.json")],
+    output: Annotated[Path, typer.Option("--output", "-o",
+                                         help="the shard folder: SPLIT-NNNNNN.tar + graft-shards.json")],
     shard_size: Annotated[str, typer.Option(help="bytes per shard, e.g. 512MB, 1GB, 64MiB")] = "512MB",
     val_fraction: Annotated[float, typer.Option(help="held out for val when the data has no val/ split")] = 0.2,
     seed: Annotated[int, typer.Option(help="seeds that val split (recorded: every fit from the shards sees it)")] = 0,

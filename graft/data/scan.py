@@ -37,8 +37,8 @@ def scan_cache_dir() -> Path:
 
 
 class ScanCache:
-    """What the scan found per file, keyed by absolute path, size, mtime, ctime and the pixel limit (as the feature cache
-    keys features), in one SQLite file: a rerun on a million files stats them instead of decoding them.
+    """What the scan found per file, keyed by absolute path, size, mtime, ctime and the pixel limit (as the feature
+    cache keys features), in one SQLite file: a rerun on a million files stats them instead of decoding them.
 
     Every failure to use it (a read-only home, a damaged file) is a warning and an uncached scan, never an error:
     the cache only saves time.

@@ -8,7 +8,6 @@ samples per epoch without opening a tar, and lets ``discover`` give the rest of 
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -98,7 +97,7 @@ def write_shards(splits: DatasetSplits, output: str | os.PathLike, shard_size: s
         for number, members in enumerate(_plan(samples, limit)):
             name = f"{split}-{number:06d}.tar"
 
-            def write(temp: str, members=members) -> None:
+            def write(temp: str, members=members, samples=samples) -> None:
                 with wds.TarWriter(temp) as sink:
                     for index in members:
                         path, label = samples[index]
@@ -152,7 +151,7 @@ def discover_shards(path: str | os.PathLike) -> DatasetSplits:
     if selected is not None:
         missing = selected - {s["name"] for part in parts.values() for s in part["shards"]}
         if missing:
-            raise GraftError(f"{path}: {sorted(missing)[0]} is not in {folder / SIDECAR}; check the pattern")
+            raise GraftError(f"{path}: {min(missing)} is not in {folder / SIDECAR}; check the pattern")
         for split, part in parts.items():
             chosen = [s for s in part["shards"] if s["name"] in selected]
             if chosen:

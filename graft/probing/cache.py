@@ -20,8 +20,8 @@ from graft.models.backbones.base import Preprocessing
 from graft.utils.files import atomic_write
 
 __all__ = [
-    "CacheSpace", "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "cache_folder", "default_cache_dir", "file_key", "space_key",
-    "weights_digest"
+    "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "CacheSpace", "cache_folder", "default_cache_dir",
+    "file_key", "space_key", "weights_digest"
 ]
 
 log = logging.getLogger(__name__)
