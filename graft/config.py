@@ -76,6 +76,9 @@ class DataConfig:
     batch_size: int = _option(32, "images per training step", low=1, high=MAX_BATCH_SIZE)
     workers: int = _option(-1, "DataLoader workers; -1: auto (none on the CPU, whose cores they steal; up to 8 on a GPU)",
                            low=-1, high=64, note="-1: auto", panel="Runtime")
+    scan_all_up_to: int = _option(200_000, "the pre-training scan decodes every file up to this many; above it a "
+                                  "seeded sample (unreadable files are still skipped as they load)",
+                                  low=0, high=1_000_000_000, panel="Runtime")
     max_image_pixels: int = _option(DEFAULT_MAX_PIXELS, "larger images are skipped and listed (Pillow's bomb limit)",
                                     low=1, high=1_000_000_000)
     augment_views: int = _option(0, "cached probe: augmented views cached per training image", low=0, high=64)

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -72,7 +71,7 @@ def test_a_crashed_runs_shard_is_never_read(data, tmp_path):
     splits = discover(data)
     _extract(splits, ["layer2"], tmp_path / "cache")
     (space,) = [p for p in (tmp_path / "cache").iterdir()]
-    index = json.loads((space / "index.json").read_text())
+    index = CacheSpace(space, {}).read_index()
     (space / "shard-halfwritten.npy").write_bytes(b"\x93NUMPY garbage")  # a crash before the index update
     shard = next(iter(index["entries"].values()))[0]
     (space / shard).unlink()  # and an index entry whose shard is gone
@@ -116,7 +115,7 @@ def test_a_damaged_cache_index_is_rebuilt_not_fatal(tmp_path):
     space = CacheSpace(tmp_path / "space", {"node": "x"})
     space.add_shard(["a", "b"], np.ones((2, 3), np.float16))
     assert space.lookup(["a", "b"])[1] == []
-    (tmp_path / "space" / "index.json").write_text("{ half written")
+    (tmp_path / "space" / "index.sqlite").write_text("{ half written")
     found, missing = space.lookup(["a", "b"])
     assert found == {} and missing == ["a", "b"]
     space.add_shard(["a"], np.zeros((1, 3), np.float16))

@@ -86,6 +86,7 @@ class DatasetSplits:
     source: str = ""  # how the splits were found, for the report
     notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
     root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
+    shards: dict | None = None  # tar shards ({split: [(tar path, [(key, label), ...])]}), see graft.data.shards
 
     def counts(self, split: str) -> dict[str, int]:
         counter = Counter(label for _, label in getattr(self, split))
@@ -135,13 +136,18 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
     """Finds the samples of a class-per-folder tree or a CSV manifest.
 
-    Layouts: ``root/train/CLASS/*`` with ``root/val/CLASS/*`` (and optional ``root/test/``); ``root/train`` alone
+    Layouts: a shard set ``graft shard`` wrote (its folder, or a brace pattern of its ``.tar`` files);
+    ``root/train/CLASS/*`` with ``root/val/CLASS/*`` (and optional ``root/test/``); ``root/train`` alone
     or a plain ``root/CLASS/*`` tree, split stratified by ``val_fraction``; or ``manifest.csv`` with columns
     ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
 
     Raises:
         GraftError: when the path holds no recognisable dataset, with what was expected.
     """
+    from graft.data import shards  # imported here: shards builds on this module
+
+    if shards.is_shard_source(path):
+        return shards.discover_shards(path)
     root = Path(path)
     if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
         return _discover_csv(root, val_fraction, seed)

@@ -2,20 +2,91 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import random
+import sqlite3
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from graft.data.discovery import IMBALANCE_RATIO, TINY_CLASS, DatasetSplits, Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, _decoded, check_image_file
 from graft.errors import GraftError
 from graft.utils.text import escape_field
 
-__all__ = ["ScanReport", "check_files", "readable", "scan"]
+__all__ = ["SCAN_ALL_UP_TO", "SCAN_SAMPLE", "ScanCache", "ScanReport", "check_files", "readable", "scan",
+           "scan_cache_dir"]
 
 log = logging.getLogger(__name__)
+
+SCAN_ALL_UP_TO = 200_000  # files: above this the scan decodes a seeded sample and load-time skipping does the rest
+SCAN_SAMPLE = 20_000  # files decoded from a dataset above SCAN_ALL_UP_TO (plus any the scan cache already knows)
+
+
+def scan_cache_dir() -> Path:
+    """``$GRAFT_SCAN_CACHE``, else ``scan/`` in ``$GRAFT_CACHE`` when that is set, else ``~/.cache/graft/scan``."""
+    if os.environ.get("GRAFT_SCAN_CACHE"):
+        return Path(os.environ["GRAFT_SCAN_CACHE"])
+    if os.environ.get("GRAFT_CACHE"):
+        return Path(os.environ["GRAFT_CACHE"]) / "scan"
+    return Path.home() / ".cache" / "graft" / "scan"
+
+
+class ScanCache:
+    """What the scan found per file, keyed by absolute path, size, mtime, ctime and the pixel limit (as the feature
+    cache keys features), in one SQLite file: a rerun on a million files stats them instead of decoding them.
+
+    Every failure to use it (a read-only home, a damaged file) is a warning and an uncached scan, never an error:
+    the cache only saves time.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.path = Path(folder or scan_cache_dir()) / "scan.sqlite"
+
+    @contextlib.contextmanager
+    def _db(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=60)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS checks (key TEXT PRIMARY KEY, digest TEXT, reason TEXT) "
+                       "WITHOUT ROWID")
+            yield db
+        finally:
+            db.close()
+
+    def get(self, keys: list[str]) -> dict[str, tuple]:
+        found = {}
+        try:
+            with self._db() as db:
+                for start in range(0, len(keys), 900):  # under SQLite's oldest bound-parameter limit (999)
+                    chunk = keys[start:start + 900]
+                    query = f"SELECT key, digest, reason FROM checks WHERE key IN ({','.join('?' * len(chunk))})"
+                    found.update({key: (digest, reason) for key, digest, reason in db.execute(query, chunk)})
+        except (sqlite3.Error, OSError) as error:
+            log.warning("%s: scan cache unreadable (%s); decoding every file", self.path, error)
+        return found
+
+    def put(self, results: dict[str, tuple]) -> None:
+        try:
+            with self._db() as db, db:  # one transaction
+                db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
+                               [(key, digest, reason) for key, (digest, reason) in results.items()])
+        except (sqlite3.Error, OSError) as error:
+            log.warning("%s: scan cache not written (%s); the next scan decodes again", self.path, error)
+
+
+def _scan_key(path: str, max_pixels: int | None) -> str | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # gone: checked (and reported) without the cache
+    # ctime too: a chmod or a rename-over changes it where size and mtime can stay the same
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{max_pixels}"
 
 
 @dataclass
@@ -61,11 +132,21 @@ def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | No
     return digest, None
 
 
-def check_files(paths, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> dict[str, tuple]:
-    """{path: (sha1 or None, reason or None)} for each path, decoded in a thread pool (Pillow releases the GIL)."""
+def check_files(paths, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4,
+                cache: ScanCache | None = None) -> dict[str, tuple]:
+    """{path: (sha1 or None, reason or None)} for each path, decoded in a thread pool (Pillow releases the GIL);
+    with a ``cache``, only files it does not know (new, resized or touched since) are decoded."""
     unique = sorted(set(paths))
+    keys = {path: _scan_key(path, max_pixels) for path in unique} if cache else {}
+    known = cache.get([key for key in keys.values() if key]) if cache else {}
+    results = {path: known[keys[path]] for path in unique if keys.get(path) in known}
+    todo = [path for path in unique if path not in results]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return dict(zip(unique, pool.map(lambda p: _check_file(p, max_pixels), unique)))
+        fresh = dict(zip(todo, pool.map(lambda p: _check_file(p, max_pixels), todo)))
+    if cache and fresh:
+        cache.put({keys[path]: result for path, result in fresh.items() if keys.get(path)})
+    results.update(fresh)
+    return {path: results[path] for path in unique}
 
 
 def readable(samples: list[Sample], max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> list[Sample]:
@@ -74,24 +155,56 @@ def readable(samples: list[Sample], max_pixels: int | None = DEFAULT_MAX_PIXELS,
     return [sample for sample in samples if checked[sample[0]][1] is None]
 
 
-def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4) -> ScanReport:
+def _sampled(paths: list[str], limit: int, cache: ScanCache | None, max_pixels: int | None, seed: int):
+    """The paths to check and a note: all of them up to ``limit``; above it, those the cache knows plus a seeded
+    sample of ``SCAN_SAMPLE`` others (the rest are checked as they load, which skips and logs a bad one)."""
+    if len(paths) <= limit:
+        return paths, None
+    keys = {path: _scan_key(path, max_pixels) for path in paths} if cache else {}
+    known = set(cache.get([k for k in keys.values() if k])) if cache else set()
+    cached = [path for path in paths if keys.get(path) in known]
+    others = [path for path in paths if keys.get(path) not in known]
+    sample = random.Random(seed).sample(others, min(len(others), SCAN_SAMPLE))
+    note = (f"{len(paths):,} files is more than the scan decodes in full (--scan-all-up-to {limit:,}): checked "
+            f"{len(cached):,} known to the scan cache and a seeded sample of {len(sample):,}; the rest are checked as "
+            "they load (an unreadable one is skipped and logged) and the train/val duplicate check covers the sample")
+    return cached + sample, note
+
+
+def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4,
+         limit: int = SCAN_ALL_UP_TO, cache: ScanCache | str | os.PathLike | bool | None = None,
+         seed: int = 0) -> ScanReport:
     """Decodes every file once (threads), drops unreadable ones from ``splits`` in place, and reports.
 
     Warns on class imbalance, tiny classes (< 5 training images), empty val classes and identical files in
     train and val (a leak that inflates validation accuracy).
+
+    Args:
+        limit: above this many files, a seeded sample is decoded instead (``_sampled``), and the report says so.
+        cache: the scan cache (``ScanCache``, its folder, or None for ``scan_cache_dir()``); False: decode all.
     """
-    checked = check_files([path for split in ("train", "val", "test") for path, _ in getattr(splits, split)],
-                          max_pixels, workers)
+    if splits.shards is not None:  # streamed: nothing to decode up front (a bad sample is skipped as it loads)
+        counts = {split: splits.counts(split) for split in ("train", "val") if getattr(splits, split)}
+        return ScanReport(counts, [], [], list(splits.notes) + [
+            "tar shards are decoded as they stream: a bad sample is skipped and logged then"])
+    if cache is not False and not isinstance(cache, ScanCache):
+        cache = ScanCache(cache)
+    cache = cache or None
+    paths, sample_note = _sampled([p for split in ("train", "val", "test") for p, _ in getattr(splits, split)],
+                                  limit, cache, max_pixels, seed)
+    checked = check_files(paths, max_pixels, workers, cache)
     skipped = sorted((path, reason) for path, (_, reason) in checked.items() if reason)
     bad = {path for path, _ in skipped}
     for split in ("train", "val", "test"):
         setattr(splits, split, [s for s in getattr(splits, split) if s[0] not in bad])
     train_digests = defaultdict(list)
     for path, _ in splits.train:
-        train_digests[checked[path][0]].append(path)
-    duplicates = [(train_digests[checked[p][0]][0], p) for p, _ in splits.val if checked[p][0] in train_digests]
+        if path in checked:
+            train_digests[checked[path][0]].append(path)
+    duplicates = [(train_digests[checked[p][0]][0], p) for p, _ in splits.val
+                  if p in checked and checked[p][0] in train_digests]
     counts = {split: splits.counts(split) for split in ("train", "val", "test") if getattr(splits, split)}
-    notes = list(splits.notes)
+    notes = list(splits.notes) + ([sample_note] if sample_note else [])
     if skipped:
         notes.append(f"{len(skipped)} unreadable file(s) skipped, e.g. {skipped[0][1]}")
     train_counts = counts.get("train", {})

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import uuid
 from pathlib import Path
 
@@ -19,14 +20,16 @@ from graft.models.backbones.base import Preprocessing
 from graft.utils.files import atomic_write
 
 __all__ = [
-    "CacheSpace", "FEATURE_FORMAT", "SHARD_IMAGES", "cache_folder", "default_cache_dir", "file_key", "space_key",
-    "weights_digest"
+    "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "CacheSpace", "cache_folder", "default_cache_dir",
+    "file_key", "space_key", "weights_digest"
 ]
 
 log = logging.getLogger(__name__)
 
 
 FEATURE_FORMAT = 1
+INDEX, LEGACY_INDEX = "index.sqlite", "index.json"  # the JSON index (one file rewritten whole) is migrated on use
+QUERY_KEYS = 900  # keys per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
 
 
@@ -68,7 +71,13 @@ def space_key(architecture: str, digest: str, node: str, pool: str, preprocessin
 
 
 class CacheSpace:
-    """One folder of features: ``index.json`` → {file key: [shard, row]}, plus ``shard-*.npy`` files."""
+    """One folder of features: ``index.sqlite`` → {file key: (shard, row)}, plus ``shard-*.npy`` files.
+
+    The index is SQLite in WAL mode: a lookup is an indexed query and a shard's commit one transaction, so both
+    cost the same at a million entries as at a thousand (``bench/bench_cache_index.py``), where the JSON index it
+    replaces was read and rewritten whole on every shard. A killed write rolls back: the index never holds half a
+    shard, and it only ever references shards already renamed into place.
+    """
 
     def __init__(self, root: Path, description: dict):
         self.root = root
@@ -83,23 +92,65 @@ class CacheSpace:
         with FileLock(self.root / "index.lock", thread_local=False):  # waits for the other writer
             yield
 
-    def read_index(self) -> dict:
-        path = self.root / "index.json"
-        empty = {"format": FEATURE_FORMAT, "description": self.description, "entries": {}}
-        if not path.is_file():
-            return empty
+    @contextlib.contextmanager
+    def _index(self):
+        """The open index, created (and an older ``index.json`` migrated) on first use."""
+        connection = self._open()
         try:
-            index = json.loads(path.read_text())
-        except (OSError, ValueError):  # damaged by hand or by a disk error: the cache is rebuildable, so start over
-            log.warning("%s: unreadable feature-cache index; extracting again", path)
-            return empty
-        return index if isinstance(index, dict) and isinstance(index.get("entries"), dict) else empty
+            yield connection
+        finally:
+            connection.close()
+
+    def _open(self) -> sqlite3.Connection:
+        """Connects; a damaged index is removed and started over, with a warning: the cache is rebuildable, a run
+        that stops on it is not."""
+        path = self.root / INDEX
+        try:
+            connection = _connect(path)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):  # locked or unwritable: not damage, say so
+                raise GraftError(f"{path}: cannot open the feature-cache index ({error}); check the cache folder is "
+                                 "writable, or pass another --cache") from None
+            log.warning("%s: unreadable feature-cache index (%s); extracting again", path, error)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            connection = _connect(path)
+        if (self.root / LEGACY_INDEX).is_file():
+            self._migrate(connection)
+        return connection
+
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        """Moves an ``index.json`` (graft before the SQLite index) into the database in one transaction, then
+        removes it; a damaged one is dropped (its shards are extracted again)."""
+        legacy = self.root / LEGACY_INDEX
+        try:
+            entries = json.loads(legacy.read_text()).get("entries", {})
+            rows = [(key, shard, int(row)) for key, (shard, row) in entries.items()]
+        except (OSError, ValueError, AttributeError, TypeError):
+            log.warning("%s: unreadable feature-cache index; extracting again", legacy)
+            rows = []
+        with connection:  # one transaction: a kill here leaves index.json to migrate next time
+            connection.executemany("INSERT OR IGNORE INTO entries VALUES (?, ?, ?)", rows)
+        legacy.unlink(missing_ok=True)
+
+    def read_index(self) -> dict:
+        """The whole index as {"entries": {key: [shard, row]}, "dim": D} (for inspection and tests; O(entries))."""
+        with self._index() as db:
+            entries = {key: [shard, row] for key, shard, row in db.execute("SELECT key, shard, row FROM entries")}
+            dim = db.execute("SELECT value FROM meta WHERE name = 'dim'").fetchone()
+        return {"format": FEATURE_FORMAT, "description": self.description, "entries": entries,
+                **({"dim": int(dim[0])} if dim else {})}
 
     def lookup(self, keys: list[str]) -> tuple[dict[str, tuple[str, int]], list[str]]:
-        entries = self.read_index()["entries"]
-        shards = {shard for shard, _ in entries.values()}
-        rows = {shard: self._shard_rows(shard) for shard in shards}  # one header read per shard, not per image
-        found = {k: tuple(entries[k]) for k in keys if k in entries and entries[k][1] < rows[entries[k][0]]}
+        with self._index() as db:
+            entries = {}
+            for start in range(0, len(keys), QUERY_KEYS):
+                chunk = keys[start:start + QUERY_KEYS]
+                query = f"SELECT key, shard, row FROM entries WHERE key IN ({','.join('?' * len(chunk))})"
+                entries.update({key: (shard, row) for key, shard, row in db.execute(query, chunk)})
+        rows = {shard: self._shard_rows(shard) for shard in {shard for shard, _ in entries.values()}}  # one header
+        # read per shard the keys use, not per image
+        found = {k: entries[k] for k in keys if k in entries and entries[k][1] < rows[entries[k][0]]}
         return found, [k for k in keys if k not in found]
 
     def _shard_rows(self, shard: str) -> int:
@@ -116,14 +167,13 @@ class CacheSpace:
             return 0
 
     def add_shard(self, keys: list[str], features: np.ndarray) -> None:
-        """Writes one shard atomically, then (under the lock) the index that references it."""
+        """Writes one shard atomically, then (under the lock, in one transaction) the index rows that reference it."""
         name = f"shard-{uuid.uuid4().hex[:12]}.npy"
         atomic_write(self.root / name, lambda temp: _save_npy(temp, features))
-        with self.locked():
-            index = self.read_index()
-            index["entries"].update({key: [name, row] for row, key in enumerate(keys)})
-            index["dim"] = int(features.shape[1])
-            atomic_write(self.root / "index.json", lambda temp: Path(temp).write_text(json.dumps(index)))
+        with self.locked(), self._index() as db, db:
+            db.executemany("INSERT OR REPLACE INTO entries VALUES (?, ?, ?)",
+                           [(key, name, row) for row, key in enumerate(keys)])
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(int(features.shape[1])),))
 
     def gather(self, locations: list[tuple[str, int]]) -> np.ndarray:
         """Rows in the order given, read from memory-mapped shards (only the rows needed are paged in)."""
@@ -134,6 +184,19 @@ class CacheSpace:
                 shards[shard] = np.load(self.root / shard, mmap_mode="r")
             rows.append(shards[shard][row])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Opens (creating) the index: WAL, so readers never block the writer; ``synchronous=FULL`` so a committed
+    shard survives a power cut like the fsynced shard file it references."""
+    connection = sqlite3.connect(path, timeout=60, isolation_level="DEFERRED")
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, shard TEXT NOT NULL, "
+                       "row INTEGER NOT NULL) WITHOUT ROWID")
+    connection.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+    connection.commit()
+    return connection
 
 
 def _npy_rows(path: Path) -> int:

@@ -107,9 +107,14 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                       verbose=verbose)
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
+    if splits.shards is not None and (recipes.solves_head(config) or config.train.strategy == "scratch"):
+        raise GraftError(f"{config.data.path}: tar shards stream images for --strategy finetune (or --head-fit "
+                         "epochs); the cached probe and scratch statistics read image files: pass the folder the "
+                         "shards came from, or --strategy finetune")
     if resume:
         _check_same_classes(run_dir, splits, config.data.path)
-    report = scan(splits, config.data.max_image_pixels, workers=4)
+    report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
+                  seed=config.train.seed)
     _write_data_report(run_dir, splits, report, runtime)
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)

@@ -38,6 +38,10 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
 
 def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
     """Training and validation DataLoaders with the backbone's preprocessing."""
+    if splits.shards is not None:  # tar shards stream through an IterableDataset (graft.data.shards)
+        from graft.data.shards import shard_loaders
+
+        return shard_loaders(splits, model.preprocessing, config, runtime.device)
     data = config.data
     workers = resolve_workers(data.workers, runtime.device)
     train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip,
