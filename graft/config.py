@@ -76,6 +76,10 @@ class DataConfig:
     augment_views: int = _option(0, "cached probe: augmented views cached per training image", low=0, high=64)
     cache_dir: str | None = _option(None, "feature cache folder (default: $GRAFT_CACHE or ~/.cache/graft)",
                                     flags=("--cache",))
+    # issue 14, honest numbers:
+    test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
+                                   "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
+                                   low=0, high=1, high_open=True, note="0: none")
 
 
 @dataclass
@@ -142,6 +146,9 @@ class TrainConfig:
                                   "(bench/RESULTS.md), what tensor cores want", panel="Runtime")
     limit_batches: int = _option(0, "smoke runs: batches per epoch, 0: no limit", low=0, high=10**9, note="0: no limit",
                                  panel="Runtime")
+    # issue 14, never worse than the probe:
+    probe_patience: int = _option(0, "finetune after a solved probe: stop after this many epochs in a row that do not "
+                                  "beat the probe on val (auto: 2); 0: off", low=0, high=MAX_EPOCHS, note="0: off")
 
 
 @dataclass
