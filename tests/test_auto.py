@@ -1,6 +1,7 @@
 """Never worse than the probe: the probe is candidate epoch 0, auto decides from evidence, and honest labels."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,15 +40,17 @@ def test_beating_the_probe_is_higher_accuracy_then_lower_loss():
 
 
 def test_probe_patience_stops_after_that_many_epochs_below_the_probe():
+    runtime, said = SimpleNamespace(log=lambda message: said.append(message)), []
     state = TrainState(probe={"val_acc": 0.9, "val_loss": 0.3})
     rows = [{"stage": "finetune", "val_acc": acc, "val_loss": 0.5} for acc in (0.95, 0.8, 0.8)]
     for row in rows:
-        _stop_below_probe(state, row, 2, print)
+        _stop_below_probe(state, row, 2, runtime)
         assert not state.stage_done or row is rows[2]
         state.history.append(row)
     assert [r["beats_probe"] for r in rows] == [True, False, False] and state.stage_done
+    assert len(said) == 1 and "has not beaten the probe's val accuracy 0.9000 for 2 epoch(s)" in said[0]
     off = TrainState(probe=state.probe)
-    _stop_below_probe(off, {"stage": "finetune", "val_acc": 0.1, "val_loss": 9.0}, 0, print)
+    _stop_below_probe(off, {"stage": "finetune", "val_acc": 0.1, "val_loss": 9.0}, 0, runtime)
     assert not off.stage_done
 
 
@@ -91,7 +94,7 @@ def test_test_fraction_carves_a_stratified_disjoint_seeded_split(plain, shapes, 
     splits = discover(plain, 0.2, seed=0, test_fraction=0.2)
     assert splits.counts("test") == {"circle": 6, "square": 6, "triangle": 6}
     assert splits.counts("val") == {"circle": 6, "square": 6, "triangle": 6}
-    names = [set(path for path, _ in getattr(splits, s)) for s in ("train", "val", "test")]
+    names = [{path for path, _ in getattr(splits, s)} for s in ("train", "val", "test")]
     assert sum(map(len, names)) == 90 and len(set.union(*names)) == 90  # disjoint, nothing lost
     assert discover(plain, 0.2, seed=0, test_fraction=0.2).test == splits.test  # seeded
     assert discover(plain, 0.2, seed=1, test_fraction=0.2).test != splits.test
