@@ -68,10 +68,10 @@ def test_cv_choice_matches_sklearn_logistic_regression_cv(features):
 def test_validation_does_not_choose_when_cv_runs(features):
     """CV picks λ from the training features alone: shuffling the validation labels changes nothing chosen."""
     train_x, train_y, val_x, val_y, *_ = features
-    honest = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-2, 1e-4))
-    noise = fit_linear_probe(train_x, train_y, val_x, np.random.RandomState(1).permutation(val_y),
-                             grid=(1.0, 1e-2, 1e-4))
-    assert honest.l2 == noise.l2 and torch.equal(honest.linear.weight, noise.linear.weight)
+    honest = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-3), cv=3)
+    noise = fit_linear_probe(train_x, train_y, val_x, np.random.RandomState(1).permutation(val_y), grid=(1.0, 1e-3),
+                             cv=3)
+    assert honest.selection == "cv-3" and honest.l2 == noise.l2 and torch.equal(honest.linear.weight, noise.linear.weight)
 
 
 def test_the_grid_reaches_strong_regularisation():
