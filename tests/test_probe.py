@@ -22,7 +22,7 @@ def _accuracy(linear, x, y):
 
 def test_matches_sklearn_logistic_regression_within_one_point(digits):
     train_x, train_y, val_x, val_y, test_x, test_y = digits
-    result = fit_linear_probe(train_x, train_y, val_x, val_y)
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, cv=0)  # the same C either way; CV has its own test
     scaler = StandardScaler().fit(train_x)
     reference = LogisticRegression(C=1 / (result.l2 * len(train_y)), max_iter=5000)
     reference.fit(scaler.transform(train_x), train_y)
