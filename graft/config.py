@@ -87,6 +87,10 @@ class DataConfig:
     # training augmentation recipes (issue 14):
     random_erasing: float = _option(0.0, "training: probability of erasing a random rectangle (timm's re_prob)", low=0,
                                     high=1)
+    # issue 14, honest numbers:
+    test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
+                                   "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
+                                   low=0, high=1, high_open=True, note="0: none")
 
 
 @dataclass
@@ -161,6 +165,9 @@ class TrainConfig:
     lr_decay: float = _option(1.0, "layer-wise lr decay: each stage below the top trains at this times the rate of "
                               "the one above (replaces --stem-lr-ratio's spread), 1: off", low=0, high=1,
                               low_open=True, note="1: off")
+    # issue 14, never worse than the probe:
+    probe_patience: int = _option(0, "finetune after a solved probe: stop after this many epochs in a row that do not "
+                                  "beat the probe on val (auto: 2); 0: off", low=0, high=MAX_EPOCHS, note="0: off")
 
 
 @dataclass

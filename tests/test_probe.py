@@ -22,7 +22,7 @@ def _accuracy(linear, x, y):
 
 def test_matches_sklearn_logistic_regression_within_one_point(digits):
     train_x, train_y, val_x, val_y, test_x, test_y = digits
-    result = fit_linear_probe(train_x, train_y, val_x, val_y)
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, cv=0)  # the same C either way; CV has its own test
     scaler = StandardScaler().fit(train_x)
     reference = LogisticRegression(C=1 / (result.l2 * len(train_y)), max_iter=5000)
     reference.fit(scaler.transform(train_x), train_y)
@@ -33,7 +33,8 @@ def test_matches_sklearn_logistic_regression_within_one_point(digits):
 
 def test_the_path_is_reported_and_the_best_val_point_chosen(digits):
     train_x, train_y, val_x, val_y, *_ = digits
-    result = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-2, 1e-4))
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-2, 1e-4), cv=0)  # the fallback
+    assert result.selection == "validation" and result.optimistic
     assert [row["l2"] for row in result.grid] == [1.0, 1e-2, 1e-4]
     best = max(result.grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
     assert result.l2 == best["l2"] and result.val_accuracy == best["val_acc"]

@@ -196,7 +196,7 @@ def test_cached_probe_solves_the_head_and_leaves_the_trunk_alone(shapes, tmp_pat
     after = result.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("trunk."))
     grid = list(csv.DictReader(open(result.run_dir / "probe_grid.csv")))
-    assert len(grid) == 7 and {"l2", "val_acc", "train_loss"} <= set(grid[0])
+    assert len(grid) == 9 and {"l2", "val_acc", "train_loss", "cv_acc", "cv_loss"} <= set(grid[0])
     assert result.metrics["val"]["accuracy"] >= 0.8 and result.metrics["epochs"] == 0
     from graft.evaluation.scoring import evaluate
 

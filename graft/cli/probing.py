@@ -25,6 +25,7 @@ from graft.cli.shared import (
     out,
     print_table,
 )
+from graft.config import ModelConfig
 from graft.errors import GraftError
 
 __all__ = ["advise", "features", "layers", "probe"]
@@ -143,7 +144,7 @@ def probe(
 @friendly_errors
 def advise(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, config_option("model.backbone")],
+    backbone: Annotated[str, config_option("model.backbone", with_default=True)] = ModelConfig.backbone,
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,
@@ -152,7 +153,7 @@ def advise(
 ):
     """Recommend a strategy (probe top layer, probe an earlier stage, fine-tune the last stages or everything).
 
-    Example: graft advise ./pets --backbone resnet50.a1_in1k
+    Example: graft advise ./pets (the default backbone) or graft advise ./pets --backbone resnet50.a1_in1k
     """
     from graft.probing.advice import advise as advise_on
 

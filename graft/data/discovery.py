@@ -133,7 +133,8 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     return sorted(train), sorted(val)
 
 
-def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> DatasetSplits:
+def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
+             test_fraction: float = 0.0) -> DatasetSplits:
     """Finds the samples of a class-per-folder tree or a CSV manifest.
 
     Layouts: a shard set ``graft shard`` wrote (its folder, or a brace pattern of its ``.tar`` files);
@@ -141,14 +142,35 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) 
     or a plain ``root/CLASS/*`` tree, split stratified by ``val_fraction``; or ``manifest.csv`` with columns
     ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
 
+    Args:
+        test_fraction: carve a stratified, seeded test split of about this fraction of the train + val images from
+            train (after val is held out, so the two are disjoint); for data without a test split of its own.
+
     Raises:
-        GraftError: when the path holds no recognisable dataset, with what was expected.
+        GraftError: when the path holds no recognisable dataset, with what was expected; a test_fraction for data
+            that already has a test split.
     """
     from graft.data import shards  # imported here: shards builds on this module
 
     if shards.is_shard_source(path):
+        if test_fraction:  # the shards' splits were fixed when they were written
+            raise GraftError(f"{path}: tar shards keep the splits they were written with; carve the test split "
+                             "when sharding (graft shard on a folder with test/) and drop --test-fraction")
         return shards.discover_shards(path)
-    root = Path(path)
+    splits = _discover(Path(path), val_fraction, seed)
+    if not test_fraction:
+        return splits
+    if splits.test:
+        raise GraftError(f"{path}: already has a test split ({len(splits.test)} images); drop --test-fraction to "
+                         "use it as it is")
+    pool = len(splits.train) + len(splits.val)  # the fraction is of the train + val images, as val_fraction's is
+    share = min(0.95, test_fraction * pool / max(1, len(splits.train)))
+    splits.train, splits.test = stratified_split(splits.train, share, seed + 1)
+    splits.source += f"; test carved stratified, test_fraction={test_fraction}"
+    return splits
+
+
+def _discover(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
     if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
         return _discover_csv(root, val_fraction, seed)
     if not root.is_dir():

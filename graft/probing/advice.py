@@ -30,11 +30,13 @@ class Advice:
 
 
 def advise(data, backbone: str, image_size: int | None = None, pretrained: bool = True, cache_dir=None,
-           device: str = "auto", workers: int = -1, val_fraction: float = 0.2, seed: int = 0, log=None) -> Advice:
-    """Recommends probe / fine-tune and where to cut, from data size and per-stage separability."""
+           device: str = "auto", workers: int = -1, val_fraction: float = 0.2, seed: int = 0, log=None,
+           weights_file: str | None = None) -> Advice:
+    """Recommends probe / fine-tune and where to cut, from data size and per-stage separability (``weights_file``:
+    local pretrained weights, as ``--weights``)."""
     splits = _prepare(data, val_fraction, seed)
     _, _, sets = stage_features(splits, backbone, "all", image_size, "avg", pretrained, cache_dir, device,
-                                workers=workers, log=log, seed=seed)
+                                workers=workers, log=log, seed=seed, weights_file=weights_file)
     stages = [_stage_row(node, features, len(splits.classes), device) for node, features in sets.items()]
     per_class = statistics.median(splits.counts("train").values())
     top = next(s for s in stages if s["node"] == DEFAULT_NODE)

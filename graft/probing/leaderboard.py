@@ -84,7 +84,8 @@ def _speed(net, node: str, input_size, device: torch.device, batch: int = 32, re
 
 def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", image_size: int | None = None,
                    pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
-                   batch_size: int | None = None, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0):
+                   batch_size: int | None = None, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0,
+                   weights_file: str | None = None):
     """(backbone, preprocessing, {node: FeatureSet}) from one pass over the data.
 
     Args:
@@ -93,7 +94,7 @@ def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", imag
         seed: seeds random initialisation (pretrained=False), so a rerun has the same weights and hits the cache.
     """
     torch.manual_seed(seed)
-    backbone = create_backbone(backbone_name, pretrained=pretrained)
+    backbone = create_backbone(backbone_name, pretrained=pretrained, weights_file=weights_file if pretrained else None)
     preprocessing = backbone.preprocessing.with_size(image_size)
     if isinstance(stages, str):
         stages = (backbone.stage_nodes if stages == "all" else []) + [DEFAULT_NODE]

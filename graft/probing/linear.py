@@ -2,8 +2,14 @@
 
 Full-batch L-BFGS on standardised features (the problem is convex, so it converges to the optimum rather than
 wherever E epochs of SGD happen to stop), over a log grid of L2 strengths from strong to weak, each warm-started
-from the previous solution; the strength with the best validation accuracy (then loss) wins. Very large problems
-switch to minibatch Adam. The result folds the standardisation into one ``nn.Linear``.
+from the previous solution. The strength is chosen by stratified k-fold cross-validation on the training features
+(best mean held-out accuracy, then loss), so the validation split stays an unbiased estimate; only when a class has
+too few training images for two folds is it chosen on validation, and labelled so. Very large problems switch to
+minibatch Adam. The result folds the standardisation into one ``nn.Linear``.
+
+Mapping to scikit-learn: our objective is mean cross-entropy + λ/2·‖W‖² on standardised features (the bias is not
+penalised); sklearn's ``LogisticRegression`` minimises C·Σ cross-entropy + ½‖W‖². Dividing sklearn's by C·N gives
+ours, so ``C = 1 / (λ·N)`` with N the number of images the fit sees (a CV fold's training part: (k-1)/k of them).
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_GRID", "FULL_BATCH_LIMIT", "ProbeResult", "class_weights", "fit_linear_probe"]
+__all__ = ["CV_FOLDS", "DEFAULT_GRID", "FULL_BATCH_LIMIT", "ProbeResult", "class_weights", "fit_linear_probe",
+           "stratified_folds"]
 
-DEFAULT_GRID = tuple(10.0 ** e for e in range(-1, -8, -1))  # strong → weak; λ multiplies 0.5·‖W‖² per image
+# strong → weak; λ multiplies 0.5·‖W‖² per image. 1e1 and 1e0 reach the strong regularisation a cross-validated
+# sklearn fit picked on a real 2-class dataset (C·N ≈ 2.5, λ ≈ 0.4), which the old 1e-1 end could not.
+DEFAULT_GRID = tuple(10.0 ** e for e in range(1, -8, -1))
+CV_FOLDS = 5
 FULL_BATCH_LIMIT = 400_000_000  # N x D above this: minibatch Adam instead of full-batch L-BFGS
 
 
@@ -28,8 +38,31 @@ class ProbeResult:
 
     linear: nn.Linear
     l2: float
-    grid: list[dict] = field(default_factory=list)  # per λ: train/val accuracy and loss, iterations
+    grid: list[dict] = field(default_factory=list)  # per λ: train/val (and cv) accuracy and loss, iterations
     val_accuracy: float = math.nan
+    selection: str = "validation"  # how λ was chosen: "cv-K" (K folds on train), "validation" or "fixed"
+    cv_accuracy: float = math.nan  # the chosen λ's mean held-out accuracy over the folds
+
+    @property
+    def optimistic(self) -> bool:
+        """Whether the validation accuracy is biased upwards: λ was chosen on the validation split itself."""
+        return self.selection == "validation"
+
+
+def stratified_folds(labels: np.ndarray, folds: int = CV_FOLDS, seed: int = 0) -> list[np.ndarray]:
+    """Held-out index sets of a seeded stratified k-fold split: each class's images shuffled, then dealt round-robin,
+    so every fold holds ⌊n/k⌋ or ⌈n/k⌉ of each class. ``folds`` is capped by the smallest class (at least 2 needed)."""
+    labels = np.asarray(labels)
+    folds = min(folds, int(np.bincount(labels)[np.unique(labels)].min()))
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    offset = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        for i, index in enumerate(members):
+            parts[(i + offset) % folds].append(int(index))
+        offset += len(members)  # the next class continues where this one stopped: folds stay equal in size
+    return [np.sort(np.array(part, dtype=np.int64)) for part in parts]
 
 
 def class_weights(labels: torch.Tensor, classes: int) -> torch.Tensor:
@@ -87,55 +120,100 @@ def _evaluate(weight, bias, x, y) -> tuple[float, float]:
         return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
+def _path(x, y, sample_weight, grid, classes: int, max_iter: int, full_batch: bool, evaluate_on=(), log=None):
+    """Fits every λ of ``grid`` (strong → weak, warm-started); yields (λ, row, weight, bias) with the row's metrics
+    on each (name, x, y) of ``evaluate_on``."""
+    weight = torch.zeros(classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    for l2 in grid:
+        iterations = (_lbfgs(weight, bias, x, y, l2, sample_weight, max_iter) if full_batch
+                      else _minibatch(weight, bias, x, y, l2, sample_weight))
+        row = {"l2": l2, "C": 1 / (l2 * len(y)), "iterations": iterations}
+        for name, ex, ey in evaluate_on:
+            row[f"{name}_acc"], row[f"{name}_loss"] = _evaluate(weight, bias, ex, ey)
+        yield l2, row, weight, bias
+
+
+def _cross_validate(x, y, sample_weight, grid, classes: int, folds: list[np.ndarray], max_iter: int,
+                    full_batch: bool) -> list[tuple[float, float]]:
+    """Mean held-out (accuracy, loss) per λ over the folds; each fold runs its own warm-started path."""
+    totals = np.zeros((len(grid), 2))
+    for held in folds:
+        mask = torch.ones(len(y), dtype=torch.bool, device=x.device)
+        mask[torch.as_tensor(held, device=x.device)] = False
+        evaluate_on = [("cv", x[~mask], y[~mask])]
+        for i, (_, row, _, _) in enumerate(_path(x[mask], y[mask], sample_weight[mask], grid, classes, max_iter,
+                                                 full_batch, evaluate_on)):
+            totals[i] += (row["cv_acc"], row["cv_loss"])
+    return [(acc, loss) for acc, loss in totals / len(folds)]
+
+
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
                      val_y: np.ndarray | None = None, classes: int | None = None, grid=DEFAULT_GRID,
                      balanced: bool = False, device: str | torch.device = "cpu", max_iter: int = 300,
-                     log=None) -> ProbeResult:
-    """Fits multinomial logistic regression with the L2 strength chosen on (val_x, val_y).
+                     log=None, cv: int = CV_FOLDS, seed: int = 0) -> ProbeResult:
+    """Fits multinomial logistic regression with the L2 strength chosen by stratified k-fold CV on the training
+    features, then refits on all of them at that strength.
 
     Args:
         train_x: (N, D) features; any float dtype (float16 caches are upcast).
-        val_x: validation features; without them the middle of the grid is used.
+        val_x: validation features: evaluated along the path (``grid``'s rows) and, only when CV is impossible, used
+            to choose λ (``selection="validation"``, an optimistic estimate). Without CV or them: the grid's middle.
         grid: L2 strengths λ (objective: mean cross-entropy + λ/2·‖W‖²; sklearn's C = 1 / (λ·N)).
         balanced: weight classes by inverse frequency.
         max_iter: L-BFGS iterations per grid point (warm starts make later points cheap).
+        cv: folds (capped by the smallest class's image count; 0 or a class with one image: no CV).
+        seed: the folds' shuffle.
     """
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(train_x, dtype=np.float32), device=device)
     y = torch.as_tensor(np.asarray(train_y, dtype=np.int64), device=device)
     classes = classes or int(y.max().item()) + 1
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # standardising makes one λ grid fit every backbone
+    # standardised with all training features' statistics, folds included: unsupervised (no labels), and it keeps
+    # one λ grid meaningful for every backbone
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
+    evaluate_on = [("train", x, y)]
     has_val = val_x is not None and len(val_x) > 0
     if has_val:
         vx = (torch.as_tensor(np.asarray(val_x, dtype=np.float32), device=device) - mean) / std
-        vy = torch.as_tensor(np.asarray(val_y, dtype=np.int64), device=device)
+        evaluate_on.append(("val", vx, torch.as_tensor(np.asarray(val_y, dtype=np.int64), device=device)))
     sample_weight = class_weights(y, classes)[y] if balanced else torch.ones(len(y), device=device)
-    weight = torch.zeros(classes, x.shape[1], device=device, requires_grad=True)
-    bias = torch.zeros(classes, device=device, requires_grad=True)
     full_batch = x.numel() <= FULL_BATCH_LIMIT
-    if not has_val:  # nothing to choose with: a middle-of-the-road strength
-        grid = [sorted(grid)[len(grid) // 2]]
+    grid = sorted(grid, reverse=True)
+    present = np.bincount(np.asarray(train_y, dtype=np.int64))
+    can_cv = cv >= 2 and len(grid) > 1 and present[present > 0].min() >= 2
+    if can_cv:
+        folds = stratified_folds(np.asarray(train_y, dtype=np.int64), cv, seed)
+        # the folds only rank the strengths: a third of the iterations (weak λ on separable data runs to the cap)
+        scores = _cross_validate(x, y, sample_weight, grid, classes, folds, max(20, max_iter // 3), full_batch)
+        chosen = max(range(len(grid)), key=lambda i: (scores[i][0], -scores[i][1]))
+        selection = f"cv-{len(folds)}"
+    elif len(grid) == 1 or not has_val:  # nothing to choose with: the one given, or a middle-of-the-road strength
+        grid, chosen, selection = [grid[len(grid) // 2]], 0, "fixed"
+    else:  # a class with one training image: no two folds, so the labelled, optimistic fallback
+        chosen, selection = None, "validation"
     path, best = [], None
-    for l2 in sorted(grid, reverse=True):
-        iterations = (_lbfgs(weight, bias, x, y, l2, sample_weight, max_iter) if full_batch
-                      else _minibatch(weight, bias, x, y, l2, sample_weight))
-        train_acc, train_loss = _evaluate(weight, bias, x, y)
-        row = {"l2": l2, "C": 1 / (l2 * len(y)), "train_acc": train_acc, "train_loss": train_loss,
-               "iterations": iterations}
-        if has_val:
-            row["val_acc"], row["val_loss"] = _evaluate(weight, bias, vx, vy)
+    for i, (l2, row, weight, bias) in enumerate(_path(x, y, sample_weight, grid, classes, max_iter, full_batch,
+                                                      evaluate_on)):
+        if can_cv:
+            row["cv_acc"], row["cv_loss"] = scores[i]
         path.append(row)
         if log:
-            val_text = f", val acc {row['val_acc']:.4f}" if has_val else ""
-            log(f"probe λ={l2:.0e}: train acc {train_acc:.4f}{val_text}")
-        score = (row["val_acc"], -row["val_loss"]) if has_val else None
-        if best is None or (score is not None and score > best[0]):
-            best = (score, l2, weight.detach().clone(), bias.detach().clone())
-    _, l2, best_weight, best_bias = best
+            shown = "".join(f", {k[:-4]} acc {row[k]:.4f}" for k in ("cv_acc", "val_acc") if k in row)
+            log(f"probe λ={l2:.0e}: train acc {row['train_acc']:.4f}{shown}")
+        if not can_cv and selection == "validation":
+            score = (row["val_acc"], -row["val_loss"])
+            if best is None or score > best[0]:
+                best = (score, i, weight.detach().clone(), bias.detach().clone())
+        elif i == chosen:
+            best = (None, i, weight.detach().clone(), bias.detach().clone())
+        if can_cv and i == chosen and not has_val:
+            break  # the weaker strengths after the chosen one only fill the table
+    _, chosen, best_weight, best_bias = best
     linear = nn.Linear(x.shape[1], classes)
     with torch.no_grad():  # fold the standardisation in: W·(x-μ)/σ + b = (W/σ)·x + (b - W·μ/σ)
         linear.weight.copy_((best_weight / std).cpu())
         linear.bias.copy_((best_bias - (best_weight * (mean / std)).sum(1)).cpu())
-    chosen = next(row for row in path if row["l2"] == l2) if has_val else {}
-    return ProbeResult(linear, l2, path, chosen.get("val_acc", math.nan))
+    row = path[chosen]
+    return ProbeResult(linear, row["l2"], path, row.get("val_acc", math.nan), selection, row.get("cv_acc", math.nan))

@@ -32,11 +32,10 @@ from graft.models.run_folder import (
     non_finite_tensors,
     save_model,
 )
-from graft.probing.advice import resolve_auto
 from graft.probing.cache import cache_folder
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.linear import fit_linear_probe
-from graft.training import recipes
+from graft.training import auto, recipes, selection
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
     CHECKPOINT,
@@ -100,13 +99,16 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         config = _resumable_config(run_dir, config, verbose)
         check_available(config.log)
         _check_backbone(config)
+    auto_report = None
     if config.train.strategy == "auto":
-        config = resolve_auto(config, (lambda message: print(message, file=sys.stderr)) if verbose else None)
+        config, auto_report = auto.resolve(config, (lambda message: print(message, file=sys.stderr)) if verbose
+                                           else None)
     device = resolve_device(config.train.device)
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
                       verbose=verbose)
     seed_everything(config.train.seed)
-    splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed)
+    splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
+                                config.data.test_fraction)
     if splits.shards is not None and (recipes.solves_head(config) or config.train.strategy == "scratch"):
         raise GraftError(f"{config.data.path}: tar shards stream images for --strategy finetune (or --head-fit "
                          "epochs); the cached probe and scratch statistics read image files: pass the folder the "
@@ -132,26 +134,33 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         resume_from = (optimizer_state, scheduler_state)
         runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
     cached = None
+    loaders = create_loaders(splits, model, config, runtime)
     if recipes.solves_head(config) and state.epoch == 0:
         start = time.perf_counter()
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
+        if config.train.strategy == "finetune":
+            state.probe = selection.probe_candidate(model, loaders[1], runtime, run_dir, config)
         state.elapsed += time.perf_counter() - start
-    loaders = create_loaders(splits, model, config, runtime)
-    return _train_tracked(model, card, splits, state, resume_from, loaders, config, runtime, run_dir, hooks, cached)
+        if state.probe:
+            state.probe["seconds"] = round(time.perf_counter() - start, 2)
+    return _train_tracked(model, card, splits, state, resume_from, loaders, config, runtime, run_dir, hooks, cached,
+                          auto_report)
 
 
 def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState, resume_from, loaders,
-                   config: FitConfig, runtime: Runtime, run_dir: Path, hooks: Hooks,
-                   cached: FeatureSet | None) -> FitResult:
-    """The stages and the final evaluation, with the --log trackers (rank 0 only) fed from the hooks; a tracker is
-    closed however the run ends (MLflow's status FAILED or KILLED when it did not finish)."""
+                   config: FitConfig, runtime: Runtime, run_dir: Path, hooks: Hooks, cached: FeatureSet | None,
+                   auto_report: dict | None) -> FitResult:
+    """The stages, the probe-vs-fine-tune choice and the final evaluation, with the --log trackers (rank 0 only) fed
+    from the hooks; a tracker is closed however the run ends (MLflow's status FAILED or KILLED when it did not
+    finish)."""
     names = check_available(config.log) if runtime.is_main else ()
     tracker = Tracker(names, run_dir, config, state.history, runtime.log) if names else None
     if tracker:
         hooks = join_hooks(hooks, tracker.hooks())
     try:
         state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
-        result = _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached)
+        chosen = selection.keep_better(model, state, loaders[1], runtime, run_dir, config)
+        result = _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached, chosen, auto_report)
         if hooks.on_fit_end:
             hooks.on_fit_end(result)
     except BaseException as error:
@@ -218,7 +227,8 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
 
 def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
                    run_dir: Path) -> FeatureSet:
-    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
+    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen by k-fold CV on the
+    training features (on val, labelled optimistic, only when a class is too small for two folds)."""
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
                             None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log)
@@ -226,12 +236,18 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     train_x = np.concatenate([features.features["train"], *features.augmented])
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
     result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
-                              balanced=config.train.balance != "none", device=runtime.device, log=runtime.log)
+                              balanced=config.train.balance != "none", device=runtime.device, log=runtime.log,
+                              seed=config.train.seed)
     model.head[-1].load_state_dict(result.linear.state_dict())
-    runtime.log(f"probe: λ={result.l2:.0e} chosen on val (accuracy {result.val_accuracy:.4f})")
+    if result.selection.startswith("cv-"):
+        how = f"by {result.selection[3:]}-fold CV on train (cv accuracy {result.cv_accuracy:.4f})"
+    else:
+        how = "on val (selected on validation: optimistic)" if result.optimistic else "fixed (nothing to choose on)"
+    runtime.log(f"probe: λ={result.l2:.0e} chosen {how}; val accuracy {result.val_accuracy:.4f}")
     features.stats["probe_l2"] = result.l2
+    features.stats["probe_l2_selection"] = result.selection
     if runtime.is_main:
-        columns = ["l2", "C", "train_acc", "train_loss", "val_acc", "val_loss", "iterations"]
+        columns = ["l2", "C", "train_acc", "train_loss", "cv_acc", "cv_loss", "val_acc", "val_loss", "iterations"]
         _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
     return features
 
@@ -244,16 +260,23 @@ def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tup
 
 
 def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
-            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None) -> FitResult:
+            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None, chosen: dict | None = None,
+            auto_report: dict | None = None) -> FitResult:
     """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint.
 
     With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
-    its trunk never changed.
+    its trunk never changed. ``chosen``: the probe-vs-fine-tune selection; ``auto_report``: what auto tried.
     """
     _refuse_non_finite(run_dir, model)  # before metrics: NaN logits have no meaningful ones
     card["status"] = "complete"
     metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
                      "train_seconds": round(state.elapsed, 2)}
+    # early stopping restores the stage's best-val-loss epoch: a choice made on val
+    metrics["selected_on_validation"] = ["epoch (best val loss)"] if config.train.patience and state.history else []
+    if chosen:
+        metrics["selection"] = chosen
+    if auto_report is not None:
+        metrics["auto"] = auto.finish_report(auto_report, chosen, state, runtime.log)
     if config.train.precise_bn:
         metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
     if cached is not None:
@@ -274,6 +297,24 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     return _save_final(run_dir, model, card, metrics, state, runtime)
 
 
+def _label_selections(metrics: dict) -> None:
+    """Names everything chosen on validation (which makes the val number optimistic) and the headline: the test
+    split's accuracy when there is one, an unbiased estimate; otherwise val's, labelled."""
+    chosen = metrics.setdefault("selected_on_validation", [])
+    if metrics.get("features", {}).get("probe_l2_selection") == "validation":
+        chosen.append("probe L2 (too few images a class for CV)")
+    if "selection" in metrics:
+        chosen.append("probe or fine-tune (" + metrics["selection"]["rule"].split(";")[0] + ")")
+    if "auto" in metrics:
+        chosen.append("strategy (auto)")
+    if "test" in metrics:
+        metrics["headline"] = {"split": "test", "accuracy": metrics["test"]["accuracy"],
+                               "note": "held out from every choice"}
+    elif "val" in metrics:
+        note = "selected on validation: optimistic" if chosen else "nothing selected on val"
+        metrics["headline"] = {"split": "val", "accuracy": metrics["val"]["accuracy"], "note": note}
+
+
 def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
     """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
     if non_finite_tensors(model.state_dict()):
@@ -284,11 +325,16 @@ def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
 def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
                 runtime: Runtime) -> FitResult:
     _refuse_non_finite(run_dir, model)  # precise BN ran since the check in _finish
+    _label_selections(metrics)
     if runtime.is_main:
         write_history(run_dir, state.history)
         save_model(run_dir, model, card)
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
-    if "val" in metrics:
-        runtime.log(f"done: val accuracy {metrics['val']['accuracy']:.4f} in {state.elapsed:.1f}s → {run_dir}")
+    if "headline" in metrics:
+        headline = metrics["headline"]
+        val = (f"; val accuracy {metrics['val']['accuracy']:.4f}" if headline["split"] == "test" and "val" in metrics
+               else "")
+        runtime.log(f"done: {headline['split']} accuracy {headline['accuracy']:.4f} ({headline['note']}){val} in "
+                    f"{state.elapsed:.1f}s → {run_dir}")
     return FitResult(run_dir, model.eval(), metrics, list(state.history))

@@ -69,7 +69,8 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         target = resolve_device(device)
         runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last,
                           verbose=verbose)
-        splits = discover(data or config.data.path, config.data.val_fraction, config.train.seed)
+        splits = discover(data or config.data.path, config.data.val_fraction, config.train.seed,
+                          0.0 if data else config.data.test_fraction)  # the fit's own test images stay out
         scan(splits, config.data.max_image_pixels)
         model = load(run_dir, target)
         if not batch_norms(model):

@@ -23,7 +23,7 @@ from graft.utils.files import save_weights
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 from graft.utils.safefiles import read_safetensors
 
-__all__ = ["run_stage", "stage_length"]
+__all__ = ["beats_probe", "run_stage", "stage_length"]
 
 
 def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: FitConfig, runtime: Runtime,
@@ -70,6 +70,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         row = {"epoch": state.epoch, "stage": stage.name, "stage_epoch": state.stage_epoch,
                "lr": optimizer.param_groups[0]["lr"], **row, "seconds": round(time.perf_counter() - start, 3)}
         _track_best(model, state, row, config.train.patience, run_dir, runtime)
+        _stop_below_probe(state, row, config.train.probe_patience, runtime)
         state.history.append(row)
         if config.train.time_budget:
             seconds = statistics.median(r["seconds"] for r in state.history if r["stage"] == stage.name)
@@ -161,6 +162,25 @@ def _track_best(model, state: TrainState, row: dict, patience: int, run_dir: Pat
             state.stage_done = True  # early stop
 
 
+def beats_probe(row: dict, probe: dict) -> bool:
+    """Whether an epoch's validation score beats the probe's: higher accuracy, or equal accuracy and lower loss."""
+    return (row["val_acc"], -row["val_loss"]) > (probe["val_acc"], -probe["val_loss"])
+
+
+def _stop_below_probe(state: TrainState, row: dict, patience: int, runtime: Runtime) -> None:
+    """``probe_patience``: fine-tuning continues only while it keeps beating the probe (candidate epoch 0) on val;
+    ``patience`` epochs in a row that do not end the stage (the probe is kept unless an earlier epoch won)."""
+    row["beats_probe"] = bool(state.probe) and beats_probe(row, state.probe)
+    if not patience or not state.probe:
+        return
+    earlier = [r.get("beats_probe") for r in state.history if r["stage"] == row["stage"]]
+    recent = earlier[len(earlier) - (patience - 1):] if patience > 1 else []
+    if not row["beats_probe"] and not any(recent) and len(recent) == patience - 1:
+        state.stage_done = True
+        runtime.log(f"fine-tuning has not beaten the probe's val accuracy {state.probe['val_acc']:.4f} for "
+                    f"{patience} epoch(s): stopping")
+
+
 def _restore_best(model, state: TrainState, run_dir: Path, runtime: Runtime) -> None:
     """With early stopping on, the stage ends on its best-val-loss weights (Keras' restore_best_weights)."""
     best = run_dir / BEST
@@ -181,7 +201,8 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
             if state.stage_done or state.stage_epoch >= stage_length(stage, state):
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
-                                   micro_batches=state.micro_batches, history=state.history)  # planned_epochs: 0
+                                   micro_batches=state.micro_batches, history=state.history,
+                                   probe=state.probe)  # planned_epochs: 0
                 if config.train.time_budget and state.elapsed >= config.train.time_budget:
                     state.stage = len(stages)  # out of time: the remaining stages are skipped
                     runtime.log("time budget spent: remaining stages skipped")

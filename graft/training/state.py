@@ -39,6 +39,7 @@ class TrainState:
     lr_scale: float = 1.0  # 0.5 after a non-finite loss was retried in this stage
     micro_batches: int = 1  # > 1 after an out-of-memory error: each batch runs in this many slices
     planned_epochs: int = 0  # this stage's epochs after a time-budget re-plan (0: as configured)
+    probe: dict | None = None  # the solved probe as candidate epoch 0: val_acc, val_loss, seconds (finetune only)
     history: list[dict] = field(default_factory=list)
 
 

@@ -1,0 +1,88 @@
+"""The probe's L2 strength is chosen by stratified k-fold CV on the training features, as sklearn would choose it."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.preprocessing import StandardScaler
+
+from graft.probing.linear import DEFAULT_GRID, fit_linear_probe, stratified_folds
+
+
+@pytest.fixture(scope="module")
+def features():
+    """sklearn's digits through a fixed random projection + ReLU: 96 correlated, non-negative 'features' (like a
+    pooled CNN layer's), split train / val / test."""
+    x, y = load_digits(return_X_y=True)
+    generator = np.random.RandomState(0)
+    x = np.maximum(x @ generator.randn(64, 96) / 8, 0)
+    order = generator.permutation(len(y))
+    train, val, test = order[:600], order[600:1000], order[1000:]
+    return x[train], y[train], x[val], y[val], x[test], y[test]
+
+
+def _accuracy(linear, x, y):
+    with torch.no_grad():
+        return (linear(torch.as_tensor(x, dtype=torch.float32)).argmax(1).numpy() == y).mean()
+
+
+def test_folds_are_stratified_disjoint_and_cover_everything():
+    labels = np.array([0] * 23 + [1] * 7 + [2] * 10)
+    folds = stratified_folds(labels, 5, seed=3)
+    assert len(folds) == 5
+    assert sorted(np.concatenate(folds).tolist()) == list(range(40))
+    for fold in folds:
+        assert sorted(np.bincount(labels[fold], minlength=3).tolist()) == sorted(np.bincount(labels[fold],
+                                                                                          minlength=3).tolist())
+        counts = np.bincount(labels[fold], minlength=3)
+        assert 4 <= counts[0] <= 5 and 1 <= counts[1] <= 2 and counts[2] == 2
+    assert [f.tolist() for f in stratified_folds(labels, 5, seed=3)] == [f.tolist() for f in folds]  # seeded
+    assert len(stratified_folds(np.array([0, 0, 0, 1, 1, 1, 1]), 5)) == 3  # capped by the smallest class
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # sklearn 1.9's transition notices
+def test_cv_choice_matches_sklearn_logistic_regression_cv(features):
+    train_x, train_y, val_x, val_y, test_x, test_y = features
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, seed=0)
+    assert result.selection == "cv-5" and not result.optimistic
+    folds = stratified_folds(train_y, 5, seed=0)
+    splits = [(np.setdiff1d(np.arange(len(train_y)), held), held) for held in folds]
+    fold_n = len(train_y) - len(folds[0])
+    grid = sorted(DEFAULT_GRID, reverse=True)
+    cs = [1 / (l2 * fold_n) for l2 in grid]  # C = 1/(λ·N), N: a fold's training images
+    scaler = StandardScaler().fit(train_x)
+    reference = LogisticRegressionCV(Cs=cs, cv=splits, scoring="accuracy", max_iter=5000,
+                                     tol=1e-6).fit(scaler.transform(train_x),
+                                                                                     train_y)
+    theirs_index = int(np.argmin(np.abs(np.log(cs) - np.log(reference.C_[0]))))
+    assert abs(grid.index(result.l2) - theirs_index) <= 1  # the same strength, within one grid step
+    for x, y in ((val_x, val_y), (test_x, test_y)):
+        ours, theirs = _accuracy(result.linear, x, y), reference.score(scaler.transform(x), y)
+        assert abs(ours - theirs) <= 0.01 and ours > 0.9
+    chosen = next(row for row in result.grid if row["l2"] == result.l2)
+    assert result.cv_accuracy == chosen["cv_acc"] == max(row["cv_acc"] for row in result.grid)
+    assert {"cv_acc", "cv_loss", "val_acc", "train_acc"} <= set(chosen)
+
+
+def test_validation_does_not_choose_when_cv_runs(features):
+    """CV picks λ from the training features alone: shuffling the validation labels changes nothing chosen."""
+    train_x, train_y, val_x, val_y, *_ = features
+    honest = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1.0, 1e-3), cv=3)
+    noise = fit_linear_probe(train_x, train_y, val_x, np.random.RandomState(1).permutation(val_y), grid=(1.0, 1e-3),
+                             cv=3)
+    assert honest.selection == "cv-3" and honest.l2 == noise.l2 and torch.equal(honest.linear.weight, noise.linear.weight)
+
+
+def test_the_grid_reaches_strong_regularisation():
+    assert max(DEFAULT_GRID) == 10.0 and min(DEFAULT_GRID) == pytest.approx(1e-7) and len(DEFAULT_GRID) == 9
+
+
+def test_one_image_class_falls_back_to_validation_and_says_so(features):
+    train_x, train_y, val_x, val_y, *_ = features
+    keep = np.concatenate([np.flatnonzero(train_y != 9), np.flatnonzero(train_y == 9)[:1]])
+    result = fit_linear_probe(train_x[keep], train_y[keep], val_x, val_y, grid=(1.0, 1e-2, 1e-4))
+    assert result.selection == "validation" and result.optimistic
+    best = max(result.grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert result.l2 == best["l2"] and "cv_acc" not in result.grid[0]
+    assert fit_linear_probe(train_x, train_y, grid=(1e-3,)).selection == "fixed"
