@@ -142,6 +142,14 @@ class TrainConfig:
                                   "(bench/RESULTS.md), what tensor cores want", panel="Runtime")
     limit_batches: int = _option(0, "smoke runs: batches per epoch, 0: no limit", low=0, high=10**9, note="0: no limit",
                                  panel="Runtime")
+    accumulate: int = _option(1, "gradient accumulation: each optimiser step sums K batches of --batch-size (global "
+                              "batch: batch x K x processes)", low=1, high=1024, panel="Runtime")
+    sync_bn: bool = _option(False, "under torchrun: SyncBatchNorm, batch statistics over all processes' batches (when "
+                            "the trunk's BN statistics update)", panel="Runtime")
+    checkpoint_every: int = _option(0, "also checkpoint every N steps inside an epoch (resume continues from that "
+                                    "step), 0: at epoch ends only", low=0, high=10**9, note="0: off", panel="Runtime")
+    checkpoint_minutes: float = _option(0.0, "also checkpoint inside an epoch every M minutes, 0: off", low=0,
+                                        high=1e6, note="0: off", panel="Runtime")
 
 
 @dataclass

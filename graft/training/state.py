@@ -37,6 +37,8 @@ class TrainState:
     lr_scale: float = 1.0  # 0.5 after a non-finite loss was retried in this stage
     micro_batches: int = 1  # > 1 after an out-of-memory error: each batch runs in this many slices
     planned_epochs: int = 0  # this stage's epochs after a time-budget re-plan (0: as configured)
+    world_size: int = 1  # processes the run trains on (torchrun); a resume must use as many
+    epoch_progress: dict = field(default_factory=dict)  # a mid-epoch checkpoint: step, the epoch's sums, RNG states
     history: list[dict] = field(default_factory=list)
 
 
