@@ -141,3 +141,31 @@ def test_resume_refuses_another_world_size(shapes, tmp_path):
     save_checkpoint(tmp_path / "run", _Saved(), _Optimizer(), _Scheduler(), state)
     with pytest.raises(GraftError, match="trained on 2 process.*this resume has 1"):
         fit(config, resume=True, verbose=False)
+
+
+def test_sharded_extraction_fills_the_cache_one_process_would(shapes, tmp_path):
+    """`graft fit --strategy probe` on two processes: each extracts half the images into the shared cache, rank 0
+    solves the probe; the cache then holds every image, with the features one process extracts (fp16 tolerance)."""
+    from graft.data.discovery import discover
+    from graft.probing.extraction import extract_features
+
+    run, digests, cache = tmp_path / "run", tmp_path / "digests", tmp_path / "cache"
+    probe_args = ["--backbone", TINY, "--no-pretrained", "--image-size", "32", "--workers", "0", "--strategy",
+                  "probe", "--device", "cpu", "--seed", "0", "--cache", str(cache)]
+    command = _torchrun("--nproc-per-node", "2", "--master-port", str(_free_port())) + [
+        str(shapes), *probe_args, "-o", str(run)]
+    done = subprocess.run(command, env=_env(digests), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = _digests(digests)
+    assert len(ranks) == 2 and len(set(ranks.values())) == 1
+    model = load(run)
+    assert set(ranks.values()) == {state_digest(model.state_dict())}
+    splits = discover(str(shapes), 0.2, 0)
+    sharded = extract_features(splits, model.trunk, model.preprocessing, TINY, cache)[model.trunk.node]
+    assert sharded.stats["extracted"] == 0 and sharded.stats["cached"] == 102  # 72 train + 30 val, all from ranks
+    single = extract_features(splits, model.trunk, model.preprocessing, TINY, tmp_path / "single")[model.trunk.node]
+    assert single.stats["extracted"] == 102
+    for split in ("train", "val"):
+        assert single.features[split].shape == sharded.features[split].shape
+        assert (abs(single.features[split].astype("float32") - sharded.features[split].astype("float32")).max()
+                <= 1e-2 * max(1.0, abs(single.features[split].astype("float32")).max()))

@@ -147,7 +147,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     cached = None
     if recipes.solves_head(config) and state.epoch == 0 and not state.epoch_progress:
         start = time.perf_counter()
-        cached = _probe_head_on_main(model, splits, config, runtime, run_dir)
+        cached = fit_probe_head(model, splits, config, runtime, run_dir)
         state.elapsed += time.perf_counter() - start
     loaders = create_loaders(splits, model, config, runtime)
     state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
@@ -169,18 +169,6 @@ def _log_global_batch(config: FitConfig, runtime: Runtime) -> None:
         runtime.log(f"global batch {config.data.batch_size * config.train.accumulate * runtime.world_size} = "
                     f"--batch-size {config.data.batch_size} x --accumulate {config.train.accumulate} x "
                     f"{runtime.world_size} process(es); --lr applies to it as given")
-
-
-def _probe_head_on_main(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
-                        run_dir: Path) -> FeatureSet | None:
-    """The solved probe on rank 0 (full-batch L-BFGS on cached features does not shard); the others wait, then
-    receive its head. Returns the features on rank 0, None on the others."""
-    if not runtime.distributed:
-        return fit_probe_head(model, splits, config, runtime, run_dir)
-    box: list = [None]
-    distributed.main_decides(lambda: box.__setitem__(0, fit_probe_head(model, splits, config, runtime, run_dir)))
-    distributed.broadcast_module(model.head)
-    return box[0]
 
 
 def _check_backbone(config: FitConfig) -> None:
@@ -238,11 +226,20 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
 
 def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
                    run_dir: Path) -> FeatureSet:
-    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen on val."""
+    """The head on the frozen trunk, solved: cached features (under torchrun each rank extracts a share), then
+    L-BFGS over an L2 path chosen on val (on rank 0, its head then broadcast)."""
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
                             None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log)
     features = sets[model.trunk.node]
+    # under torchrun every rank extracted its share above; the full-batch L-BFGS solve does not shard, so rank 0
+    # solves while the others wait, then they receive its head
+    distributed.main_decides(lambda: _solve_probe(model, features, config, runtime, run_dir))
+    distributed.broadcast_module(model.head)
+    return features
+
+
+def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, runtime: Runtime, run_dir: Path) -> None:
     train_x = np.concatenate([features.features["train"], *features.augmented])
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
     result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
@@ -253,7 +250,6 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     if runtime.is_main:
         columns = ["l2", "C", "train_acc", "train_loss", "val_acc", "val_loss", "iterations"]
         _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
-    return features
 
 
 def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.resume import MidEpochCheckpoints, restore_rng
 from graft.training.setup import _loss_class_weights, wrap_for_training
 from graft.training.state import Hooks, TrainState
+from graft.utils import distributed
 from graft.utils.files import save_weights
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 from graft.utils.safefiles import read_safetensors
@@ -66,6 +67,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
                 row = train_epoch(trained, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
                                   config.train.limit_batches, hooks, progress, class_weights, state.micro_batches,
                                   resume_at, mid_epoch.after_step if mid_epoch.enabled else None)
+            distributed.broadcast_buffers(model)  # one set of BN statistics to validate and save
             row.update(validate(model, val_loader, runtime, config.train.limit_batches))
             _check_epoch_finite(model, row, len(val_loader.dataset), optimizer)
         except NonFiniteLoss as blowup:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from graft.errors import GraftError
 
 __all__ = [
-    "all_gather_object", "all_reduce_sum", "barrier", "broadcast_module", "broadcast_object", "init_from_env",
+    "all_gather_object", "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object", "init_from_env",
     "is_distributed", "is_main", "launched", "local_rank", "main_decides", "rank", "state_digest", "world_size",
     "write_rank_digest"
 ]
@@ -116,6 +116,15 @@ def broadcast_module(module: torch.nn.Module, source: int = 0) -> None:
     for tensor in list(module.state_dict().values()):
         if tensor.is_floating_point() or tensor.dtype in (torch.long, torch.int):
             dist.broadcast(tensor, src=source)
+
+
+def broadcast_buffers(module: torch.nn.Module, source: int = 0) -> None:
+    """Rank ``source``'s buffers (batch-norm running statistics) on every rank. DDP sends them at the start of each
+    forward, so after an epoch's last step every rank holds its own: without this, ranks validate (and end) with
+    different statistics."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=source)
 
 
 def main_decides(work):
