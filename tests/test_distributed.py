@@ -169,3 +169,49 @@ def test_sharded_extraction_fills_the_cache_one_process_would(shapes, tmp_path):
         assert single.features[split].shape == sharded.features[split].shape
         assert (abs(single.features[split].astype("float32") - sharded.features[split].astype("float32")).max()
                 <= 1e-2 * max(1.0, abs(single.features[split].astype("float32")).max()))
+
+
+def _worker_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (Linux /proc), None while it has not started."""
+    try:
+        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_killed_rank_ends_the_job_and_resume_continues(shapes, tmp_path):
+    """kill -9 of rank 1 after the first epoch: torchrun ends the job (non-zero exit); `--resume` under the same
+    torchrun command finishes the run, every rank on the saved weights, history continuous."""
+    import signal
+    import time
+
+    run, digests = tmp_path / "run", tmp_path / "digests"
+    args = [str(shapes), *FIT_ARGS, "--epochs", "3", "--checkpoint-every", "2", "-o", str(run)]
+    job = subprocess.Popen(_torchrun("--nproc-per-node", "2", "--master-port", str(_free_port())) + args,
+                           env=_env(digests), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 200
+    while not (run / "history.csv").is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim = _worker_of_rank(job.pid, 1)
+    assert victim is not None, "rank 1 not found"
+    os.kill(victim, signal.SIGKILL)
+    job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert (run / "checkpoint.safetensors").is_file() and not (run / "metrics.json").exists()
+    resumed = subprocess.run(_torchrun("--nproc-per-node", "2", "--master-port", str(_free_port())) + args +
+                             ["--resume"], env=_env(digests), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after" in resumed.stderr
+    ranks = _digests(digests)
+    assert len(ranks) == 2 and set(ranks.values()) == {state_digest(load(run).state_dict())}
+    epochs = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3", "4"]  # one head epoch and three fine-tuning epochs, none twice
