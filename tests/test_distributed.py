@@ -215,3 +215,24 @@ def test_killed_rank_ends_the_job_and_resume_continues(shapes, tmp_path):
     assert len(ranks) == 2 and set(ranks.values()) == {state_digest(load(run).state_dict())}
     epochs = [line.split(",")[0] for line in (run / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3", "4"]  # one head epoch and three fine-tuning epochs, none twice
+
+
+def test_multi_stage_probe_uses_every_rank_and_matches_one_process(shapes, tmp_path):
+    """`graft probe --stages all` on two processes: the leaderboard one process writes, row for row."""
+    import csv
+
+    from graft.probing.leaderboard import probe_backbones
+
+    board, digests = tmp_path / "board", tmp_path / "digests"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "graft", "probe", str(shapes), "--backbones", TINY, "--stages", "all",
+               "--no-pretrained", "--image-size", "32", "--workers", "0", "--device", "cpu", "--cache",
+               str(tmp_path / "cache"), "-o", str(board)]
+    done = subprocess.run(command, env=_env(digests), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(board / "leaderboard.csv") as handle:
+        ranked = {row["node"]: float(row["val_accuracy"]) for row in csv.DictReader(handle)}
+    single = probe_backbones(str(shapes), [TINY], "all", 32, pretrained=False, cache_dir=tmp_path / "single",
+                             device="cpu", workers=0)
+    assert len(ranked) == len(single) >= 3  # every stage and the pooled features, each probed once
+    assert ranked == pytest.approx({row.node: row.val_accuracy for row in single}, abs=1e-6)
