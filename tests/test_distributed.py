@@ -56,11 +56,13 @@ def _check_run(run: Path, digests: Path, shapes: Path) -> None:
 
 
 def test_ddp_fit_same_weights_on_every_rank_and_predict_loads(shapes, tmp_path):
+    """`graft fit --devices 2`: graft runs torch.distributed.run with the same arguments (the other tests call
+    torchrun themselves)."""
     run, digests = tmp_path / "run", tmp_path / "digests"
-    command = _torchrun("--nproc-per-node", "2", "--master-port", str(_free_port())) + [
-        str(shapes), *FIT_ARGS, "-o", str(run)]
+    command = [sys.executable, "-m", "graft", "fit", str(shapes), *FIT_ARGS, "--devices", "2", "-o", str(run)]
     done = subprocess.run(command, env=_env(digests), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "--devices 2: -m torch.distributed.run --standalone --nproc-per-node=2 -m graft fit" in done.stderr
     assert "global batch 16 = --batch-size 8 x --accumulate 1 x 2 process(es)" in done.stderr
     _check_run(run, digests, shapes)
     predicted = subprocess.run([sys.executable, "-m", "graft", "predict", str(run),

@@ -131,6 +131,8 @@ def main_decides(work):
     """Runs ``work()`` on rank 0 only and hands its result to every rank; an error on rank 0 (a GraftError: the
     folder is locked, not empty...) is raised on every rank with the same message instead of leaving the others
     waiting at a barrier."""
+    if not is_distributed():
+        return work()
     result, error = None, None
     if is_main():
         try:
