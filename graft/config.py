@@ -168,6 +168,14 @@ class TrainConfig:
     # issue 14, never worse than the probe:
     probe_patience: int = _option(0, "finetune after a solved probe: stop after this many epochs in a row that do not "
                                   "beat the probe on val (auto: 2); 0: off", low=0, high=MAX_EPOCHS, note="0: off")
+    accumulate: int = _option(1, "gradient accumulation: each optimiser step sums K batches of --batch-size (global "
+                              "batch: batch x K x processes)", low=1, high=1024, panel="Runtime")
+    sync_bn: bool = _option(False, "under torchrun: SyncBatchNorm, batch statistics over all processes' batches (when "
+                            "the trunk's BN statistics update)", panel="Runtime")
+    checkpoint_every: int = _option(0, "also checkpoint every N steps inside an epoch (resume continues from that "
+                                    "step), 0: at epoch ends only", low=0, high=10**9, note="0: off", panel="Runtime")
+    checkpoint_minutes: float = _option(0.0, "also checkpoint inside an epoch every M minutes, 0: off", low=0,
+                                        high=1e6, note="0: off", panel="Runtime")
 
 
 @dataclass

@@ -155,9 +155,14 @@ def evaluate(
 
     Example: graft evaluate runs/pets ./pets_test --tta flip
     """
+    import os
+
     from graft.evaluation.scoring import evaluate as evaluate_runs
+    from graft.utils.distributed import launched
 
     _check_options(("--top-k", top_k, *TOP_K))
+    if launched() and os.environ["RANK"] != "0":
+        return  # under torchrun rank 0 evaluates and writes; evaluation is one pass, not worth a sharded gather
     runs, rest = _split_runs(paths)
     if len(rest) != 1:
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")

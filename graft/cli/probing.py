@@ -83,19 +83,24 @@ def features(
     from graft.probing.cache import cache_folder
     from graft.probing.extraction import save_feature_set
     from graft.probing.leaderboard import stage_features
+    from graft.utils import distributed
     from graft.utils.outputs import output_folder
 
     _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
                    ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
-    if output:  # before the work: an unwritable or clashing folder wastes nothing
-        output_folder(output, "-o", ((data, "data"), (cache_folder(cache), "feature cache")))
+    distributed.init_from_env(device)  # under torchrun each process extracts a share of the images
+    if output:  # before the work: an unwritable or clashing folder wastes nothing; rank 0 writes
+        clashes = ((data, "data"), (cache_folder(cache), "feature cache"))
+        distributed.main_decides(lambda: output_folder(output, "-o", clashes))
     splits = discover(data)
     report = scan(splits)
-    for warning in report.warnings:
+    for warning in report.warnings if distributed.is_main() else ():
         err.print(f"warning: {warning}", highlight=False)
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
     _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
                                 workers, augment_views=augment)
+    if not distributed.is_main():
+        return
     stats = next(iter(sets.values())).stats
     speed = f"{stats['images_per_s']:.1f}" if stats.get("images_per_s") else "-"
     print_table(f"features of {backbone} ({stats['extracted']} images extracted at {speed} img/s, "
@@ -125,12 +130,16 @@ def probe(
     Example: graft probe ./pets --backbones resnet50,convnext_tiny,vit_small_patch16_224 --stages all -o cmp/
     """
     from graft.probing.leaderboard import probe_backbones
+    from graft.utils import distributed
 
     _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     if stages not in ("default", "all"):
         raise GraftError(f"stages '{stages}' not understood: use default or all")
+    distributed.init_from_env(device)  # under torchrun: extraction shared, the probes dealt out over the ranks
     rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
                            workers=workers, output=output)
+    if not distributed.is_main():
+        return
     print_table("linear probe leaderboard", ["backbone", "node", "width", "val acc", "k-NN acc", "extract img/s",
                                              "params (M)", "ms/image"],
                 [[r.backbone, r.node, r.width, r.val_accuracy, r.knn_accuracy,

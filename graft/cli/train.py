@@ -45,6 +45,9 @@ def fit(
     resume: Annotated[bool, typer.Option(help="continue the interrupted run in --output", rich_help_panel="Run")] =
     False,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty --output", rich_help_panel="Run")] = False,
+    devices: Annotated[int, typer.Option(help="train on N processes: runs `python -m torch.distributed.run "
+                                         "--nproc-per-node N -m graft fit ...` with the other arguments (one node)",
+                                         min=1, max=1024, rich_help_panel="Runtime")] = 1,
     **fields,
 ):
     """Train a classifier on DATA and write a run folder. Every option below is a config key (YAML: data/model/train
@@ -54,18 +57,22 @@ def fit(
     """
     from graft.config import load_config
     from graft.training.fitting import fit as fit_run
+    from graft.utils import distributed
 
+    if devices > 1:
+        _exec_torchrun(devices)
     overrides = {"data.path": data, **parse_set(set_values), **given_fields(fields)}
     settings = load_config(config, overrides)
     if not resume and not settings.data.path:
         raise GraftError("no data given: graft fit DATA (a class-per-folder tree or a path,label CSV)")
     auto = "output" not in overrides and not _yaml_sets_output(config)
-    if auto:
-        settings.output = _auto_output(settings.output, resume)
+    distributed.init_from_env(settings.train.device)
+    if auto:  # under torchrun rank 0 picks the numbered folder for every process
+        settings.output = distributed.main_decides(lambda: _auto_output(settings.output, resume))
     try:
         result = fit_run(settings, resume=resume, overwrite=overwrite)
     except BaseException:
-        if auto:  # a numbered folder nothing was written to would only push the retry to the next N
+        if auto and distributed.is_main():  # a numbered folder nothing was written to would only push the retry to the next N
             _remove_if_unused(Path(settings.output))
         raise
     metrics = result.metrics.get("val", {})
@@ -74,6 +81,32 @@ def fit(
                   result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
     if not metrics:
         out.print("no validation images: metrics.json has training history only")
+
+
+def _exec_torchrun(devices: int) -> None:
+    """``--devices N``: replaces this process by torchrun's launcher with the same arguments minus --devices; graft
+    starts no workers of its own (torchrun does, and handles a failed rank by ending the job)."""
+    import os
+    import sys
+
+    from graft.utils.distributed import launched
+
+    if launched():
+        raise GraftError("--devices is for a plain `graft fit`; under torchrun set --nproc-per-node instead")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--devices":
+            skip = True
+        elif not arg.startswith("--devices="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", "-m",
+               "graft", *argv]
+    err.print(f"--devices {devices}: {' '.join(command[1:])}", highlight=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 def _yaml_sets_output(config: Path | None) -> bool:

@@ -32,6 +32,7 @@ from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
+from graft.utils import distributed
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
@@ -185,14 +186,17 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
                   for node in extractor.nodes}
         keys = [file_key(p) for p in paths]
         missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
+        distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
         if missing:
             by_key = dict(zip(keys, paths))
+            mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
-                _extract_into(spaces, [by_key[k] for k in missing], missing, extractor, preprocessing, view,
+                _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing, view,
                               batch_size, workers, device, hflip)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
+        distributed.barrier()  # every share is in the index before anyone reads the features back
         stats["cached"] += len(keys) - len(missing)
         for node, space in spaces.items():
             found, still_missing = space.lookup(keys)

@@ -24,6 +24,7 @@ from graft.models.backbones.registry import create_backbone
 from graft.models.surgery import DEFAULT_NODE, cut
 from graft.probing.extraction import FeatureExtractor, FeatureSet, extract_features
 from graft.probing.linear import fit_linear_probe
+from graft.utils import distributed
 from graft.utils.runtime import resolve_device
 from graft.utils.text import safe_record
 
@@ -111,25 +112,33 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
     """Linear-probes each backbone (and, with stages='all', each of its stages) on cached features.
 
     Writes ``leaderboard.csv`` and ``leaderboard.png`` to ``output`` when given. Rows are sorted best first.
+
+    Under torchrun every rank extracts a share of each backbone's images, then the (backbone, node) probes are dealt
+    out round-robin over the ranks and their rows gathered; rank 0 writes the files.
     """
     if output:
         from graft.probing.cache import cache_folder
         from graft.utils.outputs import output_folder
 
-        output_folder(output, "--output", ((data, "data"), (cache_folder(cache_dir), "feature cache")))
+        clashes = ((data, "data"), (cache_folder(cache_dir), "feature cache"))
+        distributed.main_decides(lambda: output_folder(output, "--output", clashes))  # rank 0 writes there
     splits = _prepare(data, val_fraction, seed)
     target = resolve_device(device)
-    rows = []
+    rows, task = [], -1
     for name in backbones:
         backbone, preprocessing, sets = stage_features(splits, name, stages, image_size, pool, pretrained, cache_dir,
                                                        device, batch_size, workers, log, seed)
         for node, features in sets.items():
+            task += 1
+            if task % distributed.world_size() != distributed.rank():
+                continue  # another rank's probe
             stage = _stage_row(node, features, len(splits.classes), device)
             params, milliseconds = _speed(backbone.net, node, preprocessing.input_size, target)
             rows.append(LeaderboardRow(name, node, features.dim, stage["probe_accuracy"], stage["knn_accuracy"],
                                        features.stats.get("images_per_s"), params, milliseconds))
+    rows = [row for share in distributed.all_gather_object(rows) for row in share]
     rows.sort(key=lambda r: -r.val_accuracy)
-    if output:
+    if output and distributed.is_main():
         write_leaderboard(rows, Path(output))
     return rows
 

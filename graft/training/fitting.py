@@ -7,6 +7,7 @@ checkpoint follows exactly the path of an uninterrupted one. Distributed trainin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from graft.config import FitConfig, apply_overrides, check_ranges
 from graft.data.datasets import ImageDataset
@@ -53,7 +54,7 @@ from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import _run_stages
 from graft.training.state import FitResult, Hooks, TrainState
 from graft.training.tracking import Tracker, check_available, join_hooks
-from graft.utils import outputs
+from graft.utils import distributed, outputs
 from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
@@ -88,9 +89,22 @@ def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool
         _check_backbone(config)
     outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
                                                                        "feature cache")))
-    with run_lock(run_dir), out_of_memory_hint(config.data.batch_size):
-        prepare_run_dir(run_dir, resume, overwrite)
+    distributed.init_from_env(config.train.device)
+    with _claimed(run_dir, resume, overwrite), out_of_memory_hint(config.data.batch_size):
         return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
+
+
+@contextlib.contextmanager
+def _claimed(run_dir: Path, resume: bool, overwrite: bool):
+    """The run lock and a prepared run folder. Under torchrun only rank 0 takes the lock and writes files; the others
+    wait until it holds the folder, and fail with rank 0's message when it cannot (locked, not empty...)."""
+    with contextlib.ExitStack() as stack:
+        def claim() -> None:
+            stack.enter_context(run_lock(run_dir))
+            prepare_run_dir(run_dir, resume, overwrite)
+
+        distributed.main_decides(claim)
+        yield
 
 
 def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
@@ -105,7 +119,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                                            else None)
     device = resolve_device(config.train.device)
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
-                      verbose=verbose)
+                      rank=distributed.rank(), world_size=distributed.world_size(), verbose=verbose)
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
                                 config.data.test_fraction)
@@ -132,10 +146,17 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
             raise GraftError(f"{run_dir / CHECKPOINT}: does not match the run's model ({reason}); restart with "
                              "--overwrite") from None
         resume_from = (optimizer_state, scheduler_state)
-        runtime.log(f"resuming after epoch {state.epoch} (stage {state.stage}, epoch {state.stage_epoch})")
+        _check_world_size(run_dir, state, runtime)
+        where = f" step {state.epoch_progress['step']} of epoch {state.epoch + 1}" if state.epoch_progress else \
+            f" epoch {state.epoch}"
+        runtime.log(f"resuming after{where} (stage {state.stage}, epoch {state.stage_epoch})")
+    state.world_size = runtime.world_size
+    if not resume:
+        state.micro_batches = config.train.accumulate
+    _log_global_batch(config, runtime)
     cached = None
     loaders = create_loaders(splits, model, config, runtime)
-    if recipes.solves_head(config) and state.epoch == 0:
+    if recipes.solves_head(config) and state.epoch == 0 and not state.epoch_progress:
         start = time.perf_counter()
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
         if config.train.strategy == "finetune":
@@ -170,6 +191,23 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
     if tracker:
         tracker.close()
     return result
+
+
+def _check_world_size(run_dir: Path, state: TrainState, runtime: Runtime) -> None:
+    """A resumed run keeps its global batch, and so its processes: the learning rate was chosen for that batch and the
+    sampler's shares (and a mid-epoch position) depend on the count."""
+    if state.world_size != runtime.world_size:
+        raise GraftError(f"{run_dir}: the run trained on {state.world_size} process(es) and this resume has "
+                         f"{runtime.world_size}; resume it with torchrun --nproc-per-node (x --nnodes) = "
+                         f"{state.world_size} processes, or start again with --overwrite")
+
+
+def _log_global_batch(config: FitConfig, runtime: Runtime) -> None:
+    """graft applies --lr as given (no linear scaling rule): the global batch is said, so a change is visible."""
+    if runtime.world_size > 1 or config.train.accumulate > 1:
+        runtime.log(f"global batch {config.data.batch_size * config.train.accumulate * runtime.world_size} = "
+                    f"--batch-size {config.data.batch_size} x --accumulate {config.train.accumulate} x "
+                    f"{runtime.world_size} process(es); --lr applies to it as given")
 
 
 def _check_backbone(config: FitConfig) -> None:
@@ -227,12 +265,21 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
 
 def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
                    run_dir: Path) -> FeatureSet:
-    """The head on the frozen trunk, solved: cached features, then L-BFGS over an L2 path chosen by k-fold CV on the
-    training features (on val, labelled optimistic, only when a class is too small for two folds)."""
+    """The head on the frozen trunk, solved: cached features (under torchrun each rank extracts a share), then
+    L-BFGS over an L2 path chosen by k-fold CV on the training features (on val, labelled optimistic, only when a class
+    is too small for two folds); on rank 0, its head then broadcast."""
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
                             None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log)
     features = sets[model.trunk.node]
+    # under torchrun every rank extracted its share above; the full-batch L-BFGS solve does not shard, so rank 0
+    # solves while the others wait, then they receive its head
+    distributed.main_decides(lambda: _solve_probe(model, features, config, runtime, run_dir))
+    distributed.broadcast_module(model.head)
+    return features
+
+
+def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, runtime: Runtime, run_dir: Path) -> None:
     train_x = np.concatenate([features.features["train"], *features.augmented])
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
     result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
@@ -249,7 +296,6 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     if runtime.is_main:
         columns = ["l2", "C", "train_acc", "train_loss", "cv_acc", "cv_loss", "val_acc", "val_loss", "iterations"]
         _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
-    return features
 
 
 def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,19 +327,20 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
     if cached is not None:
         metrics["features"] = cached.stats
-    if cached is not None and config.train.strategy == "probe":
-        for split in ("val", "test"):
-            if len(cached.labels[split]):
+    if distributed.broadcast_object(cached is not None) and config.train.strategy == "probe":
+        for split in ("val", "test"):  # rank 0 holds the features; the others only wait for its files
+            if cached is not None and len(cached.labels[split]):
                 metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
         return _save_final(run_dir, model, card, metrics, state, runtime)
-    logits, labels = predict_logits(model, loaders[1], runtime.device, runtime.dtype, runtime.channels_last)
+    logits, labels = _gathered_logits(model, loaders[1], runtime)
     if len(labels):
         metrics["val"] = classification_metrics(logits, labels, model.classes)
     if splits.test:
         test_set = ImageDataset(splits.test, create_transform(model.preprocessing), config.data.max_image_pixels)
+        if runtime.distributed:
+            test_set = Subset(test_set, runtime.shard_indices(len(test_set)))
         test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
-        logits, labels = predict_logits(model, test_loader, runtime.device, runtime.dtype, runtime.channels_last)
-        metrics["test"] = classification_metrics(logits, labels, model.classes)
+        metrics["test"] = classification_metrics(*_gathered_logits(model, test_loader, runtime), model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime)
 
 
@@ -315,6 +362,16 @@ def _label_selections(metrics: dict) -> None:
         metrics["headline"] = {"split": "val", "accuracy": metrics["val"]["accuracy"], "note": note}
 
 
+def _gathered_logits(model: GraftModel, loader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of ``loader``; under torchrun of every process's unpadded share, gathered (each image once;
+    the order differs from one process's, which the metrics do not depend on)."""
+    logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last)
+    if not runtime.distributed:
+        return logits, labels
+    shares = distributed.all_gather_object((logits, labels))
+    return torch.cat([share[0] for share in shares]), torch.cat([share[1] for share in shares])
+
+
 def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
     """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
     if non_finite_tensors(model.state_dict()):
@@ -331,6 +388,8 @@ def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, sta
         save_model(run_dir, model, card)
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier()  # every process returns once the run folder is complete
+    distributed.write_rank_digest(model)
     if "headline" in metrics:
         headline = metrics["headline"]
         val = (f"; val accuracy {metrics['val']['accuracy']:.4f}" if headline["split"] == "test" and "val" in metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -14,6 +15,7 @@ from graft.errors import GraftError
 from graft.evaluation.inference import predict_logits
 from graft.models.grafted import GraftModel
 from graft.training.state import Hooks
+from graft.utils import distributed
 from graft.utils.runtime import Runtime, autocast, to_device
 
 __all__ = [
@@ -76,14 +78,17 @@ def _train_step(model, images, labels, optimizer, scaler, runtime: Runtime, loss
     optimizer.zero_grad(set_to_none=True)
     total_loss, correct = 0.0, 0
     hard = labels.argmax(1) if labels.ndim == 2 else labels  # mixed targets: accuracy against their dominant class
-    for part_images, part_labels, part_hard in zip(images.chunk(micro_batches), labels.chunk(micro_batches),
-                                                   hard.chunk(micro_batches)):
-        with autocast(runtime.device, runtime.dtype):
-            logits = model(part_images)
-            loss = compute_loss(logits, part_labels, **loss_options)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(loss.item(), 0, optimizer.param_groups[0]["lr"], [])
-        scaler.scale(loss * (part_hard.numel() / hard.numel())).backward()
+    parts = list(zip(images.chunk(micro_batches), labels.chunk(micro_batches), hard.chunk(micro_batches)))
+    for part, (part_images, part_labels, part_hard) in enumerate(parts):
+        # under DDP only the last slice's backward all-reduces: the gradients are summed locally until then
+        syncing = part == len(parts) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if syncing else model.no_sync():
+            with autocast(runtime.device, runtime.dtype):
+                logits = model(part_images)
+                loss = compute_loss(logits, part_labels, **loss_options)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(loss.item(), 0, optimizer.param_groups[0]["lr"], [])
+            scaler.scale(loss * (part_hard.numel() / hard.numel())).backward()
         total_loss += loss.item() * part_hard.numel()
         correct += (logits.argmax(1) == part_hard).sum().item()
     scaler.step(optimizer)
@@ -107,11 +112,17 @@ def _after_out_of_memory(micro_batches: int, batch: int, optimizer, runtime: Run
 
 def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
                 limit_batches: int = 0, hooks: Hooks | None = None, progress=None,
-                class_weights: torch.Tensor | None = None, micro_batches: int = 1, mixup=None) -> dict:
-    """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use.
+                class_weights: torch.Tensor | None = None, micro_batches: int = 1, mixup=None,
+                resume_at: dict | None = None, on_step=None) -> dict:
+    """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use (under
+    torchrun the sums of every process).
 
-    ``mixup`` (``create_mixup``): each batch is mixed and trained against soft targets; the training accuracy is then
-    measured against each mixed target's dominant class.
+    Args:
+        mixup: ``create_mixup``'s: each batch is mixed and trained against soft targets; the training accuracy is
+            then measured against each mixed target's dominant class.
+        resume_at: a mid-epoch checkpoint's ``{"step", "loss", "correct", "seen"}``: the loader already skips the
+            consumed batches (its sampler does), this continues the step count and the epoch's sums.
+        on_step: called after each optimiser step with the same dict (mid-epoch checkpoints decide there).
 
     Raises:
         NonFiniteLoss: naming the batch's files (when the dataset yields indices) and the learning rate.
@@ -119,8 +130,10 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
     model.train()
     scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
     loss_options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
-    total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    for step, (images, labels, *indices) in enumerate(loader):
+    done = resume_at or {}
+    total_loss, correct, seen = done.get("loss", 0.0), done.get("correct", 0), done.get("seen", 0)
+    start = time.perf_counter()
+    for step, (images, labels, *indices) in enumerate(loader, start=done.get("step", 0)):
         if limit_batches and step >= limit_batches:
             break
         images = to_device(images, runtime.device, runtime.channels_last)
@@ -145,13 +158,32 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
             hooks.on_batch_end(step, loss.item())
         if progress is not None:
             progress(seen, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
+        if on_step is not None:
+            on_step({"step": step + 1, "loss": total_loss, "correct": correct, "seen": seen})
     seconds = time.perf_counter() - start
+    if runtime.distributed:  # the epoch's numbers over every process's share
+        sums = distributed.all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64,
+                                                       device=_collective_device(runtime)))
+        total_loss, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
     return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
             "images_per_s": seen / max(seconds, 1e-9), "micro_batches": micro_batches}
 
 
+def _collective_device(runtime: Runtime) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
+    return runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+
+
 def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0) -> dict:
+    """Mean loss and accuracy over ``loader``; under torchrun each process holds an unpadded share and the sums are
+    added over processes, so no image counts twice."""
     logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last, limit_batches)
+    if runtime.distributed:
+        sums = torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
+                             (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+        loss, correct, count = distributed.all_reduce_sum(sums.to(_collective_device(runtime))).tolist()
+        return {"val_loss": loss / count, "val_acc": correct / count} if count else {"val_loss": math.nan,
+                                                                                      "val_acc": math.nan}
     if not len(labels):
         return {"val_loss": math.nan, "val_acc": math.nan}
     return {"val_loss": F.cross_entropy(logits, labels).item(),

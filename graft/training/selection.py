@@ -17,6 +17,7 @@ from graft.models.grafted import GraftModel
 from graft.training.loop import validate
 from graft.training.stages import beats_probe
 from graft.training.state import TrainState
+from graft.utils import distributed
 from graft.utils.files import save_weights
 from graft.utils.runtime import Runtime
 from graft.utils.safefiles import read_safetensors
@@ -64,6 +65,7 @@ def keep_better(model: GraftModel, state: TrainState, val_loader, runtime: Runti
         why = (f"fine-tuning did not improve on the probe: kept the probe, saved {finetune_seconds:.0f} s next time "
                "with --strategy probe")
     runtime.log(why)
+    distributed.barrier()  # under torchrun every rank has read the file (or decided not to) before rank 0 removes it
     if runtime.is_main:
         path.unlink(missing_ok=True)
     return {"kept": kept, "why": why, "rule": RULE, "candidates": candidates}

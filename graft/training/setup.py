@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data.datasets import ImageDataset, resolve_workers
 from graft.data.discovery import DatasetSplits
 from graft.data.statistics import dataset_statistics
 from graft.data.transforms import create_transform
+from graft.errors import GraftError
 from graft.models.grafted import GraftModel, create_model
 from graft.training import recipes
 from graft.utils.runtime import Runtime
 
 __all__ = [
     "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "create_loaders", "create_on_device",
-    "resolve_bn_stats"
+    "resolve_bn_stats", "wrap_for_training"
 ]
 
 SCRATCH_STATS_SIZE = 32  # per-channel statistics barely depend on resolution; small is fast
@@ -37,7 +38,12 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
 
 
 def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
-    """Training and validation DataLoaders with the backbone's preprocessing."""
+    """Training and validation DataLoaders with the backbone's preprocessing; under torchrun each process loads its
+    share (training: padded to equal batch counts; validation: unpadded, the counts are summed over processes).
+
+    ``--accumulate K`` loads K batches at once and the step runs them as K micro-batches (the out-of-memory path's
+    gradient accumulation): the same sums of gradients as K separate loads, with one optimiser step.
+    """
     if splits.shards is not None:  # tar shards stream through an IterableDataset (graft.data.shards)
         from graft.data.shards import shard_loaders
 
@@ -50,13 +56,21 @@ def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, 
     val_set = ImageDataset(splits.val, create_transform(model.preprocessing), data.max_image_pixels)
     common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}
     generator = torch.Generator()
-    sampler = runtime.create_sampler(train_set, True, config.train.seed)
-    if config.train.balance == "sampler" and sampler is None:
+    resumable = bool(config.train.checkpoint_every or config.train.checkpoint_minutes)
+    if config.train.balance == "sampler" and (runtime.distributed or resumable):
+        raise GraftError("--balance sampler draws with replacement and cannot be sharded across processes or resumed "
+                         "mid-epoch; use --balance loss, or drop --checkpoint-every/--checkpoint-minutes")
+    sampler = runtime.create_sampler(train_set, True, config.train.seed, resumable)
+    if config.train.balance == "sampler":
         sampler = balanced_sampler(train_set.samples, generator)
+    batch = data.batch_size * config.train.accumulate
+    share = len(sampler) if sampler is not None else len(train_set)
     # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
     # which keeps augmentation (and so a resumed run) reproducible.
-    train_loader = DataLoader(train_set, batch_size=data.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=len(train_set) > data.batch_size, **common)
+    train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
+                              generator=generator, drop_last=share > batch, **common)
+    if runtime.distributed:
+        val_set = Subset(val_set, runtime.shard_indices(len(val_set)))
     val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False, persistent_workers=workers > 0,
                             **common)
     return train_loader, val_loader, generator
@@ -89,4 +103,24 @@ def create_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)
     model.freeze_bn_stats = resolve_bn_stats(config, len(splits.train)) == "frozen"
+    if config.train.sync_bn and runtime.distributed and not model.freeze_bn_stats:
+        if runtime.device.type == "cuda":  # SyncBatchNorm is CUDA-only; it keeps the parameter and buffer names
+            model.trunk = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.trunk)
+        else:
+            runtime.log("warning: --sync-bn needs CUDA (torch's SyncBatchNorm); each process keeps its own batch "
+                        "statistics and DDP copies rank 0's running statistics to the others at each step")
     return model, info
+
+
+def wrap_for_training(model: GraftModel, runtime: Runtime):
+    """The model as this stage trains it: under torchrun a DistributedDataParallel around it, built after the stage
+    froze what it freezes (DDP registers gradient hooks on the parameters that require grad when it is built), so a
+    head-only stage on a frozen trunk syncs only the head and needs no ``find_unused_parameters``. One process: the
+    model itself. Checkpoints and weights are always read from ``model``, never from the wrapper's ``module.`` keys.
+    """
+    if not runtime.distributed or not any(p.requires_grad for p in model.parameters()):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)

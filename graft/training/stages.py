@@ -17,8 +17,10 @@ from graft.training import recipes
 from graft.training.checkpoints import BEST, read_checkpoint, save_checkpoint, write_history
 from graft.training.loop import NonFiniteLoss, _epoch_line, _progress_bar, create_mixup, train_epoch, validate
 from graft.training.optim import create_optimizer, create_scheduler
-from graft.training.setup import _loss_class_weights
+from graft.training.resume import MidEpochCheckpoints, restore_rng
+from graft.training.setup import _loss_class_weights, wrap_for_training
 from graft.training.state import Hooks, TrainState
+from graft.utils import distributed
 from graft.utils.files import save_weights
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 from graft.utils.safefiles import read_safetensors
@@ -39,8 +41,10 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
     if resume_from is not None:
         optimizer.load_state_dict(resume_from[0])
         scheduler.load_state_dict(resume_from[1])
-    if hooks.on_stage_start and state.stage_epoch == 0:
+    if hooks.on_stage_start and state.stage_epoch == 0 and not state.epoch_progress:
         hooks.on_stage_start(stage, model)
+    trained = wrap_for_training(model, runtime)  # after configure: DDP syncs what this stage trains
+    mid_epoch = MidEpochCheckpoints(config.train, run_dir, model, optimizer, scheduler, state, runtime)
     if state.stage_epoch == 0 and runtime.is_main:  # Ctrl-C or a blow-up in the first epoch can return here
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -51,19 +55,27 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         seed = epoch_seed(config.train.seed, state.epoch)
         seed_everything(seed)
         generator.manual_seed(seed)
+        resume_at = state.epoch_progress or None
+        if resume_at:  # a mid-epoch checkpoint: the RNGs and the sampler continue where it was written
+            restore_rng(resume_at["rng"], runtime.rank)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            skip = resume_at["step"] * train_loader.batch_size if resume_at else 0
+            train_loader.sampler.set_epoch(state.epoch, skip)
         start = time.perf_counter()
         try:
             with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage_length(stage, state)}",
                                len(train_loader.dataset)) as progress:
-                row = train_epoch(model, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
+                row = train_epoch(trained, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
                                   config.train.limit_batches, hooks, progress, class_weights, state.micro_batches,
-                                  mixup)
+                                  mixup, resume_at, mid_epoch.after_step if mid_epoch.enabled else None)
+            distributed.broadcast_buffers(model)  # one set of BN statistics to validate and save
             row.update(validate(model, val_loader, runtime, config.train.limit_batches))
             _check_epoch_finite(model, row, len(val_loader.dataset), optimizer)
         except NonFiniteLoss as blowup:
             _roll_back_after_blowup(blowup, model, optimizer, scheduler, state, run_dir, runtime)
             continue
         state.micro_batches = row["micro_batches"]
+        state.epoch_progress = {}
         state.stage_epoch += 1
         state.epoch += 1
         state.elapsed += time.perf_counter() - start
@@ -202,14 +214,14 @@ def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfi
                 _restore_best(model, state, run_dir, runtime)  # a no-op unless the run stopped right at the boundary
                 state = TrainState(stage=state.stage + 1, epoch=state.epoch, elapsed=state.elapsed,
                                    micro_batches=state.micro_batches, history=state.history,
-                                   probe=state.probe)  # planned_epochs: 0
+                                   probe=state.probe, world_size=state.world_size)  # planned_epochs: 0
                 if config.train.time_budget and state.elapsed >= config.train.time_budget:
                     state.stage = len(stages)  # out of time: the remaining stages are skipped
                     runtime.log("time budget spent: remaining stages skipped")
                 resume_from = None
                 continue
             run_stage(model, stage, state, loaders, config, runtime, run_dir, hooks,
-                      resume_from if state.stage_epoch else None)
+                      resume_from if state.stage_epoch or state.epoch_progress else None)
             resume_from = None
     except KeyboardInterrupt:
         runtime.log(f"interrupted: the last finished epoch is saved; continue with `graft fit --resume -o {run_dir}`")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from graft.errors import GraftError
 
-__all__ = ["Runtime", "autocast", "autocast_dtype", "epoch_seed", "resolve_device", "seed_everything", "to_device"]
+__all__ = [
+    "Runtime", "ShardSampler", "autocast", "autocast_dtype", "epoch_seed", "resolve_device", "seed_everything",
+    "to_device"
+]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -71,9 +76,51 @@ class Runtime:
         if self.verbose and self.is_main:
             print(message, file=sys.stderr, flush=True)
 
-    def create_sampler(self, dataset, shuffle: bool, seed: int):
-        """None on one process (the DataLoader shuffles); a DistributedSampler under torchrun (a later issue)."""
-        return None
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def create_sampler(self, dataset, shuffle: bool, seed: int, resumable: bool = False):
+        """None on one process (the DataLoader shuffles) unless mid-epoch checkpoints need a sampler that can skip
+        what an epoch already consumed; under torchrun this rank's padded share (every rank the same batch count)."""
+        if not (self.distributed or resumable):
+            return None
+        return ShardSampler(len(dataset), self.rank, self.world_size, shuffle, seed)
+
+    def shard_indices(self, size: int) -> list[int]:
+        """This rank's unpadded share of ``size`` items for evaluation: ``rank::world``, so no item counts twice."""
+        return list(range(self.rank, size, self.world_size))
+
+
+class ShardSampler(Sampler[int]):
+    """A seeded per-epoch order cut into equal shares, one per rank (padded by repeating the first indices, as
+    ``DistributedSampler`` does), that can resume mid-epoch: ``set_epoch(epoch, skip)`` drops the ``skip`` indices
+    this rank already consumed. (``DistributedSampler`` has no skip, which exact mid-epoch resume needs.)"""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, seed: int = 0):
+        self.size, self.rank, self.world_size, self.shuffle, self.seed = size, rank, world_size, shuffle, seed
+        self.per_rank = math.ceil(size / world_size) if size else 0
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def order(self) -> list[int]:
+        """This rank's whole share of the current epoch (before ``skip``)."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        padding = self.per_rank * self.world_size - self.size
+        order += (order * math.ceil(padding / max(1, self.size)))[:padding]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.order()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.skip)
 
 
 def seed_everything(seed: int) -> None:
