@@ -77,7 +77,8 @@ def test_metadata_carries_the_facts_the_page_shows(server, run):
     assert facts["val"]["accuracy"] == metrics["val"]["accuracy"] and facts["val"]["images"] == 30
     assert facts["val"]["top3_accuracy"] == metrics["val"]["top3_accuracy"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["trained"])
-    assert metadata["endpoints"] == ["/health", "/metadata", "/predict"]  # the page's "/explain" switch reads this
+    # the page's "/explain" switch reads this; /explain is served when the explain extra (Captum) is installed
+    assert metadata["endpoints"] == ["/explain", "/health", "/metadata", "/predict"]
     assert metadata["classes"] == ["circle", "square", "triangle"]
 
 
@@ -131,3 +132,23 @@ def test_unknown_paths_and_methods_get_the_one_line_json_error(server):
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found: GET /nothing-here"}
     wrong = httpx.get(f"{server}/predict")
     assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed: GET /predict"}
+
+
+def test_explain_answers_an_overlay_the_page_can_show_and_the_errors_of_predict(server, shapes):
+    image = next((shapes / "val" / "square").iterdir())
+    with open(image, "rb") as handle:
+        answer = httpx.post(f"{server}/explain", files={"file": (image.name, handle, "image/png")}, timeout=60)
+    assert answer.status_code == 200
+    (row,) = answer.json()["explanations"]
+    predicted = httpx.post(f"{server}/predict", files={"file": (image.name, image.read_bytes(), "image/png")}).json()
+    assert row["file"] == image.name and row["labels"] == predicted["predictions"][0]["labels"]
+    assert row["target"] == row["labels"][0]
+    prefix = "data:image/png;base64,"
+    assert row["overlay"].startswith(prefix)
+    from PIL import Image
+    import io
+
+    overlay = Image.open(io.BytesIO(base64.b64decode(row["overlay"][len(prefix):])))
+    assert overlay.format == "PNG" and overlay.size == Image.open(image).size  # small images keep their size
+    bad = httpx.post(f"{server}/explain", files={"file": ("notes.jpg", b"not an image", "image/jpeg")})
+    assert bad.status_code == 415 and "notes.jpg" in bad.json()["error"]

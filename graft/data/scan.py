@@ -16,7 +16,7 @@ from pathlib import Path
 from graft.data.discovery import IMBALANCE_RATIO, TINY_CLASS, DatasetSplits, Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, _decoded, check_image_file
 from graft.errors import GraftError
-from graft.utils.text import escape_field
+from graft.utils.text import escape_field, path_key
 
 __all__ = ["SCAN_ALL_UP_TO", "SCAN_SAMPLE", "ScanCache", "ScanReport", "check_files", "readable", "scan",
            "scan_cache_dir"]
@@ -86,7 +86,7 @@ def _scan_key(path: str, max_pixels: int | None) -> str | None:
     except OSError:
         return None  # gone: checked (and reported) without the cache
     # ctime too: a chmod or a rename-over changes it where size and mtime can stay the same
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{max_pixels}"
+    return f"{path_key(path)}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{max_pixels}"
 
 
 @dataclass

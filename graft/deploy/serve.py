@@ -7,6 +7,8 @@
   the endpoints served and whether there is a report.
 - ``GET /``: a self-contained web page (graft/deploy/page.py) that sends dropped images to ``/predict``.
 - ``GET /report``: the run's newest ``report.html`` (from ``graft evaluate``); nothing else from the file system.
+- ``POST /explain`` (when the explain extra, Captum, is installed): the same upload as ``/predict``; each image's
+  Grad-CAM overlay as a PNG data URI with the top-k it explains; the page shows it beside the thumbnail.
 
 Concurrent requests are batched: a single inference task collects images until ``max_batch`` or ``max_wait_ms``
 and runs them in one forward pass on one worker thread. Bad input never reaches the model and never crashes the
@@ -15,6 +17,8 @@ not an image → 415, no image → 400; every error is JSON ``{"error": "..."}``
 """
 
 import asyncio  # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime
+import base64
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,12 +29,13 @@ from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
 from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
 from graft.errors import GraftError
+from graft.evaluation.explain import available as explain_available, explain_images
 from graft.evaluation.inference import PerView, load_ensemble
 from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
-    "ApiError", "Counters", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "Predictor", "ServeConfig", "create_app",
+    "ApiError", "Counters", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE", "Predictor", "ServeConfig", "create_app",
     "serve"
 ]
 
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64  # images per request
+OVERLAY_SIDE = 512  # pixels on the longer side of a /explain overlay: enough for a page, small as a data URI
 
 
 @dataclass
@@ -233,6 +239,12 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         predictor.counters.requests += 1
         return await _predictions(predictor, config, await _uploads(request, config))
 
+    if explain_available():  # the page offers its "where the model looked" switch only when this route exists
+        @app.post("/explain")
+        async def explain(request: Request):
+            predictor.counters.requests += 1
+            return await _explanations(predictor, config, await _uploads(request, config))
+
     return app
 
 
@@ -302,6 +314,42 @@ async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[
         rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
                      "probabilities": [round(v, 6) for v in values.tolist()]})
     return {"predictions": rows}
+
+
+async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list[tuple[str, bytes]]) -> dict:
+    """Grad-CAM of each upload (graft.evaluation.explain) as a PNG data URI, with the top-k it explains.
+
+    An ensemble is explained through its first member (a map per member would not be one picture). The gradients run
+    in the inference thread, so they never overlap a batch of ``/predict``.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        images = await asyncio.gather(*[loop.run_in_executor(predictor.decoder, decode_image, data, name,
+                                                             config.max_pixels) for name, data in uploads])
+    except PixelLimitError as exc:
+        raise ApiError(413, str(exc)) from None
+    except ImageError as exc:
+        raise ApiError(415, str(exc)) from None
+    names = [display_name(name) for name, _ in uploads]
+    try:
+        results = await loop.run_in_executor(predictor.worker, explain_images, predictor.models[0],
+                                             list(images), config.top_k, None, names)
+    except GraftError as exc:  # a trunk Grad-CAM does not apply to (a cut at a pooled vector)
+        raise ApiError(422, str(exc)) from None
+    predictor.counters.images += len(uploads)
+    rows = [{"file": result.path, "labels": [display_name(label) for label in result.labels],
+             "probabilities": result.probabilities, "target": display_name(result.target),
+             "overlay": _png_data_uri(result.overlay)} for result in results]
+    return {"explanations": rows}
+
+
+def _png_data_uri(image, longest: int = OVERLAY_SIDE) -> str:
+    """A PNG data URI of ``image``, shrunk to ``longest`` pixels on its longer side (a page needs no more)."""
+    image = image.copy()
+    image.thumbnail((longest, longest))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

@@ -18,6 +18,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
 from graft.utils.files import atomic_write
+from graft.utils.text import path_key
 
 __all__ = [
     "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "CacheSpace", "cache_folder", "default_cache_dir",
@@ -58,7 +59,7 @@ def weights_digest(module: nn.Module) -> str:
 
 def file_key(path: str) -> str:
     stat = os.stat(path)
-    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    return f"{path_key(path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def space_key(architecture: str, digest: str, node: str, pool: str, preprocessing: Preprocessing, view: int) -> str:

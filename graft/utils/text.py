@@ -9,8 +9,11 @@ terminal tables, the server's JSON) shows them through ``display_name``.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
-    "FORMULA_STARTS", "display_name", "escape_field", "safe_record", "safe_row", "spreadsheet_safe", "unescape_field"
+    "FORMULA_STARTS", "display_name", "escape_field", "path_key", "safe_record", "safe_row", "spreadsheet_safe",
+    "unescape_field"
 ]
 
 # A cell a spreadsheet would evaluate as a formula (OWASP "CSV injection"); tab and CR start one in some programs too.
@@ -25,6 +28,18 @@ def display_name(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate surrogateescape did not make (from JSON, say): escape it as it is
         raw = text.encode("utf-8", "backslashreplace")
     return raw.decode("utf-8", "backslashreplace")
+
+
+def path_key(path: str) -> str:
+    """An absolute path as text any store accepts (SQLite, JSON): itself when it is valid Unicode, else ``?hex:`` and
+    its bytes in hex — a file name that is not UTF-8 arrives with surrogate escapes, which SQLite refuses to encode.
+    No absolute path starts with ``?``, so the two forms never collide."""
+    path = os.path.abspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "?hex:" + os.fsencode(path).hex()
+    return path
 
 
 def spreadsheet_safe(value):
