@@ -155,8 +155,14 @@ def test_fit_from_shards_matches_the_folder_and_predict_loads_it(folder, shards,
     report = json.loads((streamed.run_dir / "data_report.json").read_text())
     assert report["counts"]["train"] == {"circle": 9, "square": 9, "triangle": 9}
     assert report["counts"]["val"] == {"circle": 4, "square": 4, "triangle": 4}
-    with pytest.raises(GraftError, match="tar shards stream images"):
-        fit(tiny_config(shards, tmp_path / "probe", **{"train.strategy": "probe"}), verbose=False)
+    # the cached L-BFGS probe reads image files: on shards the head trains by epochs over the stream instead
+    probed = fit(tiny_config(shards, tmp_path / "probe", **{"train.strategy": "probe", "train.epochs": 1}),
+                 verbose=False)
+    assert [row["stage"] for row in probed.history] == ["probe"] and probed.metrics["val"]["images"] == 12
+    assert json.loads((probed.run_dir / "graft.json").read_text())["config"]["train"]["head_fit"] == "epochs"
+    assert not (probed.run_dir / "probe_grid.csv").exists()
+    with pytest.raises(GraftError, match="scratch measures normalisation statistics"):
+        fit(tiny_config(shards, tmp_path / "scratch", **{"train.strategy": "scratch"}), verbose=False)
     done = subprocess.run([sys.executable, "-m", "graft", "predict", str(streamed.run_dir),
                            str(next((folder / "val" / "circle").iterdir()))], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path, check=False)

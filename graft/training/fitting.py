@@ -123,10 +123,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
                                 config.data.test_fraction)
-    if splits.shards is not None and (recipes.solves_head(config) or config.train.strategy == "scratch"):
-        raise GraftError(f"{config.data.path}: tar shards stream images for --strategy finetune (or --head-fit "
-                         "epochs); the cached probe and scratch statistics read image files: pass the folder the "
-                         "shards came from, or --strategy finetune")
+    if splits.shards is not None:
+        config = _fit_for_shards(config, runtime)
     if resume:
         _check_same_classes(run_dir, splits, config.data.path)
     report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
@@ -191,6 +189,19 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
     if tracker:
         tracker.close()
     return result
+
+
+def _fit_for_shards(config: FitConfig, runtime: Runtime) -> FitConfig:
+    """Tar shards stream: the head is trained by epochs over the stream (the cached L-BFGS probe and scratch's
+    normalisation statistics read image files by path, which shards do not have)."""
+    if config.train.strategy == "scratch":
+        raise GraftError(f"{config.data.path}: --strategy scratch measures normalisation statistics on image files; "
+                         "pass the folder the shards came from, or use --strategy finetune or probe")
+    if recipes.solves_head(config):
+        runtime.log("tar shards: the head trains by epochs over the stream (--head-fit epochs; the cached probe "
+                    "reads image files)")
+        config = apply_overrides(copy.deepcopy(config), {"train.head_fit": "epochs"})
+    return config
 
 
 def _check_world_size(run_dir: Path, state: TrainState, runtime: Runtime) -> None:
