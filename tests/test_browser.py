@@ -127,7 +127,10 @@ def test_the_page_shows_the_model_and_names_uploads_right(server, watched, tmp_p
     assert cards["blue.png"].query_selector(".top1").inner_text() == HOSTILE
     assert len(cards["red.png"].query_selector_all(".label")) == 2  # top_k=2: both classes with their bars
     assert page.query_selector_all("img[src='x']") == [], "no element was made from a class name"
-    assert page.is_visible("#report-link") and not page.is_visible("#explain-switch")  # no /explain served here
+    from graft.evaluation.explain import available
+
+    # the "where it looked" switch shows exactly when the server answers /explain (the explain extra, Captum)
+    assert page.is_visible("#report-link") and page.is_visible("#explain-switch") == available()
     page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
     if os.environ.get("GRAFT_DOCS_SCREENSHOT"):
         save_docs_screenshot(page, "serve-page.png")
@@ -158,6 +161,25 @@ def test_a_dropped_file_is_classified_like_a_picked_one(server, watched):
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     page.locator(".card.done").wait_for(timeout=15_000)
     assert page.inner_text(".card .name") == "dropped.png" and page.inner_text(".card .top1") == "red"
+    watched.check()
+
+
+def test_the_explain_switch_puts_the_overlay_beside_the_thumbnail(server, watched, tmp_path):
+    from graft.evaluation.explain import available
+
+    if not available():
+        pytest.skip("the explain extra (Captum) is not installed: the server has no /explain")
+    page = watched.page
+    page.goto(f"{server}/")
+    page.wait_for_selector("#facts dl")
+    page.check("#explain")
+    cards = upload(page, [{"name": "red.png", "mimeType": "image/png", "buffer": png(TWO_COLOURS["red"], 13)}])
+    card = cards["red.png"]
+    assert card.query_selector(".top1").inner_text() == "red"
+    overlay = card.query_selector("img.overlay")
+    assert overlay is not None and overlay.get_attribute("src").startswith("data:image/png;base64,")
+    assert overlay.evaluate("i => i.complete && i.naturalWidth > 0"), "the overlay decodes"
+    page.screenshot(path=str(tmp_path / "serve-page-explain.png"), full_page=True)
     watched.check()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -81,6 +82,12 @@ def test_report_of_a_tiny_run_is_self_contained_and_complete(trained_run, shapes
     assert f"{metrics['accuracy']:.4f}" in html and f"{metrics['tta']['accuracy']:.4f}" in html
     rows = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
     assert rows[0] == "path,true,predicted,confidence,p_true" and len(rows) == 1 + metrics["images"]
+    # what the run chose on validation while training is named, with its headline (README "Honest numbers")
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert "Chosen on validation while training" in html
+    for choice in trained["selected_on_validation"]:
+        assert choice.split(" (")[0] in html
+    assert f"{trained['headline']['split']} accuracy {trained['headline']['accuracy']:.4f}" in html
 
 
 def test_hostile_class_names_are_escaped_in_the_report(shapes, tmp_path):

@@ -1,7 +1,8 @@
 """The evaluation report: one self-contained HTML page (inline CSS, images as data URIs, no scripts, no network) and
 the same plots as PNG files beside it.
 
-Sections: headline numbers (plain and with test-time augmentation), training curves from each run's history,
+Sections: headline numbers (plain and with test-time augmentation), what each run chose on validation while
+training (which makes val numbers optimistic), training curves from each run's history,
 the confusion matrix as a heat map, per-class precision/recall/F1, a reliability diagram with the expected
 calibration error, and a grid of the most confident mistakes.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 from pathlib import Path
 
@@ -257,6 +259,35 @@ def _mistake_grid(mistakes: list, data: str | os.PathLike, overlays: list | None
     return f"{note}<div class='grid'>{''.join(figures)}</div>"
 
 
+def _training_choices(runs: list) -> str:
+    """What each run chose on its validation split while training (metrics.json's ``selected_on_validation``) and
+    its headline: numbers on that split are optimistic, a test split's are not (README "Honest numbers")."""
+    items = []
+    for run in runs:
+        try:
+            path = Path(run) / "metrics.json"
+            if path.stat().st_size > 10_000_000:  # a training metrics.json is a few KB; anything else is not ours
+                continue
+            trained = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(trained, dict):
+            continue
+        chosen = [str(item) for item in trained.get("selected_on_validation") or [] if isinstance(item, str)]
+        headline = trained.get("headline") if isinstance(trained.get("headline"), dict) else {}
+        text = "selected on validation: " + "; ".join(chosen) if chosen else "nothing selected on validation"
+        if isinstance(headline.get("accuracy"), (int, float)):
+            text += (f" — training headline: {headline.get('split', '?')} accuracy {headline['accuracy']:.4f} "
+                     f"({headline.get('note', '')})")
+        items.append(f"<li><b>{html.escape(Path(run).name)}</b>: {html.escape(display_name(text))}</li>")
+    if not items:
+        return ""
+    return ("<h2 id='choices'>Chosen on validation while training</h2><ul>" + "".join(items) + "</ul>"
+            "<p class='muted'>Evaluated on the validation split a run was trained with, these numbers are optimistic "
+            "(they chose the epoch, the strategy or the probe's strength); a test split — the data's own, or "
+            "<code>graft fit --test-fraction</code> — gives the unbiased estimate.</p>")
+
+
 def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilities: torch.Tensor,
                  tta_probabilities: torch.Tensor | None, runs: list, model=None) -> Path:
     """Writes ``report.html`` and the PNG plots into ``out_dir``; returns the HTML's path.
@@ -291,6 +322,7 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
 {html.escape(', '.join(str(r) for r in runs))}</p>
 <h2 id="summary">Summary</h2>
 {_numbers_table(metrics)}
+{_training_choices(runs)}
 <h2 id="training">Training curves</h2>
 {plot("training_curves", "loss, accuracy and learning rate per epoch")}
 <h2 id="confusion">Confusion matrix</h2>
