@@ -72,8 +72,9 @@ def features(
     batch_size: Annotated[Optional[int], typer.Option(help="default: 16 on the CPU, 64 on a GPU")] = None,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
-    compile: Annotated[str, config_option("train.compile", help="torch.compile the extraction forward (a mode of "
-                                          "torch.compile's); a failure warns and extracts eagerly")] = "off",
+    compile: Annotated[str, config_option(
+        "train.compile", help="torch.compile the extraction forward: off, default, reduce-overhead or max-autotune; "
+        "a failure warns and extracts eagerly")] = "off",
 ):
     """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
 
