@@ -16,7 +16,8 @@ from graft.utils.limits import DEFAULT_MAX_PIXELS
 from graft.utils.ranges import Range, check_number, check_option
 
 __all__ = [
-    "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "DataConfig",
+    "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "COMPILE_MODES",
+    "DataConfig",
     "FitConfig", "HEAD_FITS", "MAX_BATCH_SIZE", "MAX_CONVS", "MAX_EPOCHS", "MAX_HEAD_LAYERS", "MAX_HEAD_WIDTH",
     "MAX_IMAGE_SIZE", "MAX_INIT_STD", "MAX_LR", "MAX_SEED", "MAX_STAGES", "MAX_WIDTH", "MIN_IMAGE_SIZE",
     "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
@@ -33,6 +34,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BN_STATS = ("auto", "update", "frozen")
 BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # "off", then torch.compile's modes
 LOGGERS = ("tensorboard", "mlflow", "csv")  # fit --log: experiment trackers fed from the training hooks
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
 NORMS = ("batch", "layer", "instance", "group", "none")
@@ -49,12 +51,13 @@ MAX_HEAD_WIDTH, MAX_HEAD_LAYERS = 16384, 8  # mlp:WIDTH[,WIDTH...]
 
 def _option(default: Any, help: str, *, choices: tuple[str, ...] = (), low: float | None = None, high: float = 0,
             low_open: bool = False, high_open: bool = False, note: str = "", flags: tuple[str, ...] = (),
-            panel: str = "", comma_list: bool = False) -> Any:
+            panel: str = "", comma_list: bool = False, metavar: str = "") -> Any:
     """A field declared once: its default, help text, choices and range, which the validator, `graft fit`'s generated
     flag (``flags``; default ``--field-name``) and its ``--help`` (under ``panel``; default the section's) all read.
-    ``comma_list``: a comma-separated string that Python and YAML may also give as a list of strings."""
+    ``comma_list``: a comma-separated string that Python and YAML may also give as a list of strings. ``metavar``:
+    the flag's placeholder in ``--help`` where the choices are too long to list there (the help text names them)."""
     metadata = {"help": help, "choices": tuple(choices), "flags": tuple(flags), "panel": panel,
-                "comma_list": comma_list}
+                "comma_list": comma_list, "metavar": metavar}
     if low is not None:
         metadata["range"] = Range(low, high, low_open, high_open, note)
     return field(default=default, metadata=metadata)
@@ -176,6 +179,9 @@ class TrainConfig:
                                     "step), 0: at epoch ends only", low=0, high=10**9, note="0: off", panel="Runtime")
     checkpoint_minutes: float = _option(0.0, "also checkpoint inside an epoch every M minutes, 0: off", low=0,
                                         high=1e6, note="0: off", panel="Runtime")
+    compile: str = _option("off", "torch.compile the trained model and the extraction forward: off, default, "
+                           "reduce-overhead or max-autotune (torch.compile's modes); a compile failure warns and "
+                           "continues eager", choices=COMPILE_MODES, panel="Runtime", metavar="MODE")
 
 
 @dataclass

@@ -50,7 +50,8 @@ def config_option(dotted: str, with_default: bool = False, **changes: Any) -> An
     flags = spec.metadata.get("flags") or (flag_of(dotted, spec),)
     if kind is bool:  # --pretrained/--no-pretrained: either way a flag can override a YAML file
         flags = (f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:])
-    settings = {"help": _help(dotted, spec, with_default), "metavar": f"[{'|'.join(choices)}]" if choices else None}
+    metavar = spec.metadata.get("metavar") or (f"[{'|'.join(choices)}]" if choices else None)
+    settings = {"help": _help(dotted, spec, with_default), "metavar": metavar}
     return typer.Option(*flags, **{**settings, **changes})
 
 

@@ -25,7 +25,7 @@ from graft.cli.shared import (
     out,
     print_table,
 )
-from graft.config import ModelConfig
+from graft.config import COMPILE_MODES, ModelConfig
 from graft.errors import GraftError
 
 __all__ = ["advise", "features", "layers", "probe"]
@@ -72,6 +72,9 @@ def features(
     batch_size: Annotated[Optional[int], typer.Option(help="default: 16 on the CPU, 64 on a GPU")] = None,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
+    compile: Annotated[str, config_option(
+        "train.compile", help="torch.compile the extraction forward: off, default, reduce-overhead or max-autotune; "
+        "a failure warns and extracts eagerly")] = "off",
 ):
     """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
 
@@ -88,6 +91,8 @@ def features(
 
     _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
                    ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
+    if compile not in COMPILE_MODES:
+        raise GraftError(f"--compile '{compile}' not understood: choose one of {', '.join(COMPILE_MODES)}")
     distributed.init_from_env(device)  # under torchrun each process extracts a share of the images
     if output:  # before the work: an unwritable or clashing folder wastes nothing; rank 0 writes
         clashes = ((data, "data"), (cache_folder(cache), "feature cache"))
@@ -98,7 +103,7 @@ def features(
         err.print(f"warning: {warning}", highlight=False)
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
     _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
-                                workers, augment_views=augment)
+                                workers, augment_views=augment, compile_mode=compile)
     if not distributed.is_main():
         return
     stats = next(iter(sets.values())).stats

@@ -12,7 +12,9 @@ from graft.data.discovery import Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.errors import GraftError
 
-__all__ = ["FileDataset", "ImageDataset", "resolve_workers"]
+__all__ = ["FileDataset", "ImageDataset", "PREFETCH_BATCHES", "loader_options", "resolve_workers"]
+
+PREFETCH_BATCHES = 2  # per worker, on CUDA: torch's default; workers x 2 batches in flight already hide jitter
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,9 @@ class FileDataset(Dataset):
 
 
 def resolve_workers(workers: int, device: torch.device) -> int:
-    """DataLoader workers for ``-1`` (auto): none on the CPU, up to 8 for an accelerator.
+    """DataLoader workers for ``-1`` (auto): none on the CPU; on an accelerator up to 8, from the cores this process
+    may use divided by the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), so eight ranks on a
+    64-core node take 8 workers each rather than 8 x 64.
 
     On the CPU, loader workers compete with torch's intra-op threads for the same cores, and a parallel kernel runs
     at the pace of its slowest thread: measured on 2 cores, extraction with 2 workers ran at 0.84x the bare forward
@@ -68,4 +72,32 @@ def resolve_workers(workers: int, device: torch.device) -> int:
     """
     if workers >= 0:
         return workers
-    return 0 if torch.device(device).type == "cpu" else min(8, os.cpu_count() or 1)
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cores // local))
+
+
+def loader_options(device: torch.device | str, workers: int = -1, persistent: bool = False) -> dict:
+    """The DataLoader keywords every graft loader uses (``num_workers``, ``pin_memory`` and, with workers,
+    ``persistent_workers`` and ``prefetch_factor``), so the rules live in one place.
+
+    On CUDA: ``resolve_workers``' count, pinned host memory (the loops copy with ``non_blocking=True``, which only
+    overlaps with compute from pinned memory) and ``PREFETCH_BATCHES`` per worker. ``persistent`` keeps the workers
+    between passes; training loaders leave it off because fresh workers each epoch take their seeds from the reseeded
+    generator (reproducible augmentation across a resume), evaluation loaders turn it on. On the CPU the same as
+    before this helper: no pinning, no workers unless asked.
+
+    Args:
+        workers: ``-1`` (auto) or a count.
+        persistent: keep the worker processes alive between passes over the loader (only with workers).
+    """
+    device = torch.device(device)
+    count = resolve_workers(workers, device)
+    options: dict = {"num_workers": count, "pin_memory": device.type == "cuda"}
+    if count > 0:
+        options["persistent_workers"] = persistent
+        if device.type == "cuda":
+            options["prefetch_factor"] = PREFETCH_BATCHES
+    return options

@@ -274,23 +274,22 @@ class ShardDataset(IterableDataset):
 def shard_loaders(splits: DatasetSplits, preprocessing, config, device: torch.device):
     """Training and validation DataLoaders over ``splits.shards`` (``graft.training.setup.create_loaders`` for a
     shard set): the same transforms, batch size and worker rule as for folders."""
-    from graft.data.datasets import resolve_workers
+    from graft.data.datasets import loader_options
     from graft.data.transforms import create_transform
 
     data = config.data
     if config.train.balance == "sampler":
         raise GraftError("--balance sampler draws from an indexable folder; with tar shards use --balance loss")
-    workers = resolve_workers(data.workers, device)
     generator = torch.Generator()
     train_set = ShardDataset(splits.shards["train"],
                              create_transform(preprocessing, True, data.augment, data.hflip), data.max_image_pixels,
                              shuffle=True, generator=generator, with_index=True, samples=splits.train)
     val_set = ShardDataset(splits.shards["val"], create_transform(preprocessing), data.max_image_pixels,
                            equal=False, samples=splits.val)
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(train_set, batch_size=data.batch_size, generator=generator,
-                              drop_last=len(train_set) > data.batch_size, **common)
-    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, **common)
+                              drop_last=len(train_set) > data.batch_size,
+                              **loader_options(device, data.workers))
+    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, **loader_options(device, data.workers))
     return train_loader, val_loader, generator
 
 

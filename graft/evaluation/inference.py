@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from graft.data.datasets import FileDataset, ImageDataset
+from graft.data.datasets import FileDataset, ImageDataset, loader_options
 from graft.data.discovery import expand_inputs
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
@@ -58,9 +58,9 @@ def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, 
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def eval_loader(dataset, batch_size: int = 64, workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+def eval_loader(dataset, batch_size: int = 64, workers: int = 0, device: torch.device | str = "cpu") -> DataLoader:
+    """One pass in file order; pinned memory when the batches go to a CUDA ``device`` (``loader_options``)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, workers))
 
 
 class PerView(nn.Module):
@@ -89,7 +89,7 @@ def ensemble_probabilities(models: list[GraftModel], samples: list, device: torc
     for member in models:
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
-        logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers),
+        logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers, device),
                                         device, autocast_dtype(device), channels_last=False)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
@@ -137,7 +137,7 @@ def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.d
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
-        loaders.append(eval_loader(dataset, batch_size, workers))
+        loaders.append(eval_loader(dataset, batch_size, workers, target))
     members = [PerView(model, True).eval() for model in models]
     classes = models[0].classes
     k = min(top_k, len(classes))
@@ -163,7 +163,8 @@ def _ensemble_batch(members: list[PerView], batches: list[torch.Tensor], target:
     total = None
     for per_view, images in zip(members, batches):
         with autocast(target, autocast_dtype(target)):
-            log_probabilities = per_view(images.to(target)).reshape(len(images), images.shape[1], -1)
+            images = images.to(target, non_blocking=True)
+            log_probabilities = per_view(images).reshape(len(images), images.shape[1], -1)
         probabilities = log_probabilities.float().exp().mean(1).cpu()
         total = probabilities if total is None else total + probabilities
     return total / len(members)

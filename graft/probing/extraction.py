@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from graft.data.datasets import resolve_workers
+from graft.data.datasets import loader_options
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
 from graft.data.transforms import create_transform
@@ -33,6 +33,7 @@ from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
 from graft.utils import distributed
+from graft.utils.compiling import maybe_compile
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
@@ -154,7 +155,7 @@ def extraction_batch_size(device: torch.device) -> int:
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
-                     hflip: bool = True, log=None) -> dict[str, FeatureSet]:
+                     hflip: bool = True, log=None, compile_mode: str = "off") -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
 
     Args:
@@ -163,6 +164,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
         batch_size: None picks ``extraction_batch_size(device)``.
         augment_views: also cache this many augmented views of each training image.
+        compile_mode: ``--compile``: torch.compile the extractor's forward (``graft.utils.compiling``; a failure
+            warns and extracts eagerly). The cache key is unchanged: compiling does not change the weights.
 
     Returns:
         {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
@@ -193,7 +196,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
                 _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing, view,
-                              batch_size, workers, device, hflip)
+                              batch_size, workers, device, hflip, compile_mode, log)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -228,21 +231,22 @@ class _TrunkExtractor(nn.Module):
         return {self.trunk.node: self.trunk(x)}
 
 
-def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip) -> None:
-    workers = resolve_workers(workers, device)
-    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda", shuffle=False)
+def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip,
+                  compile_mode: str = "off", log=None) -> None:
+    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
+                        **loader_options(device, workers))
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
     extractor.to(memory_format=torch.channels_last)
+    forward = maybe_compile(extractor, compile_mode, "extraction", log)
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
     try:
         with torch.inference_mode():
             for images, indices in loader:
                 with autocast(device, dtype):
-                    outputs = extractor(to_device(images, device, True))
+                    outputs = forward(to_device(images, device, True))
                 for node, values in outputs.items():
                     pending[node].append(values.float().cpu().numpy().astype(np.float16))
                 pending_keys += [keys[i] for i in indices.tolist()]

@@ -86,12 +86,13 @@ def _speed(net, node: str, input_size, device: torch.device, batch: int = 32, re
 def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", image_size: int | None = None,
                    pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
                    batch_size: int | None = None, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0,
-                   weights_file: str | None = None):
+                   weights_file: str | None = None, compile_mode: str = "off"):
     """(backbone, preprocessing, {node: FeatureSet}) from one pass over the data.
 
     Args:
         stages: ``all`` (every stage node and the pooled features), ``default`` (pooled features only), or a list
             of node names.
+        compile_mode: ``--compile`` for the extraction forward (``extract_features``).
         seed: seeds random initialisation (pretrained=False), so a rerun has the same weights and hits the cache.
     """
     torch.manual_seed(seed)
@@ -101,7 +102,7 @@ def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", imag
         stages = (backbone.stage_nodes if stages == "all" else []) + [DEFAULT_NODE]
     extractor = FeatureExtractor(backbone.net, list(stages), pool)
     sets = extract_features(splits, extractor, preprocessing, backbone_name, cache_dir, batch_size, workers,
-                            resolve_device(device), augment_views, log=log)
+                            resolve_device(device), augment_views, log=log, compile_mode=compile_mode)
     return backbone, preprocessing, sets
 
 

@@ -6,13 +6,14 @@ import torch
 from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
-from graft.data.datasets import ImageDataset, resolve_workers
+from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import DatasetSplits
 from graft.data.statistics import dataset_statistics
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel, create_model
 from graft.training import recipes
+from graft.utils.compiling import maybe_compile
 from graft.utils.runtime import Runtime
 
 __all__ = [
@@ -49,12 +50,10 @@ def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, 
 
         return shard_loaders(splits, model.preprocessing, config, runtime.device)
     data = config.data
-    workers = resolve_workers(data.workers, runtime.device)
     train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip,
                                                              data.random_erasing),
                              data.max_image_pixels, with_index=True)
     val_set = ImageDataset(splits.val, create_transform(model.preprocessing), data.max_image_pixels)
-    common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda"}
     generator = torch.Generator()
     resumable = bool(config.train.checkpoint_every or config.train.checkpoint_minutes)
     if config.train.balance == "sampler" and (runtime.distributed or resumable):
@@ -68,11 +67,12 @@ def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, 
     # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
     # which keeps augmentation (and so a resumed run) reproducible.
     train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=share > batch, **common)
+                              generator=generator, drop_last=share > batch,
+                              **loader_options(runtime.device, data.workers))
     if runtime.distributed:
         val_set = Subset(val_set, runtime.shard_indices(len(val_set)))
-    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False, persistent_workers=workers > 0,
-                            **common)
+    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False,
+                            **loader_options(runtime.device, data.workers, persistent=True))
     return train_loader, val_loader, generator
 
 
@@ -112,15 +112,22 @@ def create_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime)
     return model, info
 
 
-def wrap_for_training(model: GraftModel, runtime: Runtime):
+def wrap_for_training(model: GraftModel, runtime: Runtime, compile_mode: str = "off"):
     """The model as this stage trains it: under torchrun a DistributedDataParallel around it, built after the stage
     froze what it freezes (DDP registers gradient hooks on the parameters that require grad when it is built), so a
     head-only stage on a frozen trunk syncs only the head and needs no ``find_unused_parameters``. One process: the
     model itself. Checkpoints and weights are always read from ``model``, never from the wrapper's ``module.`` keys.
-    """
-    if not runtime.distributed or not any(p.requires_grad for p in model.parameters()):
-        return model
-    from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    ``--compile``: torch.compile around that (DDP inside, as torch's DDP notes advise, so its graph is split at the
+    buckets), per stage because each stage changes what requires grad; a failure continues eager
+    (``graft.utils.compiling``). Validation stays eager: its batch and mode differ and would compile a second graph.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    trained = model
+    if runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=device_ids)
+    return maybe_compile(trained, compile_mode, "training", runtime.log)

@@ -43,7 +43,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         scheduler.load_state_dict(resume_from[1])
     if hooks.on_stage_start and state.stage_epoch == 0 and not state.epoch_progress:
         hooks.on_stage_start(stage, model)
-    trained = wrap_for_training(model, runtime)  # after configure: DDP syncs what this stage trains
+    trained = wrap_for_training(model, runtime, config.train.compile)  # after configure: DDP syncs what it trains
     mid_epoch = MidEpochCheckpoints(config.train, run_dir, model, optimizer, scheduler, state, runtime)
     if state.stage_epoch == 0 and runtime.is_main:  # Ctrl-C or a blow-up in the first epoch can return here
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
