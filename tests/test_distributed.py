@@ -108,6 +108,29 @@ def test_mid_epoch_resume_equals_an_uninterrupted_run(shapes, tmp_path):
     assert resumed.history[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"], rel=1e-6)
 
 
+def test_checkpoint_minutes_writes_mid_epoch_checkpoints_on_the_clock(shapes, tmp_path):
+    """--checkpoint-minutes: a checkpoint whenever that much time passed since the last; a clock far from due writes
+    none inside the epoch."""
+    from graft.training.checkpoints import read_checkpoint
+    from graft.training.fitting import fit
+    from graft.training.state import Hooks
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    base = {"train.strategy": "finetune", "train.head_fit": "epochs", "train.epochs": 1, "train.head_epochs": 0,
+            "data.batch_size": 8}
+    for minutes, expected_step in ((1e-7, 4), (60.0, None)):  # 6 µs: due after every step; an hour: never here
+        run = tmp_path / f"run-{minutes}"
+        with pytest.raises(KeyboardInterrupt):
+            fit(tiny_config(shapes, run, **base, **{"train.checkpoint_minutes": minutes}),
+                hooks=Hooks(on_batch_end=interrupt), verbose=False)
+        state = read_checkpoint(run)[3] if (run / "checkpoint.safetensors").exists() else None
+        progress = state.epoch_progress if state else {}
+        assert progress.get("step") == expected_step, (minutes, progress)
+
+
 def test_resume_refuses_another_world_size(shapes, tmp_path):
     """A run checkpointed on 2 processes resumed on 1: the global batch (and the lr chosen for it) would change."""
     from graft.errors import GraftError
