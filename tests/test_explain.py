@@ -204,3 +204,20 @@ def test_a_one_epoch_runs_curves_have_a_marker_and_whole_epochs(tmp_path):
         assert all(line.get_marker() in ("o", "s") and line.get_markersize() >= 6 for line in axis.get_lines()
                    if len(line.get_xdata()) == 1)
     assert figure.axes[1].get_ylim() == pytest.approx((-0.02, 1.02))
+
+
+def test_a_zero_map_is_said_not_passed_off_as_an_explanation(tmp_path):
+    """A map that is zero everywhere (nothing raises the target's score) gets a note in the summary; a real one none."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from graft.evaluation.explain import Explanation, write_explanations
+
+    image = Image.new("RGB", (8, 8), (120, 30, 200))
+    zero = Explanation("a.png", ["cat", "dog"], [0.6, 0.4], "cat", np.zeros((8, 8)), image, image)
+    real = Explanation("b.png", ["dog", "cat"], [0.9, 0.1], "dog", np.eye(8), image, image)
+    assert "zero everywhere" in zero.note and "cat" in zero.note and real.note == ""
+    rows = json.loads(write_explanations([zero, real], tmp_path).read_text())["images"]
+    assert [row["note"] for row in rows] == [zero.note, ""]

@@ -51,5 +51,5 @@ def explain(
     for row in rows:
         if not row.error:
             top = ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels, row.probabilities))
-            out.print(f"{row.path}: {top}", markup=False, highlight=False)
+            out.print(f"{row.path}: {top}" + (f" ({row.note})" if row.note else ""), markup=False, highlight=False)
     err.print(f"wrote {len(rows) - len(failed)} overlays and {summary}", markup=False, highlight=False)

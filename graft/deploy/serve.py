@@ -339,7 +339,7 @@ async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list
     predictor.counters.images += len(uploads)
     rows = [{"file": result.path, "labels": [display_name(label) for label in result.labels],
              "probabilities": result.probabilities, "target": display_name(result.target),
-             "overlay": _png_data_uri(result.overlay)} for result in results]
+             "overlay": _png_data_uri(result.overlay), "note": result.note} for result in results]
     return {"explanations": rows}
 
 

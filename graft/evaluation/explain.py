@@ -61,6 +61,14 @@ class Explanation:
     overlay: Image.Image | None = None
     error: str = ""
 
+    @property
+    def note(self) -> str:
+        """Said when the map is zero everywhere (ReLU of the weighted activations): nothing in the image raises the
+        target's score at this layer — typical of a wrong or default guess — so the overlay is the image itself."""
+        if self.cam is not None and not float(self.cam.max()) > 0:
+            return f"Grad-CAM is zero everywhere: no region raises the score of {self.target} (overlay = image)"
+        return ""
+
 
 def available() -> bool:
     """Whether the explain extra (Captum) is installed."""
@@ -305,7 +313,7 @@ def write_explanations(explanations: list[Explanation], out_dir: str | os.PathLi
     rows = []
     for row, name in zip(explanations, _png_names([row.path for row in explanations])):
         entry = {"file": display_name(row.path), "overlay": None, "target": row.target, "labels": row.labels,
-                 "probabilities": row.probabilities, "error": row.error}
+                 "probabilities": row.probabilities, "error": row.error, "note": row.note}
         if row.overlay is not None:
             info = PngImagePlugin.PngInfo()
             info.add_text("graft.explained", row.target)
