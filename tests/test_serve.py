@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from browser_support import live_server
 from PIL import Image
 
 from graft.deploy.serve import ServeConfig, create_app
@@ -20,27 +18,9 @@ from graft.evaluation.inference import predict
 @pytest.fixture(scope="module")
 def server(trained_run):
     """A live uvicorn server on a free loopback port; yields its base URL."""
-    import uvicorn
-
     config = ServeConfig(max_upload_bytes=200_000, max_pixels=250_000, max_batch=16, max_wait_ms=150, top_k=3)
-    app = create_app(trained_run, "cpu", config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield base
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(trained_run, "cpu", config)) as base:
+        yield base
 
 
 def png(size=(48, 48), colour=(220, 40, 40)) -> bytes:
