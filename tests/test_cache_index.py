@@ -65,3 +65,28 @@ def test_a_write_killed_mid_transaction_leaves_the_committed_index(tmp_path):
     assert list(space.read_index()["entries"]) == ["a"]  # none of the uncommitted rows
     space.add_shard(["b"], np.ones((1, 2), np.float16))  # and the index is writable again
     assert space.lookup(["a", "b"])[1] == []
+
+
+def _open_index(path, barrier):
+    from graft.probing.cache import _connect
+
+    barrier.wait()
+    _connect(path).close()
+
+
+def test_processes_creating_the_index_at_once_all_open_it(tmp_path):
+    """Ranks of one torchrun job create a new index together: the switch to WAL can meet "database is locked", which
+    SQLite's busy timeout does not wait for; opening retries, so no rank fails (the CI saw one do so before)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(10):
+        barrier = context.Barrier(4)
+        path = tmp_path / f"trial-{trial}" / "index.sqlite"
+        path.parent.mkdir()
+        openers = [context.Process(target=_open_index, args=(path, barrier)) for _ in range(4)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(60)
+        assert [opener.exitcode for opener in openers] == [0] * 4, trial

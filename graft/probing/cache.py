@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -187,16 +188,37 @@ class CacheSpace:
         return np.stack(rows) if rows else np.zeros((0, 0), np.float16)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, wait: float = 60.0) -> sqlite3.Connection:
     """Opens (creating) the index: WAL, so readers never block the writer; ``synchronous=FULL`` so a committed
-    shard survives a power cut like the fsynced shard file it references."""
+    shard survives a power cut like the fsynced shard file it references.
+
+    Processes opening a new index at once (ranks of one torchrun job) can meet SQLite's "database is locked" while
+    one of them switches the file to WAL — a lock the busy timeout does not wait for — so that is retried for up to
+    ``wait`` seconds before it is reported.
+    """
+    deadline, pause = time.monotonic() + wait, 0.02
+    while True:
+        try:
+            return _connect_once(path)
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+
+def _connect_once(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=60, isolation_level="DEFERRED")
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, shard TEXT NOT NULL, "
-                       "row INTEGER NOT NULL) WITHOUT ROWID")
-    connection.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-    connection.commit()
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, shard TEXT NOT NULL, "
+                           "row INTEGER NOT NULL) WITHOUT ROWID")
+        connection.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+        connection.commit()
+    except BaseException:
+        connection.close()
+        raise
     return connection
 
 
