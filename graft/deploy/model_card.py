@@ -6,19 +6,11 @@ It states what the model was trained on (data_report.json), what it predicts (gr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from graft.utils.files import read_json_object
+
 __all__ = ["hf_model_card"]
-
-
-def _json(path: Path) -> dict:
-    """A run's JSON record, or {} when the run has none (a card says what is known, it does not fail the export)."""
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return loaded if isinstance(loaded, dict) else {}
 
 
 def _names(classes: list[str], shown: int = 20) -> str:
@@ -59,7 +51,7 @@ def _data_lines(report: dict, classes: list[str]) -> list[str]:
 def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") -> str:
     """The model card's Markdown (with the hub's YAML metadata block) for the run in ``run_dir``."""
     run_dir = Path(run_dir)
-    metrics, report = _json(run_dir / "metrics.json"), _json(run_dir / "data_report.json")
+    metrics, report = read_json_object(run_dir / "metrics.json"), read_json_object(run_dir / "data_report.json")
     classes, prep = list(card["classes"]), card["preprocessing"]
     config = card.get("config", {})
     data = config.get("data", {}) if isinstance(config, dict) else {}

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from graft.utils.files import read_json_object
 from graft.utils.text import display_name
 
 __all__ = ["PAGE", "PAGE_HEADERS", "REPORT_HEADERS", "latest_report", "run_facts"]
@@ -255,19 +255,10 @@ REPORT_HEADERS = {
 }
 
 
-def _json(path: Path) -> dict:
-    """A JSON object from ``path``, or {} when it is missing or unreadable (the facts are shown, not relied on)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_facts(run_dir: str | os.PathLike) -> dict:
     """What the page shows about one run: backbone, strategy, when trained and the validation numbers."""
     run = Path(run_dir)
-    card, metrics = _json(run / "graft.json"), _json(run / "metrics.json")
+    card, metrics = read_json_object(run / "graft.json"), read_json_object(run / "metrics.json")
     val = metrics.get("val") if isinstance(metrics.get("val"), dict) else {}
     numbers = {key: value for key, value in val.items() if key == "images" or key == "macro_f1"
                or key.endswith("accuracy")}

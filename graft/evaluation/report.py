@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from graft.data.images import load_image  # noqa: E402
 from graft.errors import GraftError  # noqa: E402
 from graft.evaluation.metrics import reliability_bins  # noqa: E402
 from graft.models.run_folder import read_history  # noqa: E402
-from graft.utils.files import atomic_write  # noqa: E402
+from graft.utils.files import atomic_write, read_json_object  # noqa: E402
 from graft.utils.text import display_name  # noqa: E402
 
 __all__ = [
@@ -264,14 +263,8 @@ def _training_choices(runs: list) -> str:
     its headline: numbers on that split are optimistic, a test split's are not (README "Honest numbers")."""
     items = []
     for run in runs:
-        try:
-            path = Path(run) / "metrics.json"
-            if path.stat().st_size > 10_000_000:  # a training metrics.json is a few KB; anything else is not ours
-                continue
-            trained = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(trained, dict):
+        trained = read_json_object(Path(run) / "metrics.json", max_bytes=10_000_000)  # ours are a few KB
+        if not trained:
             continue
         chosen = [str(item) for item in trained.get("selected_on_validation") or [] if isinstance(item, str)]
         headline = trained.get("headline") if isinstance(trained.get("headline"), dict) else {}

@@ -15,7 +15,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.utils.outputs import record, temp_prefix
 
-__all__ = ["atomic_write", "save_weights", "write_json"]
+__all__ = ["atomic_write", "read_json_object", "save_weights", "write_json"]
 
 
 def _current_umask() -> int:
@@ -102,3 +102,16 @@ def _save(figure, path) -> None:
     figure.tight_layout()
     atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))  # recorded in graft's manifest
     plt.close(figure)
+
+
+def read_json_object(path: str | os.PathLike, max_bytes: int | None = None) -> dict:
+    """A JSON object from ``path``, or {} when it is missing, unreadable, larger than ``max_bytes`` or not an object:
+    for records that are shown (a page's facts, a model card, a report line), never relied on."""
+    try:
+        if max_bytes is not None and os.stat(path).st_size > max_bytes:
+            return {}
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
