@@ -35,17 +35,21 @@ FLOWERS_ROWS = [
     ("standard + cutmix 1.0", {"train.cutmix": 1.0}),
     ("standard + mixup 0.8 + cutmix 1.0", {"train.mixup": 0.8, "train.cutmix": 1.0}),
     ("standard + lr-decay 0.7", {"train.lr_decay": 0.7}),
+    ("standard, lr 3e-3 (trunk 3e-4)", {"train.lr": 3e-3}),
+    ("rand, lr 3e-3 (trunk 3e-4)", {"data.augment": "rand", "train.lr": 3e-3}),
 ]
 
 
-def run(label: str, data: Path, overrides: dict, args, out: Path) -> dict:
+def run(label: str, overrides: dict, data: Path, args, out: Path) -> dict:
     values = {"data.path": str(data), "output": str(out / f"run-{abs(hash(label))}"), "model.backbone": args.backbone,
               "model.pretrained": args.pretrained, "data.image_size": args.size, "train.epochs": args.epochs,
               "train.limit_batches": args.limit_batches, "data.cache_dir": str(out / "cache"), **overrides}
     start = time.perf_counter()
     result = fit(load_config(None, values), verbose=args.verbose)
     seconds = time.perf_counter() - start
-    return {"label": label, "data": data.name, "val_acc": result.metrics["val"]["accuracy"], "seconds": seconds}
+    row = {"label": label, "data": data.name, "val_acc": result.metrics["val"]["accuracy"], "seconds": seconds}
+    print(f"done: {row}", flush=True)  # a long run's rows as they come
+    return row
 
 
 def main() -> None:
@@ -58,18 +62,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit-batches", type=int, default=0, help="smoke runs: batches per epoch")
     parser.add_argument("--only", choices=("flowers", "mnist"), default=None)
+    parser.add_argument("--rows", default="", help="flowers rows to run, 1-based and comma-separated (default: all)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="graft-bench-recipes-") as folder:
         out = Path(folder)
         if args.only != "mnist":
-            rows += [run(label, args.flowers, overrides, args, out) for label, overrides in FLOWERS_ROWS]
+            chosen = [int(n) for n in args.rows.split(",") if n.strip()] or range(1, len(FLOWERS_ROWS) + 1)
+            rows += [run(*FLOWERS_ROWS[number - 1], args=args, data=args.flowers, out=out) for number in chosen]
         if args.only != "flowers":
             stages = create_backbone(args.backbone, pretrained=False).stage_nodes
             cuts = ["pre_logits", *candidate_cuts(stages)]
-            rows += [run(f"probe --cut-at {spec}", args.mnist,
-                         {"train.strategy": "probe", "model.cut_at": spec, "data.hflip": False}, args, out)
+            probe = {"train.strategy": "probe", "data.hflip": False}
+            rows += [run(f"probe --cut-at {spec}", {**probe, "model.cut_at": spec}, args.mnist, args, out)
                      for spec in cuts]
     width = max(len(row["label"]) for row in rows)
     print(f"{'recipe':<{width}}  {'data':<14} {'val acc':>7} {'seconds':>8}")

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from graft.cli.shared import app
 from graft.models.backbones.base import Backbone, Preprocessing
 from graft.models.backbones.registry import register_source
-from graft.probing.advice import advise
+from graft.probing.advice import advise, combine_features
+from graft.probing.extraction import FeatureSet
 from graft.probing.leaderboard import knn_accuracy, probe_backbones
 from graft.training.fitting import fit
 
@@ -69,8 +70,37 @@ def test_advise_probes_an_earlier_stage_when_only_mid_level_features_separate(fe
     by_node = {s["node"]: s for s in advice.stages}
     assert by_node["pre_logits"]["probe_accuracy"] < 0.5 and by_node["stage2"]["probe_accuracy"] > 0.7
     assert advice.recommendation == "probe-earlier"
-    assert advice.overrides == {"train.strategy": "probe", "model.cut_at": "stage1"}  # ties go to the first
-    assert "--cut-at stage1" in advice.command and "12 training images per class" in advice.reason
+    cut_at = advice.overrides["model.cut_at"]  # stage1, or a combination with it (one val image apart here)
+    assert advice.overrides == {"train.strategy": "probe", "model.cut_at": cut_at} and "stage1" in cut_at
+    assert by_node[cut_at]["probe_accuracy"] == max(s["probe_accuracy"] for s in advice.stages)
+    assert f"--cut-at {cut_at}" in advice.command and "12 training images per class" in advice.reason
+
+
+def test_advise_also_probes_several_stages_at_once(few):
+    advice = advise(few, "toy:killtop", workers=0, device="cpu")
+    by_node = {s["node"]: s for s in advice.stages}
+    assert by_node["stage2,pre_logits"]["width"] == 12 and by_node["stage1,stage2,pre_logits"]["width"] == 18
+    assert by_node["stage2,pre_logits"]["probe_accuracy"] > 0.7  # the dead top adds nothing, stage2 separates
+
+
+def test_combine_features_concatenates_every_split_and_view_in_order():
+    def part(node, value, width):
+        block = np.full((4, width), value, dtype=np.float16)
+        labels = {"train": np.zeros(4), "val": np.zeros(2)}
+        return FeatureSet(node, ["a", "b"], {"train": block, "val": block[:2]}, labels,
+                          {"train": list("wxyz"), "val": list("wx")}, [block + 1], {"images_per_s": 9.0})
+
+    joined = combine_features([part("blocks.4", 1, 2), part("pre_logits", 5, 3)])
+    assert joined.node == "blocks.4,pre_logits" and joined.dim == 5 and joined.stats == {}
+    assert joined.features["train"][0].tolist() == [1, 1, 5, 5, 5] and joined.features["val"].shape == (2, 5)
+    assert joined.augmented[0][0].tolist() == [2, 2, 6, 6, 6] and joined.paths["val"] == ["w", "x"]
+
+
+def test_advise_fine_tunes_from_the_better_cut_on_a_different_domain(tmp_path):
+    data = make_shapes(tmp_path, splits={"train": 110, "val": 4}, seed=2, size=16)
+    advice = advise(data, "toy:killtop", workers=0, device="cpu")
+    assert advice.recommendation == "finetune-all"
+    assert advice.overrides == {"train.strategy": "finetune", "train.unfreeze": "all", "model.cut_at": "stage1"}
 
 
 def test_advise_probes_the_top_layer_when_it_separates(few):
@@ -89,7 +119,7 @@ def test_strategy_auto_follows_the_advice(few, tmp_path):
                                                      "model.pretrained": True, "data.image_size": None})
     result = fit(config, verbose=False)
     card = json.loads((result.run_dir / "graft.json").read_text())
-    assert card["strategy"] == "probe" and card["cut_at"] == "stage1"
+    assert card["strategy"] == "probe" and card["cut_at"].startswith("stage1")
     assert result.metrics["val"]["accuracy"] > 0.7  # chance: 1/3, the top layer's probe: 1/3
 
 

@@ -90,6 +90,25 @@ def test_one_pass_equals_separate_cuts(data, tmp_path):
         assert np.array_equal(together[node].features["val"], alone[node].features["val"]), node
 
 
+def test_a_pruned_cut_reads_what_a_several_node_pass_cached(data, tmp_path):
+    splits = discover(data)
+    together = _extract(splits, ["layer2", DEFAULT_NODE], tmp_path / "cache")  # advise's pass over every stage
+    trunk, _ = cut(_backbone().net, "layer2", "avg", (32, 32))  # what fit --cut-at layer2 extracts with: pruned
+    alone = extract_features(splits, trunk, _backbone().preprocessing.with_size(32), "test_resnet",
+                             cache_dir=tmp_path / "cache", workers=0)["layer2"]
+    assert alone.stats["extracted"] == 0 and alone.stats["cached"] == 27
+    assert np.array_equal(alone.features["val"], together["layer2"].features["val"])
+    for module, cached in (("layer4.0.conv1", 27), ("conv1.0", 0)):  # one after layer2 cannot change its features
+        backbone = _backbone()
+        with torch.no_grad():
+            backbone.net.get_submodule(module).weight.add_(0.5)
+        again = extract_features(splits, FeatureExtractor(backbone.net, ["layer2"]),
+                                 backbone.preprocessing.with_size(32), "test_resnet", cache_dir=tmp_path / "cache",
+                                 workers=0)["layer2"]
+        assert again.stats["cached"] == cached, module
+        assert np.array_equal(again.features["val"], together["layer2"].features["val"]) == bool(cached)
+
+
 def test_augmented_views_are_cached_and_reproducible(data, tmp_path):
     splits = discover(data)
     first = _extract(splits, ["layer2"], tmp_path / "cache", augment_views=2)["layer2"]

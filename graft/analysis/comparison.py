@@ -17,7 +17,7 @@ from graft.utils.files import atomic_write
 from graft.utils.outputs import output_folder
 from graft.utils.text import safe_record
 
-__all__ = ["STRATEGIES", "StrategyRow", "compare_strategies", "write_comparison"]
+__all__ = ["STRATEGIES", "StrategyRow", "compare_strategies", "describe_choice", "write_comparison"]
 
 STRATEGIES = ("scratch", "probe", "finetune")
 
@@ -31,6 +31,7 @@ class StrategyRow:
     seconds: float  # wall time of the whole fit (scan, extraction, training, evaluation)
     images_per_s: float  # the fastest training epoch, or feature extraction for a cached probe
     epochs: int
+    chose: str = ""  # what was kept: probe or finetune (model selection), for auto also the advice and the cut
 
 
 def compare_strategies(data: str | Path, backbone: str, output: str | Path, strategies=STRATEGIES,
@@ -64,9 +65,19 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
         speeds = [float(row["images_per_s"]) for row in read_history(result.run_dir)]
         speed = max(speeds) if speeds else result.metrics.get("features", {}).get("images_per_s") or 0.0
         rows.append(StrategyRow(strategy, name, result.metrics[split]["accuracy"], split, seconds, speed,
-                                result.metrics["epochs"]))
+                                result.metrics["epochs"], describe_choice(result)))
     write_comparison(rows, output)
     return rows
+
+
+def describe_choice(result) -> str:
+    """What a fit result kept: ``probe`` / ``finetune`` by model selection; for auto with the advice and its cut."""
+    auto = result.metrics.get("auto") or {}
+    kept = auto.get("chose") or (result.metrics.get("selection") or {}).get("kept") or ""
+    if not auto:
+        return kept
+    cut = auto.get("overrides", {}).get("model.cut_at")
+    return f"{kept} ({auto.get('advice')}{f', cut at {cut}' if cut else ''})"
 
 
 def write_comparison(rows: list[StrategyRow], folder: Path) -> None:

@@ -161,7 +161,7 @@ def demo(
     image_size: Annotated[int, typer.Option()] = 64,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="keep the run folders here")] = None,
 ):
-    """Scratch vs probe vs finetune with a real ImageNet backbone (EfficientNet-Lite0), offline.
+    """Scratch vs probe vs finetune vs auto with a real ImageNet backbone (EfficientNet-Lite0), offline.
 
     Example: graft demo            (digits, about 20 seconds on two CPU cores)
              graft demo --data ./pets
@@ -174,8 +174,8 @@ def demo(
     err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
     rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
     print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
-                                                                "wall time (s)", "images/s"],
-                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}"] for r in rows])
+                                                                "wall time (s)", "images/s", "kept"],
+                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.chose] for r in rows])
     best = max(rows, key=lambda r: r.accuracy)
     scratch = next((r for r in rows if r.strategy == "scratch"), None)
     if scratch and best.strategy != "scratch":

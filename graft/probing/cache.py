@@ -29,7 +29,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-FEATURE_FORMAT = 1
+FEATURE_FORMAT = 2  # 2: the weights part of the key covers only the modules a node's features depend on
 INDEX, LEGACY_INDEX = "index.sqlite", "index.json"  # the JSON index (one file rewritten whole) is migrated on use
 QUERY_KEYS = 900  # keys per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
@@ -49,10 +49,17 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir)
 
 
-def weights_digest(module: nn.Module) -> str:
-    """A content hash of every tensor in the module's state dict (names, shapes, dtypes and values)."""
+def weights_digest(module: nn.Module, reached: set[str] | None = None) -> str:
+    """A content hash of the tensors in the module's state dict (names, shapes, dtypes and values).
+
+    Args:
+        reached: only the tensors of these submodules (names as ``named_modules`` spells them) and the module's
+            own; None: every tensor.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if reached is not None and (owner := name.rpartition(".")[0]) and owner not in reached:
+            continue
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -38,7 +38,7 @@ from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
     "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
-    "save_feature_set"
+    "node_digests", "save_feature_set"
 ]
 
 log = logging.getLogger(__name__)
@@ -177,14 +177,14 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     cache = cache_folder(cache_dir)
     if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
         check_output(cache, "--cache", ((splits.root, "data"),))
-    digest = weights_digest(extractor)
+    digests = node_digests(extractor, preprocessing.input_size)
     all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]
     train_paths = [p for p, _ in splits.train]
     views = [(0, all_paths)] + [(v, train_paths) for v in range(1, augment_views + 1)]
     results: dict[str, dict[int, np.ndarray]] = {node: {} for node in extractor.nodes}
     stats = {"extracted": 0, "cached": 0, "seconds": 0.0}
     for view, paths in views:
-        spaces = {node: CacheSpace(cache / space_key(architecture, digest, node, pool, preprocessing, view),
+        spaces = {node: CacheSpace(cache / space_key(architecture, digests[node], node, pool, preprocessing, view),
                                    {"architecture": architecture, "node": node, "pool": pool, "view": view})
                   for node in extractor.nodes}
         keys = [file_key(p) for p in paths]
@@ -210,6 +210,38 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     if log:
         log(f"features: {stats['extracted']} images extracted, {stats['cached']} read from the cache ({cache})")
     return {node: _split_features(node, splits, results[node], augment_views, stats) for node in extractor.nodes}
+
+
+def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
+    """{node: content hash of the weights its features depend on}: those of the modules a dry forward pass (batch 1,
+    eval mode) reaches before the node's output exists — every reached module for ``pre_logits`` and for a cut
+    trunk, whose pass ends at its cut. So a trunk cut (and pruned) at a node and a several-node extractor over the
+    whole network share cache entries (auto's probe reads what advise extracted), and a change to a weight the node
+    never sees leaves its features cached."""
+    net = extractor.trunk.net if isinstance(extractor, _TrunkExtractor) else extractor.net
+    modules = dict(net.named_modules())
+    order: list[str] = []
+    ends: dict[str, int] = {}
+
+    def end(node: str) -> None:  # a hook's return value would replace the module's output: return nothing
+        ends.setdefault(node, len(order))
+
+    handles = [module.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+               for name, module in modules.items() if name]
+    if isinstance(extractor, FeatureExtractor):  # prepended after the capture's own hook, so it runs before the stop
+        handles += [modules[node].register_forward_hook(lambda m, i, o, node=node: end(node), prepend=True)
+                    for node in extractor.nodes if node != DEFAULT_NODE]
+    parameter = next(net.parameters(), None)
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        with torch.no_grad():
+            extractor(torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu"))
+    finally:
+        extractor.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {node: weights_digest(net, set(order[:ends.get(node, len(order))])) for node in extractor.nodes}
 
 
 def _as_multi(extractor: nn.Module) -> nn.Module:

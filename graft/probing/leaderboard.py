@@ -57,8 +57,8 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     return (predicted == torch.as_tensor(val_y)).float().mean().item()
 
 
-def _prepare(data, val_fraction: float, seed: int) -> DatasetSplits:
-    splits = discover(data, val_fraction, seed)
+def _prepare(data, val_fraction: float, seed: int, test_fraction: float = 0.0) -> DatasetSplits:
+    splits = discover(data, val_fraction, seed, test_fraction)
     scan(splits)
     if not splits.val:
         raise GraftError(f"{data}: no validation images to compare on; add a val/ folder or more images per class")
