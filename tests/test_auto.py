@@ -13,7 +13,8 @@ from graft.data.discovery import discover
 from graft.errors import GraftError
 from graft.training.fitting import fit
 from graft.training.selection import PROBE
-from graft.training.stages import _stop_below_probe, beats_probe
+from graft.training.recipes import Stage
+from graft.training.stages import _budget, _stop_below_probe, beats_probe
 from graft.training.state import TrainState
 
 
@@ -39,7 +40,7 @@ def test_beating_the_probe_is_higher_accuracy_then_lower_loss():
     assert not beats_probe({"val_acc": 0.89, "val_loss": 0.01}, probe)
 
 
-def test_probe_patience_stops_after_that_many_epochs_below_the_probe():
+def test_probe_patience_stops_after_that_many_epochs_neither_above_the_probe_nor_climbing():
     runtime, said = SimpleNamespace(log=lambda message: said.append(message)), []
     state = TrainState(probe={"val_acc": 0.9, "val_loss": 0.3})
     rows = [{"stage": "finetune", "val_acc": acc, "val_loss": 0.5} for acc in (0.95, 0.8, 0.8)]
@@ -48,10 +49,27 @@ def test_probe_patience_stops_after_that_many_epochs_below_the_probe():
         assert not state.stage_done or row is rows[2]
         state.history.append(row)
     assert [r["beats_probe"] for r in rows] == [True, False, False] and state.stage_done
-    assert len(said) == 1 and "has not beaten the probe's val accuracy 0.9000 for 2 epoch(s)" in said[0]
+    assert len(said) == 1 and "neither beaten the probe's val accuracy 0.9000 nor improved" in said[0]
+    assert "for 2 epoch(s)" in said[0]
+    climbing = TrainState(probe=state.probe)  # below the probe but improving each epoch: it goes on
+    for epoch, acc in enumerate((0.85, 0.87, 0.88, 0.88, 0.88), start=1):
+        row = {"stage": "finetune", "val_acc": acc, "val_loss": 0.5}
+        _stop_below_probe(climbing, row, 2, runtime)
+        assert climbing.stage_done == (epoch == 5), epoch
+        climbing.history.append(row)
     off = TrainState(probe=state.probe)
     _stop_below_probe(off, {"stage": "finetune", "val_acc": 0.1, "val_loss": 9.0}, 0, runtime)
     assert not off.stage_done
+
+
+def test_auto_without_a_budget_spends_no_more_than_the_default_fine_tune(plain, tmp_path):
+    config = tiny_config(plain, tmp_path / "x")
+    stage = Stage("finetune", 8, 1e-3, -1)
+    # the default fine-tune: the probe's 20 s, then 8 epochs of 50 s; advise spent 100 s of that already
+    assert _budget(stage, TrainState(probe={"seconds": 20.0}, overhead=100.0), 50.0, config) == 20 + 8 * 50 - 100
+    assert _budget(stage, TrainState(probe={"seconds": 20.0}), 50.0, config) == 0  # not auto: no budget
+    config.train.time_budget = 90.0
+    assert _budget(stage, TrainState(overhead=100.0), 50.0, config) == 90.0  # the user's budget wins
 
 
 def test_a_fine_tune_that_only_hurts_keeps_the_probe(shapes, tmp_path, pretrained_tiny, capsys):
@@ -107,7 +125,8 @@ def test_auto_trials_fine_tuning_against_the_probe_and_reports(plain, tmp_path, 
                                                                capsys):
     monkeypatch.setattr(graft.probing.advice, "LITTLE_DATA", 5)  # 18 images a class counts as "more data" here
     config = _wrecking(plain, tmp_path / "auto", pretrained_tiny, **{"train.strategy": "auto", "train.epochs": 6,
-                                                                     "data.test_fraction": 0.2})
+                                                                     "data.test_fraction": 0.2,
+                                                                     "train.time_budget": 600.0})
     result = fit(config, verbose=True)
     err = capsys.readouterr().err
     report = result.metrics["auto"]
@@ -115,7 +134,8 @@ def test_auto_trials_fine_tuning_against_the_probe_and_reports(plain, tmp_path, 
     assert [row["candidate"] for row in report["tried"]] == ["per-stage probes (advise)", "probe", "finetune"]
     assert all(row["seconds"] is not None and row["seconds"] >= 0 for row in report["tried"])
     assert report["tried"][2]["epochs"] == 2  # stopped after 2 epochs below the probe, not the 6 planned
-    assert "fine-tuning has not beaten the probe" in err and "auto chose probe" in err
+    assert "within 600s" in err  # without a budget, advise's seconds would come out of the trial (tested above)
+    assert "fine-tuning has neither beaten the probe" in err and "auto chose probe" in err
     assert result.metrics["headline"]["split"] == "test" and result.metrics["test"]["images"] == 18
     assert "strategy (auto)" in result.metrics["selected_on_validation"]
 

@@ -1,5 +1,7 @@
 """The embedded default on its real data (scikit-learn digits) and real ImageNet weights, at a reduced budget."""
 
+import json
+
 from graft.analysis.demo import run_demo, write_digits
 
 
@@ -16,3 +18,9 @@ def test_transfer_beats_scratch_on_held_out_digits(tmp_path):
     assert rows["probe"].accuracy > 0.5  # ten digits: chance is 0.1
     assert rows["probe"].accuracy > rows["scratch"].accuracy + 0.1
     assert rows["finetune"].accuracy > rows["scratch"].accuracy + 0.1
+    auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert rows["auto"].chose.startswith(auto["auto"]["chose"]) and auto["auto"]["advice"] in rows["auto"].chose
+    assert rows["auto"].accuracy > rows["scratch"].accuracy + 0.1
+    # advise read only train + val (150 images); the fit's probe found them cached and extracted the test digits
+    if auto["auto"]["overrides"]["train.strategy"] == "probe":
+        assert auto["features"]["cached"] == 150 and auto["features"]["extracted"] == 1797 - 150

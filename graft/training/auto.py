@@ -1,7 +1,7 @@
 """``--strategy auto`` from evidence: the images-per-class table and per-stage probes (``advise``, cached features,
-seconds) choose probe or fine-tune and the layers; a fine-tune then runs only while it keeps beating the probe on
-validation (``probe_patience``, early stopping against the probe's score) within ``--time-budget``, and the probe is
-kept when it never does (``graft.training.selection``). What was tried, what each cost and why is printed and
+seconds) choose probe or fine-tune and the layers; a fine-tune then runs only while it beats the probe on validation
+or still climbs toward it (``probe_patience``, early stopping against the probe's score) within ``--time-budget``,
+and the probe is kept when it never wins (``graft.training.selection``). What was tried, what each cost and why is printed and
 recorded in metrics.json under ``auto``.
 """
 
@@ -14,7 +14,7 @@ from graft.config import FitConfig, apply_overrides
 from graft.probing.advice import advise
 from graft.training.state import TrainState
 
-__all__ = ["TRIAL_PATIENCE", "finish_report", "resolve"]
+__all__ = ["TRIAL_PATIENCE", "finish_report", "overhead", "resolve"]
 
 TRIAL_PATIENCE = 2  # fine-tuning epochs in a row that may fail to beat the probe before auto stops the trial
 
@@ -33,16 +33,26 @@ def resolve(config: FitConfig, log=None) -> tuple[FitConfig, dict]:
     if log:
         log(f"auto: {advice.recommendation} ({seconds:.1f}s of per-stage probes): {advice.reason}")
         if overrides["train.strategy"] == "finetune":
-            budget = f" within {config.train.time_budget:g}s" if config.train.time_budget else ""
+            budget = (f" within {config.train.time_budget:g}s" if config.train.time_budget else
+                      f" within the default fine-tune's time (advise's {seconds:.0f}s come out of its epochs)")
             log(f"auto: fine-tuning ({overrides.get('train.unfreeze', 'all')}) runs after the probe only while it "
-                f"beats the probe on val (stops after {overrides.get('train.probe_patience', 0)} epochs that do "
-                f"not){budget}; the probe is kept otherwise")
+                f"beats the probe on val or improves on its own best (stops after "
+                f"{overrides.get('train.probe_patience', 0)} epochs that do neither){budget}; the probe is kept "
+                "otherwise")
     resolved = apply_overrides(copy.deepcopy(config), overrides, "advice")
     best = max(advice.stages, key=lambda s: s["probe_accuracy"]) if advice.stages else {}
     report = {"advice": advice.recommendation, "reason": advice.reason, "overrides": overrides,
               "tried": [{"candidate": "per-stage probes (advise)", "seconds": round(seconds, 2),
                          "best_node": best.get("node"), "val_acc": best.get("probe_accuracy")}]}
     return resolved, report
+
+
+def overhead(report: dict | None, config: FitConfig) -> float:
+    """Seconds advise spent, which a fine-tune trial without ``--time-budget`` gives back from its epochs (0: none to
+    give back — not auto, a probe, or a budget the user set)."""
+    if not report or config.train.strategy != "finetune" or config.train.time_budget:
+        return 0.0
+    return float(report["tried"][0]["seconds"])
 
 
 def finish_report(report: dict, chosen: dict | None, state: TrainState, log=None) -> dict:

@@ -151,6 +151,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     state.world_size = runtime.world_size
     if not resume:
         state.micro_batches = config.train.accumulate
+        state.overhead = auto.overhead(auto_report, config)
     _log_global_batch(config, runtime)
     cached = None
     loaders = create_loaders(splits, model, config, runtime)
@@ -365,7 +366,8 @@ def _label_selections(metrics: dict) -> None:
     if "selection" in metrics:
         chosen.append("probe or fine-tune (" + metrics["selection"]["rule"].split(";")[0] + ")")
     if "auto" in metrics:
-        chosen.append("strategy (auto)")
+        cut = (metrics["auto"].get("overrides") or {}).get("model.cut_at")
+        chosen.append(f"strategy and cut at {cut} (auto)" if cut else "strategy (auto)")
     if "test" in metrics:
         metrics["headline"] = {"split": "test", "accuracy": metrics["test"]["accuracy"],
                                "note": "held out from every choice"}

@@ -40,6 +40,7 @@ class TrainState:
     micro_batches: int = 1  # > 1 after an out-of-memory error: each batch runs in this many slices
     planned_epochs: int = 0  # this stage's epochs after a time-budget re-plan (0: as configured)
     probe: dict | None = None  # the solved probe as candidate epoch 0: val_acc, val_loss, seconds (finetune only)
+    overhead: float = 0.0  # auto: seconds advise spent before training, which the fine-tune's epochs must give back
     world_size: int = 1  # processes the run trains on (torchrun); a resume must use as many
     epoch_progress: dict = field(default_factory=dict)  # a mid-epoch checkpoint: step, the epoch's sums, RNG states
     history: list[dict] = field(default_factory=list)
