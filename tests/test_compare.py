@@ -96,6 +96,17 @@ def test_combine_features_concatenates_every_split_and_view_in_order():
     assert joined.augmented[0][0].tolist() == [2, 2, 6, 6, 6] and joined.paths["val"] == ["w", "x"]
 
 
+def test_cuts_are_ranked_on_a_stratified_sample_of_the_training_images():
+    from graft.probing.advice import _ranking_subset
+
+    labels = np.array([0] * 500 + [1] * 30 + [2] * 250)
+    keep = _ranking_subset(labels, 200, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [200, 30, 200] and len(set(keep)) == len(keep)
+    assert np.array_equal(keep, _ranking_subset(labels, 200, seed=0))  # seeded
+    assert not np.array_equal(keep, _ranking_subset(labels, 200, seed=1))
+    assert _ranking_subset(labels, 500, seed=0) is None  # small enough: every image
+
+
 def test_advise_fine_tunes_from_the_better_cut_on_a_different_domain(tmp_path):
     data = make_shapes(tmp_path, splits={"train": 110, "val": 4}, seed=2, size=16)
     advice = advise(data, "toy:killtop", workers=0, device="cpu")
@@ -108,10 +119,11 @@ def test_advise_probes_the_top_layer_when_it_separates(few):
     assert advice.recommendation == "probe-top" and advice.overrides == {"train.strategy": "probe"}
 
 
-def test_advise_fine_tunes_the_last_stages_with_more_data(tmp_path):
+def test_advise_fine_tunes_the_whole_trunk_with_more_data(tmp_path):
     data = make_shapes(tmp_path, splits={"train": 110, "val": 4}, seed=2, size=16)
     advice = advise(data, "toy:keep", workers=0, device="cpu")
-    assert advice.recommendation == "finetune-last" and advice.overrides["train.unfreeze"] == "last:2"
+    assert advice.recommendation == "finetune-all"
+    assert advice.overrides == {"train.strategy": "finetune", "train.unfreeze": "all"}  # the top's cut: no cut_at
 
 
 def test_strategy_auto_follows_the_advice(few, tmp_path):
