@@ -31,7 +31,7 @@ class StrategyRow:
     seconds: float  # wall time of the whole fit (scan, extraction, training, evaluation)
     images_per_s: float  # the fastest training epoch, or feature extraction for a cached probe
     epochs: int
-    chose: str = ""  # what was kept: probe or finetune (model selection), for auto also the advice and the cut
+    chose: str = ""  # what was kept: probe or finetune (model selection), for auto also the cut and the advice
 
 
 def compare_strategies(data: str | Path, backbone: str, output: str | Path, strategies=STRATEGIES,
@@ -71,13 +71,15 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
 
 
 def describe_choice(result) -> str:
-    """What a fit result kept: ``probe`` / ``finetune`` by model selection; for auto with the advice and its cut."""
+    """What a fit result kept: ``probe`` / ``finetune`` by model selection (else its strategy); for auto also where it
+    cut and the advice, e.g. ``probe at blocks.4 (probe-earlier)``."""
     auto = result.metrics.get("auto") or {}
-    kept = auto.get("chose") or (result.metrics.get("selection") or {}).get("kept") or ""
+    selection = result.metrics.get("selection") or {}
+    kept = auto.get("chose") or selection.get("kept") or result.metrics.get("strategy", "")
     if not auto:
         return kept
-    cut = auto.get("overrides", {}).get("model.cut_at")
-    return f"{kept} ({auto.get('advice')}{f', cut at {cut}' if cut else ''})"
+    cut = (auto.get("overrides") or {}).get("model.cut_at")
+    return f"{kept}{f' at {cut}' if cut else ''} ({auto.get('advice')})"
 
 
 def write_comparison(rows: list[StrategyRow], folder: Path) -> None:
