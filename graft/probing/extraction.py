@@ -177,7 +177,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     cache = cache_folder(cache_dir)
     if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
         check_output(cache, "--cache", ((splits.root, "data"),))
-    digests = node_digests(extractor, preprocessing.input_size)
+    with out_of_memory_hint(batch_size):  # the digests' dry pass is the first forward: its OOM gets the same line
+        digests = node_digests(extractor, preprocessing.input_size)
     all_paths = [p for split in SPLITS for p, _ in getattr(splits, split)]
     train_paths = [p for p, _ in splits.train]
     views = [(0, all_paths)] + [(v, train_paths) for v in range(1, augment_views + 1)]
