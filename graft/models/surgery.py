@@ -23,7 +23,8 @@ from graft.errors import GraftError
 
 __all__ = [
     "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut",
-    "first_tensor", "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "parse_nodes", "receptive_fields",
+    "first_tensor", "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "modules_reached", "parse_nodes",
+    "receptive_fields",
     "set_trainable", "stage_groups", "unfreeze_last"
 ]
 
@@ -213,23 +214,38 @@ def cut(net: nn.Module, node: str | None = None, pool: str = "avg", input_size=(
     return trunk, int(width)
 
 
+def modules_reached(net: nn.Module, forward: Callable[[], Any],
+                    nodes: list[str]) -> tuple[set[str], dict[str, set[str]]]:
+    """Runs ``forward()`` (a pass through ``net``, possibly wrapped) and returns (the names of every module of ``net``
+    it reached, {node: the modules reached before that node's output existed}) — what a node's output depends on."""
+    modules = dict(net.named_modules())
+    order: list[str] = []
+    ends: dict[str, int] = {}
+
+    def end(node: str) -> None:  # a hook's return value would replace the module's output: return nothing
+        ends.setdefault(node, len(order))
+
+    handles = [module.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
+               for name, module in modules.items() if name]
+    # prepended after any capture's own hook, so it runs before that capture stops the pass
+    handles += [modules[node].register_forward_hook(lambda m, i, o, node=node: end(node), prepend=True)
+                for node in nodes]
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return set(order), {node: set(order[:ends[node]]) for node in nodes if node in ends}
+
+
 def _modules_called(trunk: Trunk, input_size) -> set[str]:
-    called: set[str] = set()
-    handles = [
-        module.register_forward_pre_hook(lambda m, i, name=name: called.add(name))
-        for name, module in trunk.net.named_modules()
-        if name
-    ]
     was_training = trunk.training
     trunk.eval()
     try:
         with torch.no_grad():
-            trunk(torch.zeros(1, 3, *input_size))
+            return modules_reached(trunk.net, lambda: trunk(torch.zeros(1, 3, *input_size)), [])[0]
     finally:
         trunk.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return called
 
 
 def _prune_unused(net: nn.Module, called: set[str]) -> None:

@@ -27,7 +27,7 @@ from graft.data.images import load_image
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
-from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, parse_nodes
+from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
 from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, weights_digest
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
@@ -220,29 +220,18 @@ def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
     whole network share cache entries (auto's probe reads what advise extracted), and a change to a weight the node
     never sees leaves its features cached."""
     net = extractor.trunk.net if isinstance(extractor, _TrunkExtractor) else extractor.net
-    modules = dict(net.named_modules())
-    order: list[str] = []
-    ends: dict[str, int] = {}
-
-    def end(node: str) -> None:  # a hook's return value would replace the module's output: return nothing
-        ends.setdefault(node, len(order))
-
-    handles = [module.register_forward_pre_hook(lambda m, i, name=name: order.append(name))
-               for name, module in modules.items() if name]
-    if isinstance(extractor, FeatureExtractor):  # prepended after the capture's own hook, so it runs before the stop
-        handles += [modules[node].register_forward_hook(lambda m, i, o, node=node: end(node), prepend=True)
-                    for node in extractor.nodes if node != DEFAULT_NODE]
+    multi = isinstance(extractor, FeatureExtractor)
+    named = [node for node in extractor.nodes if node != DEFAULT_NODE] if multi else []
     parameter = next(net.parameters(), None)
+    images = torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu")
     was_training = extractor.training
     extractor.eval()
     try:
         with torch.no_grad():
-            extractor(torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu"))
+            everything, before = modules_reached(net, lambda: extractor(images), named)
     finally:
         extractor.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return {node: weights_digest(net, set(order[:ends.get(node, len(order))])) for node in extractor.nodes}
+    return {node: weights_digest(net, before.get(node, everything)) for node in extractor.nodes}
 
 
 def _as_multi(extractor: nn.Module) -> nn.Module:
