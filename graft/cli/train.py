@@ -163,7 +163,7 @@ def demo(
 ):
     """Scratch vs probe vs finetune vs auto with a real ImageNet backbone (EfficientNet-Lite0), offline.
 
-    Example: graft demo            (digits, about 20 seconds on two CPU cores)
+    Example: graft demo            (digits, about a minute on two CPU cores)
              graft demo --data ./pets
     """
     from graft.analysis.demo import DEMO_BACKBONE, run_demo

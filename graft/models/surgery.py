@@ -24,8 +24,7 @@ from graft.errors import GraftError
 __all__ = [
     "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut",
     "first_tensor", "freeze_trunk", "keep_frozen_norms_eval", "list_nodes", "modules_reached", "parse_nodes",
-    "receptive_fields",
-    "set_trainable", "stage_groups", "unfreeze_last"
+    "receptive_fields", "set_trainable", "stage_groups", "unfreeze_last"
 ]
 
 DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(forward_features(x), pre_logits=True)
