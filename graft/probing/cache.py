@@ -23,7 +23,7 @@ from graft.utils.text import path_key
 
 __all__ = [
     "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "CacheSpace", "cache_folder", "default_cache_dir",
-    "file_key", "space_key", "weights_digest"
+    "file_key", "space_key", "tensor_digests", "weights_digest"
 ]
 
 log = logging.getLogger(__name__)
@@ -49,19 +49,32 @@ def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir)
 
 
-def weights_digest(module: nn.Module, reached: set[str] | None = None) -> str:
+def tensor_digests(module: nn.Module) -> dict[str, bytes]:
+    """{state-dict name: SHA-256 of that tensor's name, shape, dtype and values}: each tensor read once, however
+    many node digests are then combined from them."""
+    digests = {}
+    for name, tensor in module.state_dict().items():
+        digest = hashlib.sha256(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests[name] = digest.digest()
+    return digests
+
+
+def weights_digest(module: nn.Module, reached: set[str] | None = None,
+                   tensors: dict[str, bytes] | None = None) -> str:
     """A content hash of the tensors in the module's state dict (names, shapes, dtypes and values).
 
     Args:
         reached: only the tensors of these submodules (names as ``named_modules`` spells them) and the module's
             own; None: every tensor.
+        tensors: ``tensor_digests(module)`` when several digests of one module are wanted (computed here if None).
     """
+    tensors = tensor_digests(module) if tensors is None else tensors
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, value in sorted(tensors.items()):
         if reached is not None and (owner := name.rpartition(".")[0]) and owner not in reached:
             continue
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(value)
     return digest.hexdigest()
 
 

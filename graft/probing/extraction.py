@@ -28,7 +28,8 @@ from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
-from graft.probing.cache import SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, weights_digest
+from graft.probing.cache import (SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, tensor_digests,
+                                 weights_digest)
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
@@ -231,7 +232,8 @@ def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
             everything, before = modules_reached(net, lambda: extractor(images), named)
     finally:
         extractor.train(was_training)
-    return {node: weights_digest(net, before.get(node, everything)) for node in extractor.nodes}
+    tensors = tensor_digests(net)  # each weight hashed once, not once per node
+    return {node: weights_digest(net, before.get(node, everything), tensors) for node in extractor.nodes}
 
 
 def _as_multi(extractor: nn.Module) -> nn.Module:

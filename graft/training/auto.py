@@ -1,8 +1,8 @@
 """``--strategy auto`` from evidence: the images-per-class table and per-stage probes (``advise``, cached features,
 seconds) choose probe or fine-tune and the layers; a fine-tune then runs only while it beats the probe on validation
 or still climbs toward it (``probe_patience``, early stopping against the probe's score) within ``--time-budget``,
-and the probe is kept when it never wins (``graft.training.selection``). What was tried, what each cost and why is printed and
-recorded in metrics.json under ``auto``.
+and the probe is kept when it never wins (``graft.training.selection``). What was tried, what each cost and why is
+printed and recorded in metrics.json under ``auto``.
 """
 
 from __future__ import annotations
