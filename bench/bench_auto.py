@@ -25,8 +25,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 
 # dataset → (settings shared by its rows); the demo's settings for digits
 DATASETS = {
-    "digits": {"data.image_size": 64, "data.hflip": False, "data.augment": "light", "train.lr": 3e-3,
-               "train.epochs": 12},
+    "digits": {"data.image_size": 64, "data.hflip": False, "data.augment": "light", "train.epochs": 12},
     "flowers": {"data.image_size": 128, "train.epochs": 8},
     "mnist": {"data.image_size": 64, "data.hflip": False, "data.augment": "light", "train.epochs": 8},
 }

@@ -47,8 +47,8 @@ def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int 
 def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_size: int = 64,
              backbone: str = DEMO_BACKBONE, output: str | None = None, verbose: bool = False,
              strategies=DEMO_STRATEGIES) -> list[StrategyRow]:
-    """Trains each strategy on the same split and budget (``graft.analysis.comparison.compare_strategies``); returns one row
-    per strategy.
+    """Trains each strategy on the same split and budget (``graft.analysis.comparison.compare_strategies``); returns
+    one row per strategy.
 
     Args:
         data: your dataset (class folders); None uses scikit-learn's digits with ``shots`` images per class.
@@ -61,6 +61,6 @@ def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_s
         root = Path(data) if data else write_digits(Path(temp) / "digits", shots)
         runs = Path(output) if output else Path(temp) / "runs"
         overrides = {"data.image_size": image_size, "data.hflip": data is not None, "data.augment": "light",
-                     "train.lr": 3e-3, "data.batch_size": 32}
+                     "data.batch_size": 32}
         return compare_strategies(root, backbone, runs, strategies, epochs=epochs, overrides=overrides,
                                   verbose=verbose)
