@@ -131,7 +131,7 @@ class TrainConfig:
     balance: str = _option("none", "imbalanced classes: sampler (draw classes equally often) or loss (inverse-"
                            "frequency class weights, the solved probe's too)", choices=BALANCES)
     # 3e-3 (trunk 3e-4), not the rule-of-thumb 1e-3: +1.6 points on flowers5 and +0.35 on MNIST fine-tuning from
-    # the solved probe, in the same time (bench/RESULTS.md, "Recipes on flowers5"); the demo was tuned there too.
+    # the solved probe, in the same time (bench/RESULTS.md, "Recipes on flowers5"); the digits demo already ran at it.
     lr: float | str = _option(3e-3, "head learning rate (the trunk gets lr x finetune-lr-ratio), or auto (lr-find "
                               "first)", low=0, high=MAX_LR, low_open=True, note="or 'auto'")
     time_budget: float = _option(0.0, "seconds of training, 0: no limit; the last stage's schedule is re-planned to "
