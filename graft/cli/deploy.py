@@ -43,7 +43,7 @@ def export(
     from graft.deploy.export import export as export_run
 
     result = export_run(run, output or Path(run) / "export", tuple(f.strip() for f in formats.split(",") if f.strip()),
-                        fold_bn, data, overwrite, log=lambda message: err.print(message, highlight=False))
+                        fold_bn, data, overwrite, log=lambda message: err.print(message))
     rows = [[form, f"{difference:.2e}"] for form, difference in result.parity.items()]
     print_table(f"exported to {result.out_dir} (parity on {result.inputs})", ["form", "max |Δlogit|"], rows)
     if result.latency_ms:  # none for --format timm / hf, which time nothing
@@ -67,7 +67,7 @@ def push(
     """
     from graft.deploy.hub import push as push_run
 
-    url = push_run(run, repo_id, private, folder, log=lambda message: err.print(message, highlight=False))
+    url = push_run(run, repo_id, private, folder, log=lambda message: err.print(message))
     out.print(f"uploaded to {url}")
 
 

@@ -47,9 +47,9 @@ def explain(
                          f"the first: {failed[0].error}")
     summary = write_explanations(rows, out_dir)
     for row in failed:
-        err.print(f"skipped: {row.error}", markup=False, highlight=False)
+        err.print(f"skipped: {row.error}")
     for row in rows:
         if not row.error:
             top = ", ".join(f"{label} {p:.3f}" for label, p in zip(row.labels, row.probabilities))
-            out.print(f"{row.path}: {top}" + (f" ({row.note})" if row.note else ""), markup=False, highlight=False)
-    err.print(f"wrote {len(rows) - len(failed)} overlays and {summary}", markup=False, highlight=False)
+            out.print(f"{row.path}: {top}" + (f" ({row.note})" if row.note else ""))
+    err.print(f"wrote {len(rows) - len(failed)} overlays and {summary}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from graft.cli.options import config_option
 from graft.cli.shared import (
@@ -100,7 +101,7 @@ def features(
     splits = discover(data)
     report = scan(splits)
     for warning in report.warnings if distributed.is_main() else ():
-        err.print(f"warning: {warning}", highlight=False)
+        err.print(f"warning: {warning}")
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
     _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
                                 workers, augment_views=augment, compile_mode=compile)
@@ -176,4 +177,5 @@ def advise(
     print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
                                                                                "k-NN acc"],
                 [[s["node"], s["width"], s["probe_accuracy"], s["knn_accuracy"]] for s in advice.stages])
-    out.print(f"recommendation: [bold]{advice.recommendation}[/bold]\n{advice.reason}\nrun: {advice.command}")
+    out.print(Text.assemble("recommendation: ", (advice.recommendation, "bold")))
+    out.print(f"{advice.reason}\nrun: {advice.command}")

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from graft.cli.options import config_option
 from graft.config import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_option
@@ -20,13 +21,20 @@ from graft.utils.text import display_name
 
 __all__ = [
     "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "err", "friendly_errors", "main", "out",
-    "print_table"
+    "print_table", "styled"
 ]
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
+# markup=False: what graft prints is plain text, so `pip install 'graft[serve]'` and a class named `a[b]c` print as
+# they are (rich markup would eat the brackets); colour comes only from explicit styles (styled below).
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+
+def styled(prefix: str, style: str, message: str = "") -> Text:
+    """``prefix`` in ``style`` followed by ``message`` as plain text (no markup is parsed in either)."""
+    return Text.assemble((prefix, style), message)
 
 # Shared option aliases (as huggingface_hub's CLI does), so each flag is spelled and documented once: those that are
 # config fields take their flag and help from the field (graft.config), as `graft fit`'s generated options do.
@@ -52,10 +60,10 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except GraftError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False)
+            err.print(styled("error:", "red", f" {error}"))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]", highlight=False)
+            err.print(styled("interrupted", "yellow"))
             raise typer.Exit(130) from None
         finally:
             _on_sigterm(previous)
@@ -107,8 +115,7 @@ def _print_version(asked: bool) -> None:
         from graft.utils.versions import installed_versions
 
         found = installed_versions()
-        out.print(f"graft {found.pop('graft')} ({', '.join(f'{name} {version}' for name, version in found.items())})",
-                  highlight=False)
+        out.print(f"graft {found.pop('graft')} ({', '.join(f'{name} {version}' for name, version in found.items())})")
         raise typer.Exit()
 
 
@@ -129,11 +136,9 @@ def main() -> None:
     except Exception as error:  # KeyboardInterrupt and SystemExit (typer's exits) pass through
         if DEBUG["on"]:
             raise
-        from rich.markup import escape
-
         text = (str(error).splitlines() or [""])[0][:200]
-        err.print(f"[red]internal error:[/red] {escape(f'{type(error).__name__}: {text}; details in ')}"
-                  f"{escape(_log_traceback(error))} (--debug prints them)", highlight=False)
+        err.print(styled("internal error:", "red", f" {type(error).__name__}: {text}; details in "
+                         f"{_log_traceback(error)} (--debug prints them)"))
         sys.exit(1)
 
 

@@ -103,7 +103,7 @@ def _exec_torchrun(devices: int) -> None:
             argv.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", "-m",
                "graft", *argv]
-    err.print(f"--devices {devices}: {' '.join(command[1:])}", highlight=False)
+    err.print(f"--devices {devices}: {' '.join(command[1:])}")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
@@ -127,7 +127,7 @@ def _auto_output(base: str, resume: bool) -> str:
     if resume:  # a new numbered folder holds nothing to continue
         raise GraftError("--resume needs the run to continue: graft fit --resume -o RUN")
     folder = numbered_folder(base)
-    err.print(f"run folder: {folder} (-o not given)", highlight=False)
+    err.print(f"run folder: {folder} (-o not given)")
     return str(folder)
 
 
