@@ -146,8 +146,15 @@ def test_the_standalone_onnx_example_needs_no_graft_and_agrees(trained_run, shap
 def test_a_model_cut_at_an_inner_node_exports_too(shapes, tmp_path):
     run = fit(tiny_config(shapes, tmp_path / "inner", **{"train.strategy": "scratch", "train.epochs": 1,
                                                          "model.cut_at": "layer2"}), verbose=False).run_dir
-    result = export(run, tmp_path / "out", formats=("torch", "onnx"))
-    assert result.parity["torch_export"] < 1e-3 and result.parity["onnx"] < 1e-3
+    export(run, tmp_path / "out", formats=("torch", "onnx"))
+    session = onnx_session(tmp_path / "out" / "model.onnx")
+    program = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # recomputed here against the run's own model, not the exporter's parity numbers
+        expected = load(run).eval()(images)
+        torch.testing.assert_close(program(images), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), expected,
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_export_errors_are_clear(trained_run, tmp_path):

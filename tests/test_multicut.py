@@ -111,6 +111,14 @@ def test_onnx_export_of_a_multi_node_cut_agrees(multicut_run, tmp_path):
     pytest.importorskip("onnxruntime")
     from graft.deploy.export import export
 
-    result = export(multicut_run.run_dir, tmp_path / "export", formats=("onnx",))
-    assert (tmp_path / "export" / "model.onnx").is_file()
-    assert result.parity["onnx"] < 1e-3  # export verifies the ONNX model against the eager one on real images
+    import onnxruntime
+
+    from graft.models.run_folder import load
+
+    export(multicut_run.run_dir, tmp_path / "export", formats=("onnx",))
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        eager = load(multicut_run.run_dir, "cpu").float().eval()(images).numpy()
+    (exported,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    np.testing.assert_allclose(exported, eager, atol=1e-4)  # recomputed here, not the exporter's own parity number

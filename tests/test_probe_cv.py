@@ -5,6 +5,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
 from graft.probing.linear import DEFAULT_GRID, fit_linear_probe, stratified_folds
@@ -32,11 +33,13 @@ def test_folds_are_stratified_disjoint_and_cover_everything():
     folds = stratified_folds(labels, 5, seed=3)
     assert len(folds) == 5
     assert sorted(np.concatenate(folds).tolist()) == list(range(40))
-    for fold in folds:
-        assert sorted(np.bincount(labels[fold], minlength=3).tolist()) == sorted(np.bincount(labels[fold],
-                                                                                          minlength=3).tolist())
-        counts = np.bincount(labels[fold], minlength=3)
-        assert 4 <= counts[0] <= 5 and 1 <= counts[1] <= 2 and counts[2] == 2
+    per_fold = np.array([np.bincount(labels[fold], minlength=3) for fold in folds])
+    assert (per_fold.max(axis=0) - per_fold.min(axis=0) <= 1).all()  # each class spread evenly: stratified
+    for counts in per_fold:
+        assert 4 <= counts[0] <= 5 and 1 <= counts[1] <= 2 and counts[2] == 2  # 23/5, 7/5, 10/5 by hand
+    theirs = StratifiedKFold(5).split(np.zeros(len(labels)), labels)  # the same per-class sizes as scikit-learn's
+    assert sorted(map(sorted, per_fold.T.tolist())) == sorted(
+        map(sorted, np.array([np.bincount(labels[held], minlength=3) for _, held in theirs]).T.tolist()))
     assert [f.tolist() for f in stratified_folds(labels, 5, seed=3)] == [f.tolist() for f in folds]  # seeded
     assert len(stratified_folds(np.array([0, 0, 0, 1, 1, 1, 1]), 5)) == 3  # capped by the smallest class
 

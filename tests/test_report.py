@@ -12,6 +12,7 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -117,10 +118,16 @@ def test_ece_is_computed_from_the_reliability_diagrams_bins():
     probabilities = torch.softmax(3 * torch.randn(200, 4), dim=1)
     labels = torch.randint(0, 4, (200,))
     rows = reliability_bins(probabilities, labels, bins=10)
-    assert sum(row["count"] for row in rows) == 200 and len(rows) == 10
-    gaps = sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["count"]) / 200
-    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(gaps)
-    assert 0 < gaps < 1
+    # From scratch in numpy: bin b holds confidences in (b/10, (b+1)/10]
+    p, y = probabilities.double().numpy(), labels.numpy()
+    confidence, correct = p.max(1), (p.argmax(1) == y)
+    which = np.ceil(confidence * 10).astype(int) - 1
+    counts = np.bincount(which, minlength=10)
+    assert [row["count"] for row in rows] == counts.tolist()
+    gaps = sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * counts[b] for b in range(10)
+               if counts[b]) / len(y)
+    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(gaps, abs=1e-6)
+    assert 0.05 < gaps < 1
 
 
 def test_tta_views_come_in_the_documented_order():
@@ -159,6 +166,21 @@ def test_ensembles_average_probabilities_exactly(trained_run, shapes, tmp_path):
 def test_predict_with_tta_gives_probabilities_that_sum_to_one(trained_run, shapes):
     rows = predict(trained_run, [str(shapes / "val" / "circle")], top_k=3, device="cpu", tta="flip,crops")
     assert len(rows) == 10 and all(sum(r.probabilities) == pytest.approx(1, abs=1e-5) for r in rows)
+
+
+def test_flip_tta_is_the_mean_of_the_plain_and_the_mirrored_pass(trained_run, shapes):
+    from graft.models.run_folder import load
+
+    files = sorted(str(p) for p in (shapes / "val" / "square").iterdir())[:4]
+    model = load(trained_run).eval()
+    plain = torch.stack([create_transform(model.preprocessing)(load_image(f)) for f in files])
+    with torch.no_grad():  # two ordinary passes, averaged by hand
+        expected = (torch.softmax(model(plain), 1) + torch.softmax(model(plain.flip(-1)), 1)) / 2
+        assert (expected - torch.softmax(model(plain), 1)).abs().max() > 1e-3  # the mirror view changes something
+    for row, probabilities in zip(predict(trained_run, files, top_k=3, device="cpu", tta="flip"), expected):
+        assert row.probabilities == pytest.approx([probabilities[model.classes.index(c)].item() for c in row.labels],
+                                                  abs=2e-6)
+        assert row.labels[0] == model.classes[int(probabilities.argmax())]
 
 
 def test_cli_evaluate_prints_both_numbers_and_writes_the_report(trained_run, shapes, tmp_path):
