@@ -13,6 +13,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageCms
@@ -317,3 +318,48 @@ def test_predict_writes_non_utf8_file_names_back_as_their_bytes(trained_run, tmp
                                       "--output", str(tmp_path / "out.csv")])
     assert result.exit_code == 0, result.output
     assert b"caf\xe9.png,circle," in (tmp_path / "out.csv").read_bytes()
+
+
+def _matrix_trc_profile(colorants: list[tuple[float, float, float]], gamma: float) -> bytes:
+    """A minimal ICC v2 RGB display profile: D50-adapted colorants (rXYZ, gXYZ, bXYZ), one gamma for the three
+    curves, D50 white. Built by hand so the test needs no profile file and knows exactly what it describes."""
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(values) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(s15(v) for v in values)
+
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    description = b"desc\0\0\0\0" + struct.pack(">I", 5) + b"test\0" + b"\0" * 79
+    tags = [(b"desc", description), (b"wtpt", xyz((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz(colorants[0])),
+            (b"gXYZ", xyz(colorants[1])), (b"bXYZ", xyz(colorants[2])), (b"rTRC", curve), (b"gTRC", curve),
+            (b"bTRC", curve), (b"cprt", b"text\0\0\0\0none\0\0\0\0")]
+    offset, table, body = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = struct.pack(">I4sI4s4s4s", size, b"none", 0x02100000, b"mntr", b"RGB ", b"XYZ ") + b"\0" * 12
+    header += b"acsp" + b"\0" * 28 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+ADOBE_RGB_D50 = [(0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457)]
+SRGB_D50 = [(0.43607, 0.22250, 0.01393), (0.38507, 0.71688, 0.09710), (0.14308, 0.06062, 0.71417)]
+
+
+def test_a_wide_gamut_icc_profile_moves_colours_to_srgb_as_the_matrices_say(tmp_path):
+    """Adobe RGB (1998) pixels, converted by hand: decode gamma 2.2, Adobe's colorants to XYZ (D50), XYZ to linear
+    sRGB, sRGB's curve. graft's loader must land within 2 levels of that; ignoring the profile is 10+ levels off."""
+    pixel = (110, 170, 120)
+    path = tmp_path / "adobe.png"
+    Image.new("RGB", (8, 8), pixel).save(path, icc_profile=_matrix_trc_profile(ADOBE_RGB_D50, 563 / 256))
+    linear = (np.array(pixel) / 255) ** (563 / 256)
+    srgb_linear = np.linalg.solve(np.array(SRGB_D50).T, np.array(ADOBE_RGB_D50).T @ linear).clip(0, 1)
+    encoded = np.where(srgb_linear <= 0.0031308, 12.92 * srgb_linear, 1.055 * srgb_linear ** (1 / 2.4) - 0.055)
+    expected = np.round(encoded * 255)
+    loaded = np.asarray(load_image(path))[4, 4].astype(float)
+    assert np.abs(expected - np.array(pixel)).max() >= 10  # the profile matters for this colour
+    np.testing.assert_allclose(loaded, expected, atol=2)
