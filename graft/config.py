@@ -144,7 +144,8 @@ class TrainConfig:
     bn_stats: str = _option("auto", "unfrozen batch norm: update or keep frozen its running statistics; auto: frozen "
                             "below 2,000 training images (batch statistics are noise) and after a solved probe",
                             choices=BN_STATS)
-    precise_bn: bool = _option(False, "recompute BN statistics over the training set at the end (eval transform)")
+    precise_bn: bool = _option(False, "recompute BN statistics over the training set at the end (in the training "
+                                      "augmentation, the statistics the weights were learnt on)")
     optimizer: str = _option("adamw", "sgd: with Nesterov momentum", choices=OPTIMIZERS)
     momentum: float = _option(0.9, "sgd's momentum", low=0, high=1, high_open=True)
     weight_decay: float = _option(0.01, "decoupled weight decay", low=0, high=1)

@@ -157,3 +157,15 @@ def test_python_m_graft_help_and_version_start_without_torch():
     result = _python("-X", "importtime", "-m", "graft", "--version")
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert result.returncode == 0 and "graft" in imported and not {"torch", "timm"} & imported
+
+
+def test_precise_bn_help_names_the_transform_the_code_uses():
+    """The statistics are recomputed in the training augmentation (the default of recompute_bn_statistics); the help
+    once said 'eval transform'."""
+    import inspect
+
+    from graft.training.precise_bn import recompute_bn_statistics
+
+    help_text = dict(option_fields())["train.precise_bn"].metadata["help"]
+    assert inspect.signature(recompute_bn_statistics).parameters["augmented"].default is True
+    assert "training augmentation" in help_text and "eval" not in help_text

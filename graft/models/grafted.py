@@ -86,7 +86,7 @@ class ModelSpec:
 
 
 def backbone_name(model: ModelConfig) -> str:
-    """The backbone name to build and record: a lab network's name carries its options (see ``graft.lab``)."""
+    """The backbone name to build and record: a lab network's name carries its options (see ``graft.models.backbones.lab``)."""
     options = lab.ArchOptions(model.activation, model.norm, model.init, model.vgg_stages)
     if model.backbone in lab.ARCHITECTURES:
         return lab.lab_backbone_name(model.backbone, options)

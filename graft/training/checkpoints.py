@@ -132,7 +132,7 @@ def _read_owner(path: Path) -> str:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Checks the run folder (with ``overwrite``, removes graft's own files from it; see ``graft.outputs``) and
+    """Checks the run folder (with ``overwrite``, removes graft's own files from it; see ``graft.utils.outputs``) and
     claims it; the caller holds its lock."""
     outputs.remove_temp_files(run_dir)  # atomic_write's .graft-tmp-* files, left only by a kill -9 mid-write
     if not resume and overwrite:

@@ -30,7 +30,7 @@ _UMASK = _current_umask()  # read once at import: os.umask can only be read by s
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Writes through ``write(temp_path)`` to a temp file beside ``path``, fsyncs and renames: never half a file.
 
-    The temp file is ``.graft-tmp-NAME.*`` (see ``graft.outputs``): the only names a clean-up may remove.
+    The temp file is ``.graft-tmp-NAME.*`` (see ``graft.utils.outputs``): the only names a clean-up may remove.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ def out_of_memory_message(batch_size: int) -> str:
 def out_of_memory_hint(batch_size: int):
     """Turns an allocator's failure inside the block into a GraftError naming half of ``batch_size``.
 
-    (Training on a GPU first retries with micro-batches, see ``graft.trainer``; this is what is left after that.)
+    (Training on a GPU first retries with micro-batches, see ``graft.training.loop``; this is what is left after that.)
     """
     try:
         yield
