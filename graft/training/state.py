@@ -64,6 +64,6 @@ class FitResult:
         try:
             import pandas
         except ImportError:
-            raise GraftError("history_frame needs pandas (pip install pandas); result.history holds the same rows "
-                             "as dicts") from None
+            raise GraftError("history_frame needs pandas: pip install 'graft[notebook]' (or pandas); "
+                             "result.history holds the same rows as dicts") from None
         return pandas.DataFrame(self.history)
