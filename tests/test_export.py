@@ -141,6 +141,11 @@ def test_the_standalone_onnx_example_needs_no_graft_and_agrees(trained_run, shap
     lines = run.stdout.split("\n")
     labels = [line.split("\t")[1] for line in lines if line]
     assert labels == [row.labels[0] for row in predict(trained_run, files, device="cpu")]
+    helped = subprocess.run([sys.executable, str(out / "predict_onnx.py"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage:" in helped.stdout and "IMAGE" in helped.stdout, helped.stderr
+    assert "Classify images with the exported model" in helped.stdout and not helped.stderr
+    bare = subprocess.run([sys.executable, str(out / "predict_onnx.py")], capture_output=True, text=True)
+    assert bare.returncode == 2 and "IMAGE" in bare.stderr  # no image: argparse's usage line, not a silent exit
 
 
 def test_a_model_cut_at_an_inner_node_exports_too(shapes, tmp_path):

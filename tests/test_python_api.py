@@ -148,3 +148,8 @@ def test_a_bad_progress_interval_fails_before_anything_is_written(shapes, tmp_pa
     with pytest.raises(GraftError, match="GRAFT_PROGRESS_SECONDS='soon'"):
         graft.fit(str(shapes), output=str(tmp_path / "run"), verbose=False, **FAST)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_shows_itself_in_one_line(trained_result):
+    shown = repr(trained_result.model)
+    assert shown == "GraftModel(backbone=test_resnet, cut_at=pre_logits, classes=[circle, square, triangle], input=32x32)"

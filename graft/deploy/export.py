@@ -281,11 +281,12 @@ STANDALONE_EXAMPLE = '''"""Classify images with the exported model, without graf
 
 Needs: pip install onnxruntime pillow numpy
 
-Usage: python predict_onnx.py IMAGE [IMAGE ...]
+Usage: python predict_onnx.py IMAGE [IMAGE ...]   (--help: this text; -- before a file name that starts with -)
 
 Reads __FORMAT_LIST__ only, by content, whatever a file is called: Pillow's other formats include EPS,
 which runs Ghostscript on the file. A file that cannot be read is reported on stderr and skipped.
 """
+import argparse
 import io
 import json
 import sys
@@ -369,5 +370,8 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0],
+                                     epilog="prints one line per image: PATH<TAB>CLASS<TAB>PROBABILITY")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    sys.exit(main(parser.parse_args().images))
 '''

@@ -35,6 +35,15 @@ class GraftModel(nn.Module):
         self.preprocessing = preprocessing
         self.freeze_bn_stats = False  # True: every trunk BN normalises with its running statistics, even if trained
 
+    def __repr__(self) -> str:
+        """One line a notebook can show (the module tree is ``print(model.trunk)`` / ``model.head``)."""
+        more = f", ... ({len(self.classes)} classes)" if len(self.classes) > 5 else ""
+        classes = ", ".join(self.classes[:5]) + more
+        size = "x".join(str(side) for side in self.preprocessing.input_size)
+        config = getattr(self.trunk.net, "pretrained_cfg", None) or {}  # timm's; other sources: the class name
+        backbone = config.get("architecture") or type(self.trunk.net).__name__
+        return f"GraftModel(backbone={backbone}, cut_at={self.trunk.node}, classes=[{classes}], input={size})"
+
     def trunk_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.trunk.parameters())
 
@@ -86,7 +95,8 @@ class ModelSpec:
 
 
 def backbone_name(model: ModelConfig) -> str:
-    """The backbone name to build and record: a lab network's name carries its options (see ``graft.models.backbones.lab``)."""
+    """The backbone name to build and record: a lab network's name carries its options (see
+    ``graft.models.backbones.lab``)."""
     options = lab.ArchOptions(model.activation, model.norm, model.init, model.vgg_stages)
     if model.backbone in lab.ARCHITECTURES:
         return lab.lab_backbone_name(model.backbone, options)
