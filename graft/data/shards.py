@@ -4,6 +4,10 @@ A shard set is a folder of ``SPLIT-NNNNNN.tar`` files (images as stored, their c
 and the sidecar ``graft-shards.json``: class names, per split the shard names and, per shard, the (key, label) of
 every sample in order. The sidecar is what lets every rank of a distributed run take exactly the same number of
 samples per epoch without opening a tar, and lets ``discover`` give the rest of graft ordinary splits.
+
+The sidecar is data, perhaps copied from elsewhere or edited: every field is checked before any work, and a shard
+name is only ever a plain ``.tar`` name inside the shard folder. graft reads the tars itself (``read_tar``, on a file
+it opened): WebDataset would treat a name as a URL and run a ``pipe:`` one through a shell. WebDataset writes them.
 """
 
 from __future__ import annotations
