@@ -70,7 +70,7 @@ def diagnose(
 @app.command()
 @friendly_errors
 def stats(
-    data: Annotated[str, typer.Argument(help="class folders or a CSV")],
+    data: Annotated[str, typer.Argument(help="class folders, a CSV or tar shards")],
     size: Annotated[int, typer.Option(help="images are resized to this square first")] = 64,
     max_images: Annotated[int, typer.Option(help="a random sample of at most this many training images")] = 5000,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="stats.json + mean_image.png")] = None,
@@ -80,14 +80,14 @@ def stats(
     Example: graft stats ./pets -o pets-stats/
     """
     from graft.data.discovery import discover
-    from graft.data.statistics import dataset_statistics
+    from graft.data.statistics import training_statistics
     from graft.utils.outputs import output_folder
 
     _check_options(("--size", size, *IMAGE_SIZES), ("--max-images", max_images, 1, 1_000_000_000))
     if output:  # before the work: an unwritable or clashing folder wastes nothing
         output_folder(output, "-o", ((data, "data"),))
     splits = discover(data)
-    result = dataset_statistics([path for path, _ in splits.train], size, max_images)
+    result = training_statistics(splits, size, max_images)
     print_table(f"{result.images} training images at {size}x{size}", ["channel", "mean", "std"],
                 [[c, m, s] for c, m, s in zip("RGB", result.mean, result.std)])
     if output:

@@ -4,6 +4,10 @@ A shard set is a folder of ``SPLIT-NNNNNN.tar`` files (images as stored, their c
 and the sidecar ``graft-shards.json``: class names, per split the shard names and, per shard, the (key, label) of
 every sample in order. The sidecar is what lets every rank of a distributed run take exactly the same number of
 samples per epoch without opening a tar, and lets ``discover`` give the rest of graft ordinary splits.
+
+The sidecar is data, perhaps copied from elsewhere or edited: every field is checked before any work, and a shard
+name is only ever a plain ``.tar`` name inside the shard folder. graft reads the tars itself (``read_tar``, on a file
+it opened): WebDataset would treat a name as a URL and run a ``pipe:`` one through a shell. WebDataset writes them.
 """
 
 from __future__ import annotations
@@ -13,18 +17,22 @@ import logging
 import os
 import random
 import re
+import tarfile
+import zlib
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from graft.data.discovery import DatasetSplits
-from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from graft.data.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageError, decode_image
 from graft.errors import GraftError
+from graft.utils.text import display_name
 
 __all__ = [
-    "SIDECAR", "ShardDataset", "discover_shards", "is_shard_source", "parse_size", "rank_and_world", "shard_dataset",
-    "shard_loaders", "write_shards"
+    "SIDECAR", "ShardDataset", "discover_shards", "is_plain_shard_name", "is_shard_source", "parse_size",
+    "rank_and_world", "read_sidecar", "read_tar", "shard_dataset", "shard_datasets", "shard_statistics",
+    "write_shards"
 ]
 
 log = logging.getLogger(__name__)
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 SIDECAR = "graft-shards.json"
 SHARD_FORMAT = 1
 SHUFFLE_BUFFER = 2048  # samples held for the streaming shuffle: ~0.2 GB of JPEG bytes at ImageNet sizes
+_NOT_IMAGES = ("cls", "path.txt")  # the members write_shards adds beside each image
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -113,7 +122,6 @@ def write_shards(splits: DatasetSplits, output: str | os.PathLike, shard_size: s
     return sidecar
 
 
-# ---------------------------------------------------------------------------------------------------------- reading
 
 
 def _sidecar_of(path: str) -> tuple[Path, set[str] | None]:
@@ -137,17 +145,116 @@ def is_shard_source(path: str | os.PathLike) -> bool:
     return text.endswith(".tar") and (Path(text.split("{")[0]).parent / SIDECAR).is_file()
 
 
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is a Python int; 1.7 is not
+
+
+def _shown(value) -> str:
+    """A value from the sidecar, shortened and on one line, for a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_plain_shard_name(name) -> bool:
+    """A ``.tar`` file name inside the shard folder: no folder part, no ``..``, no URL scheme (``pipe:``, ``http:``),
+    nothing a shell or a URL opener would interpret."""
+    return (isinstance(name, str) and name.endswith(".tar") and name not in ("..tar", ".tar")
+            and not any(char in name for char in "/\\:\0") and name.isprintable() and name == name.strip()
+            and not name.startswith(("-", "..")))
+
+
+class _Sidecar:
+    """Checks every field of a sidecar before any work: it is data, perhaps written elsewhere or edited, and names
+    files graft opens. A problem is one ``GraftError`` line naming the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def refuse(self, field: str, problem: str) -> GraftError:
+        return GraftError(f"{self.path}: {field} {problem}; write the shards again with graft shard")
+
+    def check(self, sidecar) -> None:
+        if not isinstance(sidecar, dict):
+            raise self.refuse("the file", "is not a JSON object")
+        if sidecar.get("format") != SHARD_FORMAT:
+            raise self.refuse("format", f"is {_shown(sidecar.get('format'))}; this graft reads format {SHARD_FORMAT}")
+        classes = sidecar.get("classes")
+        if (not isinstance(classes, list) or len(classes) < 2
+                or not all(isinstance(name, str) and name.strip() for name in classes)):
+            raise self.refuse("classes", f"is {_shown(classes)}: expected a list of two or more class names")
+        if len(set(classes)) != len(classes):
+            raise self.refuse("classes", f"names a class twice ({_shown(classes)})")
+        if not isinstance(sidecar.get("source", ""), str):
+            raise self.refuse("source", f"is {_shown(sidecar['source'])}: expected text")
+        splits = sidecar.get("splits")
+        if not isinstance(splits, dict) or not set(splits) <= {"train", "val", "test"}:
+            raise self.refuse("splits", f"is {_shown(splits)}: expected an object with train, val and test parts")
+        names: set[str] = set()
+        for split, part in splits.items():
+            self.check_split(f"splits.{split}", part, classes, names)
+
+    def check_split(self, field: str, part, classes: list[str], names: set[str]) -> None:
+        if not isinstance(part, dict) or not isinstance(part.get("shards"), list):
+            raise self.refuse(field, "is not an object with a list of shards")
+        tally = [0] * len(classes)
+        for number, shard in enumerate(part["shards"]):
+            where = f"{field}.shards[{number}]"
+            if not isinstance(shard, dict):
+                raise self.refuse(where, f"is {_shown(shard)}: expected an object with name and samples")
+            name = shard.get("name")
+            if not is_plain_shard_name(name):
+                raise self.refuse(f"{where}.name", f"{_shown(name)} is not the plain name of a .tar file in the "
+                                  "shard folder (no folder, '..' or URL scheme)")
+            if name in names:
+                raise self.refuse(f"{where}.name", f"{_shown(name)} is listed twice")
+            names.add(name)
+            self.check_samples(f"{where}.samples", shard.get("samples"), len(classes), tally)
+        count = part.get("count", sum(tally))
+        if not _is_index(count) or count != sum(tally):
+            raise self.refuse(f"{field}.count", f"is {_shown(count)} but the shards list {sum(tally)} samples")
+        counts = part.get("counts", dict(zip(classes, tally)))
+        if counts != dict(zip(classes, tally)):
+            raise self.refuse(f"{field}.counts", f"is {_shown(counts)} but the shards list "
+                              f"{_shown(dict(zip(classes, tally)))}")
+
+    def check_samples(self, field: str, samples, classes: int, tally: list[int]) -> None:
+        if not isinstance(samples, list):
+            raise self.refuse(field, f"is {_shown(samples)}: expected a list of [key, label] pairs")
+        keys = set()
+        for number, sample in enumerate(samples):
+            if not isinstance(sample, list) or len(sample) != 2 or not isinstance(sample[0], str) or not sample[0]:
+                raise self.refuse(f"{field}[{number}]", f"is {_shown(sample)}: expected a [key, label] pair")
+            key, label = sample
+            if not _is_index(label) or not 0 <= label < classes:
+                raise self.refuse(f"{field}[{number}]", f"label {_shown(label)} is not a class index "
+                                  f"(an integer from 0 to {classes - 1})")
+            if key in keys:
+                raise self.refuse(f"{field}[{number}]", f"key {_shown(key)} is listed twice in the shard")
+            keys.add(key)
+            tally[label] += 1
+
+
+def read_sidecar(folder: Path) -> dict:
+    """The sidecar of the shard set in ``folder``, every field checked (``_Sidecar``) before anything is opened."""
+    path = folder / SIDECAR
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        reason = str(error).splitlines()[0][:150] if str(error) else type(error).__name__
+        raise GraftError(f"{path}: not a readable shard sidecar ({reason}); write the shards again with graft "
+                         "shard") from None
+    _Sidecar(path).check(sidecar)
+    return sidecar
+
+
 def discover_shards(path: str | os.PathLike) -> DatasetSplits:
     """Splits from a shard set's sidecar, without opening a tar. Samples are ``SHARD.tar#KEY`` names (for counts,
     class weights and error messages; graft reads them only through ``ShardDataset``). A pattern selects shards
-    of the splits it names; a split it does not name is taken whole."""
+    of the splits it names; a split it does not name is taken whole. Shard paths are absolute, inside the folder."""
     folder, selected = _sidecar_of(str(path))
-    try:
-        sidecar = json.loads((folder / SIDECAR).read_text())
-        classes, parts = list(sidecar["classes"]), dict(sidecar["splits"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise GraftError(f"{folder / SIDECAR}: not a readable shard sidecar ({error}); write the shards again with "
-                         "graft shard") from None
+    sidecar = read_sidecar(folder)
+    folder = Path(os.path.abspath(folder))  # shard names are plain names (checked): these paths stay in the folder
+    classes, parts = sidecar["classes"], dict(sidecar["splits"])
     if selected is not None:
         missing = selected - {s["name"] for part in parts.values() for s in part["shards"]}
         if missing:
@@ -155,26 +262,72 @@ def discover_shards(path: str | os.PathLike) -> DatasetSplits:
         for split, part in parts.items():
             chosen = [s for s in part["shards"] if s["name"] in selected]
             if chosen:
-                parts[split] = {**part, "shards": chosen, "count": sum(len(s["samples"]) for s in chosen)}
+                parts[split] = {**part, "shards": chosen}
     for part in parts.values():
         for shard in part["shards"]:
             if not (folder / shard["name"]).is_file():
                 raise GraftError(f"{folder / shard['name']}: listed in {SIDECAR} but missing; copy it back or write "
                                  "the shards again")
-    samples = {split: [(f"{folder / s['name']}#{key}", int(label)) for s in part["shards"] for key, label in
-                       s["samples"]] for split, part in parts.items()}
+    samples = {split: [(f"{folder / s['name']}#{key}", label) for s in part["shards"] for key, label in s["samples"]]
+               for split, part in parts.items()}
     if not samples.get("train") or not samples.get("val"):
         raise GraftError(f"{folder}: the shard set needs train and val shards; write it with graft shard from data "
                          "that has both (a plain folder gets a seeded val split)")
-    shards = {split: [(str(folder / s["name"]), [(k, int(v)) for k, v in s["samples"]]) for s in part["shards"]]
+    shards = {split: [(str(folder / s["name"]), [(k, v) for k, v in s["samples"]]) for s in part["shards"]]
               for split, part in parts.items()}
     notes = ["test shards are not evaluated by fit; evaluate the run on the test folder"] if samples.get("test") else []
-    return DatasetSplits(classes, samples["train"], samples["val"], [], f"tar shards {folder} ({sidecar['source']})",
-                         notes, str(folder), shards=shards)
+    return DatasetSplits(list(classes), samples["train"], samples["val"], [],
+                         f"tar shards {folder} ({display_name(sidecar.get('source', ''))})", notes, str(folder),
+                         shards=shards)
 
 
-def _all(urls):
-    return urls  # graft splits shards across ranks and workers itself (equal counts per rank)
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "a symbolic link"
+    if member.islnk():
+        return "a hard link"
+    return "a folder" if member.isdir() else "not a regular file"
+
+
+def read_tar(path: str, max_bytes: int = MAX_FILE_BYTES):
+    """(key, image member name, image bytes or None, problem or None) per sample of a tar shard, in tar order (no
+    bytes and no problem: the sample has no image member).
+
+    The shard is opened here as a local file (never handed to WebDataset as a URL, which would run ``pipe:`` names
+    through a shell) and read as a stream; members group into samples by WebDataset's rule (the key is the name up
+    to the first dot of its last part). Links and other non-files are skipped with a reason, as are members over
+    ``max_bytes``. A tar that cannot be read further ends with one (None, None, None, reason) entry.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    key, member_name, data, problem = None, None, None, None
+    try:
+        with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+            for member in tar:
+                prefix, ext = base_plus_ext(member.name)
+                if prefix is None:
+                    continue
+                if prefix != key:
+                    if key is not None:
+                        yield key, member_name, data, problem
+                    key, member_name, data, problem = prefix, None, None, None
+                if ext.lower() in _NOT_IMAGES or data is not None or problem is not None:
+                    continue  # the label and path members; one image per sample: the first
+                member_name = member.name
+                if not member.isfile():
+                    problem = f"{_member_kind(member)} member, skipped"
+                elif member.size > max_bytes:
+                    problem = f"{member.size / 2**20:,.0f} MB member, more than graft reads from one image, skipped"
+                else:
+                    data = tar.extractfile(member).read()
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
+        reason = str(error).splitlines()[0][:150] if str(error) else type(error).__name__
+        if key is not None:
+            yield key, member_name, data, problem
+            key = None
+        yield None, None, None, f"unreadable tar: {reason}"
+    if key is not None:
+        yield key, member_name, data, problem
 
 
 class ShardDataset(IterableDataset):
@@ -203,19 +356,25 @@ class ShardDataset(IterableDataset):
         return self.total // world if self.equal else len(range(rank, self.total, world))
 
     def _stream(self, order: list[int]):
-        """(global index, label, sample dict or None) for the shards in ``order``, in tar order."""
-        wds = _wds()
+        """(global index, label, (name, image bytes or None, why there are none)) for the shards in ``order``, in tar
+        order. Samples the sidecar lists but the tar lacks (a damaged shard) come last, the first of them carrying
+        one line for all (the others an empty one: substituted silently)."""
         for number in order:
-            url, members = self.shards[number]
+            path, members = self.shards[number]
             labels = {key: (self.starts[number] + i, label) for i, (key, label) in enumerate(members)}
-            seen = set()
-            for sample in wds.WebDataset([url], shardshuffle=False, nodesplitter=_all, workersplitter=_all,
-                                         empty_check=False, handler=wds.warn_and_continue):
-                if sample["__key__"] in labels:
-                    seen.add(sample["__key__"])
-                    yield (*labels[sample["__key__"]], sample)
-            for key in labels.keys() - seen:  # listed in the sidecar, missing from the tar: a damaged shard
-                yield (*labels[key], None)
+            seen, broken = set(), "not in the tar"
+            for key, member, data, problem in read_tar(path):
+                if key is None:
+                    broken = problem
+                elif key in labels and key not in seen:
+                    seen.add(key)
+                    name = f"{path}: member {member or key}"
+                    yield (*labels[key], (name, data, f"{name}: {problem or 'no image member'}"))
+            missing = [key for key, _ in members if key not in seen]
+            for position, key in enumerate(missing):
+                problem = f"{path}: {len(missing)} sample(s) listed in {SIDECAR} not read ({broken}), e.g. {key}" \
+                    if position == 0 else ""
+                yield (*labels[key], (path, None, problem))
 
     def _positions(self, rank: int, world: int, seed: int):
         order = list(range(len(self.shards)))
@@ -251,15 +410,14 @@ class ShardDataset(IterableDataset):
         yield from self._decoded(buffer, final=True)
 
     def _decoded(self, items, final: bool = False):
-        for index, label, sample in items:
+        for index, label, (name, data, problem) in items:
             try:
-                if sample is None:
-                    raise ImageError(f"{self.samples[index][0]}: listed in {SIDECAR} but not in the tar (damaged?)")
-                ext = next(k for k in sample if not k.startswith("__") and k not in ("cls", "path.txt"))
-                name = f"{sample.get('__url__', '')}#{sample['__key__']}.{ext}"
-                image = self.transform(decode_image(sample[ext], name, self.max_pixels))
-            except (ImageError, StopIteration) as error:
-                log.warning("%s (substituted the next image)", error)
+                if data is None:
+                    raise ImageError(problem)
+                image = self.transform(decode_image(data, name, self.max_pixels))
+            except ImageError as error:
+                if str(error):  # one line for all of a damaged shard's missing samples
+                    log.warning("%s (substituted the next image)", error)
                 self._pending = getattr(self, "_pending", 0) + 1
                 continue
             for _ in range(1 + getattr(self, "_pending", 0)):  # the bad ones' places, so the count stays exact
@@ -271,26 +429,45 @@ class ShardDataset(IterableDataset):
             self._pending = 0
 
 
-def shard_loaders(splits: DatasetSplits, preprocessing, config, device: torch.device):
-    """Training and validation DataLoaders over ``splits.shards`` (``graft.training.setup.create_loaders`` for a
-    shard set): the same transforms, batch size and worker rule as for folders."""
-    from graft.data.datasets import loader_options
-    from graft.data.transforms import create_transform
+def shard_datasets(splits: DatasetSplits, train_transform, val_transform, max_pixels: int | None,
+                   generator: torch.Generator) -> tuple[ShardDataset, ShardDataset]:
+    """The training and validation streams of a shard set; ``graft.training.setup.create_loaders`` builds the loaders
+    around them exactly as around a folder's datasets (batch size x --accumulate, workers, transforms)."""
+    train_set = ShardDataset(splits.shards["train"], train_transform, max_pixels, shuffle=True, generator=generator,
+                             with_index=True, samples=splits.train)
+    val_set = ShardDataset(splits.shards["val"], val_transform, max_pixels, equal=False, samples=splits.val)
+    return train_set, val_set
 
-    data = config.data
-    if config.train.balance == "sampler":
-        raise GraftError("--balance sampler draws from an indexable folder; with tar shards use --balance loss")
-    generator = torch.Generator()
-    train_set = ShardDataset(splits.shards["train"],
-                             create_transform(preprocessing, True, data.augment, data.hflip), data.max_image_pixels,
-                             shuffle=True, generator=generator, with_index=True, samples=splits.train)
-    val_set = ShardDataset(splits.shards["val"], create_transform(preprocessing), data.max_image_pixels,
-                           equal=False, samples=splits.val)
-    train_loader = DataLoader(train_set, batch_size=data.batch_size, generator=generator,
-                              drop_last=len(train_set) > data.batch_size,
-                              **loader_options(device, data.workers))
-    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, **loader_options(device, data.workers))
-    return train_loader, val_loader, generator
+
+def shard_statistics(shards: list[tuple[str, list]], size: int, max_images: int, seed: int = 0,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """``graft.data.statistics.dataset_statistics`` for a shard set, from a bounded sample of the stream: shards in
+    a seeded order until they hold ``max_images`` samples, then a seeded choice of that many among them, so the
+    statistics read about max_images / (samples per shard) + 1 shards whatever the set's size."""
+    from graft.data.statistics import image_statistics
+
+    order = list(range(len(shards)))
+    random.Random(seed).shuffle(order)
+    chosen, held = [], 0
+    for number in order:
+        if held >= max_images:
+            break
+        chosen.append(number)
+        held += len(shards[number][1])
+    keys = [(number, key) for number in chosen for key, _ in shards[number][1]]
+    wanted = set(keys if len(keys) <= max_images else random.Random(seed).sample(keys, max_images))
+
+    def images():
+        for number in chosen:
+            path = shards[number][0]
+            for key, member, data, _ in read_tar(path):
+                if (number, key) in wanted and data is not None:
+                    try:
+                        yield decode_image(data, f"{path}: member {member}", max_pixels)
+                    except ImageError as error:
+                        log.warning("%s (left out of the statistics)", error)
+
+    return image_statistics(images(), size)
 
 
 def shard_dataset(data: str | os.PathLike, output: str | os.PathLike, shard_size: str | int = "512MB",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from graft.errors import GraftError
 
-__all__ = ["DatasetStats", "dataset_statistics"]
+__all__ = ["DatasetStats", "dataset_statistics", "image_statistics", "training_statistics"]
 
 
 @dataclass
@@ -30,15 +32,34 @@ def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000,
 
     rng = np.random.default_rng(seed)
     chosen = list(paths) if len(paths) <= max_images else list(rng.choice(paths, max_images, replace=False))
+
+    def images():
+        for path in chosen:
+            try:
+                yield load_image(path)
+            except ImageError:
+                continue
+
+    return image_statistics(images(), size)
+
+
+def training_statistics(splits, size: int = 64, max_images: int = 5000, seed: int = 0) -> DatasetStats:
+    """``dataset_statistics`` of a ``DatasetSplits``' training split: its files, or a bounded sample of its tar
+    shards' stream (``graft.data.shards.shard_statistics``)."""
+    if splits.shards is not None:
+        from graft.data.shards import shard_statistics  # imported here: shards builds on this module
+
+        return shard_statistics(splits.shards["train"], size, max_images, seed)
+    return dataset_statistics([path for path, _ in splits.train], size, max_images, seed)
+
+
+def image_statistics(images: Iterable[Image.Image], size: int = 64) -> DatasetStats:
+    """``dataset_statistics`` of RGB images already chosen and decoded (a folder's files, a sample of tar shards)."""
     total = np.zeros((size, size, 3))
     squares = np.zeros(3)
     count = 0
-    for path in chosen:
-        try:
-            image = load_image(path).resize((size, size))
-        except ImageError:
-            continue
-        pixels = np.asarray(image, dtype=np.float64) / 255.0
+    for image in images:
+        pixels = np.asarray(image.resize((size, size)), dtype=np.float64) / 255.0
         total += pixels
         squares += (pixels ** 2).mean(axis=(0, 1))
         count += 1

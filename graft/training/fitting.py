@@ -193,11 +193,8 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
 
 
 def _fit_for_shards(config: FitConfig, runtime: Runtime) -> FitConfig:
-    """Tar shards stream: the head is trained by epochs over the stream (the cached L-BFGS probe and scratch's
-    normalisation statistics read image files by path, which shards do not have)."""
-    if config.train.strategy == "scratch":
-        raise GraftError(f"{config.data.path}: --strategy scratch measures normalisation statistics on image files; "
-                         "pass the folder the shards came from, or use --strategy finetune or probe")
+    """Tar shards stream: the head is trained by epochs over the stream (the cached L-BFGS probe reads image files by
+    path, which shards do not have; scratch's normalisation statistics come from a sample of the stream)."""
     if recipes.solves_head(config):
         runtime.log("tar shards: the head trains by epochs over the stream (--head-fit epochs; the cached probe "
                     "reads image files)")

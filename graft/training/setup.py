@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 from graft.config import BN_AUTO_FROZEN_BELOW, FitConfig
 from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import DatasetSplits
-from graft.data.statistics import dataset_statistics
+from graft.data.statistics import training_statistics
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel, create_model
@@ -39,22 +39,44 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
 
 
 def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, runtime: Runtime):
-    """Training and validation DataLoaders with the backbone's preprocessing; under torchrun each process loads its
+    """Training and validation DataLoaders with the backbone's preprocessing, the one builder for class folders and
+    tar shards (whose streams take their own share per process and worker); under torchrun each process loads its
     share (training: padded to equal batch counts; validation: unpadded, the counts are summed over processes).
 
     ``--accumulate K`` loads K batches at once and the step runs them as K micro-batches (the out-of-memory path's
     gradient accumulation): the same sums of gradients as K separate loads, with one optimiser step.
     """
-    if splits.shards is not None:  # tar shards stream through an IterableDataset (graft.data.shards)
-        from graft.data.shards import shard_loaders
-
-        return shard_loaders(splits, model.preprocessing, config, runtime.device)
     data = config.data
-    train_set = ImageDataset(splits.train, create_transform(model.preprocessing, True, data.augment, data.hflip,
-                                                             data.random_erasing),
-                             data.max_image_pixels, with_index=True)
-    val_set = ImageDataset(splits.val, create_transform(model.preprocessing), data.max_image_pixels)
+    train_transform = create_transform(model.preprocessing, True, data.augment, data.hflip, data.random_erasing)
+    val_transform = create_transform(model.preprocessing)
     generator = torch.Generator()
+    if splits.shards is not None:  # tar shards stream; each rank and worker takes its share itself (graft.data.shards)
+        from graft.data.shards import shard_datasets
+
+        if config.train.balance == "sampler":
+            raise GraftError("--balance sampler draws from an indexable folder; with tar shards use --balance loss")
+        train_set, val_set = shard_datasets(splits, train_transform, val_transform, data.max_image_pixels, generator)
+        sampler = None
+    else:
+        train_set = ImageDataset(splits.train, train_transform, data.max_image_pixels, with_index=True)
+        val_set = ImageDataset(splits.val, val_transform, data.max_image_pixels)
+        sampler = _folder_sampler(train_set, config, runtime, generator)
+        if runtime.distributed:
+            val_set = Subset(val_set, runtime.shard_indices(len(val_set)))
+    batch = data.batch_size * config.train.accumulate
+    share = len(sampler) if sampler is not None else len(train_set)
+    # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
+    # which keeps augmentation (and so a resumed run) reproducible.
+    train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None and splits.shards is None,
+                              sampler=sampler, generator=generator, drop_last=share > batch,
+                              **loader_options(runtime.device, data.workers))
+    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False,
+                            **loader_options(runtime.device, data.workers, persistent=True))
+    return train_loader, val_loader, generator
+
+
+def _folder_sampler(train_set: ImageDataset, config: FitConfig, runtime: Runtime, generator: torch.Generator):
+    """The training sampler of a folder's dataset: torchrun's share, or --balance sampler's draws (None: shuffle)."""
     resumable = bool(config.train.checkpoint_every or config.train.checkpoint_minutes)
     if config.train.balance == "sampler" and (runtime.distributed or resumable):
         raise GraftError("--balance sampler draws with replacement and cannot be sharded across processes or resumed "
@@ -62,18 +84,7 @@ def create_loaders(splits: DatasetSplits, model: GraftModel, config: FitConfig, 
     sampler = runtime.create_sampler(train_set, True, config.train.seed, resumable)
     if config.train.balance == "sampler":
         sampler = balanced_sampler(train_set.samples, generator)
-    batch = data.batch_size * config.train.accumulate
-    share = len(sampler) if sampler is not None else len(train_set)
-    # Training workers are not persistent: fresh workers each epoch take their seeds from the reseeded generator,
-    # which keeps augmentation (and so a resumed run) reproducible.
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                              generator=generator, drop_last=share > batch,
-                              **loader_options(runtime.device, data.workers))
-    if runtime.distributed:
-        val_set = Subset(val_set, runtime.shard_indices(len(val_set)))
-    val_loader = DataLoader(val_set, batch_size=data.batch_size * 2, shuffle=False,
-                            **loader_options(runtime.device, data.workers, persistent=True))
-    return train_loader, val_loader, generator
+    return sampler
 
 
 def balanced_sampler(samples: list, generator: torch.Generator) -> WeightedRandomSampler:
@@ -95,8 +106,8 @@ def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.
 def create_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> tuple[GraftModel, dict]:
     mean_std = None
     if config.train.strategy == "scratch":
-        stats = dataset_statistics([path for path, _ in splits.train], size=SCRATCH_STATS_SIZE,
-                                   max_images=SCRATCH_STATS_IMAGES, seed=config.train.seed)
+        stats = training_statistics(splits, size=SCRATCH_STATS_SIZE, max_images=SCRATCH_STATS_IMAGES,
+                                    seed=config.train.seed)
         mean_std = (stats.mean, stats.std)
     model, info = create_model(config, splits.classes, mean_std)
     model.to(runtime.device)
