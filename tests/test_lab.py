@@ -127,6 +127,33 @@ def test_lr_sweep_suggests_a_tenth_of_the_lowest_loss_rate():
     assert finding.suggestion == pytest.approx(1e-2, rel=0.2) and finding.lrs[-1] < 10
 
 
+def test_lr_sweep_warns_when_its_curve_has_no_usable_minimum():
+    assert lr_sweep(lambda lr: 1.0 + (math.log10(lr) + 1) ** 2 / 10 + (50 * lr if lr > 0.3 else 0),
+                    smoothing=0.0).warning == ""  # a clear minimum inside the sweep
+    rising = lr_sweep(lambda lr: 1.0 + lr, smoothing=0.0)  # the loss only rises: lowest at the first rate
+    assert rising.suggestion < rising.lrs[0] and "never fell" in rising.warning and "--start-lr" in rising.warning
+    falling = lr_sweep(lambda lr: 2.0 - math.log10(lr) / 10, smoothing=0.0)  # still falling at end = 10
+    assert falling.lrs[-1] == pytest.approx(10.0) and "raise --end-lr" in falling.warning
+    flat = lr_sweep(lambda lr: 1.0 - 1e-3 * math.log10(lr / 1e-7) if lr < 1 else 1.0, smoothing=0.0)
+    assert "too flat" in flat.warning
+
+
+def test_cli_lr_find_writes_the_curve_as_csv(shapes, tmp_path):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    result = CliRunner().invoke(app, ["lr-find", str(shapes), "-b", "test_resnet", "--no-pretrained", "--image-size",
+                                      "32", "--batch-size", "8", "--steps", "20", "--start-lr", "1e-5", "--end-lr",
+                                      "1", "--strategy", "scratch", "-o", str(tmp_path / "lr")])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "lr" / "lr_find.csv")))
+    assert len(rows) >= 5 and (tmp_path / "lr" / "lr_find.png").is_file() and "lr_find.csv" in result.output
+    rates = [float(row["lr"]) for row in rows]
+    assert rates[0] == pytest.approx(1e-5)  # 20 rates from 1e-5 to 1, a constant factor of 10^(5/19) apart
+    assert all(b / a == pytest.approx(10 ** (5 / 19)) for a, b in zip(rates, rates[1:]))
+
+
 def test_lr_find_on_a_toy_task_is_within_an_order_of_magnitude_of_a_known_good_rate(shapes):
     config = tiny_config(shapes, "unused", **{"train.strategy": "scratch"})  # 1e-2 trains it well (other tests)
     runtime = Runtime(torch.device("cpu"), None, True, verbose=False)

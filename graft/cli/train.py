@@ -211,7 +211,7 @@ def lr_find(
     from graft.config import load_config
     from graft.data.discovery import discover
     from graft.data.scan import scan
-    from graft.training.lr_find import find_lr, plot_lr_finding
+    from graft.training.lr_find import find_lr, save_lr_finding
     from graft.utils.outputs import output_folder
     from graft.utils.runtime import Runtime, autocast_dtype, resolve_device
 
@@ -227,8 +227,11 @@ def lr_find(
     splits = discover(data, config.data.val_fraction, config.train.seed)
     scan(splits, config.data.max_image_pixels)
     finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
-    plot_lr_finding(finding, output / "lr_find.png")
-    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png")
+    save_lr_finding(finding, output)
+    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png and "
+              "lr_find.csv")
+    if finding.warning:
+        err.print(f"warning: {finding.warning}")
 
 
 @app.command()

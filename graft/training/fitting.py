@@ -48,7 +48,7 @@ from graft.training.checkpoints import (
     write_history,
 )
 from graft.training.loop import progress_seconds
-from graft.training.lr_find import find_lr, plot_lr_finding
+from graft.training.lr_find import find_lr, save_lr_finding
 from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import _run_stages
@@ -252,10 +252,10 @@ def _with_found_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     """``--lr auto``: runs the finder, saves its curve (lr_find.png/.csv) and returns the config with that rate."""
     finding = find_lr(config, splits, runtime)
     if runtime.is_main:
-        plot_lr_finding(finding, run_dir / "lr_find.png")
-        _write_csv(run_dir / "lr_find.csv", ["lr", "loss"],
-                   [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
+        save_lr_finding(finding, run_dir)
     runtime.log(f"lr-find: --lr {finding.suggestion:.2e} ({finding.reason})")
+    if finding.warning:
+        runtime.log(f"warning: lr-find: {finding.warning}")
     found = apply_overrides(copy.deepcopy(config), {"train.lr": float(f"{finding.suggestion:.3g}")})
     check_ranges(found)  # a finder that only saw the loss explode must not start a run at an absurd rate
     return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,10 +17,10 @@ from graft.training import recipes
 from graft.training.loop import compute_loss
 from graft.training.optim import create_optimizer
 from graft.training.setup import create_loaders, create_on_device
-from graft.utils.files import _save
+from graft.utils.files import _save, _write_csv
 from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
 
-__all__ = ["LRFinding", "find_lr", "lr_sweep", "plot_lr_finding"]
+__all__ = ["LRFinding", "find_lr", "lr_sweep", "plot_lr_finding", "save_lr_finding"]
 
 
 def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: int = 200, start: float = 1e-7,
@@ -71,6 +72,7 @@ class LRFinding:
     losses: list[float]  # smoothed
     suggestion: float
     reason: str
+    warning: str = ""  # why the suggestion should not be trusted (the curve has no usable minimum), else empty
 
 
 def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200, smoothing: float = 0.9
@@ -98,7 +100,28 @@ def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200
     slopes = np.gradient(np.array(losses), np.log(np.array(lrs)))
     steepest = lrs[int(np.argmin(slopes[: low + 1]))]
     reason = f"lowest loss at {lrs[low]:.1e}, a tenth of it; steepest descent at {steepest:.1e}"
-    return LRFinding(lrs, losses, float(lrs[low] / 10), reason)
+    return LRFinding(lrs, losses, float(lrs[low] / 10), reason, _unreliable(lrs, losses, low, len(losses) == steps))
+
+
+def _unreliable(lrs: list[float], losses: list[float], low: int, ran_to_the_end: bool) -> str:
+    """Why a tenth of the lowest-loss rate is no answer: the minimum sits at an end of the sweep (the loss only rose,
+    so the suggestion lies below every rate tried; or it still fell at the last rate), or the loss never fell."""
+    if low < max(3, len(losses) // 20):
+        return (f"the loss was lowest at the sweep's start ({lrs[low]:.1e}) and never fell: the suggestion lies "
+                "below every rate tried; lower --start-lr, or check the data and labels")
+    if low == len(losses) - 1 and ran_to_the_end:
+        return f"the loss still fell at the sweep's last rate ({lrs[-1]:.1e}): raise --end-lr"
+    if losses[low] > 0.98 * losses[0]:
+        return (f"the loss fell by only {100 * (1 - losses[low] / losses[0]):.1f}% over the sweep: the curve is "
+                "too flat to choose from; more --steps or a larger --batch-size")
+    return ""
+
+
+def save_lr_finding(finding: LRFinding, folder: Path) -> None:
+    """The sweep as ``lr_find.csv`` (rate, smoothed loss) and ``lr_find.png`` (the curve and the suggestion)."""
+    _write_csv(folder / "lr_find.csv", ["lr", "loss"],
+               [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
+    plot_lr_finding(finding, folder / "lr_find.png")
 
 
 def plot_lr_finding(finding: LRFinding, path) -> None:
