@@ -8,7 +8,7 @@ from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-from graft.probing.linear import DEFAULT_GRID, fit_linear_probe, stratified_folds
+from graft.probing.linear import DEFAULT_GRID, GRID_LIMITS, fit_linear_probe, fit_temperature, stratified_folds
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +55,15 @@ def test_cv_choice_matches_sklearn_logistic_regression_cv(features):
     grid = sorted(DEFAULT_GRID, reverse=True)
     cs = [1 / (l2 * fold_n) for l2 in grid]  # C = 1/(λ·N), N: a fold's training images
     scaler = StandardScaler().fit(train_x)
-    reference = LogisticRegressionCV(Cs=cs, cv=splits, scoring="accuracy", max_iter=5000,
-                                     tol=1e-6).fit(scaler.transform(train_x),
-                                                                                     train_y)
-    theirs_index = int(np.argmin(np.abs(np.log(cs) - np.log(reference.C_[0]))))
-    assert abs(grid.index(result.l2) - theirs_index) <= 1  # the same strength, within one grid step
+    reference = LogisticRegressionCV(Cs=cs, cv=splits, scoring="neg_log_loss", max_iter=5000,
+                                     tol=1e-6).fit(scaler.transform(train_x), train_y)
+    theirs = 1 / (reference.C_[0] * fold_n)  # back to λ
+    assert abs(np.log10(result.l2) - np.log10(theirs)) <= 1.01  # the same strength, within one grid step
     for x, y in ((val_x, val_y), (test_x, test_y)):
-        ours, theirs = _accuracy(result.linear, x, y), reference.score(scaler.transform(x), y)
+        ours, theirs = _accuracy(result.linear, x, y), (reference.predict(scaler.transform(x)) == y).mean()
         assert abs(ours - theirs) <= 0.01 and ours > 0.9
     chosen = next(row for row in result.grid if row["l2"] == result.l2)
-    assert result.cv_accuracy == chosen["cv_acc"] == max(row["cv_acc"] for row in result.grid)
+    assert result.cv_accuracy == chosen["cv_acc"] and chosen["cv_loss"] == min(row["cv_loss"] for row in result.grid)
     assert {"cv_acc", "cv_loss", "val_acc", "train_acc"} <= set(chosen)
 
 
@@ -89,3 +88,55 @@ def test_one_image_class_falls_back_to_validation_and_says_so(features):
     best = max(result.grid, key=lambda r: (r["val_acc"], -r["val_loss"]))
     assert result.l2 == best["l2"] and "cv_acc" not in result.grid[0]
     assert fit_linear_probe(train_x, train_y, grid=(1e-3,)).selection == "fixed"
+
+
+def test_a_choice_at_the_strong_end_extends_the_grid():
+    """Labels that are noise: the held-out log-loss only falls as λ grows, so the grid grows until its limit."""
+    generator = np.random.RandomState(3)
+    x, y = generator.randn(120, 20), generator.randint(0, 3, 120)
+    result = fit_linear_probe(x, y, grid=(1.0, 1e-2), cv=3, calibrate=False)
+    strengths = [row["l2"] for row in result.grid]
+    assert max(strengths) == pytest.approx(GRID_LIMITS[0]) and strengths == sorted(strengths, reverse=True)
+    assert result.l2 == pytest.approx(GRID_LIMITS[0])
+
+
+def test_the_temperature_minimises_the_log_loss_as_scipy_finds():
+    from scipy.optimize import minimize_scalar
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (300,), generator=generator)
+    logits = 6 * torch.randn(300, 4, generator=generator) + 3 * torch.nn.functional.one_hot(labels, 4)  # overconfident
+    ours = fit_temperature(logits, labels)
+
+    def nll(t):
+        scaled = logits.double().numpy() / t
+        scaled -= scaled.max(1, keepdims=True)
+        return -(scaled[np.arange(300), labels.numpy()] - np.log(np.exp(scaled).sum(1))).mean()
+
+    theirs = minimize_scalar(nll, bounds=(0.01, 100), method="bounded", options={"xatol": 1e-8}).x
+    assert ours == pytest.approx(theirs, rel=1e-3) and ours > 1.5  # overconfident logits: cooled
+
+
+def _ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    confidence, correct = probabilities.max(1), probabilities.argmax(1) == labels
+    which = np.minimum(np.ceil(confidence * bins).astype(int) - 1, bins - 1)
+    return sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).sum()
+               for b in range(bins) if (which == b).any()) / len(labels)
+
+
+def test_temperature_scaling_calibrates_a_small_data_probe_without_changing_its_answers():
+    """10 digits per class: the CV'd probe's confidences are off; the out-of-fold temperature brings the held-out
+    ECE (computed here in numpy) down, and every predicted class stays the same."""
+    x, y = load_digits(return_X_y=True)
+    order = np.random.RandomState(4).permutation(len(y))
+    train = np.concatenate([order[y[order] == c][:10] for c in range(10)])
+    test = np.setdiff1d(order, train)
+    plain = fit_linear_probe(x[train], y[train], calibrate=False)
+    calibrated = fit_linear_probe(x[train], y[train])
+    with torch.no_grad():
+        before = torch.softmax(plain.linear(torch.as_tensor(x[test], dtype=torch.float32)), 1).numpy()
+        after = torch.softmax(calibrated.linear(torch.as_tensor(x[test], dtype=torch.float32)), 1).numpy()
+    assert (before.argmax(1) == after.argmax(1)).all() and plain.l2 == calibrated.l2
+    assert calibrated.temperature != pytest.approx(1.0, abs=0.05)
+    assert calibrated.calibrated_cv_loss < calibrated.cv_loss
+    assert _ece(after, y[test]) < _ece(before, y[test]) and _ece(after, y[test]) <= 0.08

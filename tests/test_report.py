@@ -201,3 +201,32 @@ def test_thumbnails_survive_a_file_deleted_after_evaluation(shapes, tmp_path):
     assert _thumbnail(str(tmp_path / "gone.png")).size == (112, 112)
     assert max(_thumbnail(str(next((shapes / "val" / "circle").iterdir()))).size) <= 112
     assert load_image(next((shapes / "val" / "circle").iterdir())).size == (48, 48)
+
+
+@pytest.mark.parametrize(("rows", "labels", "verdict"), [
+    ([[0.9, 0.1]] * 4, [0, 0, 1, 1], "over-confident"),  # confidence 0.9, accuracy 0.5
+    ([[0.4, 0.3, 0.3]] * 4, [0, 0, 0, 0], "under-confident"),  # confidence 0.4, accuracy 1.0
+    ([[0.75, 0.25]] * 4, [0, 0, 0, 1], "calibrated"),  # confidence 0.75, accuracy 0.75
+])
+def test_the_calibration_verdict_by_hand(rows, labels, verdict):
+    from graft.evaluation.metrics import calibration, calibration_sentence
+
+    probabilities, labels = torch.tensor(rows), torch.tensor(labels)
+    found = calibration(probabilities, labels)
+    assert found["calibration"] == verdict
+    assert found["mean_confidence"] == pytest.approx(rows[0][0])
+    accuracy = (probabilities.argmax(1) == labels).float().mean().item()
+    assert found["ece"] == pytest.approx(abs(rows[0][0] - accuracy))  # one bin holds every image
+    sentence = calibration_sentence({**found, "accuracy": accuracy})
+    assert sentence.startswith(verdict) and f"{rows[0][0]:.1%}" in sentence
+
+
+def test_fit_metrics_the_report_and_the_page_carry_the_verdict(trained_run, shapes, tmp_path):
+    from graft.deploy.page import run_facts
+
+    val = json.loads((trained_run / "metrics.json").read_text())["val"]
+    assert val["calibration"] in ("over-confident", "under-confident", "calibrated") and 0 <= val["ece"] <= 1
+    assert run_facts(trained_run)["calibration"].startswith(val["calibration"] + ":")
+    metrics = evaluate(trained_run, shapes, output=tmp_path / "eval", device="cpu")
+    text = (tmp_path / "eval" / "report.html").read_text()
+    assert f"The model is {metrics['calibration']}: mean confidence" in text

@@ -19,6 +19,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from graft.evaluation.metrics import calibration_sentence
 from graft.utils.files import read_json_object
 from graft.utils.text import display_name
 
@@ -88,6 +89,7 @@ function renderFacts(m) {
     }
     fact(list, "val macro F1", typeof val.macro_f1 === "number" ? val.macro_f1.toFixed(3) : null);
     fact(list, "val images", val.images);
+    fact(list, "calibration", run.calibration);
     box.append(list);
   }
   const classes = m.classes || [];
@@ -260,7 +262,7 @@ def run_facts(run_dir: str | os.PathLike) -> dict:
     run = Path(run_dir)
     card, metrics = read_json_object(run / "graft.json"), read_json_object(run / "metrics.json")
     val = metrics.get("val") if isinstance(metrics.get("val"), dict) else {}
-    numbers = {key: value for key, value in val.items() if key == "images" or key == "macro_f1"
+    numbers = {key: value for key, value in val.items() if key in ("images", "macro_f1", "ece", "mean_confidence")
                or key.endswith("accuracy")}
     try:
         trained = datetime.fromtimestamp((run / "model.safetensors").stat().st_mtime, timezone.utc)
@@ -269,7 +271,18 @@ def run_facts(run_dir: str | os.PathLike) -> dict:
         when = None
     return {"run": display_name(run.name), "backbone": display_name(str(card.get("backbone", ""))),
             "strategy": display_name(str(card.get("strategy", ""))), "trained": when,
-            "val": {key: value for key, value in numbers.items() if isinstance(value, (int, float))}}
+            "val": {key: value for key, value in numbers.items() if isinstance(value, (int, float))},
+            "calibration": _calibration(val)}
+
+
+def _calibration(val: dict) -> str | None:
+    """The validation verdict in words (over-/under-confident or calibrated), None where metrics.json has none."""
+    needed = {"calibration": str, "ece": float, "mean_confidence": float, "accuracy": float}
+    if not all(isinstance(val.get(key), kind) for key, kind in needed.items()):
+        return None
+    if val["calibration"] not in ("over-confident", "under-confident", "calibrated"):
+        return None  # a hand-edited metrics.json: shown only when it says one of graft's own verdicts
+    return display_name(calibration_sentence(val))
 
 
 def _regular_file(path: Path) -> bool:

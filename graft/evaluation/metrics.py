@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from graft.errors import GraftError
 
-__all__ = ["classification_metrics", "expected_calibration_error", "reliability_bins"]
+__all__ = ["CONFIDENCE_GAP", "calibration", "calibration_sentence", "classification_metrics", "expected_calibration_error",
+           "reliability_bins"]
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
@@ -35,10 +36,35 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
         "accuracy": (predicted == labels).float().mean().item(),
         f"top{k}_accuracy": (top == labels[:, None]).any(dim=1).float().mean().item(),
         "macro_f1": sum(c["f1"] for c in per_class) / count,
+        **calibration(logits.float().softmax(dim=1), labels),
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
         "classes": list(classes),
     }
+
+
+CONFIDENCE_GAP = 0.05  # mean confidence this far from accuracy (and an ECE at least this) earns a verdict
+
+
+def calibration(probabilities: torch.Tensor, labels: torch.Tensor) -> dict:
+    """ECE, mean top-1 confidence and a verdict: ``over-confident`` (confidence above accuracy by more than
+    ``CONFIDENCE_GAP``), ``under-confident`` (below it by as much) or ``calibrated``."""
+    ece = expected_calibration_error(probabilities, labels)
+    confidence = probabilities.max(dim=1).values.mean().item()
+    gap = confidence - (probabilities.argmax(dim=1) == labels).float().mean().item()
+    verdict = "calibrated"
+    if ece >= CONFIDENCE_GAP and abs(gap) > CONFIDENCE_GAP:
+        verdict = "over-confident" if gap > 0 else "under-confident"
+    return {"ece": ece, "mean_confidence": confidence, "calibration": verdict}
+
+
+def calibration_sentence(metrics: dict) -> str:
+    """The verdict in words, for the report and the page: what the probabilities are worth."""
+    numbers = f"mean confidence {metrics['mean_confidence']:.1%} against accuracy {metrics['accuracy']:.1%}"
+    meaning = {"over-confident": "its probabilities overstate how often it is right",
+               "under-confident": "its probabilities understate how often it is right",
+               "calibrated": "its probabilities can be read as chances"}[metrics["calibration"]]
+    return f"{metrics['calibration']}: {numbers}, ECE {metrics['ece']:.3f}; {meaning}"
 
 
 def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> list[dict]:

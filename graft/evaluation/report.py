@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from graft.data.images import load_image  # noqa: E402
 from graft.errors import GraftError  # noqa: E402
-from graft.evaluation.metrics import reliability_bins  # noqa: E402
+from graft.evaluation.metrics import calibration_sentence, reliability_bins  # noqa: E402
 from graft.models.run_folder import read_history  # noqa: E402
 from graft.utils.files import atomic_write, read_json_object  # noqa: E402
 from graft.utils.text import display_name  # noqa: E402
@@ -148,6 +148,11 @@ def plot_reliability(curves: dict[str, tuple[list[dict], float]]) -> bytes:
     axis.legend(fontsize=8, loc="upper left")
     axis.grid(alpha=0.3)
     return _png(figure)
+
+
+def _calibration_verdict(metrics: dict) -> str:
+    """'The model is over-confident: ...' (escaped), or nothing for metrics written before the verdict existed."""
+    return f"The model is {html.escape(calibration_sentence(metrics))}." if "calibration" in metrics else ""
 
 
 def confident_mistakes(samples: list, probabilities: torch.Tensor, classes: list[str], limit: int = MISTAKES):
@@ -323,7 +328,8 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
 <h2 id="per-class">Per class</h2>
 {_per_class_table(metrics)}
 <h2 id="calibration">Calibration</h2>
-<p>Expected calibration error {metrics['ece']:.4f}: the average gap between confidence and accuracy.</p>
+<p>Expected calibration error {metrics['ece']:.4f}: the average gap between confidence and accuracy.
+{_calibration_verdict(metrics)}</p>
 {plot("reliability", "reliability diagram")}
 <h2 id="mistakes">Most confident mistakes</h2>
 {_mistake_grid(mistakes, metrics['data'], mistake_overlays(model, mistakes))}

@@ -12,7 +12,7 @@ from graft.data.scan import readable
 from graft.data.transforms import TTAViews, parse_tta
 from graft.errors import GraftError
 from graft.evaluation.inference import ensemble_probabilities, load_ensemble
-from graft.evaluation.metrics import classification_metrics, expected_calibration_error
+from graft.evaluation.metrics import classification_metrics
 from graft.utils.files import atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import output_folder
@@ -44,12 +44,10 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     with out_of_memory_hint(batch_size):
         plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
-    metrics.update({"data": str(data), "runs": [str(r) for r in runs],
-                    "ece": expected_calibration_error(plain, labels)})
+    metrics.update({"data": str(data), "runs": [str(r) for r in runs]})
     if tta:
         metrics["tta"] = {"views": parse_tta(tta), "count": len(TTAViews(model.preprocessing, tta)),
-                          **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k),
-                          "ece": expected_calibration_error(augmented, labels)}
+                          **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k)}
     write_json(out_dir / "metrics.json", metrics)
     write_predictions(out_dir / "predictions.csv", samples, plain, model.classes)
     metrics["output"] = str(out_dir / "metrics.json")

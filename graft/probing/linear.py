@@ -3,9 +3,12 @@
 Full-batch L-BFGS on standardised features (the problem is convex, so it converges to the optimum rather than
 wherever E epochs of SGD happen to stop), over a log grid of L2 strengths from strong to weak, each warm-started
 from the previous solution. The strength is chosen by stratified k-fold cross-validation on the training features
-(best mean held-out accuracy, then loss), so the validation split stays an unbiased estimate; only when a class has
-too few training images for two folds is it chosen on validation, and labelled so. Very large problems switch to
-minibatch Adam. The result folds the standardisation into one ``nn.Linear``.
+(lowest mean held-out log-loss: accuracy ties are common on small data and say nothing about confidence; a choice at
+an end of the grid extends the grid past it), so the validation split stays an unbiased estimate; only when a class
+has too few training images for two folds is it chosen on validation, and labelled so. The probabilities are then
+calibrated by temperature scaling fitted on the folds' out-of-fold logits at the chosen strength (again training
+images only; the temperature divides the logits, so the predicted class never changes). Very large problems switch
+to minibatch Adam. The result folds the standardisation and the temperature into one ``nn.Linear``.
 
 Mapping to scikit-learn: our objective is mean cross-entropy + λ/2·‖W‖² on standardised features (the bias is not
 penalised); sklearn's ``LogisticRegression`` minimises C·Σ cross-entropy + ½‖W‖². Dividing sklearn's by C·N gives
@@ -22,14 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CV_FOLDS", "DEFAULT_GRID", "FULL_BATCH_LIMIT", "ProbeResult", "class_weights", "fit_linear_probe",
-           "stratified_folds"]
+__all__ = ["CV_FOLDS", "DEFAULT_GRID", "FULL_BATCH_LIMIT", "GRID_LIMITS", "OUT_OF_FOLD_LIMIT", "ProbeResult",
+           "class_weights", "fit_linear_probe", "fit_temperature", "stratified_folds"]
 
 # strong → weak; λ multiplies 0.5·‖W‖² per image. 1e1 and 1e0 reach the strong regularisation a cross-validated
 # sklearn fit picked on a real 2-class dataset (C·N ≈ 2.5, λ ≈ 0.4), which the old 1e-1 end could not.
 DEFAULT_GRID = tuple(10.0 ** e for e in range(1, -8, -1))
 CV_FOLDS = 5
 FULL_BATCH_LIMIT = 400_000_000  # N x D above this: minibatch Adam instead of full-batch L-BFGS
+GRID_LIMITS = (1e4, 1e-10)  # how far a choice at an end of the grid may extend it (strongest, weakest λ)
+OUT_OF_FOLD_LIMIT = 25_000_000  # N x classes x grid points of held-out logits kept in memory; above: a second pass
 
 
 @dataclass
@@ -42,6 +47,9 @@ class ProbeResult:
     val_accuracy: float = math.nan
     selection: str = "validation"  # how λ was chosen: "cv-K" (K folds on train), "validation" or "fixed"
     cv_accuracy: float = math.nan  # the chosen λ's mean held-out accuracy over the folds
+    temperature: float = 1.0  # the logits were divided by it (fitted on out-of-fold logits; 1: not calibrated)
+    cv_loss: float = math.nan  # the chosen λ's mean held-out log-loss, before the temperature
+    calibrated_cv_loss: float = math.nan  # the same out-of-fold logits' log-loss after it
 
     @property
     def optimistic(self) -> bool:
@@ -135,23 +143,73 @@ def _path(x, y, sample_weight, grid, classes: int, max_iter: int, full_batch: bo
 
 
 def _cross_validate(x, y, sample_weight, grid, classes: int, folds: list[np.ndarray], max_iter: int,
-                    full_batch: bool) -> list[tuple[float, float]]:
-    """Mean held-out (accuracy, loss) per λ over the folds; each fold runs its own warm-started path."""
+                    full_batch: bool, keep_logits: bool) -> tuple[list[tuple[float, float]], torch.Tensor | None]:
+    """Mean held-out (accuracy, loss) per λ over the folds, each fold running its own warm-started path; with
+    ``keep_logits``, also every image's out-of-fold logits per λ, (grid, N, classes)."""
     totals = np.zeros((len(grid), 2))
+    logits = torch.zeros(len(grid), len(y), classes, device=x.device) if keep_logits else None
     for held in folds:
         mask = torch.ones(len(y), dtype=torch.bool, device=x.device)
         mask[torch.as_tensor(held, device=x.device)] = False
         evaluate_on = [("cv", x[~mask], y[~mask])]
-        for i, (_, row, _, _) in enumerate(_path(x[mask], y[mask], sample_weight[mask], grid, classes, max_iter,
-                                                 full_batch, evaluate_on)):
+        for i, (_, row, weight, bias) in enumerate(_path(x[mask], y[mask], sample_weight[mask], grid, classes,
+                                                         max_iter, full_batch, evaluate_on)):
             totals[i] += (row["cv_acc"], row["cv_loss"])
-    return [(acc, loss) for acc, loss in totals / len(folds)]
+            if logits is not None:
+                with torch.no_grad():
+                    logits[i, ~mask] = x[~mask] @ weight.T + bias
+    return [(acc, loss) for acc, loss in totals / len(folds)], logits
+
+
+def _choose_by_cv(x, y, sample_weight, grid: list[float], classes: int, folds: list[np.ndarray], max_iter: int,
+                  full_batch: bool):
+    """Cross-validates ``grid`` (strong → weak) and picks the λ of lowest held-out log-loss (then higher accuracy);
+    while that is an end of the grid, the grid grows a decade past it (up to ``GRID_LIMITS``) and is scored again.
+    Returns (grid, scores, chosen index, the chosen λ's out-of-fold logits)."""
+    iterations = max(20, max_iter // 3)  # the folds only rank the strengths (weak λ on separable data hits the cap)
+    while True:
+        keep = len(y) * classes * len(grid) <= OUT_OF_FOLD_LIMIT
+        scores, logits = _cross_validate(x, y, sample_weight, grid, classes, folds, iterations, full_batch, keep)
+        chosen = min(range(len(grid)), key=lambda i: (scores[i][1], -scores[i][0]))
+        if chosen == 0 and grid[0] * 10 <= GRID_LIMITS[0]:
+            grid = [grid[0] * 10, *grid]
+        elif chosen == len(grid) - 1 and len(grid) > 1 and grid[-1] / 10 >= GRID_LIMITS[1]:
+            grid = [*grid, grid[-1] / 10]
+        else:
+            break
+    if logits is None:  # too large to keep every λ's: the chosen one's, from a second pass over the folds
+        _, logits = _cross_validate(x, y, sample_weight, [grid[chosen]], classes, folds, iterations, full_batch, True)
+        return grid, scores, chosen, logits[0]
+    return grid, scores, chosen, logits[chosen]
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the mean cross-entropy of ``logits / T`` (Guo et al. 2017's temperature
+    scaling): a golden-section search over log T in [-5, 5], the loss being unimodal in it."""
+    logits, labels = logits.float(), labels.long()
+
+    def loss(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    low, high, ratio = -5.0, 5.0, (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(60):  # the bracket shrinks by 0.618 a step: 10 x 0.618^60 < 1e-11
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return math.exp((low + high) / 2)
 
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
                      val_y: np.ndarray | None = None, classes: int | None = None, grid=DEFAULT_GRID,
                      balanced: bool = False, device: str | torch.device = "cpu", max_iter: int = 300,
-                     log=None, cv: int = CV_FOLDS, seed: int = 0) -> ProbeResult:
+                     log=None, cv: int = CV_FOLDS, seed: int = 0, calibrate: bool = True) -> ProbeResult:
     """Fits multinomial logistic regression with the L2 strength chosen by stratified k-fold CV on the training
     features, then refits on all of them at that strength.
 
@@ -164,6 +222,7 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         max_iter: L-BFGS iterations per grid point (warm starts make later points cheap).
         cv: folds (capped by the smallest class's image count; 0 or a class with one image: no CV).
         seed: the folds' shuffle.
+        calibrate: temperature-scale the probabilities on the out-of-fold logits (with CV only; else T = 1).
     """
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(train_x, dtype=np.float32), device=device)
@@ -183,12 +242,15 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
     grid = sorted(grid, reverse=True)
     present = np.bincount(np.asarray(train_y, dtype=np.int64))
     can_cv = cv >= 2 and len(grid) > 1 and present[present > 0].min() >= 2
+    temperature, calibration = 1.0, (math.nan, math.nan)
     if can_cv:
         folds = stratified_folds(np.asarray(train_y, dtype=np.int64), cv, seed)
-        # the folds only rank the strengths: a third of the iterations (weak λ on separable data runs to the cap)
-        scores = _cross_validate(x, y, sample_weight, grid, classes, folds, max(20, max_iter // 3), full_batch)
-        chosen = max(range(len(grid)), key=lambda i: (scores[i][0], -scores[i][1]))
+        grid, scores, chosen, out_of_fold = _choose_by_cv(x, y, sample_weight, grid, classes, folds, max_iter,
+                                                          full_batch)
         selection = f"cv-{len(folds)}"
+        if calibrate:
+            temperature = fit_temperature(out_of_fold, y)
+            calibration = (scores[chosen][1], F.cross_entropy(out_of_fold / temperature, y).item())
     elif len(grid) == 1 or not has_val:  # nothing to choose with: the one given, or a middle-of-the-road strength
         grid, chosen, selection = [grid[len(grid) // 2]], 0, "fixed"
     else:  # a class with one training image: no two folds, so the labelled, optimistic fallback
@@ -212,8 +274,9 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
             break  # the weaker strengths after the chosen one only fill the table
     _, chosen, best_weight, best_bias = best
     linear = nn.Linear(x.shape[1], classes)
-    with torch.no_grad():  # fold the standardisation in: W·(x-μ)/σ + b = (W/σ)·x + (b - W·μ/σ)
-        linear.weight.copy_((best_weight / std).cpu())
-        linear.bias.copy_((best_bias - (best_weight * (mean / std)).sum(1)).cpu())
+    with torch.no_grad():  # fold the standardisation and temperature in: (W·(x-μ)/σ + b)/T = (W/σT)·x + (b - W·μ/σ)/T
+        linear.weight.copy_((best_weight / std / temperature).cpu())
+        linear.bias.copy_(((best_bias - (best_weight * (mean / std)).sum(1)) / temperature).cpu())
     row = path[chosen]
-    return ProbeResult(linear, row["l2"], path, row.get("val_acc", math.nan), selection, row.get("cv_acc", math.nan))
+    return ProbeResult(linear, row["l2"], path, row.get("val_acc", math.nan), selection, row.get("cv_acc", math.nan),
+                       temperature, *calibration)

@@ -301,8 +301,12 @@ def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, run
     else:
         how = "on val (selected on validation: optimistic)" if result.optimistic else "fixed (nothing to choose on)"
     runtime.log(f"probe: λ={result.l2:.0e} chosen {how}; val accuracy {result.val_accuracy:.4f}")
+    if result.temperature != 1.0:
+        runtime.log(f"probe: probabilities calibrated by temperature {result.temperature:.3g} fitted on the folds' "
+                    f"held-out logits (log-loss {result.cv_loss:.4f} → {result.calibrated_cv_loss:.4f})")
     features.stats["probe_l2"] = result.l2
     features.stats["probe_l2_selection"] = result.selection
+    features.stats["probe_temperature"] = round(result.temperature, 6)
     if runtime.is_main:
         columns = ["l2", "C", "train_acc", "train_loss", "cv_acc", "cv_loss", "val_acc", "val_loss", "iterations"]
         _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
