@@ -1,6 +1,7 @@
 """A path graft reads from a file (feature-cache index, scan cache, CSV manifest) never leads outside its folder, and
 nothing outside graft's own folders is read or deleted because a file said so (issue 22, cases 2 and 7)."""
 
+import json
 import logging
 import os
 import sqlite3
@@ -97,7 +98,7 @@ def test_graft_features_with_a_tampered_index_leaves_the_victim_alone(tmp_path, 
 
 
 def test_contained_refuses_every_way_out(tmp_path):
-    from graft.utils.files import contained
+    from graft.utils.outputs import contained
 
     (tmp_path / "inside").mkdir()
     (tmp_path / "inside" / "link").symlink_to(tmp_path)
@@ -108,6 +109,22 @@ def test_contained_refuses_every_way_out(tmp_path):
         with pytest.raises(GraftError):
             contained(tmp_path / "inside", name, **options)
     assert contained(tmp_path / "inside", "link/x", nested=True, links=True)  # a user's data laid out with links
+
+
+def test_overwrite_never_removes_a_folder_a_tampered_output_manifest_names(tmp_path, victim):
+    from graft.utils.outputs import MANIFEST, output_folder, read_manifest
+
+    out = output_folder(tmp_path / "out")
+    (out / "photos").mkdir()
+    (out / "photos" / "a.jpg").write_bytes(b"the user's photo")
+    (out / "mlruns").mkdir()  # what graft does hand whole to MLflow, and removes whole
+    (out / MANIFEST).write_text(json.dumps(["photos/", "mlruns/", "../victim/important.npy", str(victim) + "/"]))
+    assert read_manifest(out) == ["photos/", "mlruns/"]
+    before = fingerprint(tmp_path)
+    output_folder(out, overwrite=True)
+    assert not (out / "mlruns").exists()
+    assert {k: v for k, v in fingerprint(tmp_path).items() if MANIFEST not in k} == \
+        {k: v for k, v in before.items() if MANIFEST not in k}
 
 
 # ------------------------------------------------------------------------------------------------------ scan cache

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft.errors import GraftError
-from graft.utils.files import contained
+from graft.utils.outputs import contained
 
 __all__ = [
     "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",

@@ -19,7 +19,8 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
-from graft.utils.files import atomic_write, contained
+from graft.utils.files import atomic_write
+from graft.utils.outputs import contained
 from graft.utils.text import path_key
 
 __all__ = [

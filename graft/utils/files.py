@@ -14,9 +14,8 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.utils.outputs import record, temp_prefix
-from graft.utils.text import display_name
 
-__all__ = ["atomic_write", "contained", "read_json_object", "save_weights", "write_json"]
+__all__ = ["atomic_write", "read_json_object", "save_weights", "write_json"]
 
 
 def _current_umask() -> int:
@@ -115,55 +114,3 @@ def read_json_object(path: str | os.PathLike, max_bytes: int | None = None) -> d
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def contained(folder: str | os.PathLike, name: str, nested: bool = False, links: bool = False) -> Path:
-    """``folder / name`` for a ``name`` read from a file (a cache index, a manifest), refused if it leaves ``folder``.
-
-    Every file graft reads is data: a name in it may not climb out with ``..``, be absolute, name a drive, or hold a
-    NUL byte. Checks happen before anything is opened, so a refused name is never read, written or deleted.
-
-    Args:
-        nested: ``name`` may hold separators (files in sub-folders); otherwise it must be one plain file name.
-        links: symbolic links below ``folder`` are followed (a user's data laid out with links); otherwise the path
-            may not be a link, and its resolved form must lie inside the resolved ``folder``.
-
-    Raises:
-        GraftError: "'NAME' REASON": the caller adds the file and line it came from.
-    """
-    reason = _leaves(name, nested)
-    if reason is None and not links:
-        reason = _escapes(Path(folder), name)
-    if reason:
-        raise GraftError(f"{display_name(str(name))!r:.200} {reason}")
-    return Path(folder) / name
-
-
-def _leaves(name, nested: bool) -> str | None:
-    """Why ``name`` is not a relative path that stays in its folder, from its text alone (None: it stays)."""
-    if not isinstance(name, str) or not name or "\0" in name:
-        return "is not a file name"
-    pure = Path(name)
-    if pure.is_absolute() or pure.drive or name.startswith(("/", "\\")):
-        return "is an absolute path, not a name inside the folder"
-    parts = name.replace("\\", "/").split("/")
-    if ".." in parts and (not nested or os.path.normpath(name.replace("\\", "/")).split(os.sep)[0] == ".."):
-        return "climbs out of the folder with '..'"
-    if not nested and len(parts) > 1:
-        return "holds a folder separator; expected a plain file name"
-    if not pure.name:
-        return "is not a file name"
-    return None
-
-
-def _escapes(folder: Path, name: str) -> str | None:
-    """Why ``folder / name`` leaves ``folder`` on disk (a link, or a link in the way), or None."""
-    path = folder / name
-    try:
-        if path.is_symlink():
-            return "is a symbolic link"
-        if not path.resolve().is_relative_to(folder.resolve()):
-            return f"leads out of {folder} through a symbolic link"
-    except (OSError, RuntimeError) as error:  # a link loop: RuntimeError before Python 3.13, OSError after
-        return f"cannot be resolved ({error})"
-    return None
