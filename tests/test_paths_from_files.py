@@ -80,7 +80,7 @@ def test_an_index_row_number_outside_the_shard_is_ignored(tmp_path, row):
     assert found == {"a": (found["a"][0], 0)} and missing == ["b"]  # -1 would read row 1 of 2, silently
 
 
-def test_graft_features_with_a_tampered_index_leaves_the_victim_alone(tmp_path, victim):
+def test_graft_features_with_a_tampered_index_leaves_the_victim_alone(tmp_path, victim, caplog):
     data = make_shapes(tmp_path / "data", splits={"train": 4, "val": 2}, seed=3)
     cache = tmp_path / "cache"
     args = ["features", str(data), "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32",
@@ -92,9 +92,12 @@ def test_graft_features_with_a_tampered_index_leaves_the_victim_alone(tmp_path, 
     for index in indexes:  # cache/SPACE/index.sqlite: ../../victim is the victim folder
         _tamper(index, "../../victim/important.npy")
     before = fingerprint(victim)
-    second = CliRunner().invoke(cli.app, args)
+    with caplog.at_level(logging.WARNING):
+        second = CliRunner().invoke(cli.app, args)
     assert second.exit_code == 0, second.output
     assert fingerprint(victim) == before
+    assert any("damaged feature-cache index row: '../../victim/important.npy'" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_contained_refuses_every_way_out(tmp_path):
