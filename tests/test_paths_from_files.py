@@ -80,6 +80,18 @@ def test_an_index_row_number_outside_the_shard_is_ignored(tmp_path, row):
     assert found == {"a": (found["a"][0], 0)} and missing == ["b"]  # -1 would read row 1 of 2, silently
 
 
+@pytest.mark.parametrize("value", ["x'2e2e2f76696374696d2f696d706f7274616e742e6e7079'",  # a BLOB: ../victim/...
+                                   "CAST(x'73686172642dff2e6e7079' AS TEXT)"])  # "shard-\xff.npy", not UTF-8
+def test_an_index_row_of_bytes_is_ignored_not_an_error(tmp_path, victim, value):
+    space = CacheSpace(tmp_path / "space", {})
+    space.add_shard(["a"], np.zeros((1, 2), np.float16))
+    with sqlite3.connect(tmp_path / "space" / INDEX) as db:
+        db.execute(f"UPDATE entries SET shard = {value}")
+    db.close()
+    before = fingerprint(victim)
+    assert space.lookup(["a"]) == ({}, ["a"]) and fingerprint(victim) == before
+
+
 def test_graft_features_with_a_tampered_index_leaves_the_victim_alone(tmp_path, victim, caplog):
     data = make_shapes(tmp_path / "data", splits={"train": 4, "val": 2}, seed=3)
     cache = tmp_path / "cache"

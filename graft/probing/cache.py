@@ -257,6 +257,7 @@ def _connect(path: Path, wait: float = 60.0) -> sqlite3.Connection:
 
 def _connect_once(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=60, isolation_level="DEFERRED")
+    connection.text_factory = _text  # a tampered row's bytes must not stop a lookup with a decode error
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
@@ -268,6 +269,10 @@ def _connect_once(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _npy_rows(path: Path) -> int:
