@@ -114,3 +114,4 @@ def read_json_object(path: str | os.PathLike, max_bytes: int | None = None) -> d
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
