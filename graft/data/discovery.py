@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft.errors import GraftError
+from graft.utils.outputs import contained
 
 __all__ = [
     "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",
@@ -225,6 +226,16 @@ def _manifest_rows(manifest: Path, text: str, dialect) -> list[dict]:
     return rows
 
 
+def _beside(manifest: Path, line: int, raw_path: str) -> Path:
+    """A relative manifest path, read from the CSV's folder; one that climbs out of it with ``..`` is refused (the CSV
+    is data: its relative paths stay in its folder). An absolute path is taken as written (``_discover_csv``)."""
+    try:
+        return contained(manifest.parent, raw_path, nested=True, links=True)  # links: a user's data may use them
+    except GraftError as error:
+        raise GraftError(f"{manifest}, line {line}: the path {error}; list files inside the CSV's folder, or by "
+                         "absolute path") from None
+
+
 def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
@@ -246,8 +257,7 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
             raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
         if "\0" in raw_path:
             raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
-        file = Path(raw_path)
-        file = str(file if file.is_absolute() else manifest.parent / file)
+        file = str(Path(raw_path) if Path(raw_path).is_absolute() else _beside(manifest, line, raw_path))
         split = (row.get("split") or "train").strip().lower() or "train"
         if split not in SPLIT_NAMES:
             raise GraftError(f"{manifest}, line {line}: split '{split}' for {raw_path} is not one of train, val, test")

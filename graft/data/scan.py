@@ -66,7 +66,8 @@ class ScanCache:
                 for start in range(0, len(keys), 900):  # under SQLite's oldest bound-parameter limit (999)
                     chunk = keys[start:start + 900]
                     query = f"SELECT key, digest, reason FROM checks WHERE key IN ({','.join('?' * len(chunk))})"
-                    found.update({key: (digest, reason) for key, digest, reason in db.execute(query, chunk)})
+                    found.update({key: verdict for key, *row in db.execute(query, chunk)
+                                  if (verdict := _verdict(*row)) is not None})
         except (sqlite3.Error, OSError) as error:
             log.warning("%s: scan cache unreadable (%s); decoding every file", self.path, error)
         return found
@@ -75,9 +76,24 @@ class ScanCache:
         try:
             with self._db() as db, db:  # one transaction
                 db.executemany("INSERT OR REPLACE INTO checks VALUES (?, ?, ?)",
-                               [(key, digest, reason) for key, (digest, reason) in results.items()])
-        except (sqlite3.Error, OSError) as error:
+                               [(key, digest, _stored(reason)) for key, (digest, reason) in results.items()])
+        except (sqlite3.Error, OSError, ValueError) as error:  # ValueError: text SQLite cannot encode
             log.warning("%s: scan cache not written (%s); the next scan decodes again", self.path, error)
+
+
+def _stored(reason: str | None) -> bytes | None:
+    """A reason as SQLite stores it: bytes, since it names the file and a name that is not UTF-8 arrives with
+    surrogate escapes, which SQLite refuses to encode as text (``_verdict`` decodes it back)."""
+    return None if reason is None else reason.encode("utf-8", "surrogateescape")
+
+
+def _verdict(digest, reason) -> tuple[str | None, str | None] | None:
+    """A cached (digest, reason) as ``_check_file`` returns it, or None for a row that is not one (the cache is data:
+    a damaged or edited row means the file is decoded again). Reasons written as text by older graft are kept."""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "surrogateescape")
+    good = (isinstance(digest, str) and reason is None) or (digest is None and isinstance(reason, str) and reason)
+    return (digest, reason) if good else None
 
 
 def _scan_key(path: str, max_pixels: int | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
 from graft.utils.files import atomic_write
+from graft.utils.outputs import contained
 from graft.utils.text import path_key
 
 __all__ = [
@@ -33,6 +35,7 @@ FEATURE_FORMAT = 2  # 2: the weights part of the key covers only the modules a n
 INDEX, LEGACY_INDEX = "index.sqlite", "index.json"  # the JSON index (one file rewritten whole) is migrated on use
 QUERY_KEYS = 900  # keys per IN (...) query: under SQLite's oldest bound-parameter limit (999)
 SHARD_IMAGES = 4096  # features are flushed to a shard every this many images: a crash loses at most one shard
+SHARD_NAMES = "shard-*.npy"  # the only names graft gives shards: an index row naming anything else is damaged
 
 
 def default_cache_dir() -> Path:
@@ -147,7 +150,8 @@ class CacheSpace:
         legacy = self.root / LEGACY_INDEX
         try:
             entries = json.loads(legacy.read_text()).get("entries", {})
-            rows = [(key, shard, int(row)) for key, (shard, row) in entries.items()]
+            rows = [(key, shard, int(row)) for key, (shard, row) in entries.items()
+                    if isinstance(key, str) and isinstance(shard, str)]  # the rest could not be bound: dropped
         except (OSError, ValueError, AttributeError, TypeError):
             log.warning("%s: unreadable feature-cache index; extracting again", legacy)
             rows = []
@@ -170,15 +174,33 @@ class CacheSpace:
                 chunk = keys[start:start + QUERY_KEYS]
                 query = f"SELECT key, shard, row FROM entries WHERE key IN ({','.join('?' * len(chunk))})"
                 entries.update({key: (shard, row) for key, shard, row in db.execute(query, chunk)})
-        rows = {shard: self._shard_rows(shard) for shard in {shard for shard, _ in entries.values()}}  # one header
-        # read per shard the keys use, not per image
-        found = {k: entries[k] for k in keys if k in entries and entries[k][1] < rows[entries[k][0]]}
+        shards = {shard for shard, _ in entries.values()}
+        usable = {shard for shard in shards if self._shard_path(shard) is not None}
+        rows = {shard: self._shard_rows(shard) for shard in usable}  # one header read per shard the keys use
+        found = {k: entries[k] for k in keys if k in entries and entries[k][0] in usable
+                 and _row_in(entries[k][1], rows[entries[k][0]])}
         return found, [k for k in keys if k not in found]
+
+    def _shard_path(self, shard) -> Path | None:
+        """The shard file an index row names, or None (with a warning) when the row is damaged: the index is data,
+        so a name that is not one of graft's shard names in this folder — ``..``, an absolute path, a separator, a
+        symbolic link — is never read or deleted; its images are extracted again."""
+        try:
+            if not isinstance(shard, str) or not fnmatch.fnmatchcase(shard, SHARD_NAMES):
+                raise GraftError(f"{str(shard)!r:.100} is not a shard name ({SHARD_NAMES})")
+            return contained(self.root, shard)
+        except GraftError as error:
+            log.warning("%s: damaged feature-cache index row: %s; ignored, its images are extracted again",
+                        self.root / INDEX, error)
+            return None
 
     def _shard_rows(self, shard: str) -> int:
         """Rows in a shard, 0 if it is missing; a damaged (truncated) shard is deleted once, with a warning, so its
-        images are extracted again into a new shard and no later run trips over it."""
-        path = self.root / shard
+        images are extracted again into a new shard and no later run trips over it. Only a file ``_shard_path``
+        accepts is ever deleted: a plain ``shard-*.npy`` inside this folder, graft's own."""
+        path = self._shard_path(shard)
+        if path is None:
+            return 0
         try:
             return _npy_rows(path)
         except FileNotFoundError:
@@ -203,9 +225,15 @@ class CacheSpace:
         rows = []
         for shard, row in locations:
             if shard not in shards:
-                shards[shard] = np.load(self.root / shard, mmap_mode="r")
+                shards[shard] = np.load(contained(self.root, shard), mmap_mode="r")
             rows.append(shards[shard][row])
         return np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+
+
+def _row_in(row, rows: int) -> bool:
+    """Whether an index row number is a real row of a shard with ``rows`` rows (a tampered index can hold text or a
+    negative number, which numpy would read as a row from the end)."""
+    return isinstance(row, int) and not isinstance(row, bool) and 0 <= row < rows
 
 
 def _connect(path: Path, wait: float = 60.0) -> sqlite3.Connection:
@@ -229,6 +257,7 @@ def _connect(path: Path, wait: float = 60.0) -> sqlite3.Connection:
 
 def _connect_once(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, timeout=60, isolation_level="DEFERRED")
+    connection.text_factory = _text  # a tampered row's bytes must not stop a lookup with a decode error
     try:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
@@ -240,6 +269,10 @@ def _connect_once(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _npy_rows(path: Path) -> int:

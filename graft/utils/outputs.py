@@ -9,6 +9,9 @@ graft removes only files it can prove it wrote. Two marks prove it:
 
 A folder is graft's (a run or output folder it may clean) when it holds the manifest, or a ``graft.json`` (runs made
 before the manifest existed; their files are the fixed ``LEGACY_RUN_FILES``).
+
+A name graft reads from a file (a manifest entry, a feature-cache index row, a CSV manifest's relative path) goes
+through ``contained``: one that would leave its folder is refused before anything is opened or removed.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import tempfile
 from pathlib import Path
 
 from graft.errors import GraftError
+from graft.utils.text import display_name
 
 __all__ = [
-    "LEGACY_RUN_FILES", "MANIFEST", "RUN_LOCK", "RUN_LOCK_OWNER", "TEMP_PREFIX", "check_output", "claim", "entries",
-    "is_graft_folder", "numbered_folder", "output_folder", "read_manifest", "record", "record_whole", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
+    "LEGACY_RUN_FILES", "MANIFEST", "RUN_LOCK", "RUN_LOCK_OWNER", "TEMP_PREFIX", "WHOLE_FOLDERS", "check_output",
+    "claim", "contained", "entries", "is_graft_folder", "numbered_folder", "output_folder", "read_manifest", "record",
+    "record_whole", "remove_own_files", "remove_temp_files", "replace_own", "temp_prefix"
 ]
 
 TEMP_PREFIX = ".graft-tmp-"
 MANIFEST = ".graft-manifest.json"
+WHOLE_FOLDERS = ("mlruns",)  # the only folders graft hands whole to a writer (record_whole) and removes whole
 LEGACY_RUN_FILES = ("graft.json", "model.safetensors", "metrics.json", "history.csv", "checkpoint.safetensors",
                     "best.safetensors", "data_report.json", "skipped_files.txt", "lr_find.png", "lr_find.csv",
                     "probe_grid.csv", "model.before-precise-bn.safetensors")  # what a pre-manifest fit wrote
@@ -118,6 +124,8 @@ def record_whole(folder: str | os.PathLike) -> None:
     cleaning the parent removes it with all it holds."""
     folder = Path(folder)
     manifest = folder.parent / MANIFEST
+    if folder.name not in WHOLE_FOLDERS:
+        raise ValueError(f"{folder.name} is not in WHOLE_FOLDERS: --overwrite would leave it")
     if not manifest.is_file():
         return
     names = read_manifest(folder.parent)
@@ -131,9 +139,60 @@ def read_manifest(folder: Path) -> list[str]:
         names = json.loads((folder / MANIFEST).read_text(encoding="utf-8", errors="surrogateescape"))
     except (OSError, ValueError):
         return []
-    return [n for n in names if isinstance(n, str) and n and "/" not in n.removesuffix("/") and
-            n.removesuffix("/") not in ("", ".", "..")] \
+    return [n for n in names if isinstance(n, str) and _leaves(n.removesuffix("/"), nested=False) is None] \
         if isinstance(names, list) else []
+
+
+def contained(folder: str | os.PathLike, name: str, nested: bool = False, links: bool = False) -> Path:
+    """``folder / name`` for a ``name`` read from a file (a cache index, a manifest), refused if it leaves ``folder``.
+
+    Every file graft reads is data: a name in it may not climb out with ``..``, be absolute, name a drive, or hold a
+    NUL byte. Checks happen before anything is opened, so a refused name is never read, written or deleted.
+
+    Args:
+        nested: ``name`` may hold separators (files in sub-folders); otherwise it must be one plain file name.
+        links: symbolic links below ``folder`` are followed (a user's data laid out with links); otherwise the path
+            may not be a link, and its resolved form must lie inside the resolved ``folder``.
+
+    Raises:
+        GraftError: "'NAME' REASON": the caller adds the file and line it came from.
+    """
+    reason = _leaves(name, nested)
+    if reason is None and not links:
+        reason = _escapes(Path(folder), name)
+    if reason:
+        raise GraftError(f"{display_name(str(name))!r:.200} {reason}")
+    return Path(folder) / name
+
+
+def _leaves(name, nested: bool) -> str | None:
+    """Why ``name`` is not a relative path that stays in its folder, from its text alone (None: it stays)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return "is not a file name"
+    pure = Path(name)
+    if pure.is_absolute() or pure.drive or name.startswith(("/", "\\")):
+        return "is an absolute path, not a name inside the folder"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts and (not nested or os.path.normpath(name.replace("\\", "/")).split(os.sep)[0] == ".."):
+        return "climbs out of the folder with '..'"
+    if not nested and len(parts) > 1:
+        return "holds a folder separator; expected a plain file name"
+    if not pure.name:
+        return "is not a file name"
+    return None
+
+
+def _escapes(folder: Path, name: str) -> str | None:
+    """Why ``folder / name`` leaves ``folder`` on disk (a link, or a link in the way), or None."""
+    path = folder / name
+    try:
+        if path.is_symlink():
+            return "is a symbolic link"
+        if not path.resolve().is_relative_to(folder.resolve()):
+            return f"leads out of {folder} through a symbolic link"
+    except (OSError, RuntimeError) as error:  # a link loop: RuntimeError before Python 3.13, OSError after
+        return f"cannot be resolved ({error})"
+    return None
 
 
 def _write_manifest(folder: Path, names: list[str]) -> None:
@@ -163,8 +222,8 @@ def remove_own_files(folder: Path, keep: tuple[str, ...] = ()) -> list[str]:
         if name in keep:
             continue
         if name.endswith("/"):  # a folder graft made and handed whole to a writer (record_whole)
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
+            if name.removesuffix("/") in WHOLE_FOLDERS and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # only the names graft hands whole: a manifest naming another is data, not a wipe
             continue
         if path.is_dir() and not path.is_symlink():
             # a folder graft claimed: its own manifest says what is graft's; emptied, it goes too
