@@ -84,6 +84,7 @@ def test_a_fine_tune_that_only_hurts_keeps_the_probe(shapes, tmp_path, pretraine
     assert not (result.run_dir / PROBE).exists()
     saved = json.loads((result.run_dir / "metrics.json").read_text())
     assert saved["selection"]["kept"] == "probe" and "probe or fine-tune" in " ".join(saved["selected_on_validation"])
+    _everything_says_the_probe_was_kept(result.run_dir)
     reference = fit(tiny_config(shapes, tmp_path / "probe", **{"train.strategy": "probe", "model.pretrained": True,
                                                                "model.weights": str(pretrained_tiny)}),
                     verbose=False)
@@ -155,3 +156,20 @@ def test_advise_defaults_to_the_config_backbone(monkeypatch, tmp_path):
     monkeypatch.setattr(graft.probing.advice, "advise", fake_advise)
     result = CliRunner().invoke(app, ["advise", str(tmp_path)])
     assert seen == {"backbone": ModelConfig.backbone} and "stop here" in result.output + (result.stderr or "")
+
+
+def _everything_says_the_probe_was_kept(run_dir):
+    """graft.json, the served page's facts, the report and the model card describe the model that was saved."""
+    from graft.deploy.model_card import hf_model_card
+    from graft.deploy.page import run_facts
+    from graft.evaluation.report import _training_choices
+    from graft.models.run_folder import read_card
+
+    card = read_card(run_dir)
+    assert card["strategy"] == "finetune" and card["kept"] == "probe"
+    assert run_facts(run_dir)["strategy"].startswith("probe (--strategy finetune fine-tuned, did not beat the probe")
+    assert "the saved model is the probe" in _training_choices([run_dir])
+    text = hf_model_card(run_dir, card)
+    assert "(strategy: probe (--strategy finetune" in text and "strategy `finetune`" not in text
+    assert "val split (" in text and "used for model selection" in text and "optimistic" in text
+    assert "held-out split" not in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from graft.models.run_folder import trained_as
 from graft.utils.files import read_json_object
 
 __all__ = ["hf_model_card"]
@@ -21,6 +22,10 @@ def _where(data: dict) -> str:
     return f" (`{Path(str(data['path'])).name}`)" if data.get("path") else ""  # the folder's name, not the user's path
 
 
+def _chosen_on_validation(metrics: dict) -> list[str]:
+    return [str(item) for item in metrics.get("selected_on_validation") or [] if isinstance(item, str)]
+
+
 def _metrics_rows(metrics: dict) -> list[str]:
     lines = []
     for split in ("test", "val"):
@@ -29,13 +34,24 @@ def _metrics_rows(metrics: dict) -> list[str]:
             continue
         summary = ", ".join(f"{key.replace('_', ' ')} {block[key]:.4f}" for key in ("accuracy", "macro_f1",
                             "top3_accuracy") if isinstance(block.get(key), (int, float)))
-        lines += [f"### {split} split ({block.get('images', '?')} images)", "", summary, "",
+        chosen = _chosen_on_validation(metrics) if split == "val" else []
+        honesty = (["It also chose " + "; ".join(chosen) + ": these numbers are optimistic.", ""] if chosen else [])
+        held = "held out from every choice" if split == "test" or not chosen else "used for model selection"
+        lines += [f"### {split} split ({block.get('images', '?')} images, {held})", "", summary, "", *honesty,
                   "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for row in block.get("per_class", []):
             lines.append(f"| {row.get('class')} | {row.get('precision', 0):.4f} | {row.get('recall', 0):.4f} | "
                          f"{row.get('f1', 0):.4f} | {row.get('support', 0)} |")
         lines.append("")
     return lines or ["No held-out metrics were recorded for this run (no validation or test split).", ""]
+
+
+def _evaluated_on(metrics: dict) -> str:
+    if isinstance(metrics.get("test"), dict):
+        return "test split, held out from every choice,"
+    if _chosen_on_validation(metrics):
+        return "validation split, which also chose parts of the model (optimistic),"
+    return "held-out validation split"
 
 
 def _data_lines(report: dict, classes: list[str]) -> list[str]:
@@ -58,7 +74,7 @@ def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") 
     header = ["---", "library_name: timm", "pipeline_tag: image-classification", "tags:", "- image-classification",
               "- timm", "- graft", "base_model_relation: finetune", "---", ""]
     summary = (f"An image classifier for {len(classes)} classes ({_names(classes)}), trained with graft by transfer "
-               f"learning from the `{card['backbone']}` backbone (strategy `{card.get('strategy', '?')}`, head "
+               f"learning from the `{card['backbone']}` backbone (strategy: {trained_as(card)}; head "
                f"`{card['head']}`, weights from `{card.get('weights', '?')}`).")
     usage = ["```python", "import timm, torch", "from PIL import Image", "",
              f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()',
@@ -72,8 +88,8 @@ def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") 
                 "image gets one of them, so an image of anything else is still assigned a class: check the "
                 "probability, or add an 'other' class.")
     limitations = [
-        ("- The metrics above come from the held-out split of the same collection; images from other cameras, places "
-         "or times may score lower."),
+        (f"- The metrics above come from the {_evaluated_on(metrics)} of the same collection; images from other "
+         "cameras, places or times may score lower."),
         "- Classes with few training images (see the table above) are the least reliable.",
         "- Biases in how the images were collected and labelled carry over into the predictions.",
         "- Not evaluated for safety-critical use.", ""]

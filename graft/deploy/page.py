@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from graft.evaluation.metrics import calibration_sentence
+from graft.models.run_folder import trained_as
 from graft.utils.files import read_json_object
 from graft.utils.text import display_name
 
@@ -270,7 +271,7 @@ def run_facts(run_dir: str | os.PathLike) -> dict:
     except OSError:
         when = None
     return {"run": display_name(run.name), "backbone": display_name(str(card.get("backbone", ""))),
-            "strategy": display_name(str(card.get("strategy", ""))), "trained": when,
+            "strategy": display_name(trained_as(card)) if card else "", "trained": when,
             "val": {key: value for key, value in numbers.items() if isinstance(value, (int, float))},
             "calibration": _calibration(val)}
 

@@ -274,6 +274,9 @@ def _training_choices(runs: list) -> str:
         chosen = [str(item) for item in trained.get("selected_on_validation") or [] if isinstance(item, str)]
         headline = trained.get("headline") if isinstance(trained.get("headline"), dict) else {}
         text = "selected on validation: " + "; ".join(chosen) if chosen else "nothing selected on validation"
+        if trained.get("kept") == "probe" and trained.get("strategy") != "probe":
+            text += (" — the saved model is the probe: the fine-tune it was compared with did not beat it and was "
+                     "discarded (its epochs are the training curves below)")
         if isinstance(headline.get("accuracy"), (int, float)):
             text += (f" — training headline: {headline.get('split', '?')} accuracy {headline['accuracy']:.4f} "
                      f"({headline.get('note', '')})")

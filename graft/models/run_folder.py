@@ -24,7 +24,7 @@ from graft.utils.versions import versions
 __all__ = [
     "CARD_FIELDS", "FORMAT_VERSION", "HISTORY", "check_finite", "config_from_card", "load", "model_card",
     "non_finite_tensors",
-    "read_card", "read_history", "save_model", "spec_from_card"
+    "read_card", "read_history", "save_model", "spec_from_card", "trained_as"
 ]
 
 FORMAT_VERSION = 1  # bump when graft.json changes incompatibly; load() refuses newer folders
@@ -83,6 +83,17 @@ def save_model(run_dir: str | os.PathLike, model: GraftModel, card: dict) -> Non
     run_dir = Path(run_dir)
     save_weights(run_dir / "model.safetensors", model, {"graft.format_version": str(FORMAT_VERSION)})
     write_json(run_dir / "graft.json", card)
+
+
+def trained_as(card: dict) -> str:
+    """What the saved model is, in words: the strategy, or which candidate was kept when fine-tuning was compared
+    with the solved probe (graft.json's ``kept``)."""
+    strategy, kept = str(card.get("strategy", "?")), card.get("kept")
+    if kept == "probe" and strategy != "probe":
+        return f"probe (--strategy {strategy} fine-tuned, did not beat the probe on validation, and was discarded)"
+    if kept == "finetune":
+        return f"{strategy} (fine-tuned; beat the solved probe on validation)"
+    return strategy
 
 
 CARD_FIELDS = {"format_version": int, "backbone": str, "cut_at": str, "pool": str, "head": str, "classes": list,

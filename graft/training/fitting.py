@@ -335,6 +335,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     metrics["selected_on_validation"] = ["epoch (best val loss)"] if config.train.patience and state.history else []
     if chosen:
         metrics["selection"] = chosen
+        card["kept"] = metrics["kept"] = chosen["kept"]  # the page, report and card say what was saved, not asked
     if auto_report is not None:
         metrics["auto"] = auto.finish_report(auto_report, chosen, state, runtime.log)
     if config.train.precise_bn:
