@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from torch import nn
 
 from graft.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Range, check_number
 from graft.errors import GraftError
+from graft.utils.files import file_sha256
 
 __all__ = [
     "GRAFT_TRUNK_PREFIX",
@@ -97,11 +97,7 @@ class Backbone:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
