@@ -294,7 +294,8 @@ def _read_yaml(path: Path, yaml) -> Any:
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as error:
-        raise GraftError(f"{path}: not a UTF-8 text file (byte offset {error.start}); save the config as UTF-8 YAML") from None
+        raise GraftError(f"{path}: not a UTF-8 text file (byte offset {error.start}); save the config as UTF-8 "
+                         "YAML") from None
     except OSError as error:
         raise GraftError(f"{path}: cannot read the config file ({error.strerror or error})") from None
     except yaml.YAMLError as error:

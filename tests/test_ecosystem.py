@@ -274,6 +274,32 @@ def test_hf_hub_and_local_dir_names_resolve_offline(hub_cache, trained_run, tmp_
         create_backbone(f"local-dir:{tmp_path}")
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("pretrained_cfg", "mean", "abc", "mean must be 3 numbers, got 'abc'"),
+    ("pretrained_cfg", "mean", [float("nan"), 0.5, 0.5], "mean must be 3 numbers"),
+    ("pretrained_cfg", "std", [0.5, 0.5], "std must be 3 numbers"),
+    ("pretrained_cfg", "crop_pct", "x", "crop_pct must be a number"),
+    ("pretrained_cfg", "input_size", [3, 100000, 8], "input_size [100000, 8] is beyond the limit"),
+    ("model_args", "drop_rate", "x", "model_args.drop_rate must be a number in [0, 1), got 'x'"),
+    ("model_args", "drop_path_rate", float("inf"), "model_args.drop_path_rate must be a number"),
+    ("model_args", "in_chans", 1, "model_args.in_chans must be 3"),
+])
+def test_a_local_dir_config_with_a_bad_field_is_one_line_naming_it(tmp_path, section, key, value, message):
+    import timm
+    from timm.models._hub import save_for_hf
+
+    folder = tmp_path / "timm"
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), str(folder))
+    assert create_backbone(f"local-dir:{folder}", pretrained=False).preprocessing.mean == (0.5, 0.5, 0.5)
+    config = json.loads((folder / "config.json").read_text())
+    config[section][key] = value
+    (folder / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(GraftError) as caught:
+        create_backbone(f"local-dir:{folder}", pretrained=False)
+    text = str(caught.value)
+    assert text.startswith(f"{folder / 'config.json'}: ") and message in text and "\n" not in text, text
+
+
 @pytest.mark.parametrize("form", ["folder", "file"])
 def test_an_earlier_run_seeds_another_through_weights(trained_run, shapes, tmp_path, form):
     weights = trained_run if form == "folder" else trained_run / "model.safetensors"
