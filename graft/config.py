@@ -251,6 +251,9 @@ def apply_overrides(config: FitConfig, overrides: dict[str, Any], source: str = 
         fields = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in fields:
             raise GraftError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+        if dataclasses.is_dataclass(getattr(target, leaf)):  # `train: 5` would replace the whole section
+            raise GraftError(f"{source}: '{dotted}' is a section, not a value; set its keys ({dotted}.KEY), got "
+                             f"{reprlib.repr(value)}")
         if fields[leaf].metadata.get("comma_list") and isinstance(value, (list, tuple)):
             if not all(isinstance(item, str) for item in value):
                 raise GraftError(f"{source}: '{dotted}' must be a list of names, got {value!r:.60}")

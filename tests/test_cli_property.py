@@ -34,7 +34,7 @@ TOKENS = NUMBERS + STRINGS
 # files that are not YAML, not UTF-8 or nested thousands deep
 SET_TOKENS = ["train.__init__.x=1", "__class__=1", "train.lr.x=1", "train.lr=nan", "train.epochs=99999999999999999999",
               "model.backbone=../../escaped", "output=@CWD", "data.path=@FILE", "train.lr=" + "[" * 3000, "=1",
-              "train.lr", "train.lr=", "log=wandb", "model.head=mlp:0", "train.lr=abc"]
+              "train.lr", "train.lr=", "log=wandb", "model.head=mlp:0", "train.lr=abc", "train=5"]
 CONFIG_TOKENS = ["@FILE", "@DATA", "@CWD", "@MISSING", "@DEEP", "@LATIN1", "@LIST", "@DUNDER", ""]
 
 

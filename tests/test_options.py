@@ -100,6 +100,7 @@ def test_flags_without_a_yaml_key_before_are_set(monkeypatch, tmp_path):
     (["--set", "train.__init__.x=1"], ["unknown key 'train.__init__.x'", "valid keys in train:", "momentum"]),
     (["--set", "__class__.x=1"], ["unknown section '__class__'", "data, model, train"]),
     (["--set", "train.momentum=" + "[" * 5000], ["'train.momentum' must be float"]),
+    (["--set", "train=5"], ["'train' is a section, not a value"]),
     (["--set", "train.momentum"], ["--set 'train.momentum': expected KEY=VALUE"]),
     (["--set", "=3"], ["expected KEY=VALUE"]),
     (["--set", "train.momentum="], ["--set train.momentum: a value is needed"]),
