@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,10 +216,12 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys. Only the top level is a section: a dict below it stays one value (refused by
+    its key's check), so a config nested thousands deep is never walked."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not prefix:
             flat.update(_flatten(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -236,13 +239,22 @@ def apply_overrides(config: FitConfig, overrides: dict[str, Any], source: str = 
             continue
         *parents, leaf = dotted.split(".")
         target: Any = config
-        for part in parents:
-            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-                raise GraftError(f"{source}: unknown section '{part}' in '{dotted}' (sections: data, model, train)")
+        for depth, part in enumerate(parents):  # a section is a field holding a dataclass, never a dunder (__init__)
+            fields = {f.name for f in dataclasses.fields(target)}
+            sections = sorted(name for name in fields if dataclasses.is_dataclass(getattr(target, name)))
+            if part not in sections and depth:
+                where = ".".join(parents[:depth])
+                raise GraftError(f"{source}: unknown key '{dotted}'; {where} has no sections; valid keys in {where}: "
+                                 f"{', '.join(sorted(fields))}")
+            if part not in sections:
+                raise GraftError(f"{source}: unknown section '{part}' in '{dotted}' (sections: {', '.join(sections)})")
             target = getattr(target, part)
         fields = {f.name: f for f in dataclasses.fields(target)}
         if leaf not in fields:
             raise GraftError(f"{source}: unknown key '{dotted}'; valid keys here: {', '.join(sorted(fields))}")
+        if dataclasses.is_dataclass(getattr(target, leaf)):  # `train: 5` would replace the whole section
+            raise GraftError(f"{source}: '{dotted}' is a section, not a value; set its keys ({dotted}.KEY), got "
+                             f"{reprlib.repr(value)}")
         if fields[leaf].metadata.get("comma_list") and isinstance(value, (list, tuple)):
             if not all(isinstance(item, str) for item in value):
                 raise GraftError(f"{source}: '{dotted}' must be a list of names, got {value!r:.60}")
@@ -276,7 +288,25 @@ def _coerce(annotation: str, value: Any, dotted: str, source: str) -> Any:
             raise GraftError(f"{source}: '{dotted}' is too large a number, got {value!s:.40}") from None
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise GraftError(f"{source}: '{dotted}' must be {' or '.join(names)}, got {value!r}")
+    raise GraftError(f"{source}: '{dotted}' must be {' or '.join(names)}, got {reprlib.repr(value)}")  # bounded: a
+    # YAML file's aliases can make a list of a billion items out of a few lines
+
+
+def _read_yaml(path: Path, yaml) -> Any:
+    """The YAML file's data; one line naming the file for bytes that are not UTF-8 text, bad YAML or nesting deeper
+    than the parser's recursion allows."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise GraftError(f"{path}: not a UTF-8 text file (byte offset {error.start}); save the config as UTF-8 "
+                         "YAML") from None
+    except OSError as error:
+        raise GraftError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise GraftError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        raise GraftError(f"{path}: nested too deeply to be a graft config (sections data/model/train hold plain "
+                         "values)") from None
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FitConfig:
@@ -287,10 +317,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
         path = Path(yaml_path)
         if not path.is_file():
             raise GraftError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise GraftError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raw = _read_yaml(path, yaml)
         if not isinstance(raw, dict):
             raise GraftError(f"{path}: expected a mapping with sections data/model/train at the top level")
         apply_overrides(config, _flatten(raw), str(path))

@@ -23,11 +23,19 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 EXAMPLES = int(os.environ.get("GRAFT_CLI_EXAMPLES", "6"))  # per command; a long run: GRAFT_CLI_EXAMPLES=200
-SECONDS = 60  # an example that runs longer was let through with a value that should have been refused
+# Catches a real hang only: each base invocation is bounded by size (32 px, one batch, 1 epoch, tiny data), so a
+# normal example takes seconds; 60 s once failed `advise` on a loaded machine while nothing was wrong.
+SECONDS = 600
 
 NUMBERS = ["0", "-1", "-3", "nan", "inf", "-inf", "1e308", "99999999999999999999", "2147483648", "0.5", "5"]
 STRINGS = ["", " ", "ü☃", "../../escaped", "a" * 300, "x:y:z", "mlp:0", "@FILE", "@DATA", "@CWD", "@MISSING"]
 TOKENS = NUMBERS + STRINGS
+# --set and --config take their own hostile values: dunder and non-field keys, values of the wrong type or size,
+# files that are not YAML, not UTF-8 or nested thousands deep
+SET_TOKENS = ["train.__init__.x=1", "__class__=1", "train.lr.x=1", "train.lr=nan", "train.epochs=99999999999999999999",
+              "model.backbone=../../escaped", "output=@CWD", "data.path=@FILE", "train.lr=" + "[" * 3000, "=1",
+              "train.lr", "train.lr=", "log=wandb", "model.head=mlp:0", "train.lr=abc", "train=5"]
+CONFIG_TOKENS = ["@FILE", "@DATA", "@CWD", "@MISSING", "@DEEP", "@LATIN1", "@LIST", "@DUNDER", ""]
 
 
 class RanAway(BaseException):
@@ -42,6 +50,7 @@ class Command:
     options: list[str]
     writes_run: bool = False  # export's default output and precise-bn write inside the run folder
     extra_outputs: list[str] = field(default_factory=list)  # default output folders, relative to the sandbox
+    tokens: list[str] = field(default_factory=lambda: TOKENS)  # the values hypothesis draws for the options
 
 
 FAST_FIT = ["-b", TINY, "--no-pretrained", "--image-size", "32", "--batch-size", "16", "--epochs", "1",
@@ -81,11 +90,18 @@ COMMANDS = {
     "shard": Command(["shard", "{DATA}", "-o", "{OUT}", "--shard-size", "1MB"],
                      ["-o", "--shard-size", "--val-fraction", "--seed"]),
     "stats": Command(["stats", "{DATA}", "--size", "16", "-o", "{OUT}"], ["--size", "--max-images", "-o"]),
+    "fit-shards": Command(["fit", "{SHARDS}", "-o", "{OUT}", *FAST_FIT[:-6], "--strategy", "finetune", "--augment",
+                           "none", "--time-budget", "20"],
+                          ["-o", "--epochs", "--batch-size", "--image-size", "--strategy", "--accumulate",
+                           "--random-erasing", "--limit-batches", "--workers", "--seed", "--val-fraction"]),
+    "fit-set": Command(["fit", "{DATA}", "-o", "{OUT}", *FAST_FIT], ["--set", "--config"],
+                       tokens=SET_TOKENS + CONFIG_TOKENS),
+    "push": Command(["push", "{RUN}", "me/shapes", "--folder", "{OUT}"], ["--folder"], writes_run=True),
     "compare": Command(["compare", "{DATA}", "--scratch-backbone", TINY, "--strategies", "scratch", "--epochs", "1",
                         "--image-size", "32", "--batch-size", "16", "-o", "{OUT}"],
                        ["--epochs", "--budget", "--batch-size", "--image-size", "--strategies", "-o"]),
 }
-OUTPUT_OPTIONS = {"-o", "--output", "--cache"}
+OUTPUT_OPTIONS = {"-o", "--output", "--cache", "--folder"}
 
 
 def fingerprint(root: Path, skip: list[Path]) -> dict[str, tuple[int, int]]:
@@ -99,9 +115,23 @@ def fingerprint(root: Path, skip: list[Path]) -> dict[str, tuple[int, int]]:
 
 
 def resolve(token: str, sandbox: Path) -> str:
-    """Turns the path placeholders into paths inside the sandbox."""
-    return {"@FILE": str(sandbox / "project" / "main.py"), "@DATA": str(sandbox / "data"), "@CWD": ".",
-            "@MISSING": str(sandbox / "no" / "such" / "folder")}.get(token, token)
+    """Turns the path placeholders (also after a --set KEY=) into paths inside the sandbox."""
+    configs = sandbox / "configs"
+    places = {"@FILE": str(sandbox / "project" / "main.py"), "@DATA": str(sandbox / "data"), "@CWD": ".",
+              "@MISSING": str(sandbox / "no" / "such" / "folder"), "@DEEP": str(configs / "deep.yaml"),
+              "@LATIN1": str(configs / "latin1.yaml"), "@LIST": str(configs / "list.yaml"),
+              "@DUNDER": str(configs / "dunder.yaml")}
+    key, sep, value = token.partition("=")
+    return f"{key}={places.get(value, value)}" if sep and key else places.get(token, token)
+
+
+def write_configs(folder: Path) -> None:
+    """Config files a careless or hostile user passes to --config (fingerprinted like every sandbox file)."""
+    folder.mkdir()
+    (folder / "deep.yaml").write_text("train: " + "{k: " * 5000 + "1" + "}" * 5000 + "\n")
+    (folder / "latin1.yaml").write_bytes("train:\n  lr: 0.01\nmodel:\n  backbone: café\n".encode("latin-1"))
+    (folder / "list.yaml").write_text("- train\n- lr\n")
+    (folder / "dunder.yaml").write_text("train:\n  __init__:\n    x: 1\n")
 
 
 def replace_options(args: list[str], changes: dict[str, str]) -> list[str]:
@@ -135,6 +165,7 @@ def sandbox(shapes, trained_run, tmp_path, monkeypatch):
     project.mkdir()
     for name in ("main.py", ".env.local", ".eslintrc.json", ".gitlab-ci.yml"):
         (project / name).write_text("keep me\n")
+    write_configs(tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
     import uvicorn
 
@@ -149,8 +180,13 @@ def check_invocation(sandbox: Path, name: str, changes: dict[str, str]) -> None:
     output = Path(tempfile.mkdtemp(dir=sandbox, prefix="out-")) / "result"
     data = (sandbox / "data").resolve()
     changes = {option: resolve(value, sandbox) for option, value in changes.items()}
+    if "{SHARDS}" in command.base and not (sandbox / "shards").exists():
+        from graft.data.shards import shard_dataset
+
+        shard_dataset(sandbox / "data", sandbox / "shards", shard_size="1MB")
     args = [a.replace("{DATA}", str(sandbox / "data")).replace("{RUN}", str(sandbox / "run"))
-            .replace("{OUT}", str(output)) for a in replace_options(command.base, changes)]
+            .replace("{SHARDS}", str(sandbox / "shards")).replace("{OUT}", str(output))
+            for a in replace_options(command.base, changes)]
     fixed = [output.parent] + ([sandbox / "run"] if command.writes_run else [])  # may change inside these
     # New files may also appear where an output option pointed, unless that is inside the data.
     chosen = [Path(v).resolve() for o, v in changes.items() if o in OUTPUT_OPTIONS and v.strip()]
@@ -188,7 +224,8 @@ def check_invocation(sandbox: Path, name: str, changes: dict[str, str]) -> None:
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_hostile_option_values(name, sandbox):
     options = COMMANDS[name].options
-    changes_strategy = st.dictionaries(st.sampled_from(options), st.sampled_from(TOKENS), min_size=1, max_size=2)
+    tokens = COMMANDS[name].tokens
+    changes_strategy = st.dictionaries(st.sampled_from(options), st.sampled_from(tokens), min_size=1, max_size=2)
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import stat
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,9 +133,13 @@ class FakeHfApi:
         self.calls.append(("create_repo", repo_id, options))
         return type("RepoUrl", (), {"url": f"https://huggingface.co/{repo_id}"})()
 
-    def upload_folder(self, **options):
-        self.calls.append(("upload_folder", sorted(p.name for p in __import__("pathlib").Path(
-            options["folder_path"]).iterdir()), options))
+    def upload_folder(self, **options):  # what the hub client would send: allow_patterns, then ignore_patterns
+        import fnmatch
+
+        names = [p.name for p in Path(options["folder_path"]).iterdir()]
+        sent = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in options.get("allow_patterns") or
+                                        ["*"]) and not any(fnmatch.fnmatch(n, p) for p in options["ignore_patterns"])]
+        self.calls.append(("upload_folder", sorted(sent), options))
 
 
 def test_push_uploads_the_hf_folder_and_fails_clearly_offline(trained_run, tmp_path):
@@ -145,12 +151,56 @@ def test_push_uploads_the_hf_folder_and_fails_clearly_offline(trained_run, tmp_p
     assert (name, repo, options) == ("create_repo", "me/shapes", {"private": True, "exist_ok": True,
                                                                   "repo_type": "model"})
     assert upload == "upload_folder" and upload_options["repo_id"] == "me/shapes"
-    assert {"README.md", "config.json", "model.safetensors"} <= set(listed)
+    assert listed == ["README.md", "config.json", "export.json", "model.safetensors"]
     assert 'hf-hub:me/shapes' in (folder / "README.md").read_text()
     with pytest.raises(GraftError, match="hub is unreachable .*offline.*ready in"):
         push(trained_run, "me/shapes", folder=folder)  # GRAFT_OFFLINE=1 in the tests
     with pytest.raises(GraftError, match="must be OWNER/NAME"):
         push(trained_run, "shapes", api=api)
+
+
+def _folder_state(folder):
+    """Every file's name and bytes: push must leave the folder it refuses exactly as it was."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_push_refuses_a_users_folder_as_run_hf_or_folder_and_uploads_nothing(trained_run, tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / ".env.local").write_text("HF_TOKEN=secret\n")
+    (user / "config.json").write_text("{}")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(user, run / "hf")
+    for folder, default in ((user, None), (run / "hf", None), (run / "hf", "default")):
+        before, api = _folder_state(folder), FakeHfApi()
+        with pytest.raises(GraftError, match="(mine|hf): not a folder graft exported .*graft export .*--format hf"):
+            push(run, "me/shapes", folder=None if default else folder, api=api)
+        with pytest.raises(GraftError, match="not a folder graft exported"):
+            push(run, "me/shapes", folder=None if default else folder)  # offline: never "ready to upload"
+        assert api.calls == [] and _folder_state(folder) == before
+
+
+def test_push_refuses_an_export_with_an_extra_changed_or_missing_file(trained_run, tmp_path):
+    export(trained_run, tmp_path / "hf", formats=("hf",))
+    record = json.loads((tmp_path / "hf" / "export.json").read_text())
+    assert record["digests"]["model.safetensors"]["bytes"] == (tmp_path / "hf" / "model.safetensors").stat().st_size
+    cases = {"extra": lambda f: (f / ".env.local").write_text("HF_TOKEN=secret"),
+             "changed": lambda f: (f / "README.md").write_text("# mine"),
+             "missing": lambda f: (f / "config.json").unlink(),
+             "folder": lambda f: (f / "private").mkdir(),
+             "link": lambda f: (f / "id_rsa").symlink_to(tmp_path / "hf" / "config.json")}
+    expected = {"extra": r"\.env\.local: not a file graft exported", "changed": "README.md: changed since graft",
+                "missing": "config.json: listed in export.json but missing", "folder": "private: not a file graft",
+                "link": "id_rsa: not a file graft"}
+    for case, damage in cases.items():
+        folder = tmp_path / case
+        shutil.copytree(tmp_path / "hf", folder)
+        damage(folder)
+        api = FakeHfApi()
+        with pytest.raises(GraftError, match=expected[case] + ".*graft export .*--format hf"):
+            push(trained_run, "me/shapes", folder=folder, api=api)
+        assert api.calls == []
 
 
 def _hub_cache(root, repo=REPO):
@@ -222,6 +272,32 @@ def test_hf_hub_and_local_dir_names_resolve_offline(hub_cache, trained_run, tmp_
         create_backbone("hf-hub:timm/not_cached")
     with pytest.raises(GraftError, match="no config.json in that folder"):
         create_backbone(f"local-dir:{tmp_path}")
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("pretrained_cfg", "mean", "abc", "mean must be 3 numbers, got 'abc'"),
+    ("pretrained_cfg", "mean", [float("nan"), 0.5, 0.5], "mean must be 3 numbers"),
+    ("pretrained_cfg", "std", [0.5, 0.5], "std must be 3 numbers"),
+    ("pretrained_cfg", "crop_pct", "x", "crop_pct must be a number"),
+    ("pretrained_cfg", "input_size", [3, 100000, 8], "input_size [100000, 8] is beyond the limit"),
+    ("model_args", "drop_rate", "x", "model_args.drop_rate must be a number in [0, 1), got 'x'"),
+    ("model_args", "drop_path_rate", float("inf"), "model_args.drop_path_rate must be a number"),
+    ("model_args", "in_chans", 1, "model_args.in_chans must be 3"),
+])
+def test_a_local_dir_config_with_a_bad_field_is_one_line_naming_it(tmp_path, section, key, value, message):
+    import timm
+    from timm.models._hub import save_for_hf
+
+    folder = tmp_path / "timm"
+    save_for_hf(timm.create_model("test_resnet", pretrained=False), str(folder))
+    assert create_backbone(f"local-dir:{folder}", pretrained=False).preprocessing.mean == (0.5, 0.5, 0.5)
+    config = json.loads((folder / "config.json").read_text())
+    config[section][key] = value
+    (folder / "config.json").write_text(json.dumps(config))  # NaN and Infinity as Python's json writes them
+    with pytest.raises(GraftError) as caught:
+        create_backbone(f"local-dir:{folder}", pretrained=False)
+    text = str(caught.value)
+    assert text.startswith(f"{folder / 'config.json'}: ") and message in text and "\n" not in text, text
 
 
 @pytest.mark.parametrize("form", ["folder", "file"])

@@ -97,6 +97,10 @@ def test_flags_without_a_yaml_key_before_are_set(monkeypatch, tmp_path):
 @pytest.mark.parametrize("args, pieces", [
     (["--set", "train.nope=1"], ["unknown key 'train.nope'", "momentum"]),
     (["--set", "nope.momentum=1"], ["unknown section 'nope'"]),
+    (["--set", "train.__init__.x=1"], ["unknown key 'train.__init__.x'", "valid keys in train:", "momentum"]),
+    (["--set", "__class__.x=1"], ["unknown section '__class__'", "data, model, train"]),
+    (["--set", "train.momentum=" + "[" * 5000], ["'train.momentum' must be float"]),
+    (["--set", "train=5"], ["'train' is a section, not a value"]),
     (["--set", "train.momentum"], ["--set 'train.momentum': expected KEY=VALUE"]),
     (["--set", "=3"], ["expected KEY=VALUE"]),
     (["--set", "train.momentum="], ["--set train.momentum: a value is needed"]),
@@ -110,6 +114,22 @@ def test_a_bad_set_or_flag_is_one_line(tmp_path, args, pieces):
     result = runner.invoke(app, ["fit", str(tmp_path), "-o", str(tmp_path / "run"), *args])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for piece in pieces:
+        assert piece in lines[0], (piece, lines[0])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, pieces", [
+    (b"train:\n  lr: 0.1\n  name: caf\xe9\n", ["not a UTF-8 text file (byte offset 28)"]),
+    (b"train:\n  lr: " + b"[" * 5000 + b"]" * 5000 + b"\n", ["nested too deeply"]),
+    (b"train: " + b"{k: " * 5000 + b"1" + b"}" * 5000 + b"\n", ["nested too deeply"]),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, content, pieces):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["fit", str(tmp_path), "-o", str(tmp_path / "run"), "--config", str(path)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}:"), result.output
     for piece in pieces:
         assert piece in lines[0], (piece, lines[0])
     assert not (tmp_path / "run").exists()

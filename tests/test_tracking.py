@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -214,3 +215,46 @@ def test_confusion_image_shades_rows():
     full, empty = image[30, 35], image[30, 5]  # row 1: all four in column 1, none in column 0
     assert tuple(empty) == (255, 255, 255) and full[0] < 100 and full[2] == 255
     assert not math.isnan(float(image.mean()))
+
+
+@pytest.fixture
+def silent_server():
+    """A tracking server that accepts each connection and never answers: (its URI, the connections it accepted)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])  # held open, never answered: what a hung server does
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    server.close()
+    for connection in accepted:
+        connection.close()
+
+
+def test_an_unanswering_mlflow_server_costs_one_request_and_one_warning(two_shapes, tmp_path, monkeypatch,
+                                                                       silent_server, capsys):
+    """MLflow's defaults retry such a server 7 times with backoff (minutes, nothing printed): graft asks once."""
+    uri, accepted = silent_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")  # the test's own bound on the one request it waits for
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "unset")  # so that the teardown removes what graft sets
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    config = tiny_config(two_shapes, tmp_path / "run", **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                          "train.epochs": 1, "log": "mlflow"})
+    result = fit(config, verbose=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "mlflow logging failed" in line]
+    assert len(warnings) == 1 and "training goes on without it" in warnings[0], warnings
+    assert len(accepted) == 1  # asked once, then dropped: no retries, no request per epoch
+    assert len(result.history) == 1 and not (tmp_path / "run" / "tracking.json").exists()
+    assert json.loads((tmp_path / "run" / "graft.json").read_text())["status"] == "complete"

@@ -58,8 +58,9 @@ def push(
     run: Annotated[str, typer.Argument(help="the run folder to upload")],
     repo_id: Annotated[str, typer.Argument(help="the hub repository, OWNER/NAME")],
     private: Annotated[bool, typer.Option("--private/--public", help="a private repository")] = False,
-    folder: Annotated[Optional[Path], typer.Option("--folder", help="an existing `export --format hf` folder to "
-                                                   "upload (default: exported now to RUN/hf)")] = None,
+    folder: Annotated[Optional[Path], typer.Option("--folder", help="a folder `graft export --format hf` wrote, "
+                                                   "uploaded only if every file matches its export.json (default: "
+                                                   "exported now to RUN/hf)")] = None,
 ):
     """Upload a run to the Hugging Face hub as a timm model repository (weights, config.json, model card).
 

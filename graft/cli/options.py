@@ -93,8 +93,8 @@ def _scalar(key: str, text: str) -> Any:
 
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:  # e.g. "a: b: c"; the field's type check names the key if a string is wrong here
-        return text
+    except (yaml.YAMLError, RecursionError):  # "a: b: c", "[[[..." thousands deep: the field's type check names
+        return text  # the key if a string is wrong here
     if value is None:  # None means "not given" to load_config: refused rather than silently skipped
         raise GraftError(f"--set {key:.60}: a value is needed (a key cannot be unset; leave it out instead)")
     return value

@@ -25,12 +25,17 @@ from graft.models.grafted import GraftModel
 from graft.models.heads import BinaryLogit
 from graft.models.run_folder import load, read_card
 from graft.models.surgery import DEFAULT_NODE
-from graft.utils.files import atomic_write, save_weights, write_json
-from graft.utils.outputs import output_folder
+from graft.utils.files import atomic_write, file_sha256, read_json_object, save_weights, write_json
+from graft.utils.outputs import MANIFEST, output_folder
+from graft.utils.text import display_name
 
-__all__ = ["TIMM_PREFIXES", "export_timm", "push", "timm_classifier"]
+__all__ = ["EXPORT_RECORD", "HUB_FILES", "TIMM_PREFIXES", "export_timm", "exported_files", "push",
+           "timm_classifier"]
 
 TIMM_PREFIXES = ("hf-hub", "local-dir")  # backbone names with a source prefix that are still timm models
+EXPORT_RECORD = "export.json"  # what the export wrote, with each file's size and SHA-256: push's proof of origin
+HUB_FILES = ("README.md", "config.json", "model.safetensors")  # a --format hf folder's files besides the record
+MAX_EXPORT_RECORD_BYTES = 1 << 20  # a record is a few KB; a larger one is not graft's
 _OTHER_FORMS = "export --format onnx or --format torch instead (they hold any graft model)"
 
 
@@ -125,11 +130,17 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     difference, labels = _timm_round_trip(out_dir, model, inputs)
     if labels != list(model.classes):
         raise GraftError(f"{out_dir}: timm reads the class names as {labels!r:.80}; please report this")
-    result = {"run": str(run_dir), "format": "hf" if hf else "timm", "files": [*files, "export.json"],
+    result = {"run": str(run_dir), "format": "hf" if hf else "timm", "files": [*files, EXPORT_RECORD],
+              "digests": {name: _file_record(out_dir / name) for name in files},
               "parity_max_abs_logit_diff": {"timm": _check("timm local-dir", difference, RUNTIME_TOLERANCE)},
               "parity_inputs": described, "load_with": f'timm.create_model("local-dir:{out_dir}", pretrained=True)'}
-    write_json(out_dir / "export.json", result)
+    write_json(out_dir / EXPORT_RECORD, result)
     return result
+
+
+def _file_record(path: Path) -> dict:
+    """What push checks a file against: its size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _timm_round_trip(folder: Path, model: GraftModel, inputs: torch.Tensor) -> tuple[float, list[str]]:
@@ -146,21 +157,59 @@ def _timm_round_trip(folder: Path, model: GraftModel, inputs: torch.Tensor) -> t
     return difference, list(reloaded.pretrained_cfg.get("label_names") or [])
 
 
+def exported_files(folder: Path, run_dir: str | Path) -> list[str]:
+    """The files of a ``--format hf`` folder graft exported, each checked against the size and SHA-256 its
+    export.json records: what ``push`` uploads, and nothing else.
+
+    Raises:
+        GraftError: export.json is missing or lists no digests, or the folder holds a file it does not list (a
+            user's ``.env.local``), a changed file, a link or a sub-folder, or lacks a listed file.
+    """
+    fix = f"run `graft export {run_dir} --format hf -o FOLDER` and push that folder"
+    record_path = folder / EXPORT_RECORD
+    record = {} if record_path.is_symlink() else read_json_object(record_path, MAX_EXPORT_RECORD_BYTES)
+    digests = record.get("digests")
+    if record.get("format") != "hf" or not isinstance(digests, dict) or not set(HUB_FILES) <= set(digests):
+        raise GraftError(f"{display_name(str(folder))}: not a folder graft exported for the hub (no {EXPORT_RECORD} "
+                         f"with its files' digests); {fix}")
+    present = {entry.name for entry in folder.iterdir()} - {EXPORT_RECORD, MANIFEST}
+    for name in sorted(present | set(digests)):
+        path, expected = folder / name, digests.get(name)
+        shown = display_name(str(path))
+        if name not in present:
+            raise GraftError(f"{shown}: listed in {EXPORT_RECORD} but missing; {fix}")
+        if not isinstance(expected, dict) or path.is_symlink() or not path.is_file():
+            raise GraftError(f"{shown}: not a file graft exported ({EXPORT_RECORD} does not list it); graft uploads "
+                             f"only what it exported; {fix}")
+        if expected.get("bytes") != path.stat().st_size or expected.get("sha256") != file_sha256(path):
+            raise GraftError(f"{shown}: changed since graft exported it (size or SHA-256 differs from "
+                             f"{EXPORT_RECORD}); {fix}")
+    return [*sorted(digests), EXPORT_RECORD]
+
+
 def push(run_dir: str | Path, repo_id: str, private: bool = False, folder: str | Path | None = None, api=None,
          log=None) -> str:
     """Uploads the run as a Hugging Face hub repository (the ``--format hf`` folder) and returns its URL.
 
+    Only a folder graft exported is uploaded, and only the files its export.json lists with matching digests
+    (``exported_files``): a folder of the user's own is refused, never published.
+
     Args:
-        folder: an existing ``--format hf`` export to upload; default: exported now to RUN/hf.
+        folder: an existing ``--format hf`` export to upload; default: exported now to RUN/hf (a missing or empty
+            folder is exported to first).
         api: an ``huggingface_hub.HfApi``-like object (tests pass a fake); default: a real one.
     """
     say = log or (lambda message: None)
     if "/" not in repo_id.strip("/") or repo_id.count("/") != 1:
         raise GraftError(f"repository id '{repo_id}' must be OWNER/NAME, e.g. your-name/pets-resnet50")
     folder = Path(folder) if folder else Path(run_dir) / "hf"
-    if not (folder / "config.json").is_file():
-        export_timm(run_dir, folder, hf=True, overwrite=True, repo_id=repo_id)
+    if not folder.exists() or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+        export_timm(run_dir, folder, hf=True, overwrite=False, repo_id=repo_id)
         say(f"exported the run to {folder}")
+    elif not folder.is_dir():
+        raise GraftError(f"{display_name(str(folder))}: --folder names a file, not a folder graft exported; run "
+                         f"`graft export {run_dir} --format hf -o FOLDER` and push that folder")
+    files = exported_files(folder, run_dir)
     if api is None:
         from graft.models.backbones.timm_source import hub_reachable
 
@@ -172,11 +221,10 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, folder: str |
         api = HfApi(library_name="graft")
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", allow_patterns=files,
                           commit_message=f"graft: upload {Path(run_dir).name}", ignore_patterns=[".graft-*"])
     except Exception as error:  # noqa: BLE001 - auth, network, permissions: one line with the reason
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise GraftError(f"upload to {repo_id} failed ({reason}); log in with `hf auth login` or set HF_TOKEN"
                          ) from None
     return str(getattr(url, "url", None) or f"https://huggingface.co/{repo_id}")
-

@@ -1,7 +1,8 @@
 """Experiment trackers fed from fit's named hooks (``--log tensorboard,mlflow,csv``).
 
 Each tracker writes beside the run: TensorBoard event files in RUN/tensorboard, an MLflow run in a local file store
-(RUN/mlruns, or the user's $MLFLOW_TRACKING_URI). ``csv`` names RUN/history.csv, which every fit writes atomically
+(RUN/mlruns, or the user's $MLFLOW_TRACKING_URI; a server that does not answer within ``TRACKER_TIMEOUT_S`` is
+dropped, never retried for minutes). ``csv`` names RUN/history.csv, which every fit writes atomically
 after each epoch anyway. A tracker that fails (a full disk, a broken store) warns once and is dropped: the run, its
 checkpoints and its model never depend on it.
 """
@@ -25,8 +26,9 @@ from graft.utils import outputs
 from graft.utils.files import write_json
 from graft.utils.versions import __version__
 
-__all__ = ["TRACKING_FILE", "Tracker", "check_available", "confusion_image", "join_hooks"]
+__all__ = ["TRACKER_TIMEOUT_S", "TRACKING_FILE", "Tracker", "check_available", "confusion_image", "join_hooks"]
 
+TRACKER_TIMEOUT_S = 5  # the longest one request to a tracking server may take before the tracker is dropped
 TRACKING_FILE = "tracking.json"  # the MLflow run id, so that --resume continues that run
 _PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # tracker → the module it needs
 _ARTIFACTS = ("graft.json", "metrics.json", "history.csv", "data_report.json", "skipped_files.txt", "lr_find.png",
@@ -122,8 +124,8 @@ class Tracker:
             action(*args)
         except Exception as error:  # noqa: BLE001 - any tracker failure: the run goes on without it
             self.failed.add(name)
-            self.log(f"warning: {name} logging failed ({type(error).__name__}: {str(error)[:200]}); training goes "
-                     f"on without it")
+            reason = (str(error).strip().splitlines() or [""])[0][:200]  # one line: MLflow's errors span several
+            self.log(f"warning: {name} logging failed ({type(error).__name__}: {reason}); training goes on without it")
 
     def _active(self, name: str) -> bool:
         return name not in self.failed and (self.writer if name == "tensorboard" else self.run_id) is not None
@@ -146,6 +148,10 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or self._local_store()
+        # MLflow's own defaults (120 s a request, 7 retries with backoff) make an unreachable server hang the fit
+        # silently for minutes; bounded so, it costs one warning within seconds. The user's own values win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(TRACKER_TIMEOUT_S))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         self.client = MlflowClient(tracking_uri=uri)
         saved = self._saved_run(uri) if start_epoch else None
         if saved:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -15,7 +16,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.utils.outputs import record, temp_prefix
 
-__all__ = ["atomic_write", "read_json_object", "save_weights", "write_json"]
+__all__ = ["atomic_write", "file_sha256", "read_json_object", "save_weights", "write_json"]
 
 
 def _current_umask() -> int:
@@ -102,6 +103,15 @@ def _save(figure, path) -> None:
     figure.tight_layout()
     atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))  # recorded in graft's manifest
     plt.close(figure)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes as hex, read in 1 MiB chunks (weights files are gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json_object(path: str | os.PathLike, max_bytes: int | None = None) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -14,6 +13,7 @@ from torch import nn
 
 from graft.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Range, check_number
 from graft.errors import GraftError
+from graft.utils.files import file_sha256
 
 __all__ = [
     "GRAFT_TRUNK_PREFIX",
@@ -22,7 +22,8 @@ __all__ = [
     "load_trunk_weights",
     "read_weights_file",
     "run_weights_path",
-    "trunk_of_graft_run"
+    "timm_cfg_preprocessing",
+    "trunk_of_graft_run",
 ]
 
 
@@ -97,11 +98,7 @@ class Backbone:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -232,12 +229,28 @@ def _sidecar_preprocessing(sidecar: Path) -> Preprocessing | None:
         raise GraftError(f"{sidecar}: expected a JSON object with mean/std, found {type(cfg).__name__}; {fix}")
     if "mean" not in cfg or "std" not in cfg:
         return None
-    size = cfg.get("input_size", (3, 224, 224))
     try:
-        if not isinstance(size, (list, tuple)) or len(size) < 2:
-            raise ValueError(f"input_size must be [C, H, W], got {size!r:.40}")
-        values = {"input_size": list(size[-2:]), "mean": cfg["mean"], "std": cfg["std"],
-                  "interpolation": cfg.get("interpolation") or "bilinear", "crop_pct": cfg.get("crop_pct") or 0.875}
-        return Preprocessing.from_dict(values)  # from_dict checks types, counts, ranges and the size limit
+        return timm_cfg_preprocessing(cfg)
     except (TypeError, ValueError) as error:
         raise GraftError(f"{sidecar}: invalid preprocessing ({error!s:.120}); {fix}") from None
+
+
+def timm_cfg_preprocessing(cfg: dict) -> Preprocessing:
+    """The preprocessing of a timm pretrained config read from a file, checked as ``Preprocessing.from_dict`` checks
+    graft's own (types, three finite means and positive stds, ranges, the size limit); timm's defaults fill gaps.
+
+    Raises:
+        ValueError: naming the field, for a value that could not feed a network (``mean: "abc"``, a NaN, two stds).
+    """
+    size = cfg.get("input_size", (3, 224, 224))
+    if not isinstance(size, (list, tuple)) or len(size) < 2:
+        raise ValueError(f"input_size must be [C, H, W], got {size!r:.40}")
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if not isinstance(interpolation, str):
+        raise ValueError(f"interpolation must be a name such as bicubic, got {interpolation!r:.40}")
+    crop_pct = cfg.get("crop_pct") or 0.875
+    if not isinstance(crop_pct, (int, float)) or isinstance(crop_pct, bool) or not math.isfinite(crop_pct):
+        raise ValueError(f"crop_pct must be a number in (0, 2], got {crop_pct!r:.40}")
+    values = {"input_size": list(size[-2:]), "mean": cfg.get("mean", Preprocessing.mean),
+              "std": cfg.get("std", Preprocessing.std), "interpolation": interpolation, "crop_pct": crop_pct}
+    return Preprocessing.from_dict(values)  # from_dict checks types, counts, ranges and the size limit
