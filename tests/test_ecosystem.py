@@ -358,3 +358,36 @@ def test_weights_files_follow_the_umask_like_every_other_file(trained_run, tmp_p
                                                                                        "graft.json")}
     assert modes == {"model.safetensors": expected, "graft.json": expected}
     assert expected != 0o600 or files._UMASK == 0o066  # the test means something under the usual umasks
+
+
+def test_the_hf_export_loads_in_transformers_with_graft_s_logits(trained_run, shapes, tmp_path):
+    """The hub folder works where the hub's users load it: transformers' Auto classes and pipeline."""
+    transformers = pytest.importorskip("transformers")  # a dev dependency: the suite always runs this
+
+    out = tmp_path / "hf"
+    export(trained_run, out, formats=("hf",))
+    config = json.loads((out / "config.json").read_text())
+    assert "num_classes" not in config.get("model_args", {})  # transformers passes num_classes itself
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+    files = sorted(str(p) for p in (shapes / "val").rglob("*.png"))[:6]
+    batch, expected = _logits(load(trained_run), files)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=batch).logits, expected, atol=1e-4, rtol=1e-4)
+    assert [model.config.id2label[i] for i in range(len(model.config.id2label))] == load(trained_run).classes
+    classify = transformers.pipeline("image-classification", model=str(out), device="cpu")
+    ours = predict(trained_run, files, top_k=1, device="cpu")
+    assert [row[0]["label"] for row in classify(files, top_k=1)] == [row.labels[0] for row in ours]
+
+
+def test_the_model_card_front_matter_names_licence_and_base_model(trained_run, tmp_path):
+    from graft.deploy.model_card import hf_model_card
+    from graft.models.run_folder import read_card
+
+    card = read_card(trained_run)
+    random_init = hf_model_card(trained_run, card)  # the tiny run's trunk is random: no base model to name
+    assert "license: other" in random_init and "base_model" not in random_init and "was not recorded" in random_init
+    assert "# Image classifier for 3 classes: circle, square, triangle" in random_init
+    hub = hf_model_card(trained_run, {**card, "weights": "hub:timm/resnet50.a1_in1k"}, "me/pets", "apache-2.0")
+    front = hub.split("---")[1]
+    assert "license: apache-2.0" in front and "base_model: timm/resnet50.a1_in1k" in front
+    assert "base_model_relation: finetune" in front and "was not recorded" not in hub

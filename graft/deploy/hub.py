@@ -97,9 +97,21 @@ def _data_config(model: GraftModel) -> dict:
 
 
 def _write_config(net: nn.Module, model: GraftModel, temp: str) -> None:
+    """timm's config.json, less ``model_args.num_classes``: the root ``num_classes`` already says it, and
+    transformers' TimmWrapper passes both to ``timm.create_model`` (a TypeError: 'multiple values')."""
+    import json
+
     from timm.models._hub import save_config_for_hf  # timm 1.0: not re-exported from timm.models
 
     save_config_for_hf(net, temp, model_config={"label_names": list(model.classes)}, data_config=_data_config(model))
+    config = json.loads(Path(temp).read_text(encoding="utf-8"))
+    arguments = config.get("model_args")
+    if isinstance(arguments, dict):
+        for key in ("num_classes", "pretrained"):
+            arguments.pop(key, None)
+        if not arguments:
+            del config["model_args"]
+    Path(temp).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data: str | None = None,
@@ -124,7 +136,8 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     atomic_write(out_dir / "config.json", lambda temp: _write_config(net, model, temp))
     files = ["config.json", "model.safetensors"]
     if hf:
-        text = hf_model_card(run_dir, card, repo_id or f"OWNER/{out_dir.resolve().name}")
+        text = hf_model_card(run_dir, card, repo_id or f"OWNER/{out_dir.resolve().name}",
+                             net.pretrained_cfg.get("license"))
         atomic_write(out_dir / "README.md", lambda temp: Path(temp).write_text(text, encoding="utf-8"))
         files.append("README.md")
     difference, labels = _timm_round_trip(out_dir, model, inputs)

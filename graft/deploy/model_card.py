@@ -64,15 +64,30 @@ def _data_lines(report: dict, classes: list[str]) -> list[str]:
     return lines + ([""] + [f"- data warning: {w}" for w in warnings] if warnings else []) + [""]
 
 
-def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") -> str:
-    """The model card's Markdown (with the hub's YAML metadata block) for the run in ``run_dir``."""
+def _front_matter(card: dict, license_id: str | None) -> list[str]:
+    """The hub's YAML block: the base model only when the weights came from a hub repository (then the relation
+    says fine-tuned from it), the weights' licence where timm records one, else ``other``."""
+    weights = str(card.get("weights", ""))
+    base = weights.removeprefix("hub:") if weights.startswith("hub:") else ""
+    lines = ["---", "library_name: timm", "pipeline_tag: image-classification", f"license: {license_id or 'other'}",
+             "tags:", "- image-classification", "- timm", "- graft"]
+    if base:
+        lines += [f"base_model: {base}", "base_model_relation: finetune"]
+    return [*lines, "---", ""]
+
+
+def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME",
+                  license_id: str | None = None) -> str:
+    """The model card's Markdown (with the hub's YAML metadata block) for the run in ``run_dir``.
+
+    Args:
+        license_id: the backbone weights' licence (an SPDX-style id from timm's pretrained config), if known.
+    """
     run_dir = Path(run_dir)
     metrics, report = read_json_object(run_dir / "metrics.json"), read_json_object(run_dir / "data_report.json")
     classes, prep = list(card["classes"]), card["preprocessing"]
     config = card.get("config", {})
     data = config.get("data", {}) if isinstance(config, dict) else {}
-    header = ["---", "library_name: timm", "pipeline_tag: image-classification", "tags:", "- image-classification",
-              "- timm", "- graft", "base_model_relation: finetune", "---", ""]
     summary = (f"An image classifier for {len(classes)} classes ({_names(classes)}), trained with graft by transfer "
                f"learning from the `{card['backbone']}` backbone (strategy: {trained_as(card)}; head "
                f"`{card['head']}`, weights from `{card.get('weights', '?')}`).")
@@ -92,8 +107,11 @@ def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME") 
          "cameras, places or times may score lower."),
         "- Classes with few training images (see the table above) are the least reliable.",
         "- Biases in how the images were collected and labelled carry over into the predictions.",
-        "- Not evaluated for safety-critical use.", ""]
-    lines = [*header, f"# {repo_id.rpartition('/')[2]}", "", summary, "", "## How to use", "", *usage,
+        "- Not evaluated for safety-critical use.",
+        *([] if license_id else ["- The licence of the backbone's weights was not recorded (`license: other`): check it "
+                                 "before publishing."]), ""]
+    title = f"Image classifier for {len(classes)} classes: {_names(classes, 5)}"
+    lines = [*_front_matter(card, license_id), f"# {title}", "", summary, "", "## How to use", "", *usage,
              "## Training data", "", *_data_lines(report, classes), "## Metrics", "", *_metrics_rows(metrics),
              "## Intended use", "", intended, "", "## Limitations", "", *limitations]
     return "\n".join(lines)
