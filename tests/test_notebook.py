@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from graft.training import loop
-from graft.utils.runtime import Runtime
+from graft.utils import progress as shown
 
 REPO = Path(__file__).parents[1]
 
 
-class ZMQInteractiveShell:  # the class name is what _in_notebook looks at
+class ZMQInteractiveShell:  # the class name is what in_notebook looks at
     pass
 
 
@@ -30,16 +29,16 @@ def fake_kernel(monkeypatch):
 def test_no_notebook_off_a_terminal_gives_plain_lines(monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert not loop._in_notebook()
-    progress = loop._progress_bar(Runtime("cpu", None, False), "finetune 1/1", 10)
-    assert progress.bar is False and progress.interval == loop.progress_seconds()
+    assert not shown.in_notebook()
+    progress = shown.Progress("finetune 1/1", 10)
+    assert progress.bar is False and progress.interval == shown.progress_seconds()
 
 
 def test_kernel_with_widgets_gets_the_live_bar(fake_kernel, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ipywidgets" else real(name))
-    assert loop._in_notebook()
-    progress = loop._progress_bar(Runtime("cpu", None, False), "finetune 1/1", 10)
+    assert shown.in_notebook()
+    progress = shown.Progress("finetune 1/1", 10)
     assert progress.bar is True and progress.interval == 0.0
 
 
@@ -47,7 +46,7 @@ def test_kernel_without_widgets_falls_back_to_lines(fake_kernel, monkeypatch):
     """rich without ipywidgets only warns in Jupyter and draws nothing: the plain lines are printed instead."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ipywidgets" else real(name))
-    progress = loop._progress_bar(Runtime("cpu", None, False), "finetune 1/1", 10)
+    progress = shown.Progress("finetune 1/1", 10)
     assert progress.bar is False and progress.interval > 0
 
 

@@ -152,4 +152,5 @@ def test_a_bad_progress_interval_fails_before_anything_is_written(shapes, tmp_pa
 
 def test_a_model_shows_itself_in_one_line(trained_result):
     shown = repr(trained_result.model)
-    assert shown == "GraftModel(backbone=test_resnet, cut_at=pre_logits, classes=[circle, square, triangle], input=32x32)"
+    assert shown == ("GraftModel(backbone=test_resnet, cut_at=pre_logits, classes=[circle, square, triangle], "
+                     "input=32x32)")

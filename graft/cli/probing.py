@@ -104,7 +104,8 @@ def features(
         err.print(f"warning: {warning}")
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
     _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
-                                workers, augment_views=augment, compile_mode=compile)
+                                workers, err.print if distributed.is_main() else None, augment_views=augment,
+                                compile_mode=compile)
     if not distributed.is_main():
         return
     stats = next(iter(sets.values())).stats
@@ -143,7 +144,7 @@ def probe(
         raise GraftError(f"stages '{stages}' not understood: use default or all")
     distributed.init_from_env(device)  # under torchrun: extraction shared, the probes dealt out over the ranks
     rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
-                           workers=workers, output=output)
+                           workers=workers, output=output, log=err.print if distributed.is_main() else None)
     if not distributed.is_main():
         return
     print_table("linear probe leaderboard", ["backbone", "node", "width", "val acc", "k-NN acc", "extract img/s",
@@ -173,7 +174,7 @@ def advise(
     from graft.probing.advice import advise as advise_on
 
     _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
-    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers)
+    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers, log=err.print)
     print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
                                                                                "k-NN acc"],
                 [[s["node"], s["width"], s["probe_accuracy"], s["knn_accuracy"]] for s in advice.stages])

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from graft.data.discovery import DatasetSplits
 from graft.data.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageError, decode_image

@@ -108,8 +108,8 @@ def hf_model_card(run_dir: str | Path, card: dict, repo_id: str = "OWNER/NAME",
         "- Classes with few training images (see the table above) are the least reliable.",
         "- Biases in how the images were collected and labelled carry over into the predictions.",
         "- Not evaluated for safety-critical use.",
-        *([] if license_id else ["- The licence of the backbone's weights was not recorded (`license: other`): check it "
-                                 "before publishing."]), ""]
+        *([] if license_id else ["- The licence of the backbone's weights was not recorded (`license: other`): "
+                                 "check it before publishing."]), ""]
     title = f"Image classifier for {len(classes)} classes: {_names(classes, 5)}"
     lines = [*_front_matter(card, license_id), f"# {title}", "", summary, "", "## How to use", "", *usage,
              "## Training data", "", *_data_lines(report, classes), "## Metrics", "", *_metrics_rows(metrics),

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from graft.errors import GraftError
 
-__all__ = ["CONFIDENCE_GAP", "calibration", "calibration_sentence", "classification_metrics", "expected_calibration_error",
-           "reliability_bins"]
+__all__ = ["CONFIDENCE_GAP", "calibration", "calibration_sentence", "classification_metrics",
+           "expected_calibration_error", "reliability_bins"]
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 from graft.models.surgery import DEFAULT_NODE
 from graft.probing.extraction import FeatureSet, candidate_cuts
 from graft.probing.leaderboard import _prepare, _stage_row, stage_features
+from graft.utils.progress import Progress
 
 __all__ = ["Advice", "DOMAIN_MARGIN", "LITTLE_DATA", "LOTS_OF_DATA", "RANKING_IMAGES", "advise", "combine_features"]
 
@@ -49,8 +50,12 @@ def advise(data, backbone: str, image_size: int | None = None, pretrained: bool 
     combined = {spec: combine_features([sets[node] for node in spec.split(",")])
                 for spec in candidate_cuts([node for node in sets if node != DEFAULT_NODE])}
     keep = _ranking_subset(sets[DEFAULT_NODE].labels["train"], RANKING_IMAGES, seed)
-    stages = [_stage_row(node, _train_subset(features, keep), len(splits.classes), device)
-              for node, features in {**sets, **combined}.items()]  # single nodes first: they win ties
+    candidates = {**sets, **combined}  # single nodes first: they win ties
+    stages = []
+    with Progress("advise: linear probes", len(candidates), "probes", log, log is not None) as progress:
+        for node, features in candidates.items():
+            stages.append(_stage_row(node, _train_subset(features, keep), len(splits.classes), device))
+            progress.update(len(stages), node)
     per_class = statistics.median(splits.counts("train").values())
     top = next(s for s in stages if s["node"] == DEFAULT_NODE)
     best = max(stages, key=lambda s: (round(s["probe_accuracy"], 6), s["node"] == DEFAULT_NODE))

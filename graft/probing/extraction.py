@@ -35,6 +35,7 @@ from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
 from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
+from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
@@ -266,9 +267,10 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
     forward = maybe_compile(extractor, compile_mode, "extraction", log)
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
+    what = "features" + (f" (augmented view {view})" if view else "")
     try:
-        with torch.inference_mode():
-            for images, indices in loader:
+        with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
+            for done, (images, indices) in enumerate(loader, start=1):
                 with autocast(device, dtype):
                     outputs = forward(to_device(images, device, True))
                 for node, values in outputs.items():
@@ -277,6 +279,7 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
                 if len(pending_keys) >= SHARD_IMAGES:
                     _flush(spaces, pending, pending_keys)
                     pending_keys = []
+                progress.update(min(done * batch_size, len(paths)))
         if pending_keys:
             _flush(spaces, pending, pending_keys)
     finally:

@@ -123,6 +123,8 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
 
         clashes = ((data, "data"), (cache_folder(cache_dir), "feature cache"))
         distributed.main_decides(lambda: output_folder(output, "--output", clashes))  # rank 0 writes there
+    for name in backbones:  # every name and its weights checked before the first extraction: fail in seconds
+        create_backbone(name, pretrained=pretrained)
     splits = _prepare(data, val_fraction, seed)
     target = resolve_device(device)
     rows, task = [], -1

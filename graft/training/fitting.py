@@ -47,7 +47,6 @@ from graft.training.checkpoints import (
     run_lock,
     write_history,
 )
-from graft.training.loop import progress_seconds
 from graft.training.lr_find import find_lr, save_lr_finding
 from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
@@ -57,6 +56,7 @@ from graft.training.tracking import Tracker, check_available, join_hooks
 from graft.utils import distributed, outputs
 from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
+from graft.utils.progress import progress_seconds
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
 
 __all__ = ["fit", "fit_probe_head"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
 import time
 
 import torch
@@ -18,10 +16,7 @@ from graft.training.state import Hooks
 from graft.utils import distributed
 from graft.utils.runtime import Runtime, autocast, to_device
 
-__all__ = [
-    "DEFAULT_PROGRESS_SECONDS", "PROGRESS_SECONDS", "NonFiniteLoss", "compute_loss", "create_mixup", "progress_seconds",
-    "train_epoch", "validate"
-]
+__all__ = ["NonFiniteLoss", "compute_loss", "create_mixup", "train_epoch", "validate"]
 
 
 class NonFiniteLoss(Exception):
@@ -157,7 +152,7 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
         if hooks and hooks.on_batch_end:
             hooks.on_batch_end(step, loss.item())
         if progress is not None:
-            progress(seen, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
+            progress.update(seen, f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
         if on_step is not None:
             on_step({"step": step + 1, "loss": total_loss, "correct": correct, "seen": seen})
     seconds = time.perf_counter() - start
@@ -196,74 +191,3 @@ def _epoch_line(row: dict) -> str:
             f" | {row['seconds']:.1f}s")
 
 
-PROGRESS_SECONDS = "GRAFT_PROGRESS_SECONDS"  # env var: seconds between plain progress lines off a terminal
-DEFAULT_PROGRESS_SECONDS = 30.0
-
-
-def progress_seconds() -> float:
-    """Seconds between plain progress lines when stderr is not a terminal (``GRAFT_PROGRESS_SECONDS``; 0: none)."""
-    raw = os.environ.get(PROGRESS_SECONDS, "")
-    try:
-        value = float(raw) if raw.strip() else DEFAULT_PROGRESS_SECONDS
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < math.inf:
-        raise GraftError(f"{PROGRESS_SECONDS}={raw!r:.40}: expected seconds >= 0 between progress lines (0: none)")
-    return value
-
-
-def _in_notebook() -> bool:
-    """True inside a Jupyter kernel, where rich draws its bar as a live widget (stderr is no terminal there)."""
-    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
-    return type(shell).__name__ == "ZMQInteractiveShell"
-
-
-def _notebook_bar() -> bool:
-    """In Jupyter, rich's live bar is an ipywidgets Output; without ipywidgets it only warns and shows nothing, so
-    the plain progress lines are printed instead."""
-    if not _in_notebook():
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("ipywidgets") is not None
-
-
-class _progress_bar:
-    """A rich progress bar with loss, accuracy and images/s on a terminal or in Jupyter; elsewhere (a cluster log, a
-    pipe) a plain line every ``progress_seconds()``, so a log shows where an epoch is before it ends."""
-
-    def __init__(self, runtime: Runtime, description: str, total: int):
-        shown = runtime.verbose and runtime.is_main
-        self.bar = shown and (sys.stderr.isatty() or _notebook_bar())
-        self.interval = progress_seconds() if shown and not self.bar else 0.0
-        self.description, self.total, self.runtime = description, total, runtime
-        self.last = time.perf_counter()
-
-    def __enter__(self):
-        if self.interval:
-            return self.line
-        if not self.bar:
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task(self.description, total=self.total, stats="")
-        return self.update
-
-    def update(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
-        self.progress.update(self.task, completed=seen, stats=f"loss {loss:.3f} acc {accuracy:.3f} {speed:.0f} img/s")
-
-    def line(self, seen: int, loss: float, accuracy: float, speed: float) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.interval:
-            return
-        self.last = now
-        left = (self.total - seen) / speed if speed > 0 else math.nan
-        self.runtime.log(f"{self.description}: {seen}/{self.total} images, loss {loss:.4f} acc {accuracy:.3f}, "
-                         f"{speed:.1f} img/s, about {left:.0f}s left in the epoch")
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.progress.stop()

@@ -18,6 +18,7 @@ from graft.training.loop import compute_loss
 from graft.training.optim import create_optimizer
 from graft.training.setup import create_loaders, create_on_device
 from graft.utils.files import _save, _write_csv
+from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
 
 __all__ = ["LRFinding", "find_lr", "lr_sweep", "plot_lr_finding", "save_lr_finding"]
@@ -61,7 +62,8 @@ def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: i
         optimizer.step()
         return loss.item()
 
-    finding = lr_sweep(step_loss, start, end, steps)
+    with Progress("lr-find", steps, "steps", runtime.log, runtime.verbose and runtime.is_main) as progress:
+        finding = lr_sweep(step_loss, start, end, steps, progress=progress)
     finding.suggestion = finding.suggestion / stage.lr  # the stage's rate → train.lr (the head's)
     return finding
 
@@ -75,16 +77,19 @@ class LRFinding:
     warning: str = ""  # why the suggestion should not be trusted (the curve has no usable minimum), else empty
 
 
-def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200, smoothing: float = 0.9
-             ) -> LRFinding:
+def lr_sweep(step_loss, start: float = 1e-7, end: float = 10.0, steps: int = 200, smoothing: float = 0.9,
+             progress: Progress | None = None) -> LRFinding:
     """Runs ``step_loss(lr)`` (one training step at ``lr``, returning its loss) for exponentially growing rates and
     suggests a tenth of the rate with the lowest smoothed loss (Smith's rule, fastai v1's default: the point of
-    steepest descent is noisier). Stops early once the loss has blown up (4x its minimum, or not finite)."""
+    steepest descent is noisier). Stops early once the loss has blown up (4x its minimum, or not finite).
+    ``progress`` (``graft.utils.progress``) is told after every step."""
     factor = (end / start) ** (1 / max(1, steps - 1))
     lrs, losses, average, best = [], [], 0.0, math.inf
     for index in range(steps):
         lr = start * factor ** index
         loss = step_loss(lr)
+        if progress is not None:
+            progress.update(index + 1, f"lr {lr:.1e} loss {loss:.3f}")
         if not math.isfinite(loss):
             break
         average = smoothing * average + (1 - smoothing) * loss

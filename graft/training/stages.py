@@ -15,13 +15,14 @@ from graft.models.run_folder import (
 )
 from graft.training import recipes
 from graft.training.checkpoints import BEST, read_checkpoint, save_checkpoint, write_history
-from graft.training.loop import NonFiniteLoss, _epoch_line, _progress_bar, create_mixup, train_epoch, validate
+from graft.training.loop import NonFiniteLoss, _epoch_line, create_mixup, train_epoch, validate
 from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.resume import MidEpochCheckpoints, restore_rng
 from graft.training.setup import _loss_class_weights, wrap_for_training
 from graft.training.state import Hooks, TrainState
 from graft.utils import distributed
 from graft.utils.files import save_weights
+from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 from graft.utils.safefiles import read_safetensors
 
@@ -63,8 +64,9 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
             train_loader.sampler.set_epoch(state.epoch, skip)
         start = time.perf_counter()
         try:
-            with _progress_bar(runtime, f"{stage.name} {state.stage_epoch + 1}/{stage_length(stage, state)}",
-                               len(train_loader.dataset)) as progress:
+            with Progress(f"{stage.name} {state.stage_epoch + 1}/{stage_length(stage, state)}",
+                          len(train_loader.dataset), "images", runtime.log, runtime.verbose and runtime.is_main,
+                          " in the epoch") as progress:
                 row = train_epoch(trained, train_loader, optimizer, scheduler, runtime, config.train.label_smoothing,
                                   config.train.limit_batches, hooks, progress, class_weights, state.micro_batches,
                                   mixup, resume_at, mid_epoch.after_step if mid_epoch.enabled else None)
