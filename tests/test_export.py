@@ -180,3 +180,38 @@ def test_cli_export_prints_parity_and_latency(trained_run, tmp_path):
                                       "--fold-bn"])
     assert result.exit_code == 0, result.output
     assert "folded" in result.output and "onnx" in result.output and "max |Δlogit|" in result.output
+
+
+def test_every_format_in_one_command_loads_the_run_once(trained_run, shapes, tmp_path, monkeypatch):
+    """onnx, torch, safetensors, timm and hf from one call: graft's forms in OUTPUT, timm's and the hub's in
+    sub-folders of their own (their model.safetensors holds timm's names), each checked here, not by the exporter."""
+    import timm
+
+    import graft.deploy.export as exporting
+
+    loads = []
+    monkeypatch.setattr(exporting, "load", lambda *a, **k: loads.append(a) or load(*a, **k))
+    out = tmp_path / "all"
+    result = exporting.export(trained_run, out, formats=("onnx", "torch", "safetensors", "timm", "hf"),
+                              data=str(shapes))
+    assert len(loads) == 1  # one model for the five forms
+    assert {"model.onnx", "model.pt2", "model.safetensors", "timm/config.json", "hf/README.md"} <= set(result.files)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = load(trained_run).eval()(images)
+        for folder in ("timm", "hf"):
+            rebuilt = timm.create_model(f"local-dir:{out / folder}", pretrained=True).eval()
+            torch.testing.assert_close(rebuilt(images), expected, atol=1e-4, rtol=1e-4)
+    session = onnx_session(out / "model.onnx")
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), expected,
+                               atol=1e-4, rtol=1e-4)
+    assert json.loads((out / "hf" / "export.json").read_text())["format"] == "hf"  # push reads this one
+    assert load(out).classes == load(trained_run).classes
+
+
+def test_an_export_timm_cannot_represent_writes_nothing(shapes, tmp_path):
+    run = fit(tiny_config(shapes, tmp_path / "inner", **{"train.strategy": "scratch", "train.epochs": 1,
+                                                         "model.cut_at": "layer2"}), verbose=False).run_dir
+    with pytest.raises(GraftError, match="no timm equivalent"):
+        export(run, tmp_path / "out", formats=("onnx", "hf"))
+    assert not (tmp_path / "out").exists()

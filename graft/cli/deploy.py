@@ -29,8 +29,9 @@ __all__ = ["export", "precise_bn_command", "push", "serve"]
 def export(
     run: Annotated[str, typer.Argument(help="the run folder to export")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN/export")] = None,
-    formats: Annotated[str, typer.Option("--format", help="comma-separated: onnx, torch, safetensors; or "
-                                          "timm / hf alone (a folder plain timm or the Hugging Face hub loads)")] =
+    formats: Annotated[str, typer.Option("--format", help="comma-separated: onnx, torch, safetensors, timm, hf "
+                                          "(timm / hf: a folder plain timm or the Hugging Face hub loads; OUTPUT/timm, "
+                                          "OUTPUT/hf beside other formats, OUTPUT itself alone)")] =
     "onnx,torch,safetensors",
     fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms into convs")] = True,
     data: Annotated[Optional[str], typer.Option(help="images for the parity checks (default: the run's data)")] = None,
@@ -38,7 +39,7 @@ def export(
 ):
     """Export for deployment (ONNX, torch.export, safetensors + JSON), each verified against the trained model.
 
-    Example: graft export runs/pets --fold-bn --format onnx;  graft export runs/pets --format timm -o pets-timm
+    Example: graft export runs/pets --format onnx,torch,safetensors,timm,hf;  graft export runs/pets --format timm -o t
     """
     from graft.deploy.export import export as export_run
 

@@ -187,16 +187,34 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     if unknown:
         raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
                          f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
-    if set(formats) & set(ECOSYSTEM_FORMATS):
-        return _export_ecosystem(run_dir, out_dir, formats, data, overwrite)
+    ecosystem = [form for form in dict.fromkeys(formats) if form in ECOSYSTEM_FORMATS]
+    if ecosystem and len(set(formats)) == 1:  # timm or hf alone: the folder is theirs, as before
+        return _export_ecosystem(run_dir, out_dir, ecosystem[0], data, overwrite)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
+    model = load(run_dir, "cpu").float().eval()
+    if ecosystem:  # a run timm cannot represent is refused before anything is written
+        from graft.deploy.hub import timm_classifier
+
+        timm_classifier(model, read_card(run_dir))
     output_folder(out_dir, "--output", ((data, "data"),), overwrite=overwrite)  # before the work: nothing wasted
     say = log or (lambda message: None)
-    model = load(run_dir, "cpu").float().eval()
     inputs, described = parity_inputs(model, run_dir, data)
     result = ExportResult(out_dir, inputs=described)
+    if set(formats) & set(FORMATS):
+        _export_own(run_dir, out_dir, formats, fold_bn, model, inputs, result, say)
+    for form in ecosystem:  # each in a folder of its own: their model.safetensors holds timm's names, not graft's
+        _export_ecosystem(run_dir, out_dir / form, form, data, overwrite, (model, inputs, described), result)
+    if "export.json" not in result.files:
+        result.files.append("export.json")
+    write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
+    return result
+
+
+def _export_own(run_dir: Path, out_dir: Path, formats: tuple[str, ...], fold_bn: bool, model: GraftModel,
+                inputs: torch.Tensor, result: ExportResult, say) -> None:
+    """ONNX, torch.export and safetensors + graft.json into ``out_dir``, each checked against ``model``."""
     deployed: nn.Module = model
     eager_ms = latency_ms(model, inputs[:1])
     result.latency_ms["eager"] = round(eager_ms, 3)
@@ -234,20 +252,21 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     write_json(out_dir / "preprocessing.json", consumer_metadata(model))
     atomic_write(out_dir / "predict_onnx.py", lambda temp: Path(temp).write_text(standalone_example()))
     result.files += ["preprocessing.json", "predict_onnx.py", "export.json"]
-    write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
-    return result
 
 
-def _export_ecosystem(run_dir, out_dir, formats: tuple[str, ...], data: str | None, overwrite: bool) -> ExportResult:
-    """``--format timm`` / ``hf``: a folder of their own (its model.safetensors holds timm's names, not graft's)."""
-    if len(set(formats)) != 1:
-        raise GraftError(f"--format {formats[0] if formats[0] in ECOSYSTEM_FORMATS else 'timm'} writes a folder of "
-                         "its own: export it alone (another --output for onnx, torch or safetensors)")
+def _export_ecosystem(run_dir, out_dir, form: str, data: str | None, overwrite: bool, loaded: tuple | None = None,
+                      into: ExportResult | None = None) -> ExportResult:
+    """``--format timm`` / ``hf``: a folder of their own (its model.safetensors holds timm's names, not graft's).
+    With ``into`` (an export of several formats), its files and parity are added there, named by the folder."""
     from graft.deploy.hub import export_timm
 
-    done = export_timm(run_dir, out_dir, hf=formats[0] == "hf", data=data, overwrite=overwrite)
-    return ExportResult(Path(out_dir), files=done["files"], parity=done["parity_max_abs_logit_diff"],
-                        inputs=done["parity_inputs"])
+    done = export_timm(run_dir, out_dir, hf=form == "hf", data=data, overwrite=overwrite, loaded=loaded)
+    if into is None:
+        return ExportResult(Path(out_dir), files=done["files"], parity=done["parity_max_abs_logit_diff"],
+                            inputs=done["parity_inputs"])
+    into.files += [f"{form}/{name}" for name in done["files"]]
+    into.parity[form] = done["parity_max_abs_logit_diff"]["timm"]
+    return into
 
 
 def consumer_metadata(model: GraftModel) -> dict:

@@ -115,11 +115,13 @@ def _write_config(net: nn.Module, model: GraftModel, temp: str) -> None:
 
 
 def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data: str | None = None,
-                overwrite: bool = False, repo_id: str | None = None) -> dict:
+                overwrite: bool = False, repo_id: str | None = None, loaded: tuple | None = None) -> dict:
     """Writes the run as a timm folder (``hf``: plus a hub model card) and checks timm loads it with equal logits.
 
     Args:
         repo_id: the hub repository the model card's example loads from (default: OWNER/FOLDER-NAME).
+        loaded: (model, parity inputs, their description) when the caller has them already (an export of several
+            formats loads the run once).
 
     Returns:
         What export.json records: the files, the parity on real images, and the check timm itself ran.
@@ -127,11 +129,11 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
-    model = load(run_dir, "cpu").float().eval()
+    model = loaded[0] if loaded else load(run_dir, "cpu").float().eval()
     card = read_card(run_dir)
     net = timm_classifier(model, card)  # refused before anything is written
     output_folder(out_dir, "--output", ((data, "data"),), overwrite=overwrite)
-    inputs, described = parity_inputs(model, run_dir, data)
+    inputs, described = loaded[1:] if loaded else parity_inputs(model, run_dir, data)
     save_weights(out_dir / "model.safetensors", net, {"format": "pt"})
     atomic_write(out_dir / "config.json", lambda temp: _write_config(net, model, temp))
     files = ["config.json", "model.safetensors"]
