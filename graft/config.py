@@ -147,6 +147,9 @@ class TrainConfig:
                             choices=BN_STATS)
     precise_bn: bool = _option(False, "recompute BN statistics over the training set at the end (in the training "
                                       "augmentation, the statistics the weights were learnt on)")
+    calibrate: bool = _option(True, "temperature-scale the probabilities: a solved probe on its CV folds' held-out "
+                                    "logits, an epoch-trained model on validation (which then also chose it: the val "
+                                    "ECE is optimistic; accuracy never changes)")
     optimizer: str = _option("adamw", "sgd: with Nesterov momentum", choices=OPTIMIZERS)
     momentum: float = _option(0.9, "sgd's momentum", low=0, high=1, high_open=True)
     weight_decay: float = _option(0.01, "decoupled weight decay", low=0, high=1)

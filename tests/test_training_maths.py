@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from torch import nn
 
+from graft.data.images import load_image
 from graft.training.loop import train_epoch
 from graft.training.optim import create_optimizer, create_scheduler
 from graft.utils.runtime import Runtime
@@ -80,3 +81,31 @@ def test_k_micro_batches_equal_one_step_on_the_whole_batch():
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
         assert row["train_loss"] == pytest.approx(F.cross_entropy(net(images), labels).item(), rel=1e-5)
     assert not math.isclose(by_hand[1].weight.sum().item(), net[1].weight.sum().item())  # the step moved weights
+
+
+def test_a_fine_tuned_model_is_temperature_scaled_on_validation(shapes, tmp_path):
+    """The same seeded fine-tune with and without --calibrate: the calibrated model's logits are the plain one's
+    divided by T, and T is the validation log-loss minimiser that scipy finds on the plain model's logits."""
+    from scipy.optimize import minimize_scalar
+
+    from graft.data.discovery import discover
+    from graft.training.fitting import fit
+
+    overrides = {"train.strategy": "finetune", "train.epochs": 2}
+    plain = fit(tiny_config(shapes, tmp_path / "plain", **overrides, **{"train.calibrate": False}), verbose=False)
+    scaled = fit(tiny_config(shapes, tmp_path / "scaled", **overrides), verbose=False)
+    if scaled.metrics.get("kept") == "probe":
+        pytest.skip("the probe won this seed's comparison: its calibration has its own test")
+    val = discover(shapes, seed=0).val
+    images = torch.stack([plain.model.transform(load_image(path)) for path, _ in val])
+    labels = torch.tensor([label for _, label in val])
+    with torch.no_grad():
+        before, after = plain.model.eval()(images).double(), scaled.model.eval()(images).double()
+    theirs = minimize_scalar(lambda t: F.cross_entropy(before / t, labels).item(), bounds=(0.05, 20), method="bounded",
+                             options={"xatol": 1e-7}).x
+    temperature = scaled.metrics["temperature"]
+    assert temperature == pytest.approx(theirs, rel=2e-3)
+    torch.testing.assert_close(after, before / temperature, atol=1e-4, rtol=1e-4)
+    assert "temperature (calibration; accuracy unchanged)" in scaled.metrics["selected_on_validation"]
+    assert scaled.metrics["val"]["accuracy"] == plain.metrics["val"]["accuracy"]
+    assert scaled.metrics["val"]["loss"] <= plain.metrics["val"]["loss"] + 1e-6

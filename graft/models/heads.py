@@ -8,7 +8,7 @@ from torch import nn
 from graft.config import parse_head
 from graft.errors import GraftError
 
-__all__ = ["BinaryLogit", "create_head"]
+__all__ = ["BinaryLogit", "create_head", "divide_logits"]
 
 
 class BinaryLogit(nn.Module):
@@ -49,3 +49,15 @@ def create_head(in_features: int, num_classes: int, spec: str = "linear", dropou
     nn.init.zeros_(linear.bias)
     layers.append(classifier)
     return nn.Sequential(*layers)
+
+
+def divide_logits(head: nn.Sequential, temperature: float) -> None:
+    """Temperature scaling folded into the head: its final linear layer's weight and bias divided by
+    ``temperature``, so every logit is (the predicted class never changes; softmax probabilities soften or sharpen)."""
+    final = head[-1]
+    linear = final.linear if isinstance(final, BinaryLogit) else final
+    if not isinstance(linear, nn.Linear):
+        raise GraftError(f"the head ends in {type(final).__name__}, not a linear layer: no temperature to fold in")
+    with torch.no_grad():
+        linear.weight.div_(temperature)
+        linear.bias.div_(temperature)

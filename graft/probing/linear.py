@@ -186,7 +186,7 @@ def _choose_by_cv(x, y, sample_weight, grid: list[float], classes: int, folds: l
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature T minimising the mean cross-entropy of ``logits / T`` (Guo et al. 2017's temperature
     scaling): a golden-section search over log T in [-5, 5], the loss being unimodal in it."""
-    logits, labels = logits.float(), labels.long()
+    logits, labels = logits.double(), labels.long()  # float32's loss is too coarse near the flat minimum
 
     def loss(log_t: float) -> float:
         return F.cross_entropy(logits / math.exp(log_t), labels).item()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from graft.config import FitConfig, apply_overrides, check_ranges
@@ -28,6 +29,7 @@ from graft.evaluation.inference import predict_logits
 from graft.evaluation.metrics import classification_metrics
 from graft.models.backbones.registry import create_backbone
 from graft.models.grafted import GraftModel, backbone_name
+from graft.models.heads import divide_logits
 from graft.models.run_folder import (
     model_card,
     non_finite_tensors,
@@ -35,7 +37,7 @@ from graft.models.run_folder import (
 )
 from graft.probing.cache import cache_folder
 from graft.probing.extraction import FeatureSet, extract_features
-from graft.probing.linear import fit_linear_probe
+from graft.probing.linear import fit_linear_probe, fit_temperature
 from graft.training import auto, recipes, selection
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
@@ -294,7 +296,7 @@ def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, run
     train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
     result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
                               balanced=config.train.balance != "none", device=runtime.device, log=runtime.log,
-                              seed=config.train.seed)
+                              seed=config.train.seed, calibrate=config.train.calibrate)
     model.head[-1].load_state_dict(result.linear.state_dict())
     if result.selection.startswith("cv-"):
         how = f"by {result.selection[3:]}-fold CV on train (cv accuracy {result.cv_accuracy:.4f})"
@@ -349,6 +351,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         return _save_final(run_dir, model, card, metrics, state, runtime)
     logits, labels = _gathered_logits(model, loaders[1], runtime)
     if len(labels):
+        logits = _calibrate_on_validation(model, logits, labels, metrics, config, runtime)
         metrics["val"] = classification_metrics(logits, labels, model.classes)
     if splits.test:
         test_set = ImageDataset(splits.test, create_transform(model.preprocessing), config.data.max_image_pixels)
@@ -357,6 +360,21 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
         metrics["test"] = classification_metrics(*_gathered_logits(model, test_loader, runtime), model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime)
+
+
+def _calibrate_on_validation(model: GraftModel, logits: torch.Tensor, labels: torch.Tensor, metrics: dict,
+                             config: FitConfig, runtime: Runtime) -> torch.Tensor:
+    """An epoch-trained model's temperature, fitted on the validation logits and folded into its head (a kept probe
+    was calibrated on its CV folds already). Returns the logits the calibrated model gives."""
+    if not config.train.calibrate or metrics.get("kept") == "probe":
+        return logits
+    temperature = fit_temperature(logits, labels)
+    divide_logits(model.head, temperature)
+    metrics["temperature"] = round(temperature, 6)
+    metrics["selected_on_validation"].append("temperature (calibration; accuracy unchanged)")
+    before, after = (F.cross_entropy(values, labels).item() for values in (logits, logits / temperature))
+    runtime.log(f"calibration: temperature {temperature:.3g} fitted on val (val log-loss {before:.4f} → {after:.4f})")
+    return logits / temperature
 
 
 def _label_selections(metrics: dict) -> None:
