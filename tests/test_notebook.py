@@ -75,3 +75,8 @@ def test_real_kernel_shows_the_live_widget(tmp_path):
     assert widgets, [o.get("text", o.get("data")) for o in outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "epochs 1" in text and "install \"ipywidgets\"" not in text
+    tables = [o.data["text/html"] for o in outputs if o.output_type == "display_data" and "<table>" in
+              o.get("data", {}).get("text/html", "")]
+    assert len(tables) == 1 and "train loss" in tables[0] and "<td>1</td>" in tables[0]  # stays in the saved cell
+    stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    assert "epoch" not in stderr and "epoch" in text  # the lines are output, not red error text

@@ -54,11 +54,11 @@ from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import _run_stages
 from graft.training.state import FitResult, Hooks, TrainState
-from graft.training.tracking import Tracker, check_available, join_hooks
+from graft.training.tracking import NotebookTable, Tracker, check_available, join_hooks
 from graft.utils import distributed, outputs
 from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
-from graft.utils.progress import progress_seconds
+from graft.utils.progress import in_notebook, progress_seconds
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
 
 __all__ = ["fit", "fit_probe_head"]
@@ -179,6 +179,8 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
     tracker = Tracker(names, run_dir, config, state.history, runtime.log) if names else None
     if tracker:
         hooks = join_hooks(hooks, tracker.hooks())
+    if runtime.verbose and runtime.is_main and in_notebook():
+        hooks = join_hooks(hooks, NotebookTable().hooks())
     try:
         state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
         chosen = selection.keep_better(model, state, loaders[1], runtime, run_dir, config)

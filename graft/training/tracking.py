@@ -9,6 +9,7 @@ checkpoints and its model never depend on it.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import math
@@ -26,7 +27,8 @@ from graft.utils import outputs
 from graft.utils.files import write_json
 from graft.utils.versions import __version__
 
-__all__ = ["TRACKER_TIMEOUT_S", "TRACKING_FILE", "Tracker", "check_available", "confusion_image", "join_hooks"]
+__all__ = ["EPOCH_COLUMNS", "NotebookTable", "TRACKER_TIMEOUT_S", "TRACKING_FILE", "Tracker", "check_available",
+           "confusion_image", "join_hooks"]
 
 TRACKER_TIMEOUT_S = 5  # the longest one request to a tracking server may take before the tracker is dropped
 TRACKING_FILE = "tracking.json"  # the MLflow run id, so that --resume continues that run
@@ -67,6 +69,40 @@ def join_hooks(first: Hooks, second: Hooks) -> Hooks:
 
     names = Hooks.__dataclass_fields__
     return Hooks(**{name: both(getattr(first, name), getattr(second, name)) for name in names})
+
+
+EPOCH_COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+class NotebookTable:
+    """In Jupyter, a per-epoch table left in the cell's output (as fastai's and the Hugging Face Trainer's), updated
+    in place after every epoch: the live bar disappears when the epoch ends, this stays in the saved notebook."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.handle = None
+
+    def epoch_end(self, row: dict) -> None:
+        from IPython.display import HTML, display  # only ever built inside a kernel (graft.utils.progress.in_notebook)
+
+        self.rows.append(row)
+        table = HTML(self.html())
+        if self.handle is None:
+            self.handle = display(table, display_id=True)
+        else:
+            self.handle.update(table)
+
+    def html(self) -> str:
+        def cell(value) -> str:
+            return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
+
+        head = "".join(f"<th>{name.replace('_', ' ')}</th>" for name in EPOCH_COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{cell(row.get(name, ''))}</td>" for name in EPOCH_COLUMNS) + "</tr>"
+                       for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_epoch_end=self.epoch_end)
 
 
 def confusion_image(matrix: list[list[int]], cell: int = 0) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Sampler
 
 from graft.errors import GraftError
+from graft.utils.progress import in_notebook
 
 __all__ = [
     "Runtime", "ShardSampler", "autocast", "autocast_dtype", "epoch_seed", "resolve_device", "seed_everything",
@@ -73,8 +74,9 @@ class Runtime:
         return self.rank == 0
 
     def log(self, message: str) -> None:
+        """A line for the user: stderr, except in Jupyter, which shows stderr in red as if it were an error."""
         if self.verbose and self.is_main:
-            print(message, file=sys.stderr, flush=True)
+            print(message, file=sys.stdout if in_notebook() else sys.stderr, flush=True)
 
     @property
     def distributed(self) -> bool:
