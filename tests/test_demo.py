@@ -24,3 +24,21 @@ def test_transfer_beats_scratch_on_held_out_digits(tmp_path):
     # advise read only train + val (150 images); the fit's probe found them cached and extracted the test digits
     if auto["auto"]["overrides"]["train.strategy"] == "probe":
         assert auto["features"]["cached"] == 150 and auto["features"]["extracted"] == 1797 - 150
+
+
+def test_demo_writes_the_tour_data_as_class_folders(tmp_path):
+    from sklearn.datasets import load_digits
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--write-data", str(tmp_path / "digits")])
+    assert result.exit_code == 0, result.output
+    counts = {split: sum(1 for _ in (tmp_path / "digits" / split).rglob("*.png")) for split in ("train", "val", "test")}
+    assert counts == {"train": 100, "val": 50, "test": len(load_digits().target) - 150}
+    assert sorted(p.name for p in (tmp_path / "digits" / "train").iterdir()) == [str(d) for d in range(10)]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused = CliRunner().invoke(app, ["demo", "--write-data", str(mine)])
+    assert refused.exit_code == 2 and (mine / "notes.txt").read_text() == "keep" and len(list(mine.iterdir())) == 1

@@ -160,16 +160,26 @@ def demo(
     epochs: Annotated[int, typer.Option()] = 12,
     image_size: Annotated[int, typer.Option()] = 64,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="keep the run folders here")] = None,
+    write_data: Annotated[Optional[Path], typer.Option(help="only write the digits as class folders (train/, val/, "
+                                                            "test/) into this new folder, then stop")] = None,
 ):
     """Scratch vs probe vs finetune vs auto with a real ImageNet backbone (EfficientNet-Lite0), offline.
 
     Example: graft demo            (digits, about a minute on two CPU cores)
-             graft demo --data ./pets
+             graft demo --data ./pets;  graft demo --write-data digits   (data for the README's tour)
     """
-    from graft.analysis.demo import DEMO_BACKBONE, run_demo
+    from graft.analysis.demo import DEMO_BACKBONE, run_demo, write_digits
 
     _check_options(("--shots", shots, 1, 10_000), ("--epochs", epochs, 1, MAX_EPOCHS),
                    ("--image-size", image_size, *IMAGE_SIZES))
+    if write_data is not None:
+        from graft.utils.outputs import output_folder
+
+        output_folder(write_data, "--write-data")  # a new or empty folder only: never over the user's files
+        write_digits(write_data, shots)
+        out.print(f"wrote scikit-learn's digits to {write_data}/ (train: {shots} a class, val: 5 a class, test: the "
+                  "rest)")
+        return
     what = data or f"scikit-learn digits, {shots} training images per class"
     err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
     rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
