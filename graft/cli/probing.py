@@ -62,7 +62,7 @@ def layers(
 @friendly_errors
 def features(
     data: Annotated[str, typer.Argument(help="class folders or a CSV")],
-    backbone: Annotated[str, config_option("model.backbone")],
+    backbone: Annotated[str, config_option("model.backbone", with_default=True)] = ModelConfig.backbone,
     cut_at: Annotated[Optional[str], typer.Option(help="comma-separated nodes, e.g. layer2,layer3,layer4")] = None,
     pool: PoolOpt = "avg",
     augment: Annotated[int, typer.Option(help="also cache K augmented views of each training image")] = 0,
