@@ -62,3 +62,14 @@ def test_probe_checks_every_backbone_before_extracting_any(shapes, every_step, t
     assert result.exit_code == 2, result.output
     assert "no_such_net_v9" in result.output and not _lines(result.output, "features")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npy"))
+
+
+def test_evaluate_and_the_scan_show_their_progress(trained_run, shapes, every_step, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(trained_run), str(shapes), "-o", str(tmp_path / "eval"),
+                                 "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert _lines(result.output, "evaluate: ")[-1].startswith("evaluate: 30/30 images")  # the val split: 3 x 10
+    total = sum(1 for _ in shapes.rglob("*.png"))
+    scanned = runner.invoke(app, ["features", str(shapes), *TINY])  # every_step: a new, empty scan cache
+    assert scanned.exit_code == 0, scanned.output
+    assert _lines(scanned.output, "scan: decoding: ")[-1].startswith(f"scan: decoding: {total}/{total} files")

@@ -167,7 +167,7 @@ def evaluate(
     if len(rest) != 1:
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
     metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output, tta=tta,
-                            report=report)
+                            report=report, log=err.print)
     top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
         out.print(f"{name}accuracy {numbers['accuracy']:.4f}   {top_key.replace('_', ' ')} {numbers[top_key]:.4f}   "

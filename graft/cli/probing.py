@@ -99,7 +99,7 @@ def features(
         clashes = ((data, "data"), (cache_folder(cache), "feature cache"))
         distributed.main_decides(lambda: output_folder(output, "-o", clashes))
     splits = discover(data)
-    report = scan(splits)
+    report = scan(splits, log=err.print if distributed.is_main() else None)
     for warning in report.warnings if distributed.is_main() else ():
         err.print(f"warning: {warning}")
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]

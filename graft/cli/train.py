@@ -235,7 +235,7 @@ def lr_find(
     target = resolve_device(config.train.device)
     runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last)
     splits = discover(data, config.data.val_fraction, config.train.seed)
-    scan(splits, config.data.max_image_pixels)
+    scan(splits, config.data.max_image_pixels, log=runtime.log)
     finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
     save_lr_finding(finding, output)
     out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png and "

@@ -16,6 +16,7 @@ from pathlib import Path
 from graft.data.discovery import IMBALANCE_RATIO, TINY_CLASS, DatasetSplits, Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, _decoded, check_image_file
 from graft.errors import GraftError
+from graft.utils.progress import Progress
 from graft.utils.text import escape_field, path_key
 
 __all__ = ["SCAN_ALL_UP_TO", "SCAN_SAMPLE", "ScanCache", "ScanReport", "check_files", "readable", "scan",
@@ -149,16 +150,21 @@ def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | No
 
 
 def check_files(paths, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4,
-                cache: ScanCache | None = None) -> dict[str, tuple]:
+                cache: ScanCache | None = None, log=None) -> dict[str, tuple]:
     """{path: (sha1 or None, reason or None)} for each path, decoded in a thread pool (Pillow releases the GIL);
-    with a ``cache``, only files it does not know (new, resized or touched since) are decoded."""
+    with a ``cache``, only files it does not know (new, resized or touched since) are decoded. ``log``: where the
+    progress lines go (none without it)."""
     unique = sorted(set(paths))
     keys = {path: _scan_key(path, max_pixels) for path in unique} if cache else {}
     known = cache.get([key for key in keys.values() if key]) if cache else {}
     results = {path: known[keys[path]] for path in unique if keys.get(path) in known}
     todo = [path for path in unique if path not in results]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        fresh = dict(zip(todo, pool.map(lambda p: _check_file(p, max_pixels), todo)))
+    fresh = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool, \
+            Progress("scan: decoding", len(todo), "files", log, log is not None and bool(todo)) as progress:
+        for path, result in zip(todo, pool.map(lambda p: _check_file(p, max_pixels), todo)):
+            fresh[path] = result
+            progress.update(len(fresh))
     if cache and fresh:
         cache.put({keys[path]: result for path, result in fresh.items() if keys.get(path)})
     results.update(fresh)
@@ -189,7 +195,7 @@ def _sampled(paths: list[str], limit: int, cache: ScanCache | None, max_pixels: 
 
 def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int = 4,
          limit: int = SCAN_ALL_UP_TO, cache: ScanCache | str | os.PathLike | bool | None = None,
-         seed: int = 0) -> ScanReport:
+         seed: int = 0, log=None) -> ScanReport:
     """Decodes every file once (threads), drops unreadable ones from ``splits`` in place, and reports.
 
     Warns on class imbalance, tiny classes (< 5 training images), empty val classes and identical files in
@@ -198,6 +204,7 @@ def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, wor
     Args:
         limit: above this many files, a seeded sample is decoded instead (``_sampled``), and the report says so.
         cache: the scan cache (``ScanCache``, its folder, or None for ``scan_cache_dir()``); False: decode all.
+        log: where progress lines go (``graft.utils.progress``); None: quiet.
     """
     if splits.shards is not None:  # streamed: nothing to decode up front (a bad sample is skipped as it loads)
         counts = {split: splits.counts(split) for split in ("train", "val") if getattr(splits, split)}
@@ -208,7 +215,7 @@ def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, wor
     cache = cache or None
     paths, sample_note = _sampled([p for split in ("train", "val", "test") for p, _ in getattr(splits, split)],
                                   limit, cache, max_pixels, seed)
-    checked = check_files(paths, max_pixels, workers, cache)
+    checked = check_files(paths, max_pixels, workers, cache, log)
     skipped = sorted((path, reason) for path, (_, reason) in checked.items() if reason)
     bad = {path for path, _ in skipped}
     for split in ("train", "val", "test"):

@@ -18,6 +18,7 @@ from graft.models.grafted import GraftModel
 from graft.models.prediction import Prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
+from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_device
 
 __all__ = [
@@ -28,8 +29,9 @@ __all__ = [
 
 @torch.inference_mode()
 def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, channels_last: bool = True,
-                   limit_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, CPU) and labels for every batch of ``loader`` with the model in eval mode."""
+                   limit_batches: int = 0, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every batch of ``loader`` with the model in eval mode; ``progress``
+    (``graft.utils.progress``) is told the images done after each batch."""
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
@@ -52,6 +54,8 @@ def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, 
                     torch.cuda.empty_cache()
         all_logits.append(logits.float().cpu())
         all_labels.append(torch.as_tensor(labels))
+        if progress is not None:
+            progress.update(sum(len(part) for part in all_labels))
     model.train(was_training)
     if not all_logits:
         return torch.zeros(0, len(model.classes)), torch.zeros(0, dtype=torch.long)
@@ -79,18 +83,21 @@ class PerView(nn.Module):
 
 
 def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
-                           batch_size: int = 64, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           batch_size: int = 64, workers: int = 0, log=None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class probabilities averaged over ensemble members: (plain (N, C), with test-time augmentation (N, C), labels).
 
     Without ``tta`` both are the same tensor. View 0 of every TTA set is the plain evaluation view, so one pass gives
-    both numbers.
+    both numbers. ``log``: where progress lines go (none without it).
     """
     plain, augmented, labels = None, None, None
-    for member in models:
+    for number, member in enumerate(models, start=1):
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
-        logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers, device),
-                                        device, autocast_dtype(device), channels_last=False)
+        what = "evaluate" + (f" (model {number}/{len(models)})" if len(models) > 1 else "")
+        with Progress(what, len(samples), "images", log, log is not None) as progress:
+            logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers, device),
+                                            device, autocast_dtype(device), channels_last=False, progress=progress)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
         augmented = probabilities.mean(1) if augmented is None else augmented + probabilities.mean(1)

@@ -44,7 +44,7 @@ def advise(data, backbone: str, image_size: int | None = None, pretrained: bool 
     Only the train and val images are read: test images stay out of every choice (``test_fraction``: the fit's
     carved test split, left out the same way; ``weights_file``: local pretrained weights, as ``--weights``).
     """
-    splits = replace(_prepare(data, val_fraction, seed, test_fraction), test=[])
+    splits = replace(_prepare(data, val_fraction, seed, test_fraction, log), test=[])
     _, _, sets = stage_features(splits, backbone, "all", image_size, "avg", pretrained, cache_dir, device,
                                 workers=workers, log=log, seed=seed, weights_file=weights_file)
     combined = {spec: combine_features([sets[node] for node in spec.split(",")])

@@ -28,13 +28,20 @@ from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
-from graft.probing.cache import (SHARD_IMAGES, CacheSpace, cache_folder, file_key, space_key, tensor_digests,
-                                 weights_digest)
+from graft.probing.cache import (
+    SHARD_IMAGES,
+    CacheSpace,
+    cache_folder,
+    file_key,
+    space_key,
+    tensor_digests,
+    weights_digest,
+)
+from graft.utils import distributed
+from graft.utils.compiling import maybe_compile
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import check_output
-from graft.utils import distributed
-from graft.utils.compiling import maybe_compile
 from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 

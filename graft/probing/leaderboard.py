@@ -57,9 +57,9 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     return (predicted == torch.as_tensor(val_y)).float().mean().item()
 
 
-def _prepare(data, val_fraction: float, seed: int, test_fraction: float = 0.0) -> DatasetSplits:
+def _prepare(data, val_fraction: float, seed: int, test_fraction: float = 0.0, log=None) -> DatasetSplits:
     splits = discover(data, val_fraction, seed, test_fraction)
-    scan(splits)
+    scan(splits, log=log)
     if not splits.val:
         raise GraftError(f"{data}: no validation images to compare on; add a val/ folder or more images per class")
     return splits
@@ -125,7 +125,7 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
         distributed.main_decides(lambda: output_folder(output, "--output", clashes))  # rank 0 writes there
     for name in backbones:  # every name and its weights checked before the first extraction: fail in seconds
         create_backbone(name, pretrained=pretrained)
-    splits = _prepare(data, val_fraction, seed)
+    splits = _prepare(data, val_fraction, seed, log=log)
     target = resolve_device(device)
     rows, task = [], -1
     for name in backbones:

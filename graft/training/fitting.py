@@ -130,7 +130,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     if resume:
         _check_same_classes(run_dir, splits, config.data.path)
     report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
-                  seed=config.train.seed)
+                  seed=config.train.seed, log=runtime.log if runtime.verbose and runtime.is_main else None)
     _write_data_report(run_dir, splits, report, runtime)
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)

@@ -71,7 +71,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
                           verbose=verbose)
         splits = discover(data or config.data.path, config.data.val_fraction, config.train.seed,
                           0.0 if data else config.data.test_fraction)  # the fit's own test images stay out
-        scan(splits, config.data.max_image_pixels)
+        scan(splits, config.data.max_image_pixels, log=runtime.log if runtime.verbose else None)
         model = load(run_dir, target)
         if not batch_norms(model):
             raise GraftError(f"{run_dir}: this model has no batch norm layers; nothing to recompute")
