@@ -144,3 +144,24 @@ def test_the_lr_finder_over_shards_that_decode_nothing_stops(folder, tmp_path):
                     "--image-size", 32, "--steps", 5)
     assert result.exit_code == 2, result.output
     assert f"no training image could be read from {shard}" in _error_line(result.output)
+
+
+def test_an_error_in_a_loader_worker_is_still_one_line(tmp_path):
+    """torch re-raises a worker's GraftError with its traceback in the message; graft keeps the worker's own line."""
+    from torch.utils.data import DataLoader
+
+    data = make_shapes(tmp_path / "data", splits={"train": 1}, seed=3, size=24)
+    samples = discover(data / "train").train
+    for path, _ in samples:
+        open(path, "wb").close()
+    with pytest.raises(GraftError) as caught:
+        next(iter(DataLoader(ImageDataset(samples, lambda image: image), num_workers=1)))
+    expected = _unreadable(samples)  # the same error raised in this process
+    assert str(caught.value) == expected and "no image could be read from" in expected and "\n" not in expected
+
+
+def _unreadable(samples) -> str:
+    dataset = ImageDataset(samples, lambda image: image)
+    with pytest.raises(GraftError) as caught:
+        dataset[0]
+    return str(caught.value)
