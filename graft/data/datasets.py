@@ -12,15 +12,38 @@ from graft.data.discovery import Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.errors import GraftError
 
-__all__ = ["FileDataset", "ImageDataset", "PREFETCH_BATCHES", "loader_options", "resolve_workers"]
+__all__ = ["FileDataset", "ImageDataset", "PREFETCH_BATCHES", "loader_options", "resolve_workers", "unreadable_split"]
 
 PREFETCH_BATCHES = 2  # per worker, on CUDA: torch's default; workers x 2 batches in flight already hide jitter
 
 log = logging.getLogger(__name__)
 
 
+def unreadable_split(dataset, split: str = "") -> GraftError:
+    """The one-line error for a split none of whose listed images could be read as it loaded (all deleted or
+    damaged since the scan, or a tar shard that is empty or not a tar): it names the shards or the folder, and the fix.
+
+    ``dataset``: an ``ImageDataset``, a ``graft.data.shards.ShardDataset`` or a ``Subset`` of one (torchrun).
+    """
+    dataset = getattr(dataset, "dataset", dataset)
+    shards = [url for url, _ in getattr(dataset, "shards", None) or []]
+    what = f"no {split} image" if split else "no image"
+    if shards:
+        more = f" (and {len(shards) - 1} more shard(s))" if len(shards) > 1 else ""
+        return GraftError(f"{what} could be read from {shards[0]}{more}: every sample failed to decode (see the "
+                          "warnings above); re-create the shards with graft shard")
+    paths = [path for path, _ in getattr(dataset, "samples", [])]
+    where = os.path.commonpath(paths) if paths else "the data"
+    return GraftError(f"{what} could be read from {where}: all {len(paths)} file(s) failed to decode, though the "
+                      "scan read them (changed since? see the warnings above); restore the files and run again")
+
+
 class ImageDataset(Dataset):
-    """(image tensor, class index) pairs; a file that fails mid-training is replaced by the next one, never a crash."""
+    """(image tensor, class index) pairs; a file that fails mid-training is replaced by the next one, never a crash.
+
+    A file that failed once is not decoded again by this process (``broken``), so a folder damaged wholesale after
+    the scan fails in one pass over it with ``unreadable_split``'s message instead of retrying every file per item.
+    """
 
     def __init__(self, samples: list[Sample], transform, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  with_index: bool = False):
@@ -28,20 +51,26 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.max_pixels = max_pixels
         self.with_index = with_index  # also yield the sample's index, so a blown-up batch can name its files
+        self.broken: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple:
         for offset in range(len(self.samples)):
+            if len(self.broken) == len(self.samples):
+                break
             used = (index + offset) % len(self.samples)
+            if used in self.broken:
+                continue
             path, label = self.samples[used]
             try:
                 image = self.transform(load_image(path, self.max_pixels))
                 return (image, label, used) if self.with_index else (image, label)
             except ImageError as error:  # changed since the scan (deleted, overwritten): log and move on
+                self.broken.add(used)
                 log.warning("%s (substituted the next image)", error)
-        raise GraftError("no readable image left in the dataset")
+        raise unreadable_split(self)
 
 
 class FileDataset(Dataset):

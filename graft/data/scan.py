@@ -219,7 +219,10 @@ def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, wor
     skipped = sorted((path, reason) for path, (_, reason) in checked.items() if reason)
     bad = {path for path, _ in skipped}
     for split in ("train", "val", "test"):
-        setattr(splits, split, [s for s in getattr(splits, split) if s[0] not in bad])
+        listed = getattr(splits, split)
+        setattr(splits, split, [s for s in listed if s[0] not in bad])
+        if listed and not getattr(splits, split):
+            _refuse_unreadable_split(split, listed, checked)
     train_digests = defaultdict(list)
     for path, _ in splits.train:
         if path in checked:
@@ -247,3 +250,10 @@ def scan(splits: DatasetSplits, max_pixels: int | None = DEFAULT_MAX_PIXELS, wor
     if not splits.train:
         raise GraftError("no readable training images left after the scan; see the skipped files")
     return ScanReport(counts, skipped, duplicates, notes)
+
+
+def _refuse_unreadable_split(split: str, listed: list[Sample], checked: dict[str, tuple]) -> None:
+    """A split that had files and kept none: training, choosing or testing on nothing is never a result."""
+    reason = checked[listed[0][0]][1]
+    raise GraftError(f"{split}: none of its {len(listed)} image file(s) could be read (e.g. {reason}); replace the "
+                     "damaged files, or remove the split's folder")

@@ -179,6 +179,11 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     Returns:
         {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
     """
+    if splits.shards is not None:  # a shard sample is a tar member, not a file the cache can key and reread
+        raise GraftError(f"{splits.root}: features are extracted from image files, and tar shards hold none; pass the "
+                         "folder (or CSV) the shards were written from")
+    if not any(getattr(splits, split) for split in SPLITS):
+        raise GraftError(f"{splits.root or 'the data'}: no images to extract features from")
     extractor = _as_multi(extractor)
     pool = extractor.pool_kind
     device = torch.device(device)

@@ -9,6 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from graft.data.datasets import unreadable_split
 from graft.errors import GraftError
 from graft.evaluation.inference import predict_logits
 from graft.models.grafted import GraftModel
@@ -127,7 +128,7 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
     loss_options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
     done = resume_at or {}
     total_loss, correct, seen = done.get("loss", 0.0), done.get("correct", 0), done.get("seen", 0)
-    start = time.perf_counter()
+    steps, start = done.get("step", 0), time.perf_counter()
     for step, (images, labels, *indices) in enumerate(loader, start=done.get("step", 0)):
         if limit_batches and step >= limit_batches:
             break
@@ -155,11 +156,14 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
             progress.update(seen, f"loss {total_loss / seen:.4f} acc {correct / seen:.3f}")
         if on_step is not None:
             on_step({"step": step + 1, "loss": total_loss, "correct": correct, "seen": seen})
+        steps = step + 1
     seconds = time.perf_counter() - start
     if runtime.distributed:  # the epoch's numbers over every process's share
-        sums = distributed.all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64,
+        sums = distributed.all_reduce_sum(torch.tensor([total_loss, correct, seen, steps], dtype=torch.float64,
                                                        device=_collective_device(runtime)))
-        total_loss, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+        total_loss, correct, seen, steps = sums[0].item(), int(sums[1].item()), int(sums[2].item()), int(sums[3])
+    if not steps:  # every sample was substituted (none decoded): an epoch of nothing must not pass as trained
+        raise unreadable_split(loader.dataset, "training")
     return {"train_loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
             "images_per_s": seen / max(seconds, 1e-9), "micro_batches": micro_batches}
 
@@ -173,14 +177,19 @@ def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0
     """Mean loss and accuracy over ``loader``; under torchrun each process holds an unpadded share and the sums are
     added over processes, so no image counts twice."""
     logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last, limit_batches)
+    listed = len(loader.dataset)
     if runtime.distributed:
         sums = torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0,
-                             (logits.argmax(1) == labels).sum().item(), len(labels)], dtype=torch.float64)
-        loss, correct, count = distributed.all_reduce_sum(sums.to(_collective_device(runtime))).tolist()
-        return {"val_loss": loss / count, "val_acc": correct / count} if count else {"val_loss": math.nan,
-                                                                                      "val_acc": math.nan}
-    if not len(labels):
+                             (logits.argmax(1) == labels).sum().item(), len(labels), listed], dtype=torch.float64)
+        loss, correct, count, listed = distributed.all_reduce_sum(sums.to(_collective_device(runtime))).tolist()
+    else:
+        loss, correct, count = None, None, len(labels)
+    if listed and not count:  # images listed, none read (a tar shard that is no tar): not a NaN epoch to retry
+        raise unreadable_split(loader.dataset, "validation")
+    if not count:
         return {"val_loss": math.nan, "val_acc": math.nan}
+    if runtime.distributed:
+        return {"val_loss": loss / count, "val_acc": correct / count}
     return {"val_loss": F.cross_entropy(logits, labels).item(),
             "val_acc": (logits.argmax(1) == labels).float().mean().item()}
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from graft.config import FitConfig, apply_overrides
+from graft.data.datasets import unreadable_split
 from graft.data.discovery import DatasetSplits
 from graft.errors import GraftError
 from graft.training import recipes
@@ -44,7 +45,12 @@ def find_lr(config: FitConfig, splits: DatasetSplits, runtime: Runtime, steps: i
 
     def batches():
         while True:
-            yield from loader
+            empty = True
+            for batch in loader:
+                empty = False
+                yield batch
+            if empty:  # no sample decoded (a shard that is no tar): cycling the loader again would never end
+                raise unreadable_split(loader.dataset, "training")
 
     stream = batches()
 
