@@ -6,6 +6,10 @@ from threads), then reads the server's ``VmHWM`` (peak resident set) from ``/pro
 
     python bench/bench_serve_memory.py              # EfficientNet-Lite0 (installed weights), a probe on shapes
     python bench/bench_serve_memory.py --tiny       # timm's test_resnet at 32 px: the decoding and overlay costs alone
+    python bench/bench_serve_memory.py --only explain   # the /explain rows and the CLI's
+
+The servers and the CLI run in the bench's temporary folder, so ``python -m graft`` is the graft this script imports
+(``PYTHONPATH`` decides; run from another checkout's root, ``-m`` would pick that checkout's ``graft/`` instead).
 
 The images: a flat 6300 x 6300 PNG with a few shapes (the issue's 131 KB upload), and an 8000 x 5000 (40 M pixels,
 the server's default limit) PNG and JPEG. The goal: two concurrent 40-megapixel uploads under ~2 GB.
@@ -85,7 +89,7 @@ def serve_row(run: Path, path: str, files: list[Path], concurrent: int) -> tuple
 
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "graft", "serve", str(run), "--port", str(port), "--device",
-                               "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=run.parent)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):
@@ -121,7 +125,8 @@ def cli_row(run: Path, image: Path, out: Path) -> tuple[float, float]:
     """(peak MB, seconds) of ``graft explain RUN IMAGE``, measured by a process whose only child it is."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _PEAK_OF, sys.executable, "-m", "graft", "explain", str(run),
-                           str(image), "-o", str(out), "--device", "cpu"], check=True, capture_output=True, text=True)
+                           str(image), "-o", str(out), "--device", "cpu"], check=True, capture_output=True, text=True,
+                          cwd=run.parent)
     return float(done.stdout.split()[-1]), time.perf_counter() - start
 
 
@@ -129,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="timm's test_resnet at 32 px instead of EfficientNet-Lite0")
     parser.add_argument("--copies", type=int, default=4, help="copies of the flat PNG in one /explain request")
+    parser.add_argument("--only", default="", help="the rows whose name contains this (e.g. explain)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -142,10 +148,12 @@ def main() -> None:
         flat = images["flat 6300x6300 PNG"]
         rows = [("/predict", "40 MP PNG", 2, 1), ("/explain", "40 MP PNG", 2, 1), ("/predict", "40 MP JPEG", 2, 1),
                 ("/explain", "40 MP JPEG", 2, 1), ("/explain", "flat 6300x6300 PNG", 1, args.copies)]
-        for path, name, concurrent, copies in rows:
+        for path, name, concurrent, copies in [row for row in rows if args.only in f"{row[0]} {row[1]}"]:
             idle, peak, seconds, statuses = serve_row(run, path, [images[name]] * copies, concurrent)
             print(f"| `{path}` {name} | {concurrent} x {copies} | {idle:.0f} | {peak:.0f} | {seconds:.1f} | "
                   f"{statuses} |", flush=True)
+        if args.only not in "graft explain flat 6300x6300 PNG":
+            return
         peak, seconds = cli_row(run, flat, folder / "explained")
         print(f"| `graft explain` flat 6300x6300 PNG | 1 x 1 | | {peak:.0f} | {seconds:.1f} | exit 0 |")
 

@@ -136,6 +136,9 @@ class Predictor:
         self.queue: asyncio.Queue[_Pending] | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
         self.decoder = ThreadPoolExecutor(4, thread_name_prefix="graft-decode")
+        # /explain decodes and draws on threads of its own: it never holds /predict's decoders, and the memory a
+        # thread's allocator keeps after a 40-megapixel decode is kept by at most explain_concurrency threads
+        self.explainer = ThreadPoolExecutor(config.explain_concurrency, thread_name_prefix="graft-explain")
 
     def preprocess(self, data: bytes, name: str) -> torch.Tensor:
         return self.views(decode_image(data, name, self.config.max_pixels))
@@ -260,6 +263,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         task.cancel()
         predictor.worker.shutdown(wait=False)
         predictor.decoder.shutdown(wait=False)
+        predictor.explainer.shutdown(wait=False)
 
     # no /openapi.json, /docs or /redoc: unknown paths answer 404, as documented, and nothing describes more
     app = FastAPI(title="graft", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -378,7 +382,7 @@ async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[
 async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list[tuple[str, bytes]]) -> dict:
     """Grad-CAM of each upload (graft.evaluation.explain) as a PNG data URI, with the top-k it explains.
 
-    The uploads are decoded one after another in a decoder thread, each shrunk to its network input and an
+    The uploads are decoded one after another on an explain thread, each shrunk to its network input and an
     overlay-size copy at once, so a request holds one full-size image at a time. The gradient pass runs in the
     inference thread, between ``/predict`` batches, never beside one (its hooks are on the shared model). An ensemble
     is explained through its first member (a map per member would not be one picture).
@@ -388,7 +392,7 @@ async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list
     prepared = []
     for name, data in uploads:
         try:
-            prepared.append(await loop.run_in_executor(predictor.decoder, _prepare_upload, model, data, name,
+            prepared.append(await loop.run_in_executor(predictor.explainer, _prepare_upload, model, data, name,
                                                        config.max_pixels))
         except PixelLimitError as exc:
             raise ApiError(413, str(exc)) from None
@@ -400,7 +404,7 @@ async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list
                                              names)
     except GraftError as exc:  # a trunk Grad-CAM does not apply to (a cut at a pooled vector)
         raise ApiError(422, str(exc)) from None
-    overlays = await loop.run_in_executor(predictor.decoder, _png_data_uris, [row.overlay for row in results])
+    overlays = await loop.run_in_executor(predictor.explainer, _png_data_uris, [row.overlay for row in results])
     predictor.counters.images += len(uploads)
     rows = [{"file": result.path, "labels": [display_name(label) for label in result.labels],
              "probabilities": result.probabilities, "target": display_name(result.target),
