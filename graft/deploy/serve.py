@@ -41,7 +41,7 @@ from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
-    "ApiError", "Counters", "EXPLAIN_MAX_FILES", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE",
+    "ApiError", "Counters", "EXPLAIN_MAX_FILES", "Gate", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE",
     "Predictor", "RETRY_AFTER_S", "ServeConfig", "create_app", "serve"
 ]
 
@@ -132,7 +132,7 @@ class Predictor:
         self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
         self.facts = [run_facts(run) for run in self.runs]
         self.counters = Counters()
-        self.explain_gate = Gate(config.explain_concurrency, config.explain_queue, "/explain")
+        self.explain_gate: Gate | None = None  # made on the serving loop, like the queue (asyncio binds to it)
         self.queue: asyncio.Queue[_Pending] | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
         self.decoder = ThreadPoolExecutor(4, thread_name_prefix="graft-decode")
@@ -258,6 +258,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     @asynccontextmanager
     async def lifespan(app):
         predictor.queue = asyncio.Queue()
+        predictor.explain_gate = Gate(config.explain_concurrency, config.explain_queue, "/explain")
         task = asyncio.create_task(predictor.run_batches())
         yield
         task.cancel()
