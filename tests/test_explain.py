@@ -221,3 +221,67 @@ def test_a_zero_map_is_said_not_passed_off_as_an_explanation(tmp_path):
     assert "zero everywhere" in zero.note and "cat" in zero.note and real.note == ""
     rows = json.loads(write_explanations([zero, real], tmp_path).read_text())["images"]
     assert [row["note"] for row in rows] == [zero.note, ""]
+
+
+def test_a_small_images_map_is_the_input_size_map_placed_where_the_crop_took_it(trained_run, shapes):
+    """Regression: at or below the overlay size nothing is shrunk; the map is grad_cam's, put back by hand."""
+    from matplotlib import colormaps
+
+    from graft.evaluation.explain import explain_images, grad_cam
+    from graft.models.run_folder import load
+
+    model = load(trained_run)
+    crop = model.preprocessing.input_size[0]
+    side = int(crop / model.preprocessing.crop_pct)  # resized to itself, then centre-cropped: the crop is the box
+    offset = round((side - crop) / 2)
+    image = Image.open(shapes / "val" / "circle" / "000.png").convert("RGB").resize((side, side))
+    (row,) = explain_images(model, [image], target="circle")
+    cam = grad_cam(model, model.transform(image)[None], [model.classes.index("circle")])[0].numpy()
+    expected = np.zeros((side, side), dtype=np.float32)
+    expected[offset:offset + crop, offset:offset + crop] = cam
+    assert row.cam.shape == (side, side) and expected.max() > 0.99
+    np.testing.assert_allclose(row.cam, expected, atol=1e-6)
+    weight = 0.5 * np.sqrt(expected)[..., None]  # README: the jet heat map, half opaque at the hottest pixel
+    drawn = (1 - weight) * np.asarray(image) / 255 + weight * colormaps["jet"](expected)[..., :3]
+    assert np.abs(np.asarray(row.overlay, dtype=float) - drawn * 255).max() <= 1
+    assert row.overlay.size == row.image.size == image.size
+
+
+def test_a_large_image_is_explained_at_most_512_px_with_the_map_of_its_small_copy(corner_run):
+    """The map is taken on the network's input, so a 20x copy of an image gets the small image's map, shrunk."""
+    from graft.evaluation.explain import explain_images
+    from graft.models.run_folder import load
+
+    model = load(corner_run)
+    rng = random.Random(7)
+    small = [corner_image(True, rng), corner_image(True, rng).resize((80, 64), Image.Resampling.NEAREST)]
+    large = [image.resize((image.width * 20, image.height * 20), Image.Resampling.NEAREST) for image in small]
+    rows = explain_images(model, small + large, target="corner")
+    assert [row.overlay.size for row in rows] == [(64, 64), (80, 64), (512, 512), (512, 410)]
+    assert [row.cam.shape for row in rows[2:]] == [(512, 512), (410, 512)]
+    for little, big in zip(rows[:2], rows[2:]):
+        assert big.labels == little.labels and big.probabilities == pytest.approx(little.probabilities, abs=0.02)
+        expected = np.asarray(Image.fromarray(little.cam).resize(big.overlay.size, Image.Resampling.BILINEAR))
+        assert np.corrcoef(expected.ravel(), big.cam.ravel())[0, 1] > 0.95
+        assert np.abs(expected - big.cam).mean() < 0.05
+
+
+def test_explaining_a_large_image_allocates_no_full_size_float_array(trained_run):
+    """numpy reports its buffers to tracemalloc: explaining 3000 x 3000 pixels (36 MB as float32, 288 MB as the RGBA
+    float64 colour map the overlay once was) must stay at overlay-size arrays (~30 MB in all at 512 x 512)."""
+    import tracemalloc
+
+    from graft.evaluation.explain import explain_images
+    from graft.models.run_folder import load
+
+    model = load(trained_run)
+    image = Image.new("RGB", (3000, 3000), (200, 40, 40))
+    explain_images(model, [Image.new("RGB", (40, 40))])  # imports and first-call caches outside the measurement
+    tracemalloc.start()
+    try:
+        (row,) = explain_images(model, [image])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert row.overlay.size == (512, 512)
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MB of Python/numpy memory at the peak"

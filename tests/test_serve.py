@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,7 +14,7 @@ import pytest
 from browser_support import live_server
 from PIL import Image
 
-from graft.deploy.serve import ServeConfig, create_app
+from graft.deploy.serve import EXPLAIN_MAX_FILES, MAX_FILES, RETRY_AFTER_S, ServeConfig, create_app
 from graft.evaluation.inference import predict
 
 
@@ -123,3 +126,104 @@ def test_an_ensembles_metadata_and_predictions_say_what_they_should(trained_run,
         assert row["probabilities"] == pytest.approx(reference.probabilities, abs=1e-4)
     right = [row["labels"][0] == path.parent.name for row, path in zip(rows, files)]
     assert sum(right) >= 2, f"the trained run names most val shapes right: {rows}"
+
+
+def _partial_upload(base: str, path: str, declared: int = 150_000) -> socket.socket:
+    """A socket that has sent the headers and the start of a multipart body announcing ``declared`` bytes, and stops."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary=cut\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    part = b'--cut\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    sock.sendall(head + part + png()[:60])
+    return sock
+
+
+def _wait_for(base: str, key: str, value: int) -> dict:
+    """/health once its ``key`` reaches ``value`` (the server notices a socket's news on its own loop, soon after)."""
+    for _ in range(2400):
+        health = httpx.get(f"{base}/health").json()
+        if health.get(key, 0) >= value:
+            return health
+        time.sleep(0.05)
+    return health
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_gone_mid_upload_is_one_quiet_line_not_a_server_error(server):
+    records = _Records()
+    loggers = [logging.getLogger("uvicorn"), logging.getLogger("graft")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        before = httpx.get(f"{server}/health").json()
+        _partial_upload(server, "/predict").close()
+        after = _wait_for(server, "disconnects", before.get("disconnects", 0) + 1)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert after.get("disconnects") == before.get("disconnects", 0) + 1
+    assert after["errors"] == before["errors"], "a client hanging up is not a server error"
+    assert [record for record in records.records if record.exc_info] == [], "no traceback"
+    assert len([record for record in records.records if "disconnected" in record.getMessage()]) <= 1
+    assert httpx.post(f"{server}/predict", files={"file": ("x.png", png(), "image/png")}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"])
+def test_no_api_description_is_served(server, path):
+    response = httpx.get(f"{server}{path}")
+    assert response.status_code == 404 and response.json() == {"error": f"Not Found: GET {path}"}
+
+
+def test_a_request_with_more_files_than_allowed_gets_413_in_one_line(server):
+    many = [("file", (f"{index}.png", png(), "image/png")) for index in range(MAX_FILES + 1)]
+    response = httpx.post(f"{server}/predict", files=many)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"] == (f"more than {MAX_FILES} files or fields in one request to /predict (its "
+                                        "limit); send the images in several requests")
+    assert httpx.post(f"{server}/predict", files=many[:MAX_FILES]).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def explain_server(trained_run):
+    """One /explain at a time and none waiting: a stalled upload fills it."""
+    pytest.importorskip("captum", reason="graft[explain] (captum) is not installed: no /explain")
+    config = ServeConfig(max_upload_bytes=200_000, top_k=3, explain_concurrency=1, explain_queue=0)
+    with live_server(create_app(trained_run, "cpu", config)) as base:
+        yield base
+
+
+def test_explain_takes_fewer_files_than_predict(explain_server):
+    files = [("file", (f"{index}.png", png((40, 40), (30 * index, 90, 90)), "image/png"))
+             for index in range(EXPLAIN_MAX_FILES + 1)]
+    response = httpx.post(f"{explain_server}/explain", files=files, timeout=60)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"].startswith(f"more than {EXPLAIN_MAX_FILES} files or fields in one request to "
+                                               "/explain")
+    answer = httpx.post(f"{explain_server}/explain", files=files[:EXPLAIN_MAX_FILES], timeout=60)
+    assert answer.status_code == 200 and len(answer.json()["explanations"]) == EXPLAIN_MAX_FILES
+    assert httpx.post(f"{explain_server}/predict", files=files).status_code == 200  # /predict's own limit
+
+
+def test_a_busy_explain_answers_503_with_retry_after_and_predict_goes_on(explain_server):
+    one = [("file", ("x.png", png(), "image/png"))]
+    before = httpx.get(f"{explain_server}/health").json()
+    stalled = _partial_upload(explain_server, "/explain")  # takes the one place, then uploads nothing more
+    try:
+        _wait_for(explain_server, "requests", before["requests"] + 1)
+        busy = httpx.post(f"{explain_server}/explain", files=one, timeout=60)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == str(RETRY_AFTER_S)
+        assert busy.json()["error"].startswith("busy: 1 /explain requests are already running or waiting")
+        assert httpx.post(f"{explain_server}/predict", files=one, timeout=60).status_code == 200
+    finally:
+        stalled.close()
+    _wait_for(explain_server, "disconnects", before.get("disconnects", 0) + 1)
+    assert httpx.post(f"{explain_server}/explain", files=one, timeout=60).status_code == 200  # the place is free

@@ -7,17 +7,22 @@
   the endpoints served and whether there is a report.
 - ``GET /``: a self-contained web page (graft/deploy/page.py) that sends dropped images to ``/predict``.
 - ``GET /report``: the run's newest ``report.html`` (from ``graft evaluate``); nothing else from the file system.
-- ``POST /explain`` (when the explain extra, Captum, is installed): the same upload as ``/predict``; each image's
-  Grad-CAM overlay as a PNG data URI with the top-k it explains; the page shows it beside the thumbnail.
+- ``POST /explain`` (when the explain extra, Captum, is installed): the same upload as ``/predict``, at most
+  ``explain_max_files`` images; each image's Grad-CAM overlay (at most 512 px) as a PNG data URI with the top-k it
+  explains; the page shows it beside the thumbnail. At most ``explain_concurrency`` explanations run at once and
+  ``explain_queue`` more wait; beyond that the answer is 503 with ``Retry-After``, so explanations never crowd out
+  ``/predict``.
 
 Concurrent requests are batched: a single inference task collects images until ``max_batch`` or ``max_wait_ms``
 and runs them in one forward pass on one worker thread. Bad input never reaches the model and never crashes the
 server: more bytes than ``max_upload_bytes`` → 413, more pixels than ``max_pixels`` (decompression bombs) → 413,
-not an image → 415, no image → 400; every error is JSON ``{"error": "..."}``.
+not an image → 415, no image → 400, more files than allowed → 413; every error is JSON ``{"error": "..."}``. A
+client that goes away mid-upload is one log line and a count in ``/health`` (``disconnects``), not an error.
 """
 
 import asyncio  # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime
 import base64
+import contextlib
 import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -29,14 +34,15 @@ from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
 from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
 from graft.errors import GraftError
-from graft.evaluation.explain import available as explain_available, explain_images
+from graft.evaluation.explain import OVERLAY_SIDE, explain_prepared, prepare
+from graft.evaluation.explain import available as explain_available
 from graft.evaluation.inference import PerView, load_ensemble
 from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
 __all__ = [
-    "ApiError", "Counters", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE", "Predictor", "ServeConfig", "create_app",
-    "serve"
+    "ApiError", "Counters", "EXPLAIN_MAX_FILES", "Gate", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE",
+    "Predictor", "RETRY_AFTER_S", "ServeConfig", "create_app", "serve"
 ]
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,8 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64  # images per request
-OVERLAY_SIDE = 512  # pixels on the longer side of a /explain overlay: enough for a page, small as a data URI
+EXPLAIN_MAX_FILES = 4  # images per /explain request: each costs a gradient pass and an overlay
+RETRY_AFTER_S = 5  # what a 503 from a busy /explain tells the client to wait
 
 
 @dataclass
@@ -59,12 +66,15 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
     top_k: int = 5
     tta: str | None = None
+    explain_max_files: int = EXPLAIN_MAX_FILES
+    explain_concurrency: int = 2  # /explain requests decoding and explaining at once
+    explain_queue: int = 8  # more /explain requests waiting for a turn (their bodies read); beyond that 503
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 @dataclass
@@ -79,7 +89,35 @@ class Counters:
     images: int = 0
     batches: int = 0
     largest_batch: int = 0
+    disconnects: int = 0  # clients gone before their upload was read: neither an answer nor an error
     errors: dict[int, int] = field(default_factory=dict)
+
+
+class Gate:
+    """At most ``running`` holders at a time and ``waiting`` more in line (FIFO); the next one is refused with 503.
+
+    ``place`` is taken before the body is read, so at most running + waiting bodies are ever held; ``turn`` is then
+    awaited for the work itself.
+    """
+
+    def __init__(self, running: int, waiting: int, what: str):
+        self.capacity, self.what = running + waiting, what
+        self.semaphore = asyncio.Semaphore(running)
+        self.inside = 0
+
+    @contextlib.asynccontextmanager
+    async def place(self):
+        if self.inside >= self.capacity:
+            raise ApiError(503, f"busy: {self.capacity} {self.what} requests are already running or waiting; "
+                                f"retry in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+    def turn(self):
+        return self.semaphore
 
 
 class Predictor:
@@ -94,9 +132,13 @@ class Predictor:
         self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
         self.facts = [run_facts(run) for run in self.runs]
         self.counters = Counters()
+        self.explain_gate: Gate | None = None  # made on the serving loop, like the queue (asyncio binds to it)
         self.queue: asyncio.Queue[_Pending] | None = None
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="graft-infer")  # one forward pass at a time
         self.decoder = ThreadPoolExecutor(4, thread_name_prefix="graft-decode")
+        # /explain decodes and draws on threads of its own: it never holds /predict's decoders, and the memory a
+        # thread's allocator keeps after a 40-megapixel decode is kept by at most explain_concurrency threads
+        self.explainer = ThreadPoolExecutor(config.explain_concurrency, thread_name_prefix="graft-explain")
 
     def preprocess(self, data: bytes, name: str) -> torch.Tensor:
         return self.views(decode_image(data, name, self.config.max_pixels))
@@ -151,11 +193,14 @@ class Predictor:
         return {"classes": self.labels, "runs": [display_name(str(r)) for r in self.runs],
                 "facts": self.facts, "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
-                           "max_files": self.config.max_files},
+                           "max_files": self.config.max_files, "explain_max_files": self.config.explain_max_files,
+                           "explain_concurrency": self.config.explain_concurrency,
+                           "explain_queue": self.config.explain_queue},
                 "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms}}
 
 
 async def _read_limited(request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes (starlette's ``ClientDisconnect`` when the client goes away)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload of {int(declared)} bytes exceeds the limit of {limit} bytes")
@@ -168,8 +213,9 @@ async def _read_limited(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _uploads(request, config: ServeConfig) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every uploaded image: multipart files, or the raw body for an image/* content type."""
+async def _uploads(request, config: ServeConfig, max_files: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every uploaded image: multipart files (at most ``max_files``), or the raw body for an image/*
+    content type."""
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -184,9 +230,11 @@ async def _uploads(request, config: ServeConfig) -> list[tuple[str, bytes]]:
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=config.max_files,
-                                     max_fields=config.max_files).parse()
+        form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=max_files).parse()
     except MultiPartException as error:
+        if str(error).startswith("Too many"):  # starlette's words for max_files and max_fields
+            raise ApiError(413, f"more than {max_files} files or fields in one request to {request.url.path} (its "
+                                "limit); send the images in several requests") from None
         raise ApiError(400, f"malformed multipart body: {error}") from None
     files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
              if isinstance(value, UploadFile)]
@@ -210,13 +258,16 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     @asynccontextmanager
     async def lifespan(app):
         predictor.queue = asyncio.Queue()
+        predictor.explain_gate = Gate(config.explain_concurrency, config.explain_queue, "/explain")
         task = asyncio.create_task(predictor.run_batches())
         yield
         task.cancel()
         predictor.worker.shutdown(wait=False)
         predictor.decoder.shutdown(wait=False)
+        predictor.explainer.shutdown(wait=False)
 
-    app = FastAPI(title="graft", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no /openapi.json, /docs or /redoc: unknown paths answer 404, as documented, and nothing describes more
+    app = FastAPI(title="graft", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.predictor = predictor
 
     _add_error_handlers(app, predictor, JSONResponse)
@@ -225,7 +276,8 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     async def health():
         counters = predictor.counters
         return {"status": "ok", "requests": counters.requests, "images": counters.images,
-                "batches": counters.batches, "largest_batch": counters.largest_batch, "errors": counters.errors}
+                "batches": counters.batches, "largest_batch": counters.largest_batch,
+                "disconnects": counters.disconnects, "errors": counters.errors}
 
     @app.get("/metadata")
     async def metadata():
@@ -237,13 +289,16 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     @app.post("/predict")
     async def predict(request: Request):
         predictor.counters.requests += 1
-        return await _predictions(predictor, config, await _uploads(request, config))
+        return await _predictions(predictor, config, await _uploads(request, config, config.max_files))
 
     if explain_available():  # the page offers its "where the model looked" switch only when this route exists
         @app.post("/explain")
         async def explain(request: Request):
             predictor.counters.requests += 1
-            return await _explanations(predictor, config, await _uploads(request, config))
+            async with predictor.explain_gate.place():
+                uploads = await _uploads(request, config, config.explain_max_files)
+                async with predictor.explain_gate.turn():
+                    return await _explanations(predictor, config, uploads)
 
     return app
 
@@ -273,13 +328,23 @@ def _add_page_routes(app, predictor: Predictor) -> None:
 
 def _add_error_handlers(app, predictor: Predictor, response_type) -> None:
     """Every failure becomes a JSON ``{"error": ...}`` with its status, counted in ``/health``."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
 
     def error(status: int, message: str):
         predictor.counters.errors[status] = predictor.counters.errors.get(status, 0) + 1
         return response_type({"error": display_name(message)}, status_code=status)
 
     async def api_error(request, exc: ApiError):
-        return error(exc.status, exc.message)
+        response = error(exc.status, exc.message)
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def disconnected(request, exc):  # the client hung up mid-upload: nobody to answer, nothing went wrong here
+        predictor.counters.disconnects += 1
+        log.info("%s %s: the client disconnected before its upload was read", request.method, request.url.path)
+        return Response(status_code=400)
 
     async def http_error(request, exc):  # unknown paths (404) and methods (405): the same JSON shape as the rest
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
@@ -288,9 +353,8 @@ def _add_error_handlers(app, predictor: Predictor, response_type) -> None:
         log.exception("unexpected error")
         return error(500, f"internal error ({type(exc).__name__}); the server keeps running")
 
-    from starlette.exceptions import HTTPException
-
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
 
@@ -319,37 +383,49 @@ async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[
 async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list[tuple[str, bytes]]) -> dict:
     """Grad-CAM of each upload (graft.evaluation.explain) as a PNG data URI, with the top-k it explains.
 
-    An ensemble is explained through its first member (a map per member would not be one picture). The gradients run
-    in the inference thread, so they never overlap a batch of ``/predict``.
+    The uploads are decoded one after another on an explain thread, each shrunk to its network input and an
+    overlay-size copy at once, so a request holds one full-size image at a time. The gradient pass runs in the
+    inference thread, between ``/predict`` batches, never beside one (its hooks are on the shared model). An ensemble
+    is explained through its first member (a map per member would not be one picture).
     """
     loop = asyncio.get_running_loop()
-    try:
-        images = await asyncio.gather(*[loop.run_in_executor(predictor.decoder, decode_image, data, name,
-                                                             config.max_pixels) for name, data in uploads])
-    except PixelLimitError as exc:
-        raise ApiError(413, str(exc)) from None
-    except ImageError as exc:
-        raise ApiError(415, str(exc)) from None
+    model = predictor.models[0]
+    prepared = []
+    for name, data in uploads:
+        try:
+            prepared.append(await loop.run_in_executor(predictor.explainer, _prepare_upload, model, data, name,
+                                                       config.max_pixels))
+        except PixelLimitError as exc:
+            raise ApiError(413, str(exc)) from None
+        except ImageError as exc:
+            raise ApiError(415, str(exc)) from None
     names = [display_name(name) for name, _ in uploads]
     try:
-        results = await loop.run_in_executor(predictor.worker, explain_images, predictor.models[0],
-                                             list(images), config.top_k, None, names)
+        results = await loop.run_in_executor(predictor.worker, explain_prepared, model, prepared, config.top_k, None,
+                                             names)
     except GraftError as exc:  # a trunk Grad-CAM does not apply to (a cut at a pooled vector)
         raise ApiError(422, str(exc)) from None
+    overlays = await loop.run_in_executor(predictor.explainer, _png_data_uris, [row.overlay for row in results])
     predictor.counters.images += len(uploads)
     rows = [{"file": result.path, "labels": [display_name(label) for label in result.labels],
              "probabilities": result.probabilities, "target": display_name(result.target),
-             "overlay": _png_data_uri(result.overlay), "note": result.note} for result in results]
+             "overlay": overlay, "note": result.note} for result, overlay in zip(results, overlays)]
     return {"explanations": rows}
 
 
-def _png_data_uri(image, longest: int = OVERLAY_SIDE) -> str:
-    """A PNG data URI of ``image``, shrunk to ``longest`` pixels on its longer side (a page needs no more)."""
-    image = image.copy()
-    image.thumbnail((longest, longest))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+def _prepare_upload(model, data: bytes, name: str, max_pixels: int):
+    """An upload decoded and prepared for Grad-CAM; the full-size image is dropped when this returns."""
+    return prepare(model, decode_image(data, name, max_pixels), OVERLAY_SIDE)
+
+
+def _png_data_uris(images) -> list[str]:
+    """PNG data URIs of the overlays (already at most ``OVERLAY_SIDE`` pixels on their longer side)."""
+    uris = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+        uris.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return uris
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

@@ -8,8 +8,11 @@ token, the last block's output patch tokens never reach the logits, so the map i
 where attention still mixes them (pytorch-grad-cam's recipe for ViTs). A trunk with no spatial map (a pooled
 vector) has nothing to localise and is refused.
 
-Maps are computed at the network's input size and placed back onto the original image through the inverse of the
-evaluation transform (aspect cap, resize, centre crop), so an overlay has the image's own size.
+Maps are computed at the network's input size (the preprocessed input, as the model sees it) and placed back onto
+the image through the inverse of the evaluation transform (aspect cap, resize, centre crop). The overlay has the
+image's own shape, at most ``OVERLAY_SIDE`` pixels on its longer side: a large photo is shrunk once, straight after
+its network input is made, so no array ever has the upload's full resolution (a flat 6300 x 6300 PNG of 131 KB used
+to cost gigabytes of float arrays).
 """
 
 from __future__ import annotations
@@ -37,17 +40,19 @@ from graft.utils.runtime import resolve_device
 from graft.utils.text import display_name
 
 __all__ = [
-    "ALPHA", "SUMMARY", "Explanation", "available", "explain", "explain_images", "grad_cam", "overlay",
-    "write_explanations"
+    "ALPHA", "OVERLAY_SIDE", "SUMMARY", "Explanation", "Prepared", "available", "explain", "explain_images",
+    "explain_prepared", "grad_cam", "overlay", "prepare", "shrunk", "write_explanations"
 ]
 
 ALPHA = 0.5  # heat-map opacity at the hottest pixel
+OVERLAY_SIDE = 512  # pixels on an overlay's longer side: enough to see where a model looked, small as a data URI
 SUMMARY = "explanations.json"
 
 
 @dataclass
 class Explanation:
-    """One image's Grad-CAM: the map (H x W in [0, 1], the image's size), its overlay and the top-k it explains.
+    """One image's Grad-CAM: the map (H x W in [0, 1]), the image it is drawn on and its overlay, all three the
+    image's size shrunk to at most ``OVERLAY_SIDE`` pixels on the longer side, and the top-k it explains.
 
     ``target`` is the class the map is for (top-1 unless asked); ``error`` is set instead when the file failed.
     """
@@ -77,6 +82,36 @@ def available() -> bool:
     except GraftError:
         return False
     return True
+
+
+@dataclass
+class Prepared:
+    """An image made ready to explain: the network's input, the image at overlay size and its original size.
+
+    Made as soon as an image is decoded, so the full-resolution image can be dropped before any explaining starts.
+    """
+
+    input: torch.Tensor  # (3, H, W): the evaluation transform of the full image, as predict sees it
+    shown: Image.Image  # at most ``OVERLAY_SIDE`` pixels on the longer side
+    size: tuple[int, int]  # the original (width, height)
+
+
+def shrunk(image: Image.Image, side: int = OVERLAY_SIDE) -> Image.Image:
+    """``image`` at most ``side`` pixels on its longer side, the aspect kept; the image itself when it is no larger.
+
+    Pillow's ``reducing_gap`` box-reduces by a whole factor first, so even a 40-megapixel image costs one pass over
+    its 8-bit pixels and a small resampled copy.
+    """
+    if max(image.size) <= side:
+        return image
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+def prepare(model: GraftModel, image: Image.Image, side: int = OVERLAY_SIDE) -> Prepared:
+    """The network input and the overlay-size copy of a decoded RGB image (see ``Prepared``)."""
+    return Prepared(model.transform(image), shrunk(image, side), image.size)
 
 
 def _layer_grad_cam():
@@ -210,13 +245,18 @@ def _crop_box(width: int, height: int, preprocessing) -> tuple[float, float, flo
     return left + crop_left / scale_x, top + crop_top / scale_y, crop_w / scale_x, crop_h / scale_y
 
 
-def _on_image(cam: torch.Tensor, image: Image.Image, preprocessing) -> np.ndarray:
-    """The input-size map placed on the original image (zero outside the part the network saw)."""
-    left, top, box_w, box_h = _crop_box(*image.size, preprocessing)
+def _on_image(cam: torch.Tensor, original: tuple[int, int], shown: tuple[int, int], preprocessing) -> np.ndarray:
+    """The input-size map placed on the shown image (``shown`` = (width, height), the ``original`` image scaled):
+    zero outside the part the network saw."""
+    scale_x, scale_y = shown[0] / original[0], shown[1] / original[1]
+    left, top, box_w, box_h = _crop_box(*original, preprocessing)
+    left, top, box_w, box_h = left * scale_x, top * scale_y, box_w * scale_x, box_h * scale_y
+    width, height = shown
     x0, y0 = max(0, round(left)), max(0, round(top))
-    x1, y1 = min(image.width, round(left + box_w)), min(image.height, round(top + box_h))
-    resized = F.interpolate(cam[None, None], size=(round(box_h), round(box_w)), mode="bilinear", align_corners=False)
-    full = np.zeros((image.height, image.width), dtype=np.float32)
+    x1, y1 = min(width, round(left + box_w)), min(height, round(top + box_h))
+    resized = F.interpolate(cam[None, None], size=(max(1, round(box_h)), max(1, round(box_w))), mode="bilinear",
+                            align_corners=False)
+    full = np.zeros((height, width), dtype=np.float32)
     ox, oy = x0 - round(left), y0 - round(top)
     full[y0:y1, x0:x1] = resized[0, 0].numpy()[oy:oy + y1 - y0, ox:ox + x1 - x0]
     return full.clip(0, 1)
@@ -235,18 +275,24 @@ def overlay(image: Image.Image, cam: np.ndarray, alpha: float = ALPHA) -> Image.
 
 def explain_images(model: GraftModel, images: list[Image.Image], top_k: int = 3, target: str | None = None,
                    paths: list[str] | None = None) -> list[Explanation]:
-    """Grad-CAM explanations of decoded RGB images with a loaded model (the report and the serve page use this).
+    """Grad-CAM explanations of decoded RGB images with a loaded model (the report uses this).
 
     Args:
         target: the class to explain; None explains each image's top-1 prediction.
         paths: names for the images in the results (default ``<input N>``).
     """
+    return explain_prepared(model, [prepare(model, image) for image in images], top_k, target, paths)
+
+
+def explain_prepared(model: GraftModel, prepared: list[Prepared], top_k: int = 3, target: str | None = None,
+                     paths: list[str] | None = None) -> list[Explanation]:
+    """``explain_images`` for images already through ``prepare``: the map at the input size, drawn at overlay size."""
     if target is not None and target not in model.classes:
         raise GraftError(f"--class {target!r} is not one of the run's classes ({', '.join(model.classes[:10])})")
-    if not images:
+    if not prepared:
         return []
     device = next(model.parameters()).device
-    batch = torch.stack([model.transform(image) for image in images]).to(device)
+    batch = torch.stack([item.input for item in prepared]).to(device)
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -254,14 +300,14 @@ def explain_images(model: GraftModel, images: list[Image.Image], top_k: int = 3,
     model.train(was_training)
     k = min(top_k, len(model.classes))
     values, indices = probabilities.topk(k)
-    targets = [model.classes.index(target)] * len(images) if target is not None else indices[:, 0].tolist()
+    targets = [model.classes.index(target)] * len(prepared) if target is not None else indices[:, 0].tolist()
     maps = grad_cam(model, batch, targets)
     results = []
-    for i, image in enumerate(images):
-        cam = _on_image(maps[i], image, model.preprocessing)
+    for i, item in enumerate(prepared):
+        cam = _on_image(maps[i], item.size, item.shown.size, model.preprocessing)
         results.append(Explanation(paths[i] if paths else f"<input {i}>", [model.classes[j] for j in indices[i]],
-                                   [round(v, 6) for v in values[i].tolist()], model.classes[targets[i]], cam, image,
-                                   overlay(image, cam)))
+                                   [round(v, 6) for v in values[i].tolist()], model.classes[targets[i]], cam,
+                                   item.shown, overlay(item.shown, cam)))
     return results
 
 
@@ -270,7 +316,8 @@ def explain(run_dir: str | os.PathLike, inputs, top_k: int = 3, target: str | No
     """Grad-CAM explanations for files, folders and glob patterns with a trained run's model.
 
     Files go through graft's decoder (allowed formats, EXIF orientation, colour profiles) and the run's evaluation
-    transform; one that fails gives an ``Explanation`` with ``error`` set, never a crash.
+    transform; one that fails gives an ``Explanation`` with ``error`` set, never a crash. Each image is prepared as it
+    is read, so a batch holds input tensors and overlay-size copies, never ``batch_size`` full-size images.
     """
     model = load(run_dir, resolve_device(device))
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -280,11 +327,11 @@ def explain(run_dir: str | os.PathLike, inputs, top_k: int = 3, target: str | No
         good, names = [], []
         for path in paths[start:start + batch_size]:
             try:
-                good.append(load_image(path))
+                good.append(prepare(model, load_image(path)))
                 names.append(path)
             except GraftError as error:
                 results.append(Explanation(path, error=str(error)))
-        results.extend(explain_images(model, good, top_k, target, names))
+        results.extend(explain_prepared(model, good, top_k, target, names))
     order = {path: index for index, path in enumerate(paths)}
     return sorted(results, key=lambda row: order[row.path])
 
