@@ -1,7 +1,7 @@
 """The served page and the report in headless Chromium (Debian's, driven by Playwright): no console errors, no
 request leaving 127.0.0.1, the upload flow names the trained class, a bad file shows its one-line error, and a class
-named as markup stays text. Screenshots land in each test's tmp folder; GRAFT_DOCS_SCREENSHOT=1 also writes
-docs/serve-page.png for the README.
+named as markup stays text. Screenshots land in each test's tmp folder (the README's come from a real run:
+docs/screenshots.py).
 
 Skipped, with the reason, where no Chromium or no Playwright is found (tests/browser_support.py: find_chromium).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import random
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,7 +21,6 @@ from graft.deploy.serve import ServeConfig, create_app
 
 CHROMIUM, FOUND = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=FOUND)
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 # What Chromium itself logs for a 4xx answer to fetch(); the bad-file test expects exactly this one.
 REFUSED = "Failed to load resource: the server responded with a status of 415 (Unsupported Media Type)"
 
@@ -105,15 +103,6 @@ def upload(page, files):
     return {card.query_selector(".name").inner_text(): card for card in page.query_selector_all(".card")}
 
 
-def save_docs_screenshot(page, name: str) -> None:
-    """docs/NAME for the README (the visible part only): a palette PNG keeps it well under 150 KB."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(page.screenshot())).convert("RGB").quantize(64)
-    image.save(DOCS / name, optimize=True)
-    assert (DOCS / name).stat().st_size < 150_000
-
-
 def test_the_page_shows_the_model_and_names_uploads_right(server, watched, tmp_path):
     page = watched.page
     page.goto(f"{server}/")
@@ -132,8 +121,6 @@ def test_the_page_shows_the_model_and_names_uploads_right(server, watched, tmp_p
     # the "where it looked" switch shows exactly when the server answers /explain (the explain extra, Captum)
     assert page.is_visible("#report-link") and page.is_visible("#explain-switch") == available()
     page.screenshot(path=str(tmp_path / "serve-page.png"), full_page=True)
-    if os.environ.get("GRAFT_DOCS_SCREENSHOT"):
-        save_docs_screenshot(page, "serve-page.png")
     watched.check()
 
 
@@ -193,6 +180,4 @@ def test_the_report_renders_offline(server, watched, tmp_path):
     assert HOSTILE in page.inner_text("body")
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 1000
-    if os.environ.get("GRAFT_DOCS_SCREENSHOT"):
-        save_docs_screenshot(page, "report.png")
     watched.check()

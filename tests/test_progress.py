@@ -73,3 +73,25 @@ def test_evaluate_and_the_scan_show_their_progress(trained_run, shapes, every_st
     scanned = runner.invoke(app, ["features", str(shapes), *TINY])  # every_step: a new, empty scan cache
     assert scanned.exit_code == 0, scanned.output
     assert _lines(scanned.output, "scan: decoding: ")[-1].startswith(f"scan: decoding: {total}/{total} files")
+
+
+def test_stats_and_shard_show_their_progress(shapes, every_step, tmp_path):
+    total = sum(1 for _ in (shapes / "train").rglob("*.png"))
+    stats = runner.invoke(app, ["stats", str(shapes)])
+    assert stats.exit_code == 0, stats.output
+    assert _lines(stats.output, "statistics: ")[-1].startswith(f"statistics: {total}/{total} images")
+    shard = runner.invoke(app, ["shard", str(shapes), "-o", str(tmp_path / "shards"), "--shard-size", "20KB"])
+    assert shard.exit_code == 0, shard.output
+    written = _lines(shard.output, "shard: train: ")
+    assert len(written) >= 2 and written[-1].startswith(f"shard: train: {total}/{total} images")
+
+
+def test_a_comparison_says_which_strategy_it_is_on(shapes, tmp_path):
+    from graft.analysis.comparison import compare_strategies
+
+    lines = []
+    compare_strategies(shapes, "test_resnet", tmp_path / "cmp", ("probe", "scratch"), epochs=1,
+                       overrides={"model.pretrained": False, "data.image_size": 32, "data.workers": 0}, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["probe (1/2)", "probe (1/2)", "scratch (2/2)", "scratch (2/2)"]
+    assert lines[0] == "probe (1/2): training test_resnet" and re.match(r"probe \(1/2\): val accuracy [\d.]+ in \d+s",
+                                                                          lines[1])

@@ -37,7 +37,7 @@ class StrategyRow:
 def compare_strategies(data: str | Path, backbone: str, output: str | Path, strategies=STRATEGIES,
                        scratch_backbone: str | None = None, epochs: int = 12, budget: float = 0.0,
                        overrides: dict | None = None, scratch_overrides: dict | None = None,
-                       verbose: bool = False) -> list[StrategyRow]:
+                       verbose: bool = False, log=None) -> list[StrategyRow]:
     """Trains each strategy on the same data split, seed and budget and returns one row each.
 
     Args:
@@ -48,20 +48,25 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
             re-planned to end within the budget: an equal wall-clock comparison.
         overrides: dotted config keys applied to every run (image size, batch size, lr, ...).
         scratch_overrides: applied to the scratch run only (a lab network's activation, norm, init, ...).
+        log: one line as each strategy starts and ends (its runs are quiet unless ``verbose``).
     """
     output = Path(output)
     cache = cache_folder((overrides or {}).get("data.cache_dir"))
     output_folder(output, "--output", ((data, "data"), (cache, "feature cache")))  # each run's folder: fit checks it
     rows = []
-    for strategy in strategies:
+    say = log or (lambda message: None)
+    for number, strategy in enumerate(strategies, start=1):
         name = scratch_backbone if strategy == "scratch" and scratch_backbone else backbone
         values = {"data.path": str(data), "model.backbone": name, "train.strategy": strategy, "train.epochs": epochs,
                   "train.patience": 0, "train.time_budget": budget, "output": str(output / strategy),
                   **(overrides or {}), **((scratch_overrides or {}) if strategy == "scratch" else {})}
         start = time.perf_counter()
+        say(f"{strategy} ({number}/{len(strategies)}): training {name}" + (f", at most {budget:g}s" if budget else ""))
         result = fit(load_config(None, values), overwrite=True, verbose=verbose)
         seconds = time.perf_counter() - start
         split = "test" if "test" in result.metrics else "val"
+        say(f"{strategy} ({number}/{len(strategies)}): {split} accuracy {result.metrics[split]['accuracy']:.3f} in "
+            f"{seconds:.0f}s")
         speeds = [float(row["images_per_s"]) for row in read_history(result.run_dir)]
         speed = max(speeds) if speeds else result.metrics.get("features", {}).get("images_per_s") or 0.0
         rows.append(StrategyRow(strategy, name, result.metrics[split]["accuracy"], split, seconds, speed,

@@ -46,7 +46,7 @@ def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int 
 
 def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_size: int = 64,
              backbone: str = DEMO_BACKBONE, output: str | None = None, verbose: bool = False,
-             strategies=DEMO_STRATEGIES) -> list[StrategyRow]:
+             strategies=DEMO_STRATEGIES, log=None) -> list[StrategyRow]:
     """Trains each strategy on the same split and budget (``graft.analysis.comparison.compare_strategies``); returns
     one row per strategy.
 
@@ -56,6 +56,7 @@ def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_s
             finetune starts from it).
         image_size: input size; 64 px keeps the digits demo under two minutes on two CPU cores.
         output: where the run folders and comparison.csv/png go (default: a temporary folder, removed afterwards).
+        log: one line as each strategy starts and ends.
     """
     with tempfile.TemporaryDirectory(prefix="graft-demo-") as temp:
         root = Path(data) if data else write_digits(Path(temp) / "digits", shots)
@@ -63,4 +64,4 @@ def run_demo(data: str | None = None, shots: int = 10, epochs: int = 12, image_s
         overrides = {"data.image_size": image_size, "data.hflip": data is not None, "data.augment": "light",
                      "data.batch_size": 32}
         return compare_strategies(root, backbone, runs, strategies, epochs=epochs, overrides=overrides,
-                                  verbose=verbose)
+                                  verbose=verbose, log=log)

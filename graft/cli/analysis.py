@@ -19,6 +19,7 @@ from graft.cli.shared import (
     VggStagesOpt,
     _check_options,
     app,
+    err,
     friendly_errors,
     out,
     print_table,
@@ -87,7 +88,7 @@ def stats(
     if output:  # before the work: an unwritable or clashing folder wastes nothing
         output_folder(output, "-o", ((data, "data"),))
     splits = discover(data)
-    result = training_statistics(splits, size, max_images)
+    result = training_statistics(splits, size, max_images, log=err.print)
     print_table(f"{result.images} training images at {size}x{size}", ["channel", "mean", "std"],
                 [[c, m, s] for c, m, s in zip("RGB", result.mean, result.std)])
     if output:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.shared import app, friendly_errors, out
+from graft.cli.shared import app, err, friendly_errors, out
 
 __all__ = ["shard"]
 
@@ -29,7 +29,7 @@ def shard(
     """
     from graft.data.shards import shard_dataset
 
-    sidecar = shard_dataset(data, output, shard_size, val_fraction, seed, overwrite or None)
+    sidecar = shard_dataset(data, output, shard_size, val_fraction, seed, overwrite or None, err.print)
     parts = ", ".join(f"{split}: {part['count']} images in {len(part['shards'])} shard(s)"
                       for split, part in sidecar["splits"].items())
     out.print(f"wrote {output}/ ({parts}) and graft-shards.json")

@@ -182,7 +182,7 @@ def demo(
         return
     what = data or f"scikit-learn digits, {shots} training images per class"
     err.print(f"graft demo: {DEMO_BACKBONE} (ImageNet) on {what}; scratch is the same network, randomly initialised")
-    rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output)
+    rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output, log=err.print)
     print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
                                                                 "wall time (s)", "images/s", "kept"],
                 [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.chose] for r in rows])
@@ -272,7 +272,7 @@ def compare(
     overrides = {"data.image_size": image_size, "data.batch_size": batch_size}
     lab_options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
     rows = compare_strategies(data, backbone, output, tuple(s.strip() for s in strategies.split(",")),
-                              scratch_backbone, epochs, budget, overrides, lab_options, verbose=True)
+                              scratch_backbone, epochs, budget, overrides, lab_options, verbose=True, log=err.print)
     print_table("scratch vs transfer", ["strategy", "backbone", "accuracy", "split", "wall time (s)", "images/s",
                                         "epochs"],
                 [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]

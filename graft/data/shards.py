@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 from graft.data.discovery import DatasetSplits
 from graft.data.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageError, decode_image
 from graft.errors import GraftError
+from graft.utils.progress import Progress
 from graft.utils.text import display_name
 
 __all__ = [
@@ -84,12 +85,14 @@ def _plan(samples: list, limit: int) -> list[list[int]]:
     return plan
 
 
-def write_shards(splits: DatasetSplits, output: str | os.PathLike, shard_size: str | int = "512MB") -> dict:
+def write_shards(splits: DatasetSplits, output: str | os.PathLike, shard_size: str | int = "512MB",
+                 log=None) -> dict:
     """Writes ``splits`` (after the scan dropped unreadable files) as tar shards and the sidecar into ``output``
     (a folder ``graft.utils.outputs.output_folder`` has checked); returns the sidecar.
 
     Each shard goes through ``atomic_write`` (temp name, fsync, rename, manifest), so a killed run never leaves a
     half shard under a real name; the sidecar is written last, so a shard set without one is an unfinished run.
+    ``log``: where progress lines go (none without it).
     """
     from graft.utils.files import atomic_write
     from graft.utils.versions import __version__
@@ -102,20 +105,22 @@ def write_shards(splits: DatasetSplits, output: str | os.PathLike, shard_size: s
         samples = getattr(splits, split)
         if not samples:
             continue
-        shards = []
-        for number, members in enumerate(_plan(samples, limit)):
-            name = f"{split}-{number:06d}.tar"
+        shards, plan = [], _plan(samples, limit)
+        with Progress(f"shard: {split}", len(samples), "images", log, log is not None) as progress:
+            for number, members in enumerate(plan):
+                name = f"{split}-{number:06d}.tar"
 
-            def write(temp: str, members=members, samples=samples) -> None:
-                with wds.TarWriter(temp) as sink:
-                    for index in members:
-                        path, label = samples[index]
-                        ext = Path(path).suffix.lower().lstrip(".") or "img"  # images as stored, never re-encoded
-                        sink.write({"__key__": f"{index:09d}", ext: Path(path).read_bytes(), "cls": label,
-                                    "path.txt": os.path.relpath(path, root)})
+                def write(temp: str, members=members, samples=samples) -> None:
+                    with wds.TarWriter(temp) as sink:
+                        for index in members:
+                            path, label = samples[index]
+                            ext = Path(path).suffix.lower().lstrip(".") or "img"  # images as stored, never re-encoded
+                            sink.write({"__key__": f"{index:09d}", ext: Path(path).read_bytes(), "cls": label,
+                                        "path.txt": os.path.relpath(path, root)})
 
-            atomic_write(folder / name, write)
-            shards.append({"name": name, "samples": [[f"{i:09d}", samples[i][1]] for i in members]})
+                atomic_write(folder / name, write)
+                shards.append({"name": name, "samples": [[f"{i:09d}", samples[i][1]] for i in members]})
+                progress.update(sum(len(part) for part in plan[:number + 1]))
         sidecar["splits"][split] = {"count": len(samples), "counts": splits.counts(split), "shards": shards}
     text = json.dumps(sidecar, separators=(",", ":"))  # compact: a million samples' (key, label) pairs
     atomic_write(folder / SIDECAR, lambda temp: Path(temp).write_text(text + "\n"))
@@ -471,10 +476,11 @@ def shard_statistics(shards: list[tuple[str, list]], size: int, max_images: int,
 
 
 def shard_dataset(data: str | os.PathLike, output: str | os.PathLike, shard_size: str | int = "512MB",
-                  val_fraction: float = 0.2, seed: int = 0, overwrite: bool | None = None) -> dict:
+                  val_fraction: float = 0.2, seed: int = 0, overwrite: bool | None = None, progress_log=None) -> dict:
     """``graft shard``: discovers and scans ``data`` (unreadable files are left out and listed in the sidecar),
     then writes its splits as tar shards into ``output``; a plain folder's seeded val split is computed here once
-    and recorded, so every later fit sees the same split. Returns the sidecar."""
+    and recorded, so every later fit sees the same split. Returns the sidecar. ``progress_log``: where the scan's
+    and the writing's progress lines go (none without it)."""
     from graft.data.discovery import discover
     from graft.data.scan import scan
     from graft.utils.outputs import output_folder
@@ -484,8 +490,8 @@ def shard_dataset(data: str | os.PathLike, output: str | os.PathLike, shard_size
     splits = discover(data, val_fraction, seed)
     if splits.shards is not None:
         raise GraftError(f"{data}: is already a shard set; graft shard reads class folders or a CSV manifest")
-    report = scan(splits)
-    sidecar = write_shards(splits, folder, shard_size)
+    report = scan(splits, log=progress_log)
+    sidecar = write_shards(splits, folder, shard_size, progress_log)
     if report.skipped:
         log.warning("%d unreadable file(s) left out, e.g. %s", len(report.skipped), report.skipped[0][1])
     return sidecar

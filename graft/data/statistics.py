@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from graft.errors import GraftError
+from graft.utils.progress import Progress
 
 __all__ = ["DatasetStats", "dataset_statistics", "image_statistics", "training_statistics"]
 
@@ -25,32 +26,36 @@ class DatasetStats:
                 "size": list(self.mean_image.shape[:2])}
 
 
-def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000, seed: int = 0) -> DatasetStats:
+def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000, seed: int = 0,
+                       log=None) -> DatasetStats:
     """Per-channel mean and std (over every pixel) and the mean image of up to ``max_images`` images resized to
-    ``size``×``size``, in [0, 1] units, as ``transforms.Normalize`` takes them."""
+    ``size``×``size``, in [0, 1] units, as ``transforms.Normalize`` takes them. ``log``: where progress lines go."""
     from graft.data.images import ImageError, load_image
 
     rng = np.random.default_rng(seed)
     chosen = list(paths) if len(paths) <= max_images else list(rng.choice(paths, max_images, replace=False))
 
     def images():
-        for path in chosen:
-            try:
-                yield load_image(path)
-            except ImageError:
-                continue
+        with Progress("statistics", len(chosen), "images", log, log is not None) as progress:
+            for done, path in enumerate(chosen, start=1):
+                try:
+                    yield load_image(path)
+                except ImageError:
+                    continue
+                finally:
+                    progress.update(done)
 
     return image_statistics(images(), size)
 
 
-def training_statistics(splits, size: int = 64, max_images: int = 5000, seed: int = 0) -> DatasetStats:
+def training_statistics(splits, size: int = 64, max_images: int = 5000, seed: int = 0, log=None) -> DatasetStats:
     """``dataset_statistics`` of a ``DatasetSplits``' training split: its files, or a bounded sample of its tar
     shards' stream (``graft.data.shards.shard_statistics``)."""
     if splits.shards is not None:
         from graft.data.shards import shard_statistics  # imported here: shards builds on this module
 
         return shard_statistics(splits.shards["train"], size, max_images, seed)
-    return dataset_statistics([path for path, _ in splits.train], size, max_images, seed)
+    return dataset_statistics([path for path, _ in splits.train], size, max_images, seed, log)
 
 
 def image_statistics(images: Iterable[Image.Image], size: int = 64) -> DatasetStats:
