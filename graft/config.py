@@ -146,7 +146,7 @@ class TrainConfig:
                             "below 2,000 training images (batch statistics are noise) and after a solved probe",
                             choices=BN_STATS)
     precise_bn: bool = _option(False, "recompute BN statistics over the training set at the end (in the training "
-                                      "augmentation, the statistics the weights were learnt on)")
+                                      "augmentation)")
     calibrate: bool = _option(True, "temperature-scale the probabilities: a solved probe on its CV folds' held-out "
                                     "logits, an epoch-trained model on validation (which then also chose it: the val "
                                     "ECE is optimistic; accuracy never changes)")

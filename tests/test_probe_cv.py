@@ -140,3 +140,22 @@ def test_temperature_scaling_calibrates_a_small_data_probe_without_changing_its_
     assert calibrated.temperature != pytest.approx(1.0, abs=0.05)
     assert calibrated.calibrated_cv_loss < calibrated.cv_loss
     assert _ece(after, y[test]) < _ece(before, y[test]) and _ece(after, y[test]) <= 0.08
+
+
+def test_no_temperature_is_fitted_where_every_image_is_right_or_wrong():
+    """All right, the log-loss falls as T goes to 0 (a model claiming certainty): no temperature, not T = e^-5."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    right = torch.nn.functional.one_hot(labels, 3).double() * 2
+    assert fit_temperature(right, labels) is None
+    assert fit_temperature(right, (labels + 1) % 3) is None  # all wrong
+    mixed = right.clone()
+    mixed[0] = torch.tensor([0.0, 2.0, 0.0])  # one mistake: a minimum inside, a finite temperature
+    assert fit_temperature(mixed, labels) is not None
+
+
+def test_a_separable_probe_keeps_its_own_probabilities():
+    generator = np.random.RandomState(5)
+    y = np.repeat([0, 1], 30)
+    x = generator.randn(60, 4) + 8 * y[:, None]  # two far-apart clusters: every held-out image right
+    result = fit_linear_probe(x, y, cv=3)
+    assert result.temperature == 1.0 and np.isnan(result.calibrated_cv_loss)

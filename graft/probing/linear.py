@@ -183,10 +183,15 @@ def _choose_by_cv(x, y, sample_weight, grid: list[float], classes: int, folds: l
     return grid, scores, chosen, logits[chosen]
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
     """The temperature T minimising the mean cross-entropy of ``logits / T`` (Guo et al. 2017's temperature
-    scaling): a golden-section search over log T in [-5, 5], the loss being unimodal in it."""
+    scaling): a golden-section search over log T in [-5, 5], the loss being unimodal in it. None when the loss has
+    no minimum inside: every image right (sharpening lowers it for ever: T would go to 0 and the model claim
+    certainty) or none right; nothing is learnt about confidence from such a set."""
     logits, labels = logits.double(), labels.long()  # float32's loss is too coarse near the flat minimum
+    right = (logits.argmax(dim=1) == labels).float().mean().item()
+    if right in (0.0, 1.0):
+        return None
 
     def loss(log_t: float) -> float:
         return F.cross_entropy(logits / math.exp(log_t), labels).item()
@@ -203,7 +208,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             low, a, loss_a = a, b, loss_b
             b = low + ratio * (high - low)
             loss_b = loss(b)
-    return math.exp((low + high) / 2)
+    found = (low + high) / 2
+    return None if abs(found) > 4.9 else math.exp(found)  # at the edge of the search: no minimum inside it
 
 
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
@@ -248,8 +254,9 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         grid, scores, chosen, out_of_fold = _choose_by_cv(x, y, sample_weight, grid, classes, folds, max_iter,
                                                           full_batch)
         selection = f"cv-{len(folds)}"
-        if calibrate:
-            temperature = fit_temperature(out_of_fold, y)
+        fitted = fit_temperature(out_of_fold, y) if calibrate else None
+        if fitted is not None:
+            temperature = fitted
             calibration = (scores[chosen][1], F.cross_entropy(out_of_fold / temperature, y).item())
     elif len(grid) == 1 or not has_val:  # nothing to choose with: the one given, or a middle-of-the-road strength
         grid, chosen, selection = [grid[len(grid) // 2]], 0, "fixed"

@@ -371,6 +371,10 @@ def _calibrate_on_validation(model: GraftModel, logits: torch.Tensor, labels: to
     if not config.train.calibrate or metrics.get("kept") == "probe":
         return logits
     temperature = fit_temperature(logits, labels)
+    if temperature is None:
+        runtime.log("calibration: none (every validation image is right, or none is: a temperature fitted there would "
+                    "only claim certainty)")
+        return logits
     divide_logits(model.head, temperature)
     metrics["temperature"] = round(temperature, 6)
     metrics["selected_on_validation"].append("temperature (calibration; accuracy unchanged)")
