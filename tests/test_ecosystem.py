@@ -391,3 +391,12 @@ def test_the_model_card_front_matter_names_licence_and_base_model(trained_run, t
     front = hub.split("---")[1]
     assert "license: apache-2.0" in front and "base_model: timm/resnet50.a1_in1k" in front
     assert "base_model_relation: finetune" in front and "was not recorded" not in hub
+
+
+def test_the_uploaded_export_record_holds_no_absolute_path(trained_run, tmp_path):
+    out = tmp_path / "hf"
+    export(trained_run, out, formats=("hf",))
+    text = (out / "export.json").read_text()
+    assert str(tmp_path) not in text and str(trained_run.parent) not in text  # nothing of the user's folder layout
+    record = json.loads(text)
+    assert record["run"] == trained_run.name and record["load_with"].startswith('timm.create_model("local-dir:hf"')

@@ -145,12 +145,21 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     difference, labels = _timm_round_trip(out_dir, model, inputs)
     if labels != list(model.classes):
         raise GraftError(f"{out_dir}: timm reads the class names as {labels!r:.80}; please report this")
-    result = {"run": str(run_dir), "format": "hf" if hf else "timm", "files": [*files, EXPORT_RECORD],
-              "digests": {name: _file_record(out_dir / name) for name in files},
+    # an hf folder is uploaded whole: its record names folders by their own names, never the user's absolute paths
+    where = Path(out_dir.name) if hf else out_dir
+    result = {"run": run_dir.name if hf else str(run_dir), "format": "hf" if hf else "timm",
+              "files": [*files, EXPORT_RECORD], "digests": {name: _file_record(out_dir / name) for name in files},
               "parity_max_abs_logit_diff": {"timm": _check("timm local-dir", difference, RUNTIME_TOLERANCE)},
-              "parity_inputs": described, "load_with": f'timm.create_model("local-dir:{out_dir}", pretrained=True)'}
+              "parity_inputs": _folder_names_only(described) if hf else described,
+              "load_with": f'timm.create_model("local-dir:{where}", pretrained=True)'}
     write_json(out_dir / EXPORT_RECORD, result)
     return result
+
+
+def _folder_names_only(described: str) -> str:
+    """"N images from /home/me/data/pets" → "N images from pets": what the parity check read, without the path."""
+    count, found, source = described.partition(" from ")
+    return f"{count}{found}{Path(source).name}" if found else described
 
 
 def _file_record(path: Path) -> dict:
