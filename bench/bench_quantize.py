@@ -107,8 +107,8 @@ def main() -> None:
 
         rows[name] = (images_per_second(forward, images, 1, args.repeats),
                       images_per_second(forward, images, 32, max(3, args.repeats // 5)), done["accuracy"][name])
-    print(f"{config['model']['backbone']} at "
-          f"{model.preprocessing.input_size[0]} px, {args.threads} intra-op threads, {os.cpu_count()} CPUs; accuracy on "
+    print(f"{config['model']['backbone']} at {model.preprocessing.input_size[0]} px, {args.threads} intra-op "
+          f"threads, {os.cpu_count()} CPUs; accuracy on "
           f"{done['evaluation_images']} validation images, calibrated on {done['calibration_images']} training images"
           f"{' (SMOKE: figures mean nothing)' if args.smoke else ''}")
     print(f"{'model':<6} {'img/s b1':>9} {'img/s b32':>10} {'val acc':>8}")

@@ -73,8 +73,7 @@ def labelled_splits(run_dir: Path, model: GraftModel, data: str | None, seed: in
         raise GraftError(f"{source}: classes the model does not know: {', '.join(unknown[:5])}; pass --data with "
                          "the run's classes")
     index = [model.classes.index(name) for name in splits.classes]
-    train = readable(splits.train)
-    calibration = random.Random(seed).sample(train, min(CALIBRATION_IMAGES, len(train)))
+    calibration = readable(random.Random(seed).sample(splits.train, min(CALIBRATION_IMAGES, len(splits.train))))
     evaluation = readable(splits.val or splits.test)
     if not calibration or not evaluation:
         missing = "training" if not calibration else "validation"
@@ -84,10 +83,15 @@ def labelled_splits(run_dir: Path, model: GraftModel, data: str | None, seed: in
             source)
 
 
-def onnx_predictions(session, samples: list, transform) -> np.ndarray:
-    """Top-1 class index of each sample under an ONNX Runtime session, in batches of ``BATCH``."""
-    loader = DataLoader(ImageDataset(samples, transform), batch_size=BATCH)
-    return np.concatenate([session.run(None, {"images": images.numpy()})[0].argmax(1) for images, _ in loader])
+def onnx_predictions(sessions: list, samples: list, transform) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(labels, top-1 class index under each ONNX Runtime session) of the samples, in batches of ``BATCH``: each
+    image decoded once for all sessions; the labels are the loader's (a file broken since the check is replaced)."""
+    labels, predicted = [], [[] for _ in sessions]
+    for images, batch_labels in DataLoader(ImageDataset(samples, transform), batch_size=BATCH):
+        labels.append(batch_labels.numpy())
+        for session, into in zip(sessions, predicted):
+            into.append(session.run(None, {"images": images.numpy()})[0].argmax(1))
+    return np.concatenate(labels), [np.concatenate(found) for found in predicted]
 
 
 def _quantize_file(fp32: Path, int8: Path, reader: CalibrationImages) -> None:
@@ -118,9 +122,8 @@ def quantize_int8(run_dir: Path, out_dir: Path, model: GraftModel, data: str | N
     with tempfile.TemporaryDirectory(prefix="graft-quantize-") as folder:
         candidate = Path(folder) / INT8_FILE  # written into place only once it passed (or was forced)
         _quantize_file(out_dir / "model.onnx", candidate, CalibrationImages(calibration, transform))
-        labels = np.array([label for _, label in evaluation])
-        fp32 = onnx_predictions(session_for(out_dir / "model.onnx"), evaluation, transform)
-        int8 = onnx_predictions(session_for(candidate), evaluation, transform)
+        labels, (fp32, int8) = onnx_predictions([session_for(out_dir / "model.onnx"), session_for(candidate)],
+                                                evaluation, transform)
         accuracy = {"fp32": float((fp32 == labels).mean()), "int8": float((int8 == labels).mean())}
         drop = round((accuracy["fp32"] - accuracy["int8"]) * 100, 4)
         kept = drop <= max_drop or force
@@ -137,4 +140,5 @@ def quantize_int8(run_dir: Path, out_dir: Path, model: GraftModel, data: str | N
         return QuantizeResult(record)
     return QuantizeResult(record, f"int8 quantization refused: accuracy {accuracy['int8']:.4f} vs fp32 "
                           f"{accuracy['fp32']:.4f} on {len(evaluation)} images of {source} loses {drop:.2f} points "
-                          f"(more than {max_drop:g}); {INT8_FILE} not written — pass --force-quantize to keep it anyway")
+                          f"(more than {max_drop:g}); {INT8_FILE} not written: pass --force-quantize to keep it "
+                          "anyway")
