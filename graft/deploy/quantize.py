@@ -121,7 +121,14 @@ def quantize_int8(run_dir: Path, out_dir: Path, model: GraftModel, data: str | N
         f"validation images from {source}")
     with tempfile.TemporaryDirectory(prefix="graft-quantize-") as folder:
         candidate = Path(folder) / INT8_FILE  # written into place only once it passed (or was forced)
-        _quantize_file(out_dir / "model.onnx", candidate, CalibrationImages(calibration, transform))
+        try:
+            _quantize_file(out_dir / "model.onnx", candidate, CalibrationImages(calibration, transform))
+        except (GraftError, OSError):
+            raise
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime's tools raise anything; one line, not a traceback
+            raise GraftError(f"{out_dir / 'model.onnx'}: ONNX Runtime could not quantize it to int8 "
+                             f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__}); "
+                             "export without --quantize") from None
         labels, (fp32, int8) = onnx_predictions([session_for(out_dir / "model.onnx"), session_for(candidate)],
                                                 evaluation, transform)
         accuracy = {"fp32": float((fp32 == labels).mean()), "int8": float((int8 == labels).mean())}
