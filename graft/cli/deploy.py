@@ -36,20 +36,30 @@ def export(
     fold_bn: Annotated[bool, typer.Option("--fold-bn/--no-fold-bn", help="fold batch norms into convs")] = True,
     data: Annotated[Optional[str], typer.Option(help="images for the parity checks (default: the run's data)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty output folder")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: also model.int8.onnx (static quantization "
+                                                    "calibrated on the training images), refused when it loses more "
+                                                    "than 1 accuracy point against the float model")] = None,
+    force_quantize: Annotated[bool, typer.Option(help="keep the int8 model whatever accuracy it loses")] = False,
 ):
     """Export for deployment (ONNX, torch.export, safetensors + JSON), each verified against the trained model.
 
-    Example: graft export runs/pets --format onnx,torch,safetensors,timm,hf;  graft export runs/pets --format timm -o t
+    Example: graft export runs/pets --format onnx,torch,safetensors,timm,hf;  graft export runs/pets --quantize int8
     """
     from graft.deploy.export import export as export_run
 
     result = export_run(run, output or Path(run) / "export", tuple(f.strip() for f in formats.split(",") if f.strip()),
-                        fold_bn, data, overwrite, log=lambda message: err.print(message))
+                        fold_bn, data, overwrite, log=lambda message: err.print(message), quantize=quantize,
+                        force_quantize=force_quantize)
     rows = [[form, f"{difference:.2e}"] for form, difference in result.parity.items()]
     print_table(f"exported to {result.out_dir} (parity on {result.inputs})", ["form", "max |Δlogit|"], rows)
     if result.latency_ms:  # none for --format timm / hf, which time nothing
         print_table("batch-1 latency (median, CPU)", ["form", "ms"],
                     [[form, f"{ms:.3f}"] for form, ms in result.latency_ms.items()])
+    if result.quantization:
+        done = result.quantization
+        print_table(f"int8 vs fp32 on {done['evaluation_images']} validation images (top-1 agreement "
+                    f"{done['top1_agreement']:.4f})", ["model", "accuracy"],
+                    [[name, f"{value:.4f}"] for name, value in done["accuracy"].items()])
     out.print("files: " + ", ".join(result.files))
 
 

@@ -74,13 +74,15 @@ class ExportResult:
     folded: FoldResult | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)  # batch-1 median per form
     inputs: str = ""
+    quantization: dict | None = None  # --quantize int8: accuracy of each model, agreement, kept or refused
 
     def to_dict(self) -> dict:
         folded = None if self.folded is None else {
             "count": self.folded.count, "pairs": [list(p) for p in self.folded.folded],
             "skipped": [list(s) for s in self.folded.skipped]}
         return {"files": self.files, "parity_max_abs_logit_diff": self.parity, "fold_bn": folded,
-                "latency_ms_batch1_median": self.latency_ms, "parity_inputs": self.inputs, "onnx_opset": OPSET}
+                "latency_ms_batch1_median": self.latency_ms, "parity_inputs": self.inputs, "onnx_opset": OPSET,
+                **({"quantization": self.quantization} if self.quantization else {})}
 
 
 def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int = PARITY_INPUTS
@@ -176,17 +178,22 @@ def _check(name: str, difference: float, tolerance: float) -> float:
 
 
 def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS, fold_bn: bool = True,
-           data: str | None = None, overwrite: bool = False, log=None) -> ExportResult:
+           data: str | None = None, overwrite: bool = False, log=None, quantize: str | None = None,
+           force_quantize: bool = False, max_drop: float | None = None) -> ExportResult:
     """Exports a run folder for deployment and verifies every exported form on real images (see the module doc).
 
     Args:
         fold_bn: fold batch norms into the preceding conv/linear layers first (verified to 1e-4 in float32).
         data: images for the parity checks; default: the run's own data.
+        quantize: ``"int8"``: also ``model.int8.onnx`` (``graft.deploy.quantize``), refused with a GraftError
+            (after export.json records why) when it loses more than ``max_drop`` accuracy points (default 1),
+            unless ``force_quantize``.
     """
     unknown = sorted(set(formats) - set(FORMATS) - set(ECOSYSTEM_FORMATS))
     if unknown:
         raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
                          f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
+    _check_quantize(quantize, formats)
     ecosystem = [form for form in dict.fromkeys(formats) if form in ECOSYSTEM_FORMATS]
     if ecosystem and len(set(formats)) == 1:  # timm or hf alone: the folder is theirs, as before
         return _export_ecosystem(run_dir, out_dir, ecosystem[0], data, overwrite)
@@ -204,12 +211,45 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     result = ExportResult(out_dir, inputs=described)
     if set(formats) & set(FORMATS):
         _export_own(run_dir, out_dir, formats, fold_bn, model, inputs, result, say)
+    refusal = _quantize(run_dir, out_dir, model, data, quantize, force_quantize, max_drop, inputs, result, say)
     for form in ecosystem:  # each in a folder of its own: their model.safetensors holds timm's names, not graft's
         _export_ecosystem(run_dir, out_dir / form, form, data, overwrite, (model, inputs, described), result)
     if "export.json" not in result.files:
         result.files.append("export.json")
     write_json(out_dir / "export.json", {"run": str(run_dir), **result.to_dict()})
+    if refusal:  # the float export is complete and export.json says what int8 measured; the int8 file is not there
+        raise GraftError(refusal)
     return result
+
+
+def _check_quantize(quantize: str | None, formats: tuple[str, ...]) -> None:
+    """Before any work: a mode graft knows, and the ONNX model it quantizes among the formats."""
+    if quantize is None:
+        return
+    from graft.deploy.quantize import QUANTIZE_MODES
+
+    if quantize not in QUANTIZE_MODES:
+        raise GraftError(f"--quantize {quantize!r} not understood: choose {', '.join(QUANTIZE_MODES)}")
+    if "onnx" not in formats:
+        raise GraftError(f"--quantize {quantize} quantizes the ONNX model: add onnx to --format")
+
+
+def _quantize(run_dir: Path, out_dir: Path, model: GraftModel, data: str | None, quantize: str | None, force: bool,
+              max_drop: float | None, inputs: torch.Tensor, result: ExportResult, say) -> str | None:
+    """``--quantize int8`` on the (BN-folded) model.onnx just verified: the refusal line, or None when kept."""
+    if quantize is None:
+        return None
+    from graft.deploy.quantize import INT8_FILE, MAX_DROP_POINTS, quantize_int8
+
+    done = quantize_int8(run_dir, out_dir, model, data, onnx_session, force,
+                         MAX_DROP_POINTS if max_drop is None else max_drop, log=say)
+    result.quantization = done.record
+    if done.refusal is None:
+        session = onnx_session(out_dir / INT8_FILE)
+        result.latency_ms["onnxruntime_int8"] = round(latency_ms(
+            lambda x: session.run(None, {"images": x.numpy()}), inputs[:1]), 3)
+        result.files.insert(result.files.index("model.onnx") + 1, INT8_FILE)
+    return done.refusal
 
 
 def _export_own(run_dir: Path, out_dir: Path, formats: tuple[str, ...], fold_bn: bool, model: GraftModel,
