@@ -10,7 +10,7 @@ import sys
 from graft.errors import GraftError
 from graft.utils.files import atomic_write
 
-__all__ = ["PLOTS_INSTALL", "plots_skipped", "pyplot", "save_figure"]
+__all__ = ["PLOTS_INSTALL", "can_plot", "plots_skipped", "pyplot", "save_figure"]
 
 PLOTS_INSTALL = "pip install 'graft[plots]'"
 
@@ -29,11 +29,18 @@ def pyplot():
     return plt
 
 
-def plots_skipped(what: str) -> str:
-    """'' when matplotlib can draw; otherwise the note that ``what`` was skipped, also printed on stderr."""
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the ``plots`` extra)."""
     try:
         pyplot()
     except GraftError:
+        return False
+    return True
+
+
+def plots_skipped(what: str) -> str:
+    """'' when matplotlib can draw; otherwise the note that ``what`` was skipped, also printed on stderr."""
+    if not can_plot():
         note = f"note: {what} skipped: matplotlib is not installed ({PLOTS_INSTALL})"
         print(note, file=sys.stderr, flush=True)
         return note
