@@ -1,4 +1,4 @@
-"""Writing files so that nothing is ever half-written: atomic writes, JSON, CSV, weights (figures: ``graft.utils.plotting``)."""
+"""Writing files so nothing is ever half-written: atomic writes, JSON, CSV, weights (figures: utils.plotting)."""
 
 from __future__ import annotations
 
