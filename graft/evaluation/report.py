@@ -1,5 +1,6 @@
 """The evaluation report: one self-contained HTML page (inline CSS, images as data URIs, no scripts, no network) and
-the same plots as PNG files beside it.
+the same plots as PNG files beside it. The plots need matplotlib (``graft[plots]``); without it the page says so
+in their place and everything else is written.
 
 Sections: headline numbers (plain and with test-time augmentation), what each run chose on validation while
 training (which makes val numbers optimistic), training curves from each run's history,
