@@ -189,6 +189,9 @@ class TrainConfig:
     compile: str = _option("off", "torch.compile the trained model and the extraction forward: off, default, "
                            "reduce-overhead or max-autotune (torch.compile's modes); a compile failure warns and "
                            "continues eager", choices=COMPILE_MODES, panel="Runtime", metavar="MODE")
+    timings: bool = _option(False, "print each phase's wall seconds at the end (start-up, scan, model, extraction, "
+                            "solve, training, evaluation, outputs, total) and record them in metrics.json",
+                            panel="Runtime")
 
 
 @dataclass

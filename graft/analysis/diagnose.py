@@ -21,7 +21,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.models.backbones.lab import Maxout
-from graft.utils.files import _save
+from graft.utils.plotting import plots_skipped, pyplot, save_figure
 
 __all__ = [
     "ACTIVATION_TYPES", "COLLAPSE_RATIO", "DEAD_FLAG", "Diagnosis", "LayerActivity", "LayerGradient", "RELU_LIKE",
@@ -102,14 +102,9 @@ def _flag_activity(rows: list[LayerActivity]) -> None:
 
 def plot_activations(rows: list[LayerActivity], path) -> None:
     """Per-layer histograms in forward order, like the lecture's plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = min(5, len(rows))
     lines = math.ceil(len(rows) / columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 2.3 * lines), squeeze=False)
+    figure, axes = pyplot().subplots(lines, columns, figsize=(3 * columns, 2.3 * lines), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, row in zip(axes.flat, rows):
@@ -117,7 +112,7 @@ def plot_activations(rows: list[LayerActivity], path) -> None:
         axis.hist(row.sample, bins=50, color="#c33" if row.flags else "#369")
         axis.set_title(f"{row.name[-28:]}\nmean {row.mean:.2f} std {row.std:.2f}", fontsize=7)
         axis.tick_params(labelsize=6)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 @dataclass
@@ -224,7 +219,8 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
         from graft.utils.files import atomic_write
 
         folder = Path(output)
-        plot_activations(activations, folder / "activations.png")
+        if not plots_skipped("activations.png"):
+            plot_activations(activations, folder / "activations.png")
         text = json.dumps(diagnosis.to_dict(), indent=1, default=float)
         atomic_write(folder / "diagnosis.json", lambda temp: Path(temp).write_text(text))
     return diagnosis

@@ -64,8 +64,10 @@ def diagnose(
                 [[g.name, f"{g.grad_norm:.2e}", f"{g.update_ratio:.1e}", "; ".join(g.flags)] for g in result.gradients])
     print_table("stage nodes", ["node", "output", "receptive field"],
                 [[n.name, "x".join(map(str, n.shape)), n.receptive_field] for n in result.nodes])
-    out.print(f"{len(result.flags)} flag(s)" + (f"; wrote {output}/diagnosis.json and activations.png" if output
-                                                else ""))
+    from graft.utils.plotting import can_plot
+
+    wrote = f"; wrote {output}/diagnosis.json" + (" and activations.png" if can_plot() else "") if output else ""
+    out.print(f"{len(result.flags)} flag(s){wrote}")
 
 
 @app.command()

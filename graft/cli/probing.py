@@ -153,7 +153,9 @@ def probe(
                   f"{r.extract_images_per_s:.1f}" if r.extract_images_per_s else "cached", f"{r.params_m:.2f}",
                   f"{r.inference_ms:.2f}"] for r in rows])
     if output:
-        out.print(f"wrote {output / 'leaderboard.csv'} and {output / 'leaderboard.png'}")
+        from graft.utils.plotting import can_plot
+
+        out.print(f"wrote {output / 'leaderboard.csv'}" + (f" and {output / 'leaderboard.png'}" if can_plot() else ""))
 
 
 @app.command()

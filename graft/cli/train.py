@@ -238,8 +238,10 @@ def lr_find(
     scan(splits, config.data.max_image_pixels, log=runtime.log)
     finding = find_lr(config, splits, runtime, steps, start_lr, end_lr)
     save_lr_finding(finding, output)
-    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in {output}/lr_find.png and "
-              "lr_find.csv")
+    from graft.utils.plotting import can_plot
+
+    out.print(f"suggested --lr {finding.suggestion:.2e} ({finding.reason}); curve in "
+              + (f"{output}/lr_find.png and lr_find.csv" if can_plot() else f"{output}/lr_find.csv"))
     if finding.warning:
         err.print(f"warning: {finding.warning}")
 
@@ -277,4 +279,6 @@ def compare(
                                         "epochs"],
                 [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]
                  for r in rows])
-    out.print(f"wrote {output}/comparison.csv and comparison.png")
+    from graft.utils.plotting import can_plot
+
+    out.print(f"wrote {output}/comparison.csv" + (" and comparison.png" if can_plot() else ""))

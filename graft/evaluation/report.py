@@ -1,5 +1,6 @@
 """The evaluation report: one self-contained HTML page (inline CSS, images as data URIs, no scripts, no network) and
-the same plots as PNG files beside it.
+the same plots as PNG files beside it. The plots need matplotlib (``graft[plots]``); without it the page says so
+in their place and everything else is written.
 
 Sections: headline numbers (plain and with test-time augmentation), what each run chose on validation while
 training (which makes val numbers optimistic), training curves from each run's history,
@@ -15,25 +16,21 @@ import io
 import os
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from PIL import Image  # noqa: E402
+import torch
+from PIL import Image
 
-from graft.data.images import load_image  # noqa: E402
-from graft.errors import GraftError  # noqa: E402
-from graft.evaluation.metrics import calibration_sentence, reliability_bins  # noqa: E402
-from graft.models.run_folder import read_history  # noqa: E402
-from graft.utils.files import atomic_write, read_json_object  # noqa: E402
-from graft.utils.text import display_name  # noqa: E402
+from graft.data.images import load_image
+from graft.errors import GraftError
+from graft.evaluation.metrics import calibration_sentence, reliability_bins
+from graft.models.run_folder import read_history
+from graft.utils.files import atomic_write, read_json_object
+from graft.utils.plotting import plots_skipped, pyplot
+from graft.utils.text import display_name
 
 __all__ = [
     "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "plot_confusion", "plot_mistakes",
     "plot_reliability", "plot_training_curves", "training_curves_figure", "write_report"
 ]
-
-matplotlib.use("Agg")  # headless: no display, same output everywhere
 
 
 MISTAKES = 24  # thumbnails in the grid
@@ -55,7 +52,7 @@ figure.mistake{width:250px} .pair{display:flex;gap:4px} .path{font-family:monosp
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -73,7 +70,9 @@ def training_curves_figure(runs: list):
     histories = [(name, rows) for name, rows in histories if rows]
     if not histories:
         return None
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = pyplot().subplots(1, 3, figsize=(13, 3.4))
     longest = max(len(rows) for _, rows in histories)
     size = 3 if longest > 1 else 7  # a single point must be seen
     for name, rows in histories:
@@ -115,7 +114,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str]) -> bytes:
     counts = torch.tensor(confusion, dtype=torch.float64)
     rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
     size = min(14, 2.5 + 0.45 * len(classes))
-    figure, axis = plt.subplots(figsize=(size, size * 0.85))
+    figure, axis = pyplot().subplots(figsize=(size, size * 0.85))
     image = axis.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axis, fraction=0.046, label="fraction of the true class")
     ticks = range(len(classes))
@@ -135,7 +134,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str]) -> bytes:
 
 def plot_reliability(curves: dict[str, tuple[list[dict], float]]) -> bytes:
     """Accuracy against confidence per bin (a calibrated model sits on the diagonal); ECE in the legend."""
-    figure, axis = plt.subplots(figsize=(5, 4.6))
+    figure, axis = pyplot().subplots(figsize=(5, 4.6))
     axis.plot([0, 1], [0, 1], color="#999", ls="--", label="perfect calibration")
     for name, (rows, ece) in curves.items():
         used = [row for row in rows if row["count"]]
@@ -179,7 +178,7 @@ def plot_mistakes(mistakes: list) -> bytes | None:
         return None
     columns = min(6, len(mistakes))
     rows = (len(mistakes) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
+    figure, axes = pyplot().subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (path, true, predicted, confidence, _) in zip(axes.flat, mistakes):
@@ -303,15 +302,19 @@ def write_report(out_dir: str | Path, metrics: dict, samples: list, probabilitie
     if tta_probabilities is not None:
         curves["TTA"] = (reliability_bins(tta_probabilities, labels), metrics["tta"]["ece"])
     mistakes = confident_mistakes(samples, probabilities, classes)
-    plots = {"training_curves": plot_training_curves(runs),
-             "confusion_matrix": plot_confusion(metrics["confusion_matrix"], classes),
-             "reliability": plot_reliability(curves), "mistakes": plot_mistakes(mistakes)}
+    skipped = plots_skipped("the report's plots")
+    plots = dict.fromkeys(PLOTS) if skipped else {
+        "training_curves": plot_training_curves(runs),
+        "confusion_matrix": plot_confusion(metrics["confusion_matrix"], classes),
+        "reliability": plot_reliability(curves), "mistakes": plot_mistakes(mistakes)}
     for name, data in plots.items():
         if data is not None:
             atomic_write(out_dir / f"{name}.png", lambda temp, data=data: Path(temp).write_bytes(data))
 
     def plot(name: str, alt: str) -> str:
         data = plots[name]
+        if skipped:
+            return f"<p class='muted'>{html.escape(skipped.removeprefix('note: '))}</p>"
         return f"<img class='plot' src='{_data_uri(data)}' alt='{alt}'>" if data else "<p class='muted'>none</p>"
 
     title = html.escape(", ".join(Path(r).name for r in runs))

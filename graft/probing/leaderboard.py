@@ -147,12 +147,8 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
 
 
 def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     from graft.utils.files import atomic_write
+    from graft.utils.plotting import plots_skipped, pyplot
 
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
@@ -161,6 +157,9 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
             writer.writerows(safe_record(asdict(row)) for row in rows)
 
     atomic_write(folder / "leaderboard.csv", write)  # atomic and recorded in the folder's manifest
+    if plots_skipped("leaderboard.png"):
+        return
+    plt = pyplot()
     labels = [f"{r.backbone} @ {r.node}" for r in rows][::-1]
     figure, axis = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     axis.barh(labels, [r.val_accuracy for r in rows][::-1], color="#4878a8")

@@ -60,6 +60,7 @@ from graft.utils.files import _write_csv, atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.progress import in_notebook, progress_seconds
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
+from graft.utils.timings import IMPORTED_AT, Timings
 
 __all__ = ["fit", "fit_probe_head"]
 
@@ -81,6 +82,8 @@ def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool
     Raises:
         KeyboardInterrupt: after Ctrl-C, with the last checkpoint on disk (``--resume`` continues from it).
     """
+    # from graft's import: a command's start-up (imports, argument parsing); a notebook's would be its idle time
+    timings = Timings(None if in_notebook() else IMPORTED_AT)
     config = config_from_arguments(config, fields)
     run_dir = Path(config.output)
     if resume and not (run_dir / "graft.json").is_file():
@@ -89,11 +92,12 @@ def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool
     check_available(config.log)  # a tracker's missing package fails before anything is written
     if not resume:  # a resumed run's backbone is the saved config's, checked once that is read
         _check_backbone(config)
+        timings.lap("model")
     outputs.check_output(run_dir, "-o", ((config.data.path, "data"), (cache_folder(config.data.cache_dir),
                                                                        "feature cache")))
     distributed.init_from_env(config.train.device)
     with _claimed(run_dir, resume, overwrite), out_of_memory_hint(config.data.batch_size):
-        return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits)
+        return _fit_locked(config, run_dir, resume, hooks or Hooks(), verbose, splits, timings)
 
 
 @contextlib.contextmanager
@@ -110,7 +114,7 @@ def _claimed(run_dir: Path, resume: bool, overwrite: bool):
 
 
 def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
-                splits: DatasetSplits | None) -> FitResult:
+                splits: DatasetSplits | None, timings: Timings) -> FitResult:
     if resume:
         config = _resumable_config(run_dir, config, verbose)
         check_available(config.log)
@@ -119,9 +123,10 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     if config.train.strategy == "auto":
         config, auto_report = auto.resolve(config, (lambda message: print(message, file=sys.stderr)) if verbose
                                            else None)
+        timings.lap("advise")
     device = resolve_device(config.train.device)
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
-                      rank=distributed.rank(), world_size=distributed.world_size(), verbose=verbose)
+                      rank=distributed.rank(), world_size=distributed.world_size(), verbose=verbose, timings=timings)
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
                                 config.data.test_fraction)
@@ -132,8 +137,10 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
                   seed=config.train.seed, log=runtime.log if runtime.verbose and runtime.is_main else None)
     _write_data_report(run_dir, splits, report, runtime)
+    timings.lap("scan")
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)
+        timings.lap("lr-find")
     seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
     model, card = _prepare_model(config, splits, runtime, run_dir)
     state, resume_from = TrainState(), None
@@ -157,11 +164,13 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     _log_global_batch(config, runtime)
     cached = None
     loaders = create_loaders(splits, model, config, runtime)
+    timings.lap("model")
     if recipes.solves_head(config) and state.epoch == 0 and not state.epoch_progress:
         start = time.perf_counter()
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
         if config.train.strategy == "finetune":
             state.probe = selection.probe_candidate(model, loaders[1], runtime, run_dir, config)
+            timings.lap("evaluation")
         state.elapsed += time.perf_counter() - start
         if state.probe:
             state.probe["seconds"] = round(time.perf_counter() - start, 2)
@@ -183,6 +192,8 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
         hooks = join_hooks(hooks, NotebookTable().hooks())
     try:
         state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
+        if recipes.plan(config):  # a solved probe has no epochs: its time is extraction and solve
+            runtime.timings.lap("training")
         chosen = selection.keep_better(model, state, loaders[1], runtime, run_dir, config)
         result = _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached, chosen, auto_report)
         if hooks.on_fit_end:
@@ -285,11 +296,13 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
                             None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log,
                             config.train.compile)
+    runtime.timings.lap("extraction")
     features = sets[model.trunk.node]
     # under torchrun every rank extracted its share above; the full-batch L-BFGS solve does not shard, so rank 0
     # solves while the others wait, then they receive its head
     distributed.main_decides(lambda: _solve_probe(model, features, config, runtime, run_dir))
     distributed.broadcast_module(model.head)
+    runtime.timings.lap("solve")
     return features
 
 
@@ -344,13 +357,14 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         metrics["auto"] = auto.finish_report(auto_report, chosen, state, runtime.log)
     if config.train.precise_bn:
         metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
+        _refuse_non_finite(run_dir, model)  # the recomputed statistics too (checked once, not again when saving)
     if cached is not None:
         metrics["features"] = cached.stats
     if distributed.broadcast_object(cached is not None) and config.train.strategy == "probe":
         for split in ("val", "test"):  # rank 0 holds the features; the others only wait for its files
             if cached is not None and len(cached.labels[split]):
                 metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
-        return _save_final(run_dir, model, card, metrics, state, runtime)
+        return _save_final(run_dir, model, card, metrics, state, runtime, config.train.timings)
     logits, labels = _gathered_logits(model, loaders[1], runtime)
     if len(labels):
         logits = _calibrate_on_validation(model, logits, labels, metrics, config, runtime)
@@ -361,7 +375,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
             test_set = Subset(test_set, runtime.shard_indices(len(test_set)))
         test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
         metrics["test"] = classification_metrics(*_gathered_logits(model, test_loader, runtime), model.classes)
-    return _save_final(run_dir, model, card, metrics, state, runtime)
+    return _save_final(run_dir, model, card, metrics, state, runtime, config.train.timings)
 
 
 def _calibrate_on_validation(model: GraftModel, logits: torch.Tensor, labels: torch.Tensor, metrics: dict,
@@ -420,12 +434,16 @@ def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
 
 
 def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
-                runtime: Runtime) -> FitResult:
-    _refuse_non_finite(run_dir, model)  # precise BN ran since the check in _finish
+                runtime: Runtime, timings: bool = False) -> FitResult:
+    """Writes the run's final files (metrics.json last: with ``timings``, the phases' seconds up to it)."""
     _label_selections(metrics)
+    runtime.timings.lap("evaluation")
     if runtime.is_main:
         write_history(run_dir, state.history)
         save_model(run_dir, model, card)
+        runtime.timings.lap("outputs")
+        if timings:
+            metrics["timings"] = runtime.timings.to_dict()
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     distributed.barrier()  # every process returns once the run folder is complete
@@ -436,4 +454,6 @@ def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, sta
                else "")
         runtime.log(f"done: {headline['split']} accuracy {headline['accuracy']:.4f} ({headline['note']}){val} in "
                     f"{state.elapsed:.1f}s → {run_dir}")
+    if timings:
+        runtime.log(runtime.timings.line())
     return FitResult(run_dir, model.eval(), metrics, list(state.history))

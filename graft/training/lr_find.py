@@ -18,7 +18,8 @@ from graft.training import recipes
 from graft.training.loop import compute_loss
 from graft.training.optim import create_optimizer
 from graft.training.setup import create_loaders, create_on_device
-from graft.utils.files import _save, _write_csv
+from graft.utils.files import _write_csv
+from graft.utils.plotting import plots_skipped, pyplot, save_figure
 from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
 
@@ -132,16 +133,12 @@ def save_lr_finding(finding: LRFinding, folder: Path) -> None:
     """The sweep as ``lr_find.csv`` (rate, smoothed loss) and ``lr_find.png`` (the curve and the suggestion)."""
     _write_csv(folder / "lr_find.csv", ["lr", "loss"],
                [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
-    plot_lr_finding(finding, folder / "lr_find.png")
+    if not plots_skipped("lr_find.png"):
+        plot_lr_finding(finding, folder / "lr_find.png")
 
 
 def plot_lr_finding(finding: LRFinding, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     axis.plot(finding.lrs, finding.losses)
     axis.axvline(finding.suggestion, color="#c33", ls="--", label=f"suggested {finding.suggestion:.1e}")
     axis.set_xscale("log")
@@ -149,4 +146,4 @@ def plot_lr_finding(finding: LRFinding, path) -> None:
     axis.set_ylabel("training loss (smoothed)")
     axis.legend()
     axis.grid(alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)

@@ -1,4 +1,4 @@
-"""Writing files so that nothing is ever half-written: atomic writes, JSON, CSV, weights, figures."""
+"""Writing files so nothing is ever half-written: atomic writes, JSON, CSV, weights (figures: utils.plotting)."""
 
 from __future__ import annotations
 
@@ -93,16 +93,6 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
             writer.writerows(rows)
 
     atomic_write(path, write)
-
-
-def _save(figure, path) -> None:
-    import matplotlib.pyplot as plt
-
-
-
-    figure.tight_layout()
-    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))  # recorded in graft's manifest
-    plt.close(figure)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -6,7 +6,7 @@ import contextlib
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from torch.utils.data import Sampler
 
 from graft.errors import GraftError
 from graft.utils.progress import in_notebook
+from graft.utils.timings import Timings
 
 __all__ = [
     "Runtime", "ShardSampler", "autocast", "autocast_dtype", "epoch_seed", "resolve_device", "seed_everything",
@@ -68,6 +69,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     verbose: bool = True
+    timings: Timings = field(default_factory=Timings)  # seconds per phase (`graft fit --timings`)
 
     @property
     def is_main(self) -> bool:

