@@ -3,6 +3,8 @@ rebuilt when damaged, and one warning (then eager) when a module cannot be expor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,80 @@ def test_unfaithful_or_unexportable_module_runs_eager_after_one_warning(tmp_path
     assert engine is module
     assert len(warnings) == 1 and warnings[0].startswith("warning: ONNX Runtime not used for test (")
     assert "\x1b" not in warnings[0] and "\n" not in warnings[0]
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A copy of the shared trained run: the ONNX runtime export is written into it, not into the shared one."""
+    import shutil
+
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def _val_files(shapes) -> list[str]:
+    return [str(path) for path in sorted((shapes / "val").rglob("*.png"))]
+
+
+def test_predict_onnx_runtime_equals_torch(run_copy, shapes):
+    from graft.evaluation.inference import predict
+    from graft.utils.outputs import read_manifest
+
+    files = _val_files(shapes)
+    torch_rows = predict(run_copy, files, top_k=3, device="cpu", runtime="torch")
+    assert not (run_copy / "runtime").exists()
+    onnx_rows = predict(run_copy, files, top_k=3, device="cpu", runtime="onnx")
+    exports = list((run_copy / "runtime").glob("model-*.onnx"))
+    assert len(exports) == 1 and "runtime" in read_manifest(run_copy)  # --overwrite owns it
+    assert exports[0].name in read_manifest(run_copy / "runtime")
+    for eager, onnx in zip(torch_rows, onnx_rows, strict=True):
+        assert onnx.labels[0] == eager.labels[0]
+        assert onnx.probabilities == pytest.approx(eager.probabilities, abs=1e-4)
+    again = predict(run_copy, files[:4], top_k=3, device="cpu", runtime="auto")  # reuses the cached export
+    assert list((run_copy / "runtime").glob("model-*.onnx")) == exports
+    assert [row.labels for row in again] == [row.labels for row in onnx_rows[:4]]
+
+
+def test_onnx_runtime_ensemble_with_tta_equals_torch(run_copy, shapes, tmp_path):
+    import shutil
+
+    from graft.evaluation.inference import predict
+
+    second = Path(shutil.copytree(run_copy, tmp_path / "second"))
+    files = _val_files(shapes)[::3]
+    eager = predict([run_copy, second], files, device="cpu", tta="flip,crops", runtime="torch")
+    onnx = predict([run_copy, second], files, device="cpu", tta="flip,crops", runtime="onnx")
+    assert all((run / "runtime").is_dir() for run in (run_copy, second))
+    for want, have in zip(eager, onnx, strict=True):
+        assert have.labels == want.labels
+        assert have.probabilities == pytest.approx(want.probabilities, abs=1e-4)
+
+
+def test_serve_onnx_runtime_answers_as_torch(run_copy, shapes):
+    from fastapi.testclient import TestClient
+
+    from graft.deploy.serve import ServeConfig, create_app
+    from graft.evaluation.inference import predict
+
+    files = [Path(path) for path in _val_files(shapes)[::6]]
+    app = create_app(run_copy, "cpu", ServeConfig(top_k=3, runtime="onnx"))
+    assert all(isinstance(member.model, OnnxModule) for member in app.state.predictor.per_view)
+    with TestClient(app) as client:
+        response = client.post("/predict", files=[("file", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert response.status_code == 200, response.text
+    reference = predict(run_copy, [str(f) for f in files], top_k=3, device="cpu", runtime="torch")
+    for row, want in zip(response.json()["predictions"], reference, strict=True):
+        assert row["labels"][0] == want.labels[0]
+        assert row["probabilities"] == pytest.approx(want.probabilities, abs=1e-4)
+
+
+def test_cli_predict_runtime(run_copy, shapes):
+    from typer.testing import CliRunner
+
+    from graft.cli.shared import app
+
+    files = _val_files(shapes)[:3]
+    result = CliRunner().invoke(app, ["predict", str(run_copy), *files, "--runtime", "onnx", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert list((run_copy / "runtime").glob("model-*.onnx"))
+    refused = CliRunner().invoke(app, ["predict", str(run_copy), *files, "--runtime", "tensorrt"])
+    assert refused.exit_code != 0 and "--runtime 'tensorrt' not understood" in refused.output

@@ -24,14 +24,17 @@ from torch import nn
 
 from graft.config import ENGINES
 from graft.errors import GraftError
-from graft.utils.files import atomic_write
+from graft.utils.files import atomic_write, file_sha256
+from graft.utils.outputs import claim
 
 __all__ = [
-    "ENGINES", "ENGINE_TOLERANCE", "OPSET", "OnnxModule", "as_tuple", "engine_digest", "engine_module", "export_onnx",
-    "onnx_session", "onnxruntime_available", "resolve_engine",
+    "ENGINES", "ENGINE_TOLERANCE", "OPSET", "RUNTIMES", "RUNTIME_FOLDER", "OnnxModule", "as_tuple", "engine_digest",
+    "engine_module", "export_onnx", "onnx_session", "onnxruntime_available", "resolve_engine", "run_forward",
 ]
 
 OPSET = 18
+RUNTIMES = ("auto", "torch", "onnx")  # predict/serve --runtime: torch is the eager engine
+RUNTIME_FOLDER = "runtime"  # RUN/runtime/model-DIGEST.onnx: the run's export for --runtime onnx
 ENGINE_TOLERANCE = 1e-4  # max |Δ| of any output vs eager PyTorch in float32, else the engine is refused
 
 log = logging.getLogger(__name__)
@@ -171,3 +174,27 @@ def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str
             return candidate
     (warn or log.warning)(f"warning: ONNX Runtime not used for {what} ({reason}); running eager PyTorch instead")
     return module
+
+
+def run_forward(model: nn.Module, run_dir: str | Path, runtime: str, device: torch.device | str, input_size,
+                warn=None) -> nn.Module:
+    """The forward of a run's model for ``predict``/``serve`` ``--runtime`` (one of ``RUNTIMES``): ``model`` itself
+    (torch, or auto without ONNX Runtime or off the CPU), else ONNX Runtime on the run's verified export, made on first
+    use into ``RUN/runtime/`` (recorded in the run's manifest, so ``--overwrite`` owns it) under the digest of the
+    run's weights and card. A run folder that cannot be written, or an export that does not match, runs eagerly after
+    one warning line."""
+    if resolve_engine(runtime, device) == "eager":
+        return model
+    run_dir = Path(run_dir)
+    digest = engine_digest(*(file_sha256(run_dir / name) for name in ("model.safetensors", "graft.json")),
+                           tuple(input_size))
+    try:
+        (run_dir / RUNTIME_FOLDER).mkdir(exist_ok=True)
+        folder = claim(run_dir / RUNTIME_FOLDER, "--runtime")
+    except (GraftError, OSError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        (warn or log.warning)(f"warning: ONNX Runtime not used for {run_dir} (cannot write its export there: {first});"
+                              " running eager PyTorch instead")
+        return model
+    inputs = torch.randn(4, 3, *input_size, generator=torch.Generator().manual_seed(1))
+    return engine_module(model, folder / f"model-{digest}.onnx", inputs, str(run_dir), warn)
