@@ -28,14 +28,16 @@ from graft.utils.files import atomic_write, file_sha256
 from graft.utils.outputs import claim
 
 __all__ = [
-    "ENGINES", "ENGINE_TOLERANCE", "OPSET", "RUNTIMES", "RUNTIME_FOLDER", "OnnxModule", "as_tuple", "engine_digest",
-    "engine_module", "export_onnx", "onnx_session", "onnxruntime_available", "resolve_engine", "run_forward",
+    "CHECK_IMAGES", "ENGINES", "ENGINE_TOLERANCE", "OPSET", "RUNTIMES", "RUNTIME_FOLDER", "OnnxModule", "as_tuple",
+    "engine_digest", "engine_module", "export_onnx", "onnx_session", "onnxruntime_available", "resolve_engine",
+    "run_forward",
 ]
 
 OPSET = 18
 RUNTIMES = ("auto", "torch", "onnx")  # predict/serve --runtime: torch is the eager engine
 RUNTIME_FOLDER = "runtime"  # RUN/runtime/model-DIGEST.onnx: the run's export for --runtime onnx
 ENGINE_TOLERANCE = 1e-4  # max |Δ| of any output vs eager PyTorch in float32, else the engine is refused
+CHECK_IMAGES = 4  # real inputs the export is checked on (with two seeded random ones): a few eager forwards per use
 
 log = logging.getLogger(__name__)
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages; graft prints plain lines
@@ -153,12 +155,13 @@ def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str
                   output_names: tuple[str, ...] = ("logits",)) -> nn.Module:
     """``module`` run by ONNX Runtime from the cached ``path`` (exported there first), or ``module`` itself.
 
-    The cached file is loaded and checked on ``inputs``; one that does not load or no longer matches is rebuilt once.
+    The cached file is loaded and checked on the first ``CHECK_IMAGES`` of ``inputs``; one that does not load or no
+    longer matches is rebuilt once.
     A module that cannot be exported, or whose export does not match eager to ``ENGINE_TOLERANCE``, is run eagerly
     after one warning line (``warn``, default logging's) naming ``what`` and the reason.
     """
     module.eval()
-    inputs = inputs.detach().float().cpu().contiguous()
+    inputs = inputs[:CHECK_IMAGES].detach().float().cpu().contiguous()
     reason = ""
     for rebuild in (False, True):
         try:
