@@ -182,7 +182,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
             eager on the first batch; the cache key is unchanged: both engines give the same features.
 
     Returns:
-        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
+        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read, the images/s and the ``engine``
+        that ran (``eager`` when the ONNX export failed its check).
     """
     if splits.shards is not None:  # a shard sample is a tar member, not a file the cache can key and reread
         raise GraftError(f"{splits.root}: features are extracted from image files, and tar shards hold none; pass the "
@@ -218,8 +219,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
-                _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing, view,
-                              batch_size, workers, device, hflip, compile_mode, log, onnx_path)
+                stats["engine"] = _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing,
+                                                view, batch_size, workers, device, hflip, compile_mode, log, onnx_path)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -277,14 +278,16 @@ class _TrunkExtractor(nn.Module):
 
 
 def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip,
-                  compile_mode: str = "off", log=None, onnx_path: Path | None = None) -> None:
+                  compile_mode: str = "off", log=None, onnx_path: Path | None = None) -> str:
+    """Extracts ``paths`` into the cache ``spaces``; returns the engine that ran (``onnx``, or ``eager`` when there was
+    no ONNX file to use or it failed its check)."""
     loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
                         **loader_options(device, workers))
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
     extractor.to(memory_format=torch.channels_last)
-    forward = None  # built on the first batch: the ONNX engine is checked against eager on real images
+    forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
     what = "features" + (f" (augmented view {view})" if view else "")
@@ -292,7 +295,7 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
         with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
             for done, (images, indices) in enumerate(loader, start=1):
                 if forward is None:
-                    forward = _engine_forward(extractor, onnx_path, images, compile_mode, log)
+                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log)
                 with autocast(device, dtype):
                     outputs = forward(to_device(images, device, True))
                 for node, values in outputs.items():
@@ -306,6 +309,7 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
             _flush(spaces, pending, pending_keys)
     finally:
         extractor.train(was_training)
+    return engine
 
 
 class _NodeTuple(nn.Module):
@@ -321,15 +325,15 @@ class _NodeTuple(nn.Module):
 
 
 def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log):
-    """The extraction forward, {node: features}: ONNX Runtime on the cached, verified export (checked on ``images``)
-    when ``onnx_path`` is given and it matches; else eager PyTorch (``--compile`` applies there only)."""
+    """(the extraction forward, {node: features}; its engine): ONNX Runtime on the cached, verified export (checked
+    on ``images``) when ``onnx_path`` is given and it matches; else eager PyTorch (``--compile`` applies there only)."""
     if onnx_path is not None:
         nodes = extractor.nodes
         names = tuple(f"features_{index}" for index in range(len(nodes)))
         module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names)
         if not isinstance(module, _NodeTuple):
-            return lambda x: dict(zip(nodes, as_tuple(module(x))))
-    return maybe_compile(extractor, compile_mode, "extraction", log)
+            return (lambda x: dict(zip(nodes, as_tuple(module(x))))), "onnx"
+    return maybe_compile(extractor, compile_mode, "extraction", log), "eager"
 
 
 def _flush(spaces, pending: dict[str, list[np.ndarray]], keys: list[str]) -> None:
