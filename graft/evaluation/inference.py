@@ -76,7 +76,8 @@ class PerView(nn.Module):
 
     def __init__(self, model: GraftModel, channels_last: bool, forward: nn.Module | None = None):
         super().__init__()
-        self.model, self.classes, self.channels_last = forward or model, model.classes, channels_last
+        self.model = forward if forward is not None else model
+        self.classes, self.channels_last = model.classes, channels_last
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         batch = views.shape[0]

@@ -37,7 +37,7 @@ OPSET = 18
 RUNTIMES = ("auto", "torch", "onnx")  # predict/serve --runtime: torch is the eager engine
 RUNTIME_FOLDER = "runtime"  # RUN/runtime/model-DIGEST.onnx: the run's export for --runtime onnx
 ENGINE_TOLERANCE = 1e-4  # max |Δ| of any output vs eager PyTorch in float32, else the engine is refused
-CHECK_IMAGES = 4  # real inputs the export is checked on (with two seeded random ones): a few eager forwards per use
+CHECK_IMAGES = 2  # real inputs the export is checked on (with two seeded random ones): a few eager forwards per use
 
 log = logging.getLogger(__name__)
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its messages; graft prints plain lines
