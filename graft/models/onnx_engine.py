@@ -156,8 +156,7 @@ def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str
     """``module`` run by ONNX Runtime from the cached ``path`` (exported there first), or ``module`` itself.
 
     The cached file is loaded and checked on the first ``CHECK_IMAGES`` of ``inputs``; one that does not load or no
-    longer matches is rebuilt once.
-    A module that cannot be exported, or whose export does not match eager to ``ENGINE_TOLERANCE``, is run eagerly
+    longer matches is rebuilt once. A module that cannot be exported, or whose export does not match eager to ``ENGINE_TOLERANCE``, is run eagerly
     after one warning line (``warn``, default logging's) naming ``what`` and the reason.
     """
     module.eval()
@@ -168,7 +167,7 @@ def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str
             candidate, reason = _verified(module, path, inputs, output_names, rebuild)
         except GraftError as error:
             candidate, reason = None, str(error)
-            if "pip install" in reason:
+            if not onnxruntime_available():
                 break  # missing packages: a rebuild cannot help
         except Exception as error:  # noqa: BLE001 - a damaged file or an exporter failure: rebuild, then eager
             first = (_COLOURS.sub("", str(error)).strip().splitlines() or [""])[0][:200]
