@@ -18,7 +18,7 @@ from graft.utils.ranges import Range, check_number, check_option
 
 __all__ = [
     "ACTIVATIONS", "AUGMENTATIONS", "ArchOptions", "BALANCES", "BN_AUTO_FROZEN_BELOW", "BN_STATS", "COMPILE_MODES",
-    "DataConfig",
+    "DataConfig", "ENGINES",
     "FitConfig", "HEAD_FITS", "MAX_BATCH_SIZE", "MAX_CONVS", "MAX_EPOCHS", "MAX_HEAD_LAYERS", "MAX_HEAD_WIDTH",
     "MAX_IMAGE_SIZE", "MAX_INIT_STD", "MAX_LR", "MAX_SEED", "MAX_STAGES", "MAX_WIDTH", "MIN_IMAGE_SIZE",
     "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
@@ -36,6 +36,7 @@ BN_STATS = ("auto", "update", "frozen")
 BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # "off", then torch.compile's modes
+ENGINES = ("auto", "onnx", "eager")  # frozen-trunk inference (graft.models.onnx_engine); auto: ONNX Runtime on the CPU
 LOGGERS = ("tensorboard", "mlflow", "csv")  # fit --log: experiment trackers fed from the training hooks
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
 NORMS = ("batch", "layer", "instance", "group", "none")
@@ -192,6 +193,9 @@ class TrainConfig:
     timings: bool = _option(False, "print each phase's wall seconds at the end (start-up, scan, model, extraction, "
                             "solve, training, evaluation, outputs, total) and record them in metrics.json",
                             panel="Runtime")
+    extract_engine: str = _option("auto", "frozen-trunk feature extraction: onnx (ONNX Runtime on a verified, cached "
+                                  "export of the trunk), eager (PyTorch) or auto (onnx on the CPU when onnxruntime is "
+                                  "installed); the same features either way", choices=ENGINES, panel="Runtime")
 
 
 @dataclass

@@ -12,8 +12,8 @@ import graft.probing.advice
 from graft.data.discovery import discover
 from graft.errors import GraftError
 from graft.training.fitting import fit
-from graft.training.selection import PROBE
 from graft.training.recipes import Stage
+from graft.training.selection import PROBE
 from graft.training.stages import _budget, _stop_below_probe, beats_probe
 from graft.training.state import TrainState
 

@@ -109,10 +109,9 @@ def test_the_feature_cache_is_keyed_by_the_node_list(shapes, tmp_path):
 
 def test_onnx_export_of_a_multi_node_cut_agrees(multicut_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    from graft.deploy.export import export
-
     import onnxruntime
 
+    from graft.deploy.export import export
     from graft.models.run_folder import load
 
     export(multicut_run.run_dir, tmp_path / "export", formats=("onnx",))

@@ -90,8 +90,9 @@ def test_a_comparison_says_which_strategy_it_is_on(shapes, tmp_path):
     from graft.analysis.comparison import compare_strategies
 
     lines = []
-    compare_strategies(shapes, "test_resnet", tmp_path / "cmp", ("probe", "scratch"), epochs=1,
-                       overrides={"model.pretrained": False, "data.image_size": 32, "data.workers": 0}, log=lines.append)
+    overrides = {"model.pretrained": False, "data.image_size": 32, "data.workers": 0}
+    compare_strategies(shapes, "test_resnet", tmp_path / "cmp", ("probe", "scratch"), epochs=1, overrides=overrides,
+                       log=lines.append)
     assert [line.split(":")[0] for line in lines] == ["probe (1/2)", "probe (1/2)", "scratch (2/2)", "scratch (2/2)"]
     assert lines[0] == "probe (1/2): training test_resnet" and re.match(r"probe \(1/2\): val accuracy [\d.]+ in \d+s",
                                                                           lines[1])

@@ -145,8 +145,9 @@ def test_explain_answers_an_overlay_the_page_can_show_and_the_errors_of_predict(
     assert row["target"] == row["labels"][0]
     prefix = "data:image/png;base64,"
     assert row["overlay"].startswith(prefix)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     overlay = Image.open(io.BytesIO(base64.b64decode(row["overlay"][len(prefix):])))
     assert overlay.format == "PNG" and overlay.size == Image.open(image).size  # small images keep their size

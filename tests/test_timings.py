@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import TINY
 from typer.testing import CliRunner
 
 from graft.cli import app
-from conftest import TINY
 
 PROBE = ["--backbone", TINY, "--no-pretrained", "--strategy", "probe", "--image-size", "32", "--workers", "0"]
 

@@ -119,8 +119,9 @@ def test_tracking_folders_are_graft_products(tracked, tmp_path):
 
 def test_resume_appends_to_the_same_trackers(two_shapes, tmp_path):
     """Interrupted after epoch 1 (Ctrl-C in the hook), resumed: one MLflow run with both epochs, events 1 and 2."""
-    from graft.training.state import Hooks
     from mlflow.tracking import MlflowClient
+
+    from graft.training.state import Hooks
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     run_dir = tmp_path / "run"

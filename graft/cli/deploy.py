@@ -11,9 +11,11 @@ from graft.cli.shared import (
     BATCH_SIZES,
     TOP_K,
     DeviceOpt,
+    RuntimeOpt,
     TTAOpt,
     _check_options,
     app,
+    check_runtime,
     err,
     friendly_errors,
     out,
@@ -116,6 +118,7 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(help="how long a request waits to share a batch")] = 10.0,
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
     tta: TTAOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Serve predictions over HTTP: POST /predict (multipart images), a web page on GET /, /health, /metadata, /report.
 
@@ -127,6 +130,7 @@ def serve(
     _check_options(("--port", port, 1, 65535), ("--max-upload-mb", max_upload_mb, 0, 10_240, True),
                    ("--max-pixels", max_pixels, 1, 1_000_000_000), ("--max-batch", max_batch, *BATCH_SIZES),
                    ("--max-wait-ms", max_wait_ms, 0, 60_000), ("--top-k", top_k, *TOP_K))
+    check_runtime(runtime)
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
-                         max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta)
+                         max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta, runtime=runtime)
     serve_runs(runs, host, port, device, config)

@@ -15,9 +15,11 @@ from graft.cli.shared import (
     BATCH_SIZES,
     TOP_K,
     DeviceOpt,
+    RuntimeOpt,
     TTAOpt,
     _check_options,
     app,
+    check_runtime,
     err,
     friendly_errors,
     out,
@@ -51,6 +53,7 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 32,
     device: DeviceOpt = "auto",
     tta: TTAOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Classify images with a trained run (several runs: an ensemble). csv, json and jsonl rows are printed as each
     batch is done.
@@ -60,12 +63,14 @@ def predict(
     from graft.evaluation.inference import iter_predictions
 
     _check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
+    check_runtime(runtime)
     runs, inputs = _split_runs(paths)
     if not inputs:
         raise GraftError("no images given: graft predict RUN IMAGE_OR_FOLDER [...]")
     if output_format not in ("table", "csv", "json", "jsonl"):
         raise GraftError(f"format '{output_format}' not understood: choose table, csv, json or jsonl")
-    rows = iter_predictions(runs, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta)
+    rows = iter_predictions(runs, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta,
+                            runtime=runtime, log=err.print)
     if output_format == "table" and output is None:  # a table needs every row for its column widths
         print_table("predictions", ["file", "labels", "probabilities", "error"],
                     [[r.path, ", ".join(r.labels), ", ".join(f"{p:.3f}" for p in r.probabilities), r.error]

@@ -26,10 +26,17 @@ from graft.cli.shared import (
     out,
     print_table,
 )
-from graft.config import COMPILE_MODES, ModelConfig
+from graft.config import COMPILE_MODES, ENGINES, ModelConfig
 from graft.errors import GraftError
 
 __all__ = ["advise", "features", "layers", "probe"]
+
+ExtractEngineOpt = Annotated[str, config_option("train.extract_engine")]
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise GraftError(f"--extract-engine '{engine}' not understood: choose one of {', '.join(ENGINES)}")
 
 
 @app.command()
@@ -76,6 +83,7 @@ def features(
     compile: Annotated[str, config_option(
         "train.compile", help="torch.compile the extraction forward: off, default, reduce-overhead or max-autotune; "
         "a failure warns and extracts eagerly")] = "off",
+    extract_engine: ExtractEngineOpt = "auto",
 ):
     """Compute frozen-trunk features once (several nodes in one pass) and cache them; a rerun reads the cache.
 
@@ -94,6 +102,7 @@ def features(
                    ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
     if compile not in COMPILE_MODES:
         raise GraftError(f"--compile '{compile}' not understood: choose one of {', '.join(COMPILE_MODES)}")
+    _check_engine(extract_engine)
     distributed.init_from_env(device)  # under torchrun each process extracts a share of the images
     if output:  # before the work: an unwritable or clashing folder wastes nothing; rank 0 writes
         clashes = ((data, "data"), (cache_folder(cache), "feature cache"))
@@ -105,7 +114,7 @@ def features(
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
     _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
                                 workers, err.print if distributed.is_main() else None, augment_views=augment,
-                                compile_mode=compile)
+                                compile_mode=compile, engine=extract_engine)
     if not distributed.is_main():
         return
     stats = next(iter(sets.values())).stats
@@ -131,6 +140,7 @@ def probe(
     cache: CacheOpt = None,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
+    extract_engine: ExtractEngineOpt = "auto",
 ):
     """Leaderboard of linear probes: which backbone, which stage (cached features, L-BFGS heads).
 
@@ -142,9 +152,11 @@ def probe(
     _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     if stages not in ("default", "all"):
         raise GraftError(f"stages '{stages}' not understood: use default or all")
+    _check_engine(extract_engine)
     distributed.init_from_env(device)  # under torchrun: extraction shared, the probes dealt out over the ranks
     rows = probe_backbones(data, backbones.split(","), stages, image_size, pool, pretrained, cache, device,
-                           workers=workers, output=output, log=err.print if distributed.is_main() else None)
+                           workers=workers, output=output, log=err.print if distributed.is_main() else None,
+                           engine=extract_engine)
     if not distributed.is_main():
         return
     print_table("linear probe leaderboard", ["backbone", "node", "width", "val acc", "k-NN acc", "extract img/s",
@@ -168,6 +180,7 @@ def advise(
     cache: CacheOpt = None,
     workers: WorkersOpt = -1,
     device: DeviceOpt = "auto",
+    extract_engine: ExtractEngineOpt = "auto",
 ):
     """Recommend a strategy (probe top layer, probe an earlier stage, fine-tune the last stages or everything).
 
@@ -176,7 +189,9 @@ def advise(
     from graft.probing.advice import advise as advise_on
 
     _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
-    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers, log=err.print)
+    _check_engine(extract_engine)
+    advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers, log=err.print,
+                       engine=extract_engine)
     print_table("how well each stage's frozen features separate the classes", ["node", "width", "probe acc",
                                                                                "k-NN acc"],
                 [[s["node"], s["width"], s["probe_accuracy"], s["knn_accuracy"]] for s in advice.stages])

@@ -20,8 +20,8 @@ from graft.errors import GraftError
 from graft.utils.text import display_name
 
 __all__ = [
-    "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "err", "friendly_errors", "main", "out",
-    "print_table", "styled"
+    "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "check_runtime", "err", "friendly_errors",
+    "main", "out", "print_table", "styled"
 ]
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,6 +48,17 @@ VggStagesOpt = Annotated[Optional[str], config_option("model.vgg_stages")]
 BatchSizeOpt = Annotated[int, config_option("data.batch_size")]
 PoolOpt = Annotated[str, config_option("model.pool")]
 TTAOpt = Annotated[Optional[str], typer.Option(help="test-time augmentation: flip, crops or flip,crops")]
+RuntimeOpt = Annotated[str, typer.Option(
+    help="torch (eager PyTorch), onnx (ONNX Runtime on the run's verified export, made into RUN/runtime on first use) "
+    "or auto (onnx on the CPU when onnxruntime is installed)", metavar="[auto|torch|onnx]")]
+
+
+def check_runtime(runtime: str) -> None:
+    """Refuses a ``--runtime`` that is not one of graft.models.onnx_engine's ``RUNTIMES``."""
+    from graft.models.onnx_engine import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise GraftError(f"--runtime '{runtime}' not understood: choose one of {', '.join(RUNTIMES)}")
 
 
 def friendly_errors(command):

@@ -34,6 +34,7 @@ from graft.data.transforms import MAX_ASPECT, CapAspect, create_transform
 from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
+from graft.models.onnx_engine import OPSET, export_onnx, onnx_session  # re-exported: deploy's public names
 from graft.models.run_folder import load, read_card
 from graft.utils.files import atomic_write, write_json
 from graft.utils.outputs import output_folder, record
@@ -60,7 +61,6 @@ __all__ = [
 
 FORMATS = ("onnx", "torch", "safetensors")
 ECOSYSTEM_FORMATS = ("timm", "hf")  # folders plain timm / the Hugging Face hub load (graft.deploy.hub)
-OPSET = 18
 PARITY_INPUTS = 16  # images used to verify each exported form
 FOLD_TOLERANCE = 1e-4  # max |Δlogit| in float32 that folding may cause (the bound)
 RUNTIME_TOLERANCE = 1e-3  # ONNX Runtime / torch.export vs eager: different kernels, same maths
@@ -140,34 +140,6 @@ def export_program(model: nn.Module, example: torch.Tensor):
 def _save_program(program, path: str) -> None:
     with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name, and the temp file has none
         torch.export.save(program, handle)
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    try:
-        import onnx  # noqa: F401 - the exporter needs it; fail here with the fix, not deep inside torch.onnx
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise GraftError("ONNX export needs onnx and onnxscript: pip install 'graft[export]'") from None
-    batch = torch.export.Dim("batch", min=1, max=65536)
-
-    def write(temp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), temp, dynamo=True, opset_version=OPSET, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
-                              verbose=False)
-
-    atomic_write(path, write)
-
-
-def onnx_session(path: Path):
-    try:
-        import onnxruntime
-    except ImportError:
-        raise GraftError("checking the ONNX file needs onnxruntime: pip install 'graft[export]'") from None
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _check(name: str, difference: float, tolerance: float) -> float:

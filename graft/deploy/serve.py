@@ -36,7 +36,7 @@ from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report,
 from graft.errors import GraftError
 from graft.evaluation.explain import OVERLAY_SIDE, explain_prepared, prepare
 from graft.evaluation.explain import available as explain_available
-from graft.evaluation.inference import PerView, load_ensemble
+from graft.evaluation.inference import load_ensemble, runtime_members
 from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.text import display_name
 
@@ -66,6 +66,7 @@ class ServeConfig:
     max_wait_ms: float = 10.0  # how long the first image of a batch waits for company
     top_k: int = 5
     tta: str | None = None
+    runtime: str = "torch"  # torch, onnx (ONNX Runtime on each run's verified export) or auto
     explain_max_files: int = EXPLAIN_MAX_FILES
     explain_concurrency: int = 2  # /explain requests decoding and explaining at once
     explain_queue: int = 8  # more /explain requests waiting for a turn (their bodies read); beyond that 503
@@ -127,7 +128,7 @@ class Predictor:
         self.runs, self.device, self.models = load_ensemble(run_dirs, device)
         self.config = config
         self.views = TTAViews(self.models[0].preprocessing, config.tta)
-        self.per_view = [PerView(model, True).eval() for model in self.models]
+        self.per_view = runtime_members(self.runs, self.models, self.device, config.runtime, log.warning)
         self.classes = self.models[0].classes
         self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
         self.facts = [run_facts(run) for run in self.runs]

@@ -15,6 +15,7 @@ from graft.data.discovery import expand_inputs
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
+from graft.models.onnx_engine import run_forward
 from graft.models.prediction import Prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
@@ -23,7 +24,7 @@ from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_dev
 
 __all__ = [
     "PerView", "Prediction", "ensemble_probabilities", "eval_loader", "iter_predictions", "load_ensemble", "predict",
-    "predict_logits"
+    "predict_logits", "runtime_members"
 ]
 
 
@@ -68,11 +69,15 @@ def eval_loader(dataset, batch_size: int = 64, workers: int = 0, device: torch.d
 
 
 class PerView(nn.Module):
-    """Runs a model on (batch, views, 3, H, W) and returns per-view log-probabilities flattened to (batch, views*C)."""
+    """Runs a model on (batch, views, 3, H, W) and returns per-view log-probabilities flattened to (batch, views*C).
 
-    def __init__(self, model: GraftModel, channels_last: bool):
+    ``forward``: what computes the logits instead of ``model`` itself, e.g. its ONNX Runtime session
+    (``run_forward``); ``model`` still gives the classes."""
+
+    def __init__(self, model: GraftModel, channels_last: bool, forward: nn.Module | None = None):
         super().__init__()
-        self.model, self.classes, self.channels_last = model, model.classes, channels_last
+        self.model = forward if forward is not None else model
+        self.classes, self.channels_last = model.classes, channels_last
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         batch = views.shape[0]
@@ -116,36 +121,47 @@ def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[Graft
     return runs, target, models
 
 
+def runtime_members(runs: list, models: list[GraftModel], target: torch.device, runtime: str = "torch",
+                    log=None) -> list[PerView]:
+    """Each ensemble member's ``PerView`` (in eval mode) with its forward on ``runtime`` (``torch``, ``onnx`` or
+    ``auto``; ``graft.models.onnx_engine.run_forward``: the run's verified ONNX export, made on first use)."""
+    return [PerView(model, True, run_forward(model, run, runtime, target, model.preprocessing.input_size, log)).eval()
+            for run, model in zip(runs, models)]
+
+
 def predict(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
-            workers: int = 0, tta: str | None = None) -> list[Prediction]:
+            workers: int = 0, tta: str | None = None, runtime: str = "torch") -> list[Prediction]:
     """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
 
     Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
     flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
-    one batch at a time. ``inputs`` is one path (``str`` or ``os.PathLike``) or a list of them.
+    one batch at a time. ``inputs`` is one path (``str`` or ``os.PathLike``) or a list of them. ``runtime``: torch,
+    onnx (ONNX Runtime on each run's verified export) or auto (onnx on the CPU when installed).
     """
-    return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta))
+    return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta, runtime))
 
 
 def iter_predictions(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
-                     workers: int = 0, tta: str | None = None) -> Iterator[Prediction]:
+                     workers: int = 0, tta: str | None = None, runtime: str = "torch", log=None
+                     ) -> Iterator[Prediction]:
     """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
-    however many images there are. The models and inputs are checked before the first row."""
-    _, target, models = load_ensemble(run_dirs, device)
+    however many images there are. The models and inputs are checked before the first row. ``log``: where the
+    ONNX Runtime warning goes, if a run's export cannot be used (default logging's)."""
+    runs, target, models = load_ensemble(run_dirs, device)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs  # one path, not a list of its characters
     paths = expand_inputs([os.fspath(item) for item in items])
-    return _prediction_rows(models, paths, target, top_k, batch_size, workers, tta)
+    members = runtime_members(runs, models, target, runtime, log)
+    return _prediction_rows(models, members, paths, target, top_k, batch_size, workers, tta)
 
 
-def _prediction_rows(models: list[GraftModel], paths: list[str], target: torch.device, top_k: int, batch_size: int,
-                     workers: int, tta: str | None) -> Iterator[Prediction]:
+def _prediction_rows(models: list[GraftModel], members: list[PerView], paths: list[str], target: torch.device,
+                     top_k: int, batch_size: int, workers: int, tta: str | None) -> Iterator[Prediction]:
     # one loader per member over the same paths in the same order: zipped, they give each batch for every member
     loaders = []
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
         loaders.append(eval_loader(dataset, batch_size, workers, target))
-    members = [PerView(model, True).eval() for model in models]
     classes = models[0].classes
     k = min(top_k, len(classes))
     start = 0

@@ -38,15 +38,16 @@ class Advice:
 
 def advise(data, backbone: str, image_size: int | None = None, pretrained: bool = True, cache_dir=None,
            device: str = "auto", workers: int = -1, val_fraction: float = 0.2, seed: int = 0, log=None,
-           weights_file: str | None = None, test_fraction: float = 0.0) -> Advice:
+           weights_file: str | None = None, test_fraction: float = 0.0, engine: str = "auto") -> Advice:
     """Recommends probe / fine-tune and where to cut, from data size and per-stage separability.
 
     Only the train and val images are read: test images stay out of every choice (``test_fraction``: the fit's
-    carved test split, left out the same way; ``weights_file``: local pretrained weights, as ``--weights``).
+    carved test split, left out the same way; ``weights_file``: local pretrained weights, as ``--weights``;
+    ``engine``: the extraction engine, as ``extract_features``'s).
     """
     splits = replace(_prepare(data, val_fraction, seed, test_fraction, log), test=[])
     _, _, sets = stage_features(splits, backbone, "all", image_size, "avg", pretrained, cache_dir, device,
-                                workers=workers, log=log, seed=seed, weights_file=weights_file)
+                                workers=workers, log=log, seed=seed, weights_file=weights_file, engine=engine)
     combined = {spec: combine_features([sets[node] for node in spec.split(",")])
                 for spec in candidate_cuts([node for node in sets if node != DEFAULT_NODE])}
     keep = _ranking_subset(sets[DEFAULT_NODE].labels["train"], RANKING_IMAGES, seed)

@@ -27,6 +27,7 @@ from graft.data.images import load_image
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
+from graft.models.onnx_engine import as_tuple, engine_digest, engine_module, resolve_engine
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
 from graft.probing.cache import (
     SHARD_IMAGES,
@@ -164,7 +165,8 @@ def extraction_batch_size(device: torch.device) -> int:
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
-                     hflip: bool = True, log=None, compile_mode: str = "off") -> dict[str, FeatureSet]:
+                     hflip: bool = True, log=None, compile_mode: str = "off", engine: str = "auto"
+                     ) -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
 
     Args:
@@ -175,9 +177,13 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         augment_views: also cache this many augmented views of each training image.
         compile_mode: ``--compile``: torch.compile the extractor's forward (``graft.utils.compiling``; a failure
             warns and extracts eagerly). The cache key is unchanged: compiling does not change the weights.
+        engine: ``auto`` (ONNX Runtime on the CPU when installed, else eager PyTorch), ``onnx`` or ``eager``
+            (``graft.models.onnx_engine``). The trunk's ONNX file is cached beside the features and checked against
+            eager on the first batch; the cache key is unchanged: both engines give the same features.
 
     Returns:
-        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read and the images/s.
+        {node: FeatureSet}. ``stats`` tells how many images were extracted vs read, the images/s and the ``engine``
+        that ran (``eager`` when the ONNX export failed its check).
     """
     if splits.shards is not None:  # a shard sample is a tar member, not a file the cache can key and reread
         raise GraftError(f"{splits.root}: features are extracted from image files, and tar shards hold none; pass the "
@@ -187,6 +193,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     extractor = _as_multi(extractor)
     pool = extractor.pool_kind
     device = torch.device(device)
+    engine = resolve_engine(engine, device)
     batch_size = batch_size or extraction_batch_size(device)
     cache = cache_folder(cache_dir)
     if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
@@ -197,7 +204,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     train_paths = [p for p, _ in splits.train]
     views = [(0, all_paths)] + [(v, train_paths) for v in range(1, augment_views + 1)]
     results: dict[str, dict[int, np.ndarray]] = {node: {} for node in extractor.nodes}
-    stats = {"extracted": 0, "cached": 0, "seconds": 0.0}
+    stats = {"extracted": 0, "cached": 0, "seconds": 0.0, "engine": engine}
+    onnx_path = None if engine == "eager" else cache / "onnx" / (engine_digest(
+        architecture, sorted(digests.items()), extractor.nodes, pool, tuple(preprocessing.input_size)) + ".onnx")
     for view, paths in views:
         spaces = {node: CacheSpace(cache / space_key(architecture, digests[node], node, pool, preprocessing, view),
                                    {"architecture": architecture, "node": node, "pool": pool, "view": view})
@@ -210,8 +219,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
-                _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing, view,
-                              batch_size, workers, device, hflip, compile_mode, log)
+                stats["engine"] = _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing,
+                                                view, batch_size, workers, device, hflip, compile_mode, log, onnx_path)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -269,20 +278,24 @@ class _TrunkExtractor(nn.Module):
 
 
 def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip,
-                  compile_mode: str = "off", log=None) -> None:
+                  compile_mode: str = "off", log=None, onnx_path: Path | None = None) -> str:
+    """Extracts ``paths`` into the cache ``spaces``; returns the engine that ran (``onnx``, or ``eager`` when there was
+    no ONNX file to use or it failed its check)."""
     loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
                         **loader_options(device, workers))
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
     extractor.to(memory_format=torch.channels_last)
-    forward = maybe_compile(extractor, compile_mode, "extraction", log)
+    forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
     what = "features" + (f" (augmented view {view})" if view else "")
     try:
         with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
             for done, (images, indices) in enumerate(loader, start=1):
+                if forward is None:
+                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log)
                 with autocast(device, dtype):
                     outputs = forward(to_device(images, device, True))
                 for node, values in outputs.items():
@@ -296,6 +309,31 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
             _flush(spaces, pending, pending_keys)
     finally:
         extractor.train(was_training)
+    return engine
+
+
+class _NodeTuple(nn.Module):
+    """An extractor's {node: features} as a tuple in node order: what an ONNX graph can return."""
+
+    def __init__(self, extractor: nn.Module):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.extractor(x)
+        return tuple(outputs[node] for node in self.extractor.nodes)
+
+
+def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log):
+    """(the extraction forward, {node: features}; its engine): ONNX Runtime on the cached, verified export (checked
+    on ``images``) when ``onnx_path`` is given and it matches; else eager PyTorch (``--compile`` applies there only)."""
+    if onnx_path is not None:
+        nodes = extractor.nodes
+        names = tuple(f"features_{index}" for index in range(len(nodes)))
+        module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names)
+        if not isinstance(module, _NodeTuple):
+            return (lambda x: dict(zip(nodes, as_tuple(module(x))))), "onnx"
+    return maybe_compile(extractor, compile_mode, "extraction", log), "eager"
 
 
 def _flush(spaces, pending: dict[str, list[np.ndarray]], keys: list[str]) -> None:

@@ -86,13 +86,14 @@ def _speed(net, node: str, input_size, device: torch.device, batch: int = 32, re
 def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", image_size: int | None = None,
                    pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
                    batch_size: int | None = None, workers: int = -1, log=None, seed: int = 0, augment_views: int = 0,
-                   weights_file: str | None = None, compile_mode: str = "off"):
+                   weights_file: str | None = None, compile_mode: str = "off", engine: str = "auto"):
     """(backbone, preprocessing, {node: FeatureSet}) from one pass over the data.
 
     Args:
         stages: ``all`` (every stage node and the pooled features), ``default`` (pooled features only), or a list
             of node names.
         compile_mode: ``--compile`` for the extraction forward (``extract_features``).
+        engine: the extraction engine, ``auto``, ``onnx`` or ``eager`` (``extract_features``).
         seed: seeds random initialisation (pretrained=False), so a rerun has the same weights and hits the cache.
     """
     torch.manual_seed(seed)
@@ -102,14 +103,15 @@ def stage_features(splits: DatasetSplits, backbone_name: str, stages="all", imag
         stages = (backbone.stage_nodes if stages == "all" else []) + [DEFAULT_NODE]
     extractor = FeatureExtractor(backbone.net, list(stages), pool)
     sets = extract_features(splits, extractor, preprocessing, backbone_name, cache_dir, batch_size, workers,
-                            resolve_device(device), augment_views, log=log, compile_mode=compile_mode)
+                            resolve_device(device), augment_views, log=log, compile_mode=compile_mode,
+                            engine=engine)
     return backbone, preprocessing, sets
 
 
 def probe_backbones(data, backbones: list[str], stages: str = "default", image_size: int | None = None,
                     pool: str = "avg", pretrained: bool = True, cache_dir=None, device: str = "auto",
                     batch_size: int | None = None, workers: int = -1, val_fraction: float = 0.2, seed: int = 0,
-                    output: str | os.PathLike | None = None, log=None) -> list[LeaderboardRow]:
+                    output: str | os.PathLike | None = None, log=None, engine: str = "auto") -> list[LeaderboardRow]:
     """Linear-probes each backbone (and, with stages='all', each of its stages) on cached features.
 
     Writes ``leaderboard.csv`` and ``leaderboard.png`` to ``output`` when given. Rows are sorted best first.
@@ -130,7 +132,7 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
     rows, task = [], -1
     for name in backbones:
         backbone, preprocessing, sets = stage_features(splits, name, stages, image_size, pool, pretrained, cache_dir,
-                                                       device, batch_size, workers, log, seed)
+                                                       device, batch_size, workers, log, seed, engine=engine)
         for node, features in sets.items():
             task += 1
             if task % distributed.world_size() != distributed.rank():

@@ -25,7 +25,8 @@ def resolve(config: FitConfig, log=None) -> tuple[FitConfig, dict]:
     start = time.perf_counter()
     advice = advise(config.data.path, config.model.backbone, config.data.image_size, config.model.pretrained,
                     config.data.cache_dir, config.train.device, config.data.workers, config.data.val_fraction,
-                    config.train.seed, log, config.model.weights, config.data.test_fraction)
+                    config.train.seed, log, config.model.weights, config.data.test_fraction,
+                    config.train.extract_engine)
     seconds = time.perf_counter() - start
     overrides = dict(advice.overrides)
     if overrides["train.strategy"] == "finetune" and not config.train.probe_patience:

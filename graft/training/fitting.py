@@ -295,7 +295,7 @@ def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, 
     data = config.data
     sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
                             None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log,
-                            config.train.compile)
+                            config.train.compile, config.train.extract_engine)
     runtime.timings.lap("extraction")
     features = sets[model.trunk.node]
     # under torchrun every rank extracted its share above; the full-batch L-BFGS solve does not shard, so rank 0
