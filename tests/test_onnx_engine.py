@@ -135,7 +135,8 @@ def run_copy(trained_run, tmp_path):
     """A copy of the shared trained run: the ONNX runtime export is written into it, not into the shared one."""
     import shutil
 
-    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+    # without runtime/: other tests' CLI predicts (--runtime auto) may have exported into the shared run already
+    return Path(shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("runtime")))
 
 
 def _val_files(shapes) -> list[str]:
