@@ -33,6 +33,22 @@ from graft.models.run_folder import load, read_card
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/flowers5"
 
 
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both this bench and bench_serve.py take: a run, or the data, backbone and size to train one."""
+    parser.add_argument("--run", help="an existing run folder (default: a probe trained now on --data)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="train/ and val/ class folders")
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--size", type=int, default=224)
+
+
+def checked_data(args) -> Path:
+    """``--data`` as a folder, or the exit saying what to pass (a given ``--run`` needs no data folder)."""
+    data = Path(args.data)
+    if not args.run and not data.is_dir():
+        sys.exit(f"{data}: no such folder; pass --data (train/ and val/ class folders) or --run")
+    return data
+
+
 def small_copy(data: Path, folder: Path, train: int, val: int) -> Path:
     """``train``/``val`` images per class of ``data`` as symlinks under ``folder`` (the smoke run's data)."""
     splits = discover(data)
@@ -75,18 +91,13 @@ def images_per_second(forward, images: torch.Tensor, batch: int, repeats: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="an existing run folder (default: a probe trained now on --data)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="train/ and val/ class folders")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--size", type=int, default=224)
+    run_arguments(parser)
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls at batch 1 (batch 32: a fifth)")
     parser.add_argument("--smoke", action="store_true", help="4 train / 3 val images per class, 3 repeats")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="graft-bench-quantize-"))
-    data = Path(args.data)
-    if not args.run and not data.is_dir():
-        sys.exit(f"{data}: no such folder; pass --data (train/ and val/ class folders) or --run")
+    data = checked_data(args)
     if args.smoke:
         data, args.repeats = small_copy(data, root / "data", 4, 3), 3
     run = Path(args.run) if args.run else probe_run(data, root, args.backbone, args.size)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_quantize import DEFAULT_DATA, probe_run, small_copy
+from bench_quantize import checked_data, probe_run, run_arguments, small_copy
 
 from graft.data.discovery import discover
 from graft.models.run_folder import read_card
@@ -133,10 +133,7 @@ def measure(url: str, images: list[bytes], args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="an existing run folder (default: a probe trained now on --data)")
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="train/ and val/ class folders")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--size", type=int, default=224)
+    run_arguments(parser)
     parser.add_argument("--runtimes", default="torch,onnx")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=500)
@@ -146,9 +143,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few images, 10 clients, 40 requests")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="graft-bench-serve-"))
-    data = Path(args.data)
-    if not args.run and not data.is_dir():
-        sys.exit(f"{data}: no such folder; pass --data (train/ and val/ class folders) or --run")
+    data = checked_data(args)
     if args.smoke:
         data, args.clients, args.requests = small_copy(data, root / "data", 4, 3), 10, 40
     run = Path(args.run) if args.run else probe_run(data, root, args.backbone, args.size)
