@@ -7,6 +7,7 @@ Without those variables everything here is a no-op on one process, so library co
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from pathlib import Path
@@ -17,9 +18,9 @@ import torch.distributed as dist
 from graft.errors import GraftError
 
 __all__ = [
-    "all_gather_object", "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object", "init_from_env",
-    "is_distributed", "is_main", "launched", "local_rank", "main_decides", "rank", "state_digest", "world_size",
-    "write_rank_digest"
+    "all_gather_object", "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object",
+    "init_from_env", "is_distributed", "is_main", "launched", "leave", "local_rank", "main_decides", "rank",
+    "state_digest", "world_size", "write_rank_digest"
 ]
 
 RANK_DIGEST = "GRAFT_DEBUG_RANK_DIGEST"  # env var: a folder where each rank writes its final weights' digest (tests)
@@ -55,7 +56,16 @@ def init_from_env(device: str = "auto") -> bool:
                              "--nproc-per-node <= the GPU count")
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo")
+    # A process that exits with its group alive can abort (SIGABRT) while the interpreter tears down gloo's worker
+    # threads: rank 1 of a finished job failed that way. Leaving the group while Python is still whole avoids it.
+    atexit.register(leave)
     return True
+
+
+def leave() -> None:
+    """Leaves the torchrun job (a no-op when not in one); ``init_from_env`` arranges it at exit."""
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
