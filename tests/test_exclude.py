@@ -75,7 +75,7 @@ def test_paths_outside_the_dataset_are_refused_or_ignored(shapes, tmp_path):
     (["path", "decision", "label"], ["train/circle/000.png", "delete", ""], "line 2: decision 'delete'"),
     (["path", "decision", "label"], ["train/circle/000.png", "relabel", ""], "line 2: relabel without a label"),
     (["path", "decision", "label"], ["train/circle/000.png", "relabel", "dog"], "line 2: label 'dog' is not one"),
-    (["file", "label"], ["train/circle/000.png", "circle"], "expected a header with a path column"),
+    (["file", "label"], ["train/circle/000.png", "circle"], "no path column in the header"),
     (["path"], ["train/circle/000.png", "extra"], "line 2: more cells than the header"),
 ])
 def test_a_malformed_list_is_one_line_naming_the_file_and_line(shapes, tmp_path, header, row, message):

@@ -33,7 +33,7 @@ from graft.utils.text import FORMULA_STARTS, display_name
 
 __all__ = [
     "DECISIONS", "DECISION_COLUMNS", "EXCLUDED_COLUMNS", "Exclusions", "Listed", "append_decision", "apply_exclusions",
-    "dataset_root", "excluded_text", "parse_exclude", "read_listed", "resolve_listed"
+    "dataset_root", "excluded_text", "parse_exclude", "read_csv_rows", "read_listed", "resolve_listed"
 ]
 
 DECISIONS = ("exclude", "relabel", "keep")
@@ -91,15 +91,22 @@ def parse_exclude(spec: str) -> list[str]:
     return list(dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()))
 
 
-def _rows(source: Path) -> list[dict]:
+def read_csv_rows(source: str | os.PathLike, required: tuple[str, ...], expected: str) -> list[dict]:
+    """The rows of a CSV graft reads as data (a list to exclude, an audit's CSVs), names as on disk; a missing file,
+    a malformed row or a header without the ``required`` columns is one GraftError naming the file (and line).
+
+    Args:
+        expected: what the file should be, said when its header lacks a required column.
+    """
+    source = Path(source)
     try:
         if source.stat().st_size > MAX_LIST_BYTES:
-            raise GraftError(f"{source}: larger than {MAX_LIST_BYTES >> 20} MiB; not a list of files to exclude")
+            raise GraftError(f"{source}: larger than {MAX_LIST_BYTES >> 20} MiB; not a list a person reviews")
         text = source.read_bytes().decode("utf-8-sig", "surrogateescape")  # names as they are on disk
     except FileNotFoundError:
-        raise GraftError(f"{source}: no such file (--exclude); give a CSV with a path column") from None
+        raise GraftError(f"{source}: no such file; expected {expected}") from None
     except OSError as error:
-        raise GraftError(f"{source}: cannot read it ({error.strerror or error}) (--exclude)") from None
+        raise GraftError(f"{source}: cannot read it ({error.strerror or error})") from None
     reader = csv.DictReader(io.StringIO(text))
     rows = []
     try:
@@ -111,17 +118,18 @@ def _rows(source: Path) -> list[dict]:
     except csv.Error as error:
         raise GraftError(f"{source}, line {reader.line_num + 1}: not a readable CSV row ({error}); fix the "
                          "row") from None
-    if reader.fieldnames is None or "path" not in reader.fieldnames:
-        raise GraftError(f"{source}: expected a header with a path column (a decisions CSV path,decision,label, graft "
-                         "audit's label_issues.csv or a list of paths); duplicates.csv pairs are reviewed with graft "
-                         "serve RUN --audit OUT")
+    missing = [column for column in required if column not in (reader.fieldnames or ())]
+    if missing:
+        raise GraftError(f"{source}: no {', '.join(missing)} column in the header; expected {expected}")
     return rows
 
 
 def read_listed(source: str | os.PathLike) -> list[Listed]:
     """The rows of one list as decisions, checked (GraftError naming the file and line)."""
     source = Path(source)
-    rows = _rows(source)
+    rows = read_csv_rows(source, ("path",), "a CSV with a path column (a decisions CSV path,decision,label, graft "
+                         "audit's label_issues.csv or a list of paths; duplicates.csv pairs are reviewed with graft "
+                         "serve RUN --audit OUT)")
     columns = set(rows[0]) if rows else set()
     listed = []
     for line, row in enumerate(rows, start=2):
