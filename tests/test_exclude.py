@@ -125,3 +125,9 @@ def test_fit_exclude_trains_without_the_files_records_them_and_resumes_on_the_sa
     for record in (result.metrics["exclusions"], json.loads((run / "graft.json").read_text())["exclusions"]):
         assert (record["excluded"], record["relabelled"], record["not_in_data"]) == (4, 1, 1)
     assert json.loads((run / "metrics.json").read_text())["exclusions"]["lists"] == [str(decisions)]
+
+
+def test_the_python_api_takes_the_lists_as_a_list():
+    from graft.training.arguments import config_from_arguments
+
+    assert config_from_arguments("data", {"exclude": ["a.csv", "b.csv"]}).data.exclude == "a.csv,b.csv"
