@@ -137,7 +137,6 @@ REVIEW_PAGE = f"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>graft: review the audit</title>
-<link rel="icon" href="data:,">
 <style>{_STYLE}</style>
 </head>
 <body>
