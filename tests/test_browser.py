@@ -209,6 +209,7 @@ def test_the_review_page_shows_hostile_names_as_text_and_a_click_writes_the_deci
         assert f"given: {HOSTILE}" in cards[0].inner_text() and suspect in cards[0].inner_text()
         assert cards[0].eval_on_selector("img", "image => image.naturalWidth") > 0  # the thumbnail loaded
         assert cards[1].query_selector("img") is None and "no thumbnail" in cards[1].inner_text()
+        assert cards[1].query_selector("button") is None  # nothing to decide for a path outside the dataset
         assert page.query_selector_all("img[src='x']") == [], "no element was made from a name"
         cards[0].query_selector("button").click()  # confirm: relabel to the suggestion
         page.wait_for_selector("#issues .card .decided:has-text('decided: relabel red')")

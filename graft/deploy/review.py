@@ -26,6 +26,7 @@ from graft.data.exclusions import DECISIONS, append_decision, read_csv_rows, rea
 from graft.data.images import load_image
 from graft.errors import GraftError
 from graft.utils.files import read_json_object
+from graft.utils.limits import SERVE_MAX_PIXELS
 from graft.utils.outputs import contained
 from graft.utils.text import display_name
 
@@ -35,7 +36,6 @@ AUDIT_FILES = ("label_issues.csv", "duplicates.csv")
 DECISIONS_FILE = "decisions.csv"
 MAX_ROWS = 2000  # suspects shown per list: the most suspicious first, as the audit sorts them
 THUMBNAIL_SIDE = 160
-THUMBNAIL_MAX_PIXELS = 64_000_000  # a decompression bomb listed in an audit is refused, not decoded
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Review:
         """A small PNG of thumbnail ``number``'s file; GraftError when there is no such thumbnail or no image."""
         if not 0 <= number < len(self.files):
             raise GraftError("no such thumbnail")
-        image = load_image(self.files[number], THUMBNAIL_MAX_PIXELS)  # ImageError (a GraftError) for a non-image
+        image = load_image(self.files[number], SERVE_MAX_PIXELS)  # ImageError for a non-image or a bomb
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")

@@ -91,8 +91,10 @@ function issueCard(item) {
     el("div", "muted", "score " + item.score));
   images.append(facts);
   const buttons = el("div", "buttons");
-  buttons.append(button(card, item, "confirm (relabel to " + item.suggested + ")", "relabel", item.suggested),
-    button(card, item, "reject (keep)", "keep"), button(card, item, "exclude", "exclude"), ...relabelTo(card, item));
+  if (Number.isInteger(item.thumb)) {  // only a file inside the dataset can be decided on (the server says the same)
+    buttons.append(button(card, item, "confirm (relabel to " + item.suggested + ")", "relabel", item.suggested),
+      button(card, item, "reject (keep)", "keep"), button(card, item, "exclude", "exclude"), ...relabelTo(card, item));
+  }
   card.append(images, el("div", "name", item.path), buttons, el("div", "decided"));
   status(card, item);
   return card;
@@ -105,7 +107,9 @@ function pairCard(pair) {
   for (const [side, item] of [["A", pair.a], ["B", pair.b]]) {
     const part = el("div");
     const buttons = el("div", "buttons");
-    buttons.append(button(part, item, "exclude " + side, "exclude"), button(part, item, "keep " + side, "keep"));
+    if (Number.isInteger(item.thumb)) {
+      buttons.append(button(part, item, "exclude " + side, "exclude"), button(part, item, "keep " + side, "keep"));
+    }
     part.append(el("div", "name", side + ": " + item.path), buttons, el("div", "decided"));
     status(part, item);
     card.append(part);
