@@ -123,6 +123,7 @@ def test_bad_decisions_are_refused_and_write_nothing(client, audit):
                      headers={"origin": "http://evil.example"}), 403),
         (client.post("/review/decide", json={"item": inside, "decision": "relabel", "label": "dog"}), 422),
         (client.post("/review/decide", json={"item": inside, "decision": "delete"}), 422),
+        (client.post("/review/decide", json={"item": inside, "decision": "relabel", "label": ["red"]}), 422),
         (client.post("/review/decide", json={"item": hostile, "decision": "exclude"}), 422),
         (client.post("/review/decide", json={"item": 999, "decision": "exclude"}), 422),
         (client.post("/review/decide", content=b"[", headers={"content-type": "application/json"}), 400),

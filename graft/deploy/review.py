@@ -83,7 +83,7 @@ class Review:
         if decision not in DECISIONS:
             raise GraftError(f"'decision' must be one of {', '.join(DECISIONS)}")
         names = {display_name(name): name for name in self.classes}
-        if decision == "relabel" and label not in names:
+        if decision == "relabel" and (not isinstance(label, str) or label not in names):
             raise GraftError("'label' must be one of the model's classes")
         with self.lock:
             append_decision(self.decisions, self.paths[item], decision, names[label] if decision == "relabel" else "")
