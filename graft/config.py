@@ -96,6 +96,11 @@ class DataConfig:
     test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
                                    "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
                                    low=0, high=1, high_open=True, note="0: none")
+    # issue 25, know your data:
+    exclude: str = _option("", "CSV(s) of files to leave out or relabel, comma-separated: graft audit's "
+                           "label_issues.csv (every listed file left out) or a decisions CSV path,decision,label "
+                           "(exclude / relabel / keep, as graft serve --audit writes); applied in every split and "
+                           "recorded in RUN/excluded.csv", comma_list=True, metavar="CSV[,CSV...]")
 
 
 @dataclass

@@ -181,3 +181,39 @@ def test_the_report_renders_offline(server, watched, tmp_path):
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 1000
     watched.check()
+
+
+def test_the_review_page_shows_hostile_names_as_text_and_a_click_writes_the_decision(colours_run, watched, tmp_path):
+    """`graft serve RUN --audit OUT`: suspects with thumbnails, markup in paths and labels shown as text, a confirm
+    click appended to OUT/decisions.csv (graft.deploy.review)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    data = Path(json.loads((colours_run / "graft.json").read_text())["config"]["data"]["path"])
+    suspect, twin = f"train/{HOSTILE}/000.png", f"train/{HOSTILE}/001.png"
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "audit.json").write_text(json.dumps({"data": str(data)}))
+    with open(out / "label_issues.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["path", "given", "suggested", "score"], [suspect, HOSTILE, "red", "0.9"],
+                                      ["../../etc/passwd", "red", HOSTILE, "0.5"]])
+    with open(out / "duplicates.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["path_a", "path_b", "similarity", "kind"], [suspect, twin, "0.99", "near"]])
+    with live_server(create_app(colours_run, "cpu", audit=out)) as base:
+        page = watched.page
+        page.goto(f"{base}/review")
+        page.wait_for_selector("#issues .card")
+        cards = page.query_selector_all("#issues .card")
+        assert len(cards) == 2 and len(page.query_selector_all("#pairs .card img")) == 2
+        assert f"given: {HOSTILE}" in cards[0].inner_text() and suspect in cards[0].inner_text()
+        assert cards[0].eval_on_selector("img", "image => image.naturalWidth") > 0  # the thumbnail loaded
+        assert cards[1].query_selector("img") is None and "no thumbnail" in cards[1].inner_text()
+        assert cards[1].query_selector("button") is None  # nothing to decide for a path outside the dataset
+        assert page.query_selector_all("img[src='x']") == [], "no element was made from a name"
+        cards[0].query_selector("button").click()  # confirm: relabel to the suggestion
+        page.wait_for_selector("#issues .card .decided:has-text('decided: relabel red')")
+        page.screenshot(path=str(tmp_path / "review-page.png"), full_page=True)
+    rows = list(csv.DictReader(open(out / "decisions.csv")))
+    assert [(row["path"], row["decision"], row["label"]) for row in rows] == [(suspect, "relabel", "red")]
+    watched.check()

@@ -21,6 +21,7 @@ from graft.cli.shared import (
     out,
     print_table,
 )
+from graft.errors import GraftError
 from graft.utils.limits import SERVE_MAX_PIXELS
 
 __all__ = ["export", "precise_bn_command", "push", "serve"]
@@ -119,10 +120,16 @@ def serve(
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
     tta: TTAOpt = None,
     runtime: RuntimeOpt = "auto",
+    audit: Annotated[Optional[Path], typer.Option(help="a folder graft audit wrote: also a review page on /review to "
+                                                  "confirm or reject its suspects, saved to AUDIT/decisions.csv "
+                                                  "(what fit --exclude reads)")] = None,
+    data: Annotated[Optional[str], typer.Option(help="with --audit: the dataset it audited (default: the data field "
+                                                "of AUDIT/audit.json)")] = None,
 ):
     """Serve predictions over HTTP: POST /predict (multipart images), a web page on GET /, /health, /metadata, /report.
 
-    Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict
+    Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict;
+    graft serve runs/pets --audit audit/   then open localhost:8000/review
     """
     from graft.deploy.serve import ServeConfig
     from graft.deploy.serve import serve as serve_runs
@@ -133,4 +140,8 @@ def serve(
     check_runtime(runtime)
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta, runtime=runtime)
-    serve_runs(runs, host, port, device, config)
+    if data is not None and audit is None:
+        raise GraftError("--data goes with --audit (the dataset the audit read)")
+    if audit is not None:
+        err.print(f"review page: http://{host}:{port}/review (decisions go to {audit / 'decisions.csv'})")
+    serve_runs(runs, host, port, device, config, audit, data)

@@ -33,6 +33,7 @@ import torch
 from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.transforms import TTAViews
 from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
+from graft.deploy.review import add_review_routes, load_review
 from graft.errors import GraftError
 from graft.evaluation.explain import OVERLAY_SIDE, explain_prepared, prepare
 from graft.evaluation.explain import available as explain_available
@@ -244,8 +245,10 @@ async def _uploads(request, config: ServeConfig, max_files: int) -> list[tuple[s
     return files
 
 
-def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None):
-    """The FastAPI application for ``run_dirs`` (one run folder or several: an ensemble)."""
+def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None, audit=None, data=None):
+    """The FastAPI application for ``run_dirs`` (one run folder or several: an ensemble); with ``audit`` (the folder
+    `graft audit` wrote; ``data``: its dataset when audit.json does not say) also the review page on ``/review``
+    (graft.deploy.review)."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.responses import JSONResponse
@@ -286,6 +289,8 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         return {**predictor.metadata(), "endpoints": endpoints, "report": latest_report(predictor.runs) is not None}
 
     _add_page_routes(app, predictor)
+    if audit is not None:
+        add_review_routes(app, load_review(audit, predictor.classes, data))
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -430,10 +435,10 @@ def _png_data_uris(images) -> list[str]:
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          config: ServeConfig | None = None) -> None:
-    """Runs the server until interrupted (Ctrl-C)."""
+          config: ServeConfig | None = None, audit=None, data=None) -> None:
+    """Runs the server until interrupted (Ctrl-C); ``audit``: also the review page of that audit folder."""
     try:
         import uvicorn
     except ImportError:
         raise GraftError("graft serve needs FastAPI and uvicorn: pip install 'graft[serve]'") from None
-    uvicorn.run(create_app(run_dirs, device, config), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(run_dirs, device, config, audit, data), host=host, port=port, log_level="info")

@@ -49,6 +49,7 @@ from graft.training.checkpoints import (
     run_lock,
     write_history,
 )
+from graft.training.excluding import exclude_listed
 from graft.training.lr_find import find_lr, save_lr_finding
 from graft.training.precise_bn import _precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
@@ -130,6 +131,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
                                 config.data.test_fraction)
+    splits, exclusions = exclude_listed(config, splits, run_dir, resume, runtime)
     if splits.shards is not None:
         config = _fit_for_shards(config, runtime)
     if resume:
@@ -142,7 +144,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         config = _with_found_lr(config, splits, runtime, run_dir)
         timings.lap("lr-find")
     seed_everything(config.train.seed)  # the head's initialisation depends on the seed alone
-    model, card = _prepare_model(config, splits, runtime, run_dir)
+    model, card = _prepare_model(config, splits, runtime, run_dir, exclusions)
     state, resume_from = TrainState(), None
     if resume:
         model_state, optimizer_state, scheduler_state, state = read_checkpoint(run_dir)
@@ -245,8 +247,10 @@ def _check_backbone(config: FitConfig) -> None:
                     weights_file=config.model.weights if pretrained else None)
 
 
-def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path):
-    """Builds the model on its device and writes graft.json (status: training); returns (model, card).
+def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path,
+                   exclusions: dict | None = None):
+    """Builds the model on its device and writes graft.json (status: training, and what --exclude changed); returns
+    (model, card).
 
     A network trained from scratch is normalised with the training data's own per-channel statistics (there are no
     pretrained ones to match).
@@ -254,6 +258,8 @@ def _prepare_model(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     model, info = create_on_device(config, splits, runtime)
     card = model_card(model, config, info)
     card["status"] = "training"
+    if exclusions is not None:
+        card["exclusions"] = exclusions
     if runtime.is_main:
         write_json(run_dir / "graft.json", card)
     runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
@@ -360,6 +366,8 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         _refuse_non_finite(run_dir, model)  # the recomputed statistics too (checked once, not again when saving)
     if cached is not None:
         metrics["features"] = cached.stats
+    if "exclusions" in card:
+        metrics["exclusions"] = card["exclusions"]
     if distributed.broadcast_object(cached is not None) and config.train.strategy == "probe":
         for split in ("val", "test"):  # rank 0 holds the features; the others only wait for its files
             if cached is not None and len(cached.labels[split]):
