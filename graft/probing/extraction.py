@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.datasets import loader_options
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
+from graft.data.prefetch import DecodePlan, ThreadedBatches, decode_plan, usable_cores
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
@@ -48,7 +49,7 @@ from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
     "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
-    "node_digests", "save_feature_set"
+    "extraction_loader", "node_digests", "save_feature_set"
 ]
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ def extraction_batch_size(device: torch.device) -> int:
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
-                     hflip: bool = True, log=None, compile_mode: str = "off", engine: str = "auto"
-                     ) -> dict[str, FeatureSet]:
+                     hflip: bool = True, log=None, compile_mode: str = "off", engine: str = "auto",
+                     decode: DecodePlan | None = None) -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
 
     Args:
@@ -180,6 +181,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         engine: ``auto`` (ONNX Runtime on the CPU when installed, else eager PyTorch), ``onnx`` or ``eager``
             (``graft.models.onnx_engine``). The trunk's ONNX file is cached beside the features and checked against
             eager on the first batch; the cache key is unchanged: both engines give the same features.
+        decode: on the CPU with ``workers`` -1, how decoding threads and the forward share the cores; None: the
+            ONNX engine follows ``graft.data.prefetch.decode_plan``, the eager one decodes on every core between
+            forwards (``extraction_loader``). The features are the same whatever the plan.
 
     Returns:
         {node: FeatureSet}. ``stats`` tells how many images were extracted vs read, the images/s and the ``engine``
@@ -219,8 +223,11 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
-                stats["engine"] = _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing,
-                                                view, batch_size, workers, device, hflip, compile_mode, log, onnx_path)
+                dataset = _ViewDataset([by_key[k] for k in mine], preprocessing, view, hflip)
+                loader, threads = extraction_loader(dataset, batch_size, workers, device, onnx_path is not None,
+                                                    decode)
+                stats["engine"] = _extract_into(spaces, loader, mine, extractor, view, device, compile_mode, log,
+                                                onnx_path, threads)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -277,12 +284,29 @@ class _TrunkExtractor(nn.Module):
         return {self.trunk.node: self.trunk(x)}
 
 
-def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip,
-                  compile_mode: str = "off", log=None, onnx_path: Path | None = None) -> str:
-    """Extracts ``paths`` into the cache ``spaces``; returns the engine that ran (``onnx``, or ``eager`` when there was
-    no ONNX file to use or it failed its check)."""
-    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
-                        **loader_options(device, workers))
+def extraction_loader(dataset, batch_size: int, workers: int, device: torch.device, onnx: bool,
+                      decode: DecodePlan | None = None) -> tuple:
+    """(the batches of ``dataset``, ONNX Runtime's intra-op threads or None for torch's own).
+
+    On an accelerator, or with ``workers`` given, a DataLoader (``loader_options``). On the CPU with automatic
+    workers, threads decode (``graft.data.prefetch``): for the ONNX engine as ``decode`` or ``decode_plan()`` splits
+    the cores; for the eager one, on every core between forwards, since torch's threads are the process's to set, not
+    extraction's. An augmented view is decoded by one thread: its seeded transforms draw from torch's global generator.
+    """
+    if device.type != "cpu" or workers != -1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, workers)), None
+    cores = usable_cores()
+    plan = decode or (decode_plan(cores) if onnx else DecodePlan(torch.get_num_threads(), cores, 0))
+    threads = min(plan.decode_threads, 1) if getattr(dataset, "view", 0) else plan.decode_threads
+    loader = ThreadedBatches(dataset, batch_size, threads if threads > 1 or plan.ahead else 0, plan.ahead)
+    return loader, plan.compute_threads if onnx else None
+
+
+def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.device, compile_mode: str = "off",
+                  log=None, onnx_path: Path | None = None, threads: int | None = None) -> str:
+    """Extracts the images of ``loader`` (batches of (images, indices into ``keys``)) into the cache ``spaces``;
+    returns the engine that ran (``onnx``, or ``eager`` when there was no ONNX file to use or it failed its check).
+    ``threads``: ONNX Runtime's intra-op threads (None: torch's)."""
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
@@ -290,12 +314,13 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
     forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
+    done = 0
     what = "features" + (f" (augmented view {view})" if view else "")
     try:
-        with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
-            for done, (images, indices) in enumerate(loader, start=1):
+        with torch.inference_mode(), Progress(what, len(keys), "images", log, log is not None) as progress:
+            for images, indices in loader:
                 if forward is None:
-                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log)
+                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log, threads)
                 with autocast(device, dtype):
                     outputs = forward(to_device(images, device, True))
                 for node, values in outputs.items():
@@ -304,7 +329,8 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
                 if len(pending_keys) >= SHARD_IMAGES:
                     _flush(spaces, pending, pending_keys)
                     pending_keys = []
-                progress.update(min(done * batch_size, len(paths)))
+                done += len(indices)
+                progress.update(done)
         if pending_keys:
             _flush(spaces, pending, pending_keys)
     finally:
@@ -324,13 +350,14 @@ class _NodeTuple(nn.Module):
         return tuple(outputs[node] for node in self.extractor.nodes)
 
 
-def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log):
+def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log,
+                    threads: int | None = None):
     """(the extraction forward, {node: features}; its engine): ONNX Runtime on the cached, verified export (checked
     on ``images``) when ``onnx_path`` is given and it matches; else eager PyTorch (``--compile`` applies there only)."""
     if onnx_path is not None:
         nodes = extractor.nodes
         names = tuple(f"features_{index}" for index in range(len(nodes)))
-        module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names)
+        module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names, threads)
         if not isinstance(module, _NodeTuple):
             return (lambda x: dict(zip(nodes, as_tuple(module(x))))), "onnx"
     return maybe_compile(extractor, compile_mode, "extraction", log), "eager"
