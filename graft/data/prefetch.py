@@ -16,9 +16,10 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import default_collate
 
-__all__ = ["DecodePlan", "ThreadedBatches", "decode_plan", "usable_cores"]
+__all__ = ["DecodePlan", "ThreadedBatches", "decode_plan", "engine_plan", "plan_batches", "usable_cores"]
 
 SMALL_MACHINE = 3  # cores: up to this many, decoding and the forward take turns on every core (see decode_plan)
 
@@ -66,6 +67,24 @@ def decode_plan(cores: int | None = None) -> DecodePlan:
         return DecodePlan(compute_threads=cores, decode_threads=cores if cores > 1 else 0, ahead=0)
     decode = max(1, cores // 3)
     return DecodePlan(compute_threads=cores - decode, decode_threads=decode, ahead=1)
+
+
+def engine_plan(onnx: bool, cores: int | None = None) -> DecodePlan:
+    """The plan for a forward on ONNX Runtime (``onnx``: ``decode_plan``, the session takes ``compute_threads``) or
+    on eager torch, whose intra-op threads are the process's to set, not graft's: decoding then takes turns with the
+    forward, on every core."""
+    cores = max(1, cores or usable_cores())
+    if onnx:
+        return decode_plan(cores)
+    return DecodePlan(compute_threads=torch.get_num_threads(), decode_threads=cores if cores > 1 else 0, ahead=0)
+
+
+def plan_batches(dataset, batch_size: int, plan: DecodePlan, one_thread: bool = False) -> ThreadedBatches:
+    """``ThreadedBatches`` of ``dataset`` following ``plan``; ``one_thread``: at most one decoding thread (items
+    whose transforms draw from torch's global generator after seeding it must not interleave). One thread that
+    decodes nothing ahead would only wait for itself: the calling thread decodes instead."""
+    threads = min(plan.decode_threads, 1) if one_thread else plan.decode_threads
+    return ThreadedBatches(dataset, batch_size, threads if threads > 1 or plan.ahead else 0, plan.ahead)
 
 
 class ThreadedBatches:

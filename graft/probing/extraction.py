@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.datasets import loader_options
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
-from graft.data.prefetch import DecodePlan, ThreadedBatches, decode_plan, usable_cores
+from graft.data.prefetch import DecodePlan, engine_plan, plan_batches
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
@@ -289,16 +289,13 @@ def extraction_loader(dataset, batch_size: int, workers: int, device: torch.devi
     """(the batches of ``dataset``, ONNX Runtime's intra-op threads or None for torch's own).
 
     On an accelerator, or with ``workers`` given, a DataLoader (``loader_options``). On the CPU with automatic
-    workers, threads decode (``graft.data.prefetch``): for the ONNX engine as ``decode`` or ``decode_plan()`` splits
-    the cores; for the eager one, on every core between forwards, since torch's threads are the process's to set, not
-    extraction's. An augmented view is decoded by one thread: its seeded transforms draw from torch's global generator.
+    workers, threads decode as ``decode`` or ``graft.data.prefetch.engine_plan`` splits the cores. An augmented view
+    is decoded by one thread: its seeded transforms draw from torch's global generator.
     """
     if device.type != "cpu" or workers != -1:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, workers)), None
-    cores = usable_cores()
-    plan = decode or (decode_plan(cores) if onnx else DecodePlan(torch.get_num_threads(), cores, 0))
-    threads = min(plan.decode_threads, 1) if getattr(dataset, "view", 0) else plan.decode_threads
-    loader = ThreadedBatches(dataset, batch_size, threads if threads > 1 or plan.ahead else 0, plan.ahead)
+    plan = decode or engine_plan(onnx)
+    loader = plan_batches(dataset, batch_size, plan, one_thread=bool(dataset.view))
     return loader, plan.compute_threads if onnx else None
 
 
