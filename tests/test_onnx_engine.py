@@ -257,3 +257,15 @@ def test_threaded_batches_keep_the_dataset_order():
         assert len(got) == len(expected) == 3
         for have, want in zip(got, expected):
             assert torch.equal(have[0], want[0]) and torch.equal(have[1], want[1]) and have[2] == want[2]
+
+
+def test_evaluate_onnx_runtime_equals_torch(run_copy, shapes, tmp_path):
+    from graft.evaluation.scoring import evaluate
+
+    numbers = {runtime: evaluate(run_copy, shapes, split="val", device="cpu", report=False, runtime=runtime,
+                                 output=tmp_path / runtime) for runtime in ("torch", "onnx")}
+    assert len(list((run_copy / "runtime").glob("model-*.onnx"))) == 1  # made by the onnx evaluation, not torch's
+    assert numbers["onnx"]["accuracy"] == numbers["torch"]["accuracy"]
+    assert numbers["onnx"]["confusion_matrix"] == numbers["torch"]["confusion_matrix"]
+    rows = {runtime: (tmp_path / runtime / "predictions.csv").read_text().splitlines() for runtime in numbers}
+    assert [row.split(",")[:3] for row in rows["onnx"]] == [row.split(",")[:3] for row in rows["torch"]]

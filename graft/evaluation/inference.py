@@ -89,21 +89,28 @@ class PerView(nn.Module):
 
 
 def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
-                           batch_size: int = 64, workers: int = 0, log=None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           batch_size: int = 64, workers: int = -1, log=None, runs: list | None = None,
+                           runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class probabilities averaged over ensemble members: (plain (N, C), with test-time augmentation (N, C), labels).
 
     Without ``tta`` both are the same tensor. View 0 of every TTA set is the plain evaluation view, so one pass gives
-    both numbers. ``log``: where progress lines go (none without it).
+    both numbers. ``log``: where progress lines go (none without it). ``runs`` (the models' run folders) and
+    ``runtime``: each member's forward as ``predict --runtime`` runs it (``runtime_members``); ``workers`` -1 decodes in
+    threads on the CPU (``prediction_plan``).
     """
+    plan = prediction_plan(runtime if runs else "torch", device, workers)
+    members = (runtime_members(runs, models, device, runtime, log, plan.compute_threads if plan else None) if runs
+               else [PerView(member, True) for member in models])
     plain, augmented, labels = None, None, None
-    for number, member in enumerate(models, start=1):
+    for number, (member, per_view) in enumerate(zip(models, members), start=1):
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
+        loader = plan_batches(dataset, batch_size, plan) if plan else eval_loader(dataset, batch_size, max(workers, 0),
+                                                                                  device)
         what = "evaluate" + (f" (model {number}/{len(models)})" if len(models) > 1 else "")
         with Progress(what, len(samples), "images", log, log is not None) as progress:
-            logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers, device),
-                                            device, autocast_dtype(device), channels_last=False, progress=progress)
+            logits, labels = predict_logits(per_view, loader, device, autocast_dtype(device), channels_last=False,
+                                            progress=progress)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
         augmented = probabilities.mean(1) if augmented is None else augmented + probabilities.mean(1)

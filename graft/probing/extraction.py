@@ -39,6 +39,7 @@ from graft.probing.cache import (
     tensor_digests,
     weights_digest,
 )
+from graft.probing.tuning import eager_setting
 from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
 from graft.utils.files import atomic_write
@@ -174,7 +175,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         extractor: a ``FeatureExtractor`` (several nodes, one pass) or a ``Trunk`` (its single node).
         architecture: the backbone's name, part of the cache key (with a content hash of the weights).
         cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
-        batch_size: None picks ``extraction_batch_size(device)``.
+        batch_size: None picks ``extraction_batch_size(device)``, or for the eager engine on the CPU the batch size
+            and memory format measured once per machine and network (``graft.probing.tuning``).
         augment_views: also cache this many augmented views of each training image.
         compile_mode: ``--compile``: torch.compile the extractor's forward (``graft.utils.compiling``; a failure
             warns and extracts eagerly). The cache key is unchanged: compiling does not change the weights.
@@ -198,7 +200,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     pool = extractor.pool_kind
     device = torch.device(device)
     engine = resolve_engine(engine, device)
-    batch_size = batch_size or extraction_batch_size(device)
+    tune = batch_size is None and engine == "eager" and device.type == "cpu"  # measured once, before the first batch
+    batch_size, channels_last = batch_size or extraction_batch_size(device), True
     cache = cache_folder(cache_dir)
     if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
         check_output(cache, "--cache", ((splits.root, "data"),))
@@ -219,6 +222,10 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
         distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
         if missing:
+            if tune:
+                batch_size, channels_last = eager_setting(extractor, preprocessing.input_size, cache, architecture,
+                                                          sorted(digests.items()), extractor.nodes, pool)
+                tune = False
             by_key = dict(zip(keys, paths))
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
@@ -227,7 +234,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
                 loader, threads = extraction_loader(dataset, batch_size, workers, device, onnx_path is not None,
                                                     decode)
                 stats["engine"] = _extract_into(spaces, loader, mine, extractor, view, device, compile_mode, log,
-                                                onnx_path, threads)
+                                                onnx_path, threads, channels_last)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -300,14 +307,15 @@ def extraction_loader(dataset, batch_size: int, workers: int, device: torch.devi
 
 
 def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.device, compile_mode: str = "off",
-                  log=None, onnx_path: Path | None = None, threads: int | None = None) -> str:
+                  log=None, onnx_path: Path | None = None, threads: int | None = None, channels_last: bool = True
+                  ) -> str:
     """Extracts the images of ``loader`` (batches of (images, indices into ``keys``)) into the cache ``spaces``;
     returns the engine that ran (``onnx``, or ``eager`` when there was no ONNX file to use or it failed its check).
-    ``threads``: ONNX Runtime's intra-op threads (None: torch's)."""
+    ``threads``: ONNX Runtime's intra-op threads (None: torch's); ``channels_last``: the eager forward's layout."""
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
-    extractor.to(memory_format=torch.channels_last)
+    extractor.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
@@ -319,7 +327,7 @@ def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.devi
                 if forward is None:
                     forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log, threads)
                 with autocast(device, dtype):
-                    outputs = forward(to_device(images, device, True))
+                    outputs = forward(to_device(images, device, channels_last))
                 for node, values in outputs.items():
                     pending[node].append(values.float().cpu().numpy().astype(np.float16))
                 pending_keys += [keys[i] for i in indices.tolist()]
