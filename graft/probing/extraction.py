@@ -223,8 +223,9 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
         if missing:
             if tune:
+                # keyed by the graph, not the weights: their values do not change its speed
                 batch_size, channels_last = eager_setting(extractor, preprocessing.input_size, cache, architecture,
-                                                          sorted(digests.items()), extractor.nodes, pool)
+                                                          extractor.nodes, pool)
                 tune = False
             by_key = dict(zip(keys, paths))
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards

@@ -3,8 +3,9 @@
 Which batch runs fastest on a CPU depends on its caches and cores, not on a rule: on a 2-core machine
 EfficientNet-Lite0 at 224 px ran 95 / 82 / 47 images/s at batch 1 / 8 / 32 in channels-last, 85 / 43 / 30 in NCHW.
 So before its first eager extraction a network is timed on random inputs at a few settings (about one to three
-seconds), and the fastest is written to ``CACHE/tuning/eager-DIGEST.json``, the digest naming the network (weights,
-nodes, pooling, input size), torch's version and threads and the machine's processor. The file is graft's own, read
+seconds), and the fastest is written to ``CACHE/tuning/eager-DIGEST.json``, the digest naming the network's graph
+(architecture, nodes, pooling, input size; not its weights, whose values do not change its speed), torch's version
+and threads and the machine's processor. The file is graft's own, read
 back as data: anything but one of the candidate settings is ignored and measured again.
 """
 
