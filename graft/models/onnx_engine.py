@@ -4,9 +4,9 @@ models (``predict --runtime onnx``, ``serve --runtime onnx``).
 A module is exported once to ONNX (dynamic batch axis), checked against eager PyTorch on a few inputs (max |Δ| ≤
 ``ENGINE_TOLERANCE`` on every output) and then run by ONNX Runtime with as many intra-op threads as torch uses, or as
 many as the caller's decoding plan leaves it (``graft.data.prefetch``). The ``.onnx`` file is cached under a name
-that holds the digest of everything its graph depends on, so a cached file is graft's own and never stale; a damaged one (it will not load, or no longer matches) is rebuilt. When the export, the
-check or the runtime fails, ``engine_module`` says so in one warning line and the caller runs eagerly: never a wrong
-number, never a crash.
+that holds the digest of everything its graph depends on, so a cached file is graft's own and never stale; a damaged
+one (it will not load, or no longer matches) is rebuilt. When the export, the check or the runtime fails,
+``engine_module`` says so in one warning line and the caller runs eagerly: never a wrong number, never a crash.
 """
 
 from __future__ import annotations
