@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data"
@@ -106,7 +107,9 @@ def solvers(data: Path, backbone_name: str, size: int, cache: Path) -> tuple[flo
     graft_s = time.perf_counter() - start
     graft_accuracy = result.val_accuracy
     start = time.perf_counter()  # standardised like graft's solver, so both see the same problem
-    sklearn = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=9, cv=5, max_iter=1000)).fit(train_x, train_y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of changing defaults
+        sklearn = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=9, cv=5, max_iter=1000)).fit(train_x, train_y)
     sklearn_s = time.perf_counter() - start
     return graft_s, graft_accuracy, sklearn_s, float(sklearn.score(val_x, val_y))
 
