@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -59,17 +60,18 @@ def timed(call) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def extraction(splits, backbone, preprocessing, name: str, batch: int, engine: str, cache: Path, workers: int = -1,
-               decode: DecodePlan | None = None) -> tuple[float, dict]:
-    """(images/s of a cold-feature-cache extraction, stats); for onnx the export is made (and timed) first, once per
-    ``cache``. ``workers`` -1 and ``decode`` None: graft's default (threads decode as ``engine_plan`` says)."""
+def extraction(splits, backbone, preprocessing, name: str, batch: int | None, engine: str, cache: Path,
+               workers: int = -1, decode: DecodePlan | None = None) -> tuple[float, dict]:
+    """(images/s of a cold-feature-cache extraction, stats); the once-per-machine work (onnx: the export; eager: the
+    batch size and layout measurement) is done (and timed) first, once per ``cache``. ``batch`` None, ``workers`` -1
+    and ``decode`` None: graft's defaults (threads decode as ``engine_plan`` says)."""
     extractor = FeatureExtractor(backbone.net, [DEFAULT_NODE])
     export_s = 0.0
-    if engine == "onnx" and not (cache / "onnx").is_dir():  # once per backbone/cut/size: timed apart
+    if not cache.is_dir():  # once per backbone/cut/size: onnx's export, eager's batch/layout measurement, timed apart
         export_s, _ = timed(lambda: extract_features(limited(splits, 2), extractor, preprocessing, name, cache, batch,
                                                      0, engine=engine))
     for space in cache.iterdir() if cache.is_dir() else ():  # a cold feature cache, the export kept
-        if space.name != "onnx":
+        if space.name not in ("onnx", "tuning"):
             shutil.rmtree(space)
     seconds, sets = timed(lambda: extract_features(splits, extractor, preprocessing, name, cache, batch, workers,
                                                    engine=engine, decode=decode))
@@ -127,7 +129,9 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED / "flowers5/val"))
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=16, help="extraction batch (graft's CPU default)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="extraction batch (0: graft's choice: 16 for onnx, measured for eager); 16 for the "
+                        "'alone' rows when 0")
     parser.add_argument("--run", type=Path, default=None, help="a trained run for predict (default: one made here)")
     parser.add_argument("--limit", type=int, default=0, help="first N images only (smoke: 32)")
     parser.add_argument("--plans", default="", help="more extraction thread splits, COMPUTE:DECODE:AHEAD,...")
@@ -143,7 +147,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.backbone} at {args.size} px, {len(paths)} images of {args.data}, {torch.get_num_threads()} "
-          f"threads, extraction batch {args.batch}, default decode plan for onnx {engine_plan(True)}")
+          f"threads, extraction batch {args.batch or 'graft default'}, onnx decode plan {engine_plan(True)}")
     print("| path | images/s | ratio |")
     print("|---|---|---|")
     for name, value, ratio in rows:
@@ -152,10 +156,13 @@ def main() -> None:
 
 def measure(args, splits, paths, backbone, preprocessing, work: Path) -> list[tuple[str, str, str]]:
     def extract(engine: str, workers: int = -1, decode: DecodePlan | None = None) -> tuple[float, dict]:
-        return extraction(splits, backbone, preprocessing, args.backbone, args.batch, engine, work / engine, workers,
-                          decode)
+        return extraction(splits, backbone, preprocessing, args.backbone, args.batch or None, engine, work / engine,
+                          workers, decode)
 
     eager_ips, eager = extract("eager")
+    tuned = {path.name: json.loads(path.read_text()) for path in (work / "eager" / "tuning").glob("*.json")}
+    chosen = "; ".join(f"batch {t['batch_size']}{'' if t['channels_last'] else ' nchw'}, measured {t['images_per_s']}"
+                       for t in tuned.values())
     onnx_ips, onnx = extract("onnx")
     onnx_sequential_ips, _ = extract("onnx", workers=0)
     plans = [(plan, extract("onnx", decode=plan)[0]) for plan in args.plans]
@@ -163,8 +170,9 @@ def measure(args, splits, paths, backbone, preprocessing, work: Path) -> list[tu
                         - onnx["features"].features["train"].astype(np.float32)).max()
     (onnx_file,) = (work / "onnx" / "onnx").glob("*.onnx")
     images = preprocessed(paths, preprocessing)
-    alone_1, alone_b = runtime_alone(onnx_file, images, 1), runtime_alone(onnx_file, images, args.batch)
-    torch_b = eager_alone(backbone.net, images, args.batch)
+    batch = args.batch or 16
+    alone_1, alone_b = runtime_alone(onnx_file, images, 1), runtime_alone(onnx_file, images, batch)
+    torch_b = eager_alone(backbone.net, images, batch)
     run = args.run or make_run(work / "run", args.backbone, args.size, splits.classes)
     torch_ips, torch_setup, torch_rows = predict_speed(run, paths, "torch")
     torch_sequential_ips, _, _ = predict_speed(run, paths, "torch", workers=0)
@@ -180,9 +188,11 @@ def measure(args, splits, paths, backbone, preprocessing, work: Path) -> list[tu
         *[(f"  onnx engine, decode plan {plan}", f"{value:.1f}", f"{value / alone_b:.2f} of ORT alone")
           for plan, value in plans],
         ("  (the trunk's export and check, once per backbone/cut/size, s)", f"{onnx['export_s']:.1f}", ""),
+        ("  (eager: batch size and layout measured, once per machine and graph, s)", f"{eager['export_s']:.1f}",
+         chosen or f"--batch {args.batch}"),
         ("  (max |feature difference| onnx vs eager, float16 cache)", f"{difference:.1e}", ""),
-        (f"ONNX Runtime alone, preprocessed tensors, batch 1 / {args.batch}", f"{alone_1:.1f} / {alone_b:.1f}", "1.00"),
-        (f"eager PyTorch alone, preprocessed tensors, channels-last, batch {args.batch}", f"{torch_b:.1f}",
+        (f"ONNX Runtime alone, preprocessed tensors, batch 1 / {batch}", f"{alone_1:.1f} / {alone_b:.1f}", "1.00"),
+        (f"eager PyTorch alone, preprocessed tensors, channels-last, batch {batch}", f"{torch_b:.1f}",
          f"{torch_b / alone_b:.2f} of ORT alone"),
         ("predict --runtime torch (decode included, batch 32)", f"{torch_ips:.1f}", "1.00"),
         ("  torch, decoding in the calling thread (workers 0)", f"{torch_sequential_ips:.1f}",
