@@ -2,17 +2,24 @@
 on preprocessed tensors, and `predict` eager vs ONNX Runtime on a folder of photos.
 
     python bench/bench_engine.py [--data ../shared/data/flowers5/val] [--backbone tf_efficientnet_lite0] [--size 224]
-                                 [--run RUN] [--limit N]
+                                 [--run RUN] [--limit N] [--plans 2:1:1,1:1:1]
 
 Every figure is measured in this one run, on the same images, so the ratios hold on a noisy machine only as far as
 it is quiet. Without ``--run`` a run folder is made from the backbone with an untrained head (its speed is a trained
 run's; its predictions are only compared, never scored). ``--limit 32`` is the smoke configuration.
+
+Extraction and predict run with graft's defaults (decoding threads on the CPU, ``graft.data.prefetch``) and, as the
+baseline of that change, with decoding in the calling thread (``workers`` 0, as before it). ``--plans`` adds
+extraction rows for other thread splits, each ``COMPUTE:DECODE:AHEAD`` (ONNX Runtime's threads, decoding threads,
+batches decoded ahead of the forward), e.g. ``2:1:1`` (overlap, one decoder beside two session threads) and
+``1:1:1`` (the cores split): the data for ``decode_plan``'s rule on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 import tempfile
 import time
@@ -24,6 +31,7 @@ import torch
 from graft.config import load_config
 from graft.data.discovery import discover
 from graft.data.images import load_image
+from graft.data.prefetch import DecodePlan, engine_plan
 from graft.data.transforms import create_transform
 from graft.evaluation.inference import predict
 from graft.models.backbones.registry import create_backbone
@@ -52,18 +60,21 @@ def timed(call) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def extraction(splits, backbone, preprocessing, name: str, batch: int, engine: str, cache: Path) -> tuple[float, dict]:
-    """(images/s of a cold-feature-cache extraction, stats); for onnx the export is made (and timed) first."""
+def extraction(splits, backbone, preprocessing, name: str, batch: int | None, engine: str, cache: Path,
+               workers: int = -1, decode: DecodePlan | None = None) -> tuple[float, dict]:
+    """(images/s of a cold-feature-cache extraction, stats); the once-per-machine work (onnx: the export; eager: the
+    batch size and layout measurement) is done (and timed) first, once per ``cache``. ``batch`` None, ``workers`` -1
+    and ``decode`` None: graft's defaults (threads decode as ``engine_plan`` says)."""
     extractor = FeatureExtractor(backbone.net, [DEFAULT_NODE])
     export_s = 0.0
-    if engine == "onnx":  # the export happens once per backbone/cut/size: timed apart, then the features are dropped
+    if not cache.is_dir():  # once per backbone/cut/size: onnx's export, eager's batch/layout measurement, timed apart
         export_s, _ = timed(lambda: extract_features(limited(splits, 2), extractor, preprocessing, name, cache, batch,
                                                      0, engine=engine))
-        for space in cache.iterdir():
-            if space.name != "onnx":
-                shutil.rmtree(space)
-    seconds, sets = timed(lambda: extract_features(splits, extractor, preprocessing, name, cache, batch, 0,
-                                                   engine=engine))
+    for space in cache.iterdir() if cache.is_dir() else ():  # a cold feature cache, the export kept
+        if space.name not in ("onnx", "tuning"):
+            shutil.rmtree(space)
+    seconds, sets = timed(lambda: extract_features(splits, extractor, preprocessing, name, cache, batch, workers,
+                                                   engine=engine, decode=decode))
     stats = sets[DEFAULT_NODE].stats
     assert stats["cached"] == 0 and stats["engine"] == engine, stats
     return stats["extracted"] / seconds, {"export_s": export_s, "features": sets[DEFAULT_NODE]}
@@ -105,10 +116,11 @@ def make_run(folder: Path, backbone: str, size: int, classes: list[str]) -> Path
     return folder
 
 
-def predict_speed(run: Path, paths: list[str], runtime: str) -> tuple[float, float, list]:
-    """(images/s of predict on ``paths``, seconds of the first call's set-up on a few images, the rows)."""
+def predict_speed(run: Path, paths: list[str], runtime: str, workers: int = -1) -> tuple[float, float, list]:
+    """(images/s of predict on ``paths``, seconds of the first call's set-up on a few images, the rows); ``workers``
+    -1: graft's default (decoding threads), 0: decoding in the calling thread."""
     setup_s, _ = timed(lambda: predict(run, paths[:2], device="cpu", runtime=runtime))  # loads; onnx: exports
-    seconds, rows = timed(lambda: predict(run, paths, device="cpu", runtime=runtime))
+    seconds, rows = timed(lambda: predict(run, paths, device="cpu", runtime=runtime, workers=workers))
     return len(paths) / seconds, setup_s, rows
 
 
@@ -117,10 +129,14 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED / "flowers5/val"))
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=16, help="extraction batch (graft's CPU default)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="extraction batch (0: graft's choice: 16 for onnx, measured for eager); 16 for the "
+                        "'alone' rows when 0")
     parser.add_argument("--run", type=Path, default=None, help="a trained run for predict (default: one made here)")
     parser.add_argument("--limit", type=int, default=0, help="first N images only (smoke: 32)")
+    parser.add_argument("--plans", default="", help="more extraction thread splits, COMPUTE:DECODE:AHEAD,...")
     args = parser.parse_args()
+    args.plans = [DecodePlan(*map(int, plan.split(":"))) for plan in args.plans.split(",") if plan.strip()]
     splits = limited(discover(args.data, val_fraction=0.2), args.limit)
     paths = [path for name in ("train", "val", "test") for path, _ in getattr(splits, name)]
     backbone = create_backbone(args.backbone)
@@ -131,7 +147,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{args.backbone} at {args.size} px, {len(paths)} images of {args.data}, {torch.get_num_threads()} "
-          f"threads, extraction batch {args.batch}")
+          f"threads, extraction batch {args.batch or 'graft default'}, onnx decode plan {engine_plan(True)}")
     print("| path | images/s | ratio |")
     print("|---|---|---|")
     for name, value, ratio in rows:
@@ -139,29 +155,51 @@ def main() -> None:
 
 
 def measure(args, splits, paths, backbone, preprocessing, work: Path) -> list[tuple[str, str, str]]:
-    eager_ips, eager = extraction(splits, backbone, preprocessing, args.backbone, args.batch, "eager", work / "eager")
-    onnx_ips, onnx = extraction(splits, backbone, preprocessing, args.backbone, args.batch, "onnx", work / "onnx")
+    def extract(engine: str, workers: int = -1, decode: DecodePlan | None = None) -> tuple[float, dict]:
+        return extraction(splits, backbone, preprocessing, args.backbone, args.batch or None, engine, work / engine,
+                          workers, decode)
+
+    eager_ips, eager = extract("eager")
+    tuned = {path.name: json.loads(path.read_text()) for path in (work / "eager" / "tuning").glob("*.json")}
+    chosen = "; ".join(f"batch {t['batch_size']}{'' if t['channels_last'] else ' nchw'}, measured {t['images_per_s']}"
+                       for t in tuned.values())
+    onnx_ips, onnx = extract("onnx")
+    onnx_sequential_ips, _ = extract("onnx", workers=0)
+    plans = [(plan, extract("onnx", decode=plan)[0]) for plan in args.plans]
     difference = np.abs(eager["features"].features["train"].astype(np.float32)
                         - onnx["features"].features["train"].astype(np.float32)).max()
     (onnx_file,) = (work / "onnx" / "onnx").glob("*.onnx")
     images = preprocessed(paths, preprocessing)
-    alone_1, alone_b = runtime_alone(onnx_file, images, 1), runtime_alone(onnx_file, images, args.batch)
-    torch_b = eager_alone(backbone.net, images, args.batch)
+    batch = args.batch or 16
+    alone_1, alone_b = runtime_alone(onnx_file, images, 1), runtime_alone(onnx_file, images, batch)
+    torch_b = eager_alone(backbone.net, images, batch)
     run = args.run or make_run(work / "run", args.backbone, args.size, splits.classes)
     torch_ips, torch_setup, torch_rows = predict_speed(run, paths, "torch")
+    torch_sequential_ips, _, _ = predict_speed(run, paths, "torch", workers=0)
     ort_ips, ort_setup, ort_rows = predict_speed(run, paths, "onnx")
+    ort_sequential_ips, _, _ = predict_speed(run, paths, "onnx", workers=0)
     agree = sum(a.labels[:1] == b.labels[:1] for a, b in zip(torch_rows, ort_rows))
     return [
         ("extraction from JPEG files, eager engine", f"{eager_ips:.1f}", f"{eager_ips / alone_b:.2f} of ORT alone"),
-        ("extraction from JPEG files, onnx engine", f"{onnx_ips:.1f}",
+        ("extraction from JPEG files, onnx engine (graft's default)", f"{onnx_ips:.1f}",
          f"{onnx_ips / alone_b:.2f} of ORT alone; {onnx_ips / eager_ips:.2f}x eager"),
+        ("  onnx engine, decoding in the calling thread (workers 0)", f"{onnx_sequential_ips:.1f}",
+         f"{onnx_sequential_ips / alone_b:.2f} of ORT alone"),
+        *[(f"  onnx engine, decode plan {plan}", f"{value:.1f}", f"{value / alone_b:.2f} of ORT alone")
+          for plan, value in plans],
         ("  (the trunk's export and check, once per backbone/cut/size, s)", f"{onnx['export_s']:.1f}", ""),
+        ("  (eager: batch size and layout measured, once per machine and graph, s)", f"{eager['export_s']:.1f}",
+         chosen or f"--batch {args.batch}"),
         ("  (max |feature difference| onnx vs eager, float16 cache)", f"{difference:.1e}", ""),
-        (f"ONNX Runtime alone, preprocessed tensors, batch 1 / {args.batch}", f"{alone_1:.1f} / {alone_b:.1f}", "1.00"),
-        (f"eager PyTorch alone, preprocessed tensors, channels-last, batch {args.batch}", f"{torch_b:.1f}",
+        (f"ONNX Runtime alone, preprocessed tensors, batch 1 / {batch}", f"{alone_1:.1f} / {alone_b:.1f}", "1.00"),
+        (f"eager PyTorch alone, preprocessed tensors, channels-last, batch {batch}", f"{torch_b:.1f}",
          f"{torch_b / alone_b:.2f} of ORT alone"),
         ("predict --runtime torch (decode included, batch 32)", f"{torch_ips:.1f}", "1.00"),
+        ("  torch, decoding in the calling thread (workers 0)", f"{torch_sequential_ips:.1f}",
+         f"{torch_sequential_ips / torch_ips:.2f}x torch"),
         ("predict --runtime onnx (decode included, batch 32)", f"{ort_ips:.1f}", f"{ort_ips / torch_ips:.2f}x torch"),
+        ("  onnx, decoding in the calling thread (workers 0)", f"{ort_sequential_ips:.1f}",
+         f"{ort_sequential_ips / torch_ips:.2f}x torch"),
         ("  (predict set-up: load (+ export and check for onnx), s)", f"{torch_setup:.1f} / {ort_setup:.1f}", ""),
         ("  (top-1 agreement onnx vs torch)", f"{agree}/{len(paths)}", ""),
     ]

@@ -139,3 +139,39 @@ def test_a_damaged_cache_index_is_rebuilt_not_fatal(tmp_path):
     assert found == {} and missing == ["a", "b"]
     space.add_shard(["a"], np.zeros((1, 3), np.float16))
     assert list(space.lookup(["a"])[0]) == ["a"]
+
+
+def test_eager_setting_is_measured_once_then_read_back_as_validated_data(tmp_path):
+    """The measured (batch size, channels-last) is written to the cache folder and read back without measuring
+    again; a file holding anything but a candidate setting is ignored and measured over."""
+    import json
+
+    from graft.probing.tuning import CANDIDATES, TUNING_FOLDER, eager_setting
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.conv(x).mean((2, 3))
+
+    module = Counting()
+    first = eager_setting(module, (16, 16), tmp_path, "net", "weights")
+    assert first in CANDIDATES and calls  # measured: every candidate batch size ran
+    assert set(calls) >= {batch for batch, _ in CANDIDATES}
+    (written,) = (tmp_path / TUNING_FOLDER).glob("eager-*.json")
+    assert (json.loads(written.read_text())["batch_size"], json.loads(written.read_text())["channels_last"]) == first
+    calls.clear()
+    written.write_text(json.dumps({"batch_size": 32, "channels_last": True}))
+    assert eager_setting(module, (16, 16), tmp_path, "net", "weights") == (32, True) and not calls  # read back
+    for bad in ({"batch_size": 7, "channels_last": True}, {"batch_size": "8", "channels_last": True},
+                {"batch_size": True, "channels_last": True}, {"batch_size": 8, "channels_last": 1}, ["not", "an"]):
+        written.write_text(json.dumps(bad))
+        assert eager_setting(module, (16, 16), tmp_path, "net", "weights") in CANDIDATES and calls
+        calls.clear()
+    assert eager_setting(module, (16, 16), tmp_path, "other net", "weights") in CANDIDATES and calls  # its own file
+    assert len(list((tmp_path / TUNING_FOLDER).glob("eager-*.json"))) == 2

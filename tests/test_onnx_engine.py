@@ -206,3 +206,66 @@ def test_cli_predict_runtime(run_copy, shapes):
     assert list((run_copy / "runtime").glob("model-*.onnx"))
     refused = CliRunner().invoke(app, ["predict", str(run_copy), *files, "--runtime", "tensorrt"])
     assert refused.exit_code != 0 and "--runtime 'tensorrt' not understood" in refused.output
+
+
+def test_threaded_decoding_gives_the_sequential_features_in_order(shapes, tmp_path):
+    """Decoding in threads ahead of the forward (and taking turns with it) changes nothing: the features of every
+    file are exactly those of decoding one image after another in the calling thread."""
+    from graft.data.prefetch import DecodePlan
+
+    backbone, preprocessing = _backbone()
+    splits = discover(str(shapes))
+    extractor = FeatureExtractor(backbone.net, MULTI)
+    sets = {}
+    for name, plan in {"sequential": DecodePlan(2, 0, 0), "overlap": DecodePlan(2, 3, 1),
+                       "turns": DecodePlan(2, 2, 0)}.items():
+        sets[name] = extract_features(splits, extractor, preprocessing, "test_resnet", tmp_path / name,
+                                      batch_size=5, engine="onnx", decode=plan)
+        assert sets[name]["pre_logits"].stats["engine"] == "onnx"
+    for node in MULTI:
+        for split in ("train", "val"):
+            for name in ("overlap", "turns"):
+                assert sets[name][node].paths[split] == sets["sequential"][node].paths[split]
+                assert np.array_equal(sets[name][node].features[split], sets["sequential"][node].features[split])
+
+
+def test_threaded_batches_keep_the_dataset_order():
+    """Items finishing out of order (the first of each batch waits for the last) still come out in index order,
+    collated as a DataLoader collates them."""
+    import threading
+
+    from torch.utils.data import DataLoader
+
+    from graft.data.prefetch import ThreadedBatches
+
+    class Items:
+        def __init__(self):
+            self.done = {index: threading.Event() for index in range(10)}
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            if index % 4 == 0 and index + 3 < len(self):
+                self.done[index + 3].wait(timeout=30)  # finishes after the last of its batch
+            self.done[index].set()
+            return torch.full((2,), float(index)), index, f"item {index}"
+
+    expected = list(DataLoader(Items(), batch_size=4))
+    for threads, ahead in ((4, 0), (4, 1), (4, 2)):
+        got = list(ThreadedBatches(Items(), 4, threads, ahead))
+        assert len(got) == len(expected) == 3
+        for have, want in zip(got, expected):
+            assert torch.equal(have[0], want[0]) and torch.equal(have[1], want[1]) and have[2] == want[2]
+
+
+def test_evaluate_onnx_runtime_equals_torch(run_copy, shapes, tmp_path):
+    from graft.evaluation.scoring import evaluate
+
+    numbers = {runtime: evaluate(run_copy, shapes, split="val", device="cpu", report=False, runtime=runtime,
+                                 output=tmp_path / runtime) for runtime in ("torch", "onnx")}
+    assert len(list((run_copy / "runtime").glob("model-*.onnx"))) == 1  # made by the onnx evaluation, not torch's
+    assert numbers["onnx"]["accuracy"] == numbers["torch"]["accuracy"]
+    assert numbers["onnx"]["confusion_matrix"] == numbers["torch"]["confusion_matrix"]
+    rows = {runtime: (tmp_path / runtime / "predictions.csv").read_text().splitlines() for runtime in numbers}
+    assert [row.split(",")[:3] for row in rows["onnx"]] == [row.split(",")[:3] for row in rows["torch"]]

@@ -154,6 +154,7 @@ def evaluate(
     device: DeviceOpt = "auto",
     tta: TTAOpt = None,
     report: Annotated[bool, typer.Option("--report/--no-report", help="write report.html and PNG plots")] = True,
+    runtime: RuntimeOpt = "auto",
 ):
     """Accuracy, top-k, per-class precision/recall/F1, calibration and the confusion matrix on labelled data; writes
     metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble).
@@ -166,13 +167,14 @@ def evaluate(
     from graft.utils.distributed import launched
 
     _check_options(("--top-k", top_k, *TOP_K))
+    check_runtime(runtime)
     if launched() and os.environ["RANK"] != "0":
         return  # under torchrun rank 0 evaluates and writes; evaluation is one pass, not worth a sharded gather
     runs, rest = _split_runs(paths)
     if len(rest) != 1:
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
     metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output, tta=tta,
-                            report=report, log=err.print)
+                            report=report, log=err.print, runtime=runtime)
     top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
         out.print(f"{name}accuracy {numbers['accuracy']:.4f}   {top_key.replace('_', ' ')} {numbers[top_key]:.4f}   "

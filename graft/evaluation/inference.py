@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader
 
 from graft.data.datasets import FileDataset, ImageDataset, loader_options
 from graft.data.discovery import expand_inputs
+from graft.data.prefetch import DecodePlan, engine_plan, plan_batches
 from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
-from graft.models.onnx_engine import run_forward
+from graft.models.onnx_engine import resolve_engine, run_forward
 from graft.models.prediction import Prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
@@ -24,7 +25,7 @@ from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_dev
 
 __all__ = [
     "PerView", "Prediction", "ensemble_probabilities", "eval_loader", "iter_predictions", "load_ensemble", "predict",
-    "predict_logits", "runtime_members"
+    "predict_logits", "prediction_plan", "runtime_members"
 ]
 
 
@@ -88,21 +89,28 @@ class PerView(nn.Module):
 
 
 def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
-                           batch_size: int = 64, workers: int = 0, log=None
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           batch_size: int = 64, workers: int = -1, log=None, runs: list | None = None,
+                           runtime: str = "torch") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class probabilities averaged over ensemble members: (plain (N, C), with test-time augmentation (N, C), labels).
 
     Without ``tta`` both are the same tensor. View 0 of every TTA set is the plain evaluation view, so one pass gives
-    both numbers. ``log``: where progress lines go (none without it).
+    both numbers. ``log``: where progress lines go (none without it). ``runs`` (the models' run folders) and
+    ``runtime``: each member's forward as ``predict --runtime`` runs it (``runtime_members``); ``workers`` -1 decodes in
+    threads on the CPU (``prediction_plan``).
     """
+    plan = prediction_plan(runtime if runs else "torch", device, workers)
+    members = (runtime_members(runs, models, device, runtime, log, plan.compute_threads if plan else None) if runs
+               else [PerView(member, True) for member in models])
     plain, augmented, labels = None, None, None
-    for number, member in enumerate(models, start=1):
+    for number, (member, per_view) in enumerate(zip(models, members), start=1):
         views = TTAViews(member.preprocessing, tta)
         dataset = ImageDataset(samples, views, None)
+        loader = plan_batches(dataset, batch_size, plan) if plan else eval_loader(dataset, batch_size, max(workers, 0),
+                                                                                  device)
         what = "evaluate" + (f" (model {number}/{len(models)})" if len(models) > 1 else "")
         with Progress(what, len(samples), "images", log, log is not None) as progress:
-            logits, labels = predict_logits(PerView(member, True), eval_loader(dataset, batch_size, workers, device),
-                                            device, autocast_dtype(device), channels_last=False, progress=progress)
+            logits, labels = predict_logits(per_view, loader, device, autocast_dtype(device), channels_last=False,
+                                            progress=progress)
         probabilities = logits.reshape(len(labels), len(views), -1).exp()
         plain = probabilities[:, 0] if plain is None else plain + probabilities[:, 0]
         augmented = probabilities.mean(1) if augmented is None else augmented + probabilities.mean(1)
@@ -122,27 +130,39 @@ def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[Graft
 
 
 def runtime_members(runs: list, models: list[GraftModel], target: torch.device, runtime: str = "torch",
-                    log=None) -> list[PerView]:
+                    log=None, threads: int | None = None) -> list[PerView]:
     """Each ensemble member's ``PerView`` (in eval mode) with its forward on ``runtime`` (``torch``, ``onnx`` or
-    ``auto``; ``graft.models.onnx_engine.run_forward``: the run's verified ONNX export, made on first use)."""
-    return [PerView(model, True, run_forward(model, run, runtime, target, model.preprocessing.input_size, log)).eval()
+    ``auto``; ``graft.models.onnx_engine.run_forward``: the run's verified ONNX export, made on first use);
+    ``threads``: ONNX Runtime's intra-op threads (``prediction_plan``; default torch's)."""
+    return [PerView(model, True, run_forward(model, run, runtime, target, model.preprocessing.input_size, log,
+                                             threads)).eval()
             for run, model in zip(runs, models)]
 
 
+def prediction_plan(runtime: str, target: torch.device, workers: int) -> DecodePlan | None:
+    """How decoding threads share the CPU with the forward (``graft.data.prefetch.engine_plan``) for ``workers`` -1
+    on the CPU; None (a DataLoader with ``workers``, none for -1) otherwise."""
+    if target.type != "cpu" or workers != -1:
+        return None
+    return engine_plan(resolve_engine(runtime, target) == "onnx")
+
+
 def predict(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
-            workers: int = 0, tta: str | None = None, runtime: str = "torch") -> list[Prediction]:
+            workers: int = -1, tta: str | None = None, runtime: str = "torch") -> list[Prediction]:
     """Classifies files, folders and glob patterns; unreadable files give a row with an error, never a crash.
 
     Several run folders form an ensemble (probabilities averaged; they must share classes). ``tta`` (flip, crops or
     flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
     one batch at a time. ``inputs`` is one path (``str`` or ``os.PathLike``) or a list of them. ``runtime``: torch,
-    onnx (ONNX Runtime on each run's verified export) or auto (onnx on the CPU when installed).
+    onnx (ONNX Runtime on each run's verified export) or auto (onnx on the CPU when installed). ``workers``: -1
+    decodes in threads on the CPU (``prediction_plan``) and in the calling process on an accelerator; a count is
+    DataLoader's ``num_workers``. The rows are the same either way.
     """
     return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta, runtime))
 
 
 def iter_predictions(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
-                     workers: int = 0, tta: str | None = None, runtime: str = "torch", log=None
+                     workers: int = -1, tta: str | None = None, runtime: str = "torch", log=None
                      ) -> Iterator[Prediction]:
     """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
     however many images there are. The models and inputs are checked before the first row. ``log``: where the
@@ -150,18 +170,21 @@ def iter_predictions(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, dev
     runs, target, models = load_ensemble(run_dirs, device)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs  # one path, not a list of its characters
     paths = expand_inputs([os.fspath(item) for item in items])
-    members = runtime_members(runs, models, target, runtime, log)
-    return _prediction_rows(models, members, paths, target, top_k, batch_size, workers, tta)
+    plan = prediction_plan(runtime, target, workers)
+    members = runtime_members(runs, models, target, runtime, log, plan.compute_threads if plan else None)
+    return _prediction_rows(models, members, paths, target, top_k, batch_size, workers, tta, plan)
 
 
 def _prediction_rows(models: list[GraftModel], members: list[PerView], paths: list[str], target: torch.device,
-                     top_k: int, batch_size: int, workers: int, tta: str | None) -> Iterator[Prediction]:
+                     top_k: int, batch_size: int, workers: int, tta: str | None, plan: DecodePlan | None = None
+                     ) -> Iterator[Prediction]:
     # one loader per member over the same paths in the same order: zipped, they give each batch for every member
     loaders = []
     for model in models:
         views = TTAViews(model.preprocessing, tta)
         dataset = FileDataset(paths, views, (len(views), 3, *model.preprocessing.input_size))
-        loaders.append(eval_loader(dataset, batch_size, workers, target))
+        loaders.append(plan_batches(dataset, batch_size, plan) if plan else
+                       eval_loader(dataset, batch_size, max(workers, 0), target))
     classes = models[0].classes
     k = min(top_k, len(classes))
     start = 0

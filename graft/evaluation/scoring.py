@@ -22,8 +22,9 @@ __all__ = ["evaluate", "write_predictions"]
 
 
 def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split: str | None = None,
-             batch_size: int = 64, workers: int = 0, device: str = "auto", top_k: int = 5,
-             output: str | os.PathLike | None = None, tta: str | None = None, report: bool = True, log=None) -> dict:
+             batch_size: int = 64, workers: int = -1, device: str = "auto", top_k: int = 5,
+             output: str | os.PathLike | None = None, tta: str | None = None, report: bool = True, log=None,
+             runtime: str = "torch") -> dict:
     """Evaluates a run folder (or an ensemble) on labelled data; writes ``metrics.json``, ``predictions.csv`` and,
     with ``report``, a self-contained ``report.html`` with its plots as PNG files.
 
@@ -36,6 +37,8 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         tta: test-time augmentation, ``flip``, ``crops`` or ``flip,crops``: metrics["tta"] holds the averaged
             views' numbers beside the plain ones.
         log: where progress lines go (``graft.utils.progress``); None: quiet.
+        runtime: torch, onnx or auto, as ``predict``'s (``graft.evaluation.inference.runtime_members``).
+        workers: -1 decodes in threads on the CPU; a count: DataLoader workers.
     """
     runs, target, models = load_ensemble(run_dirs, device)
     model = models[0]
@@ -43,7 +46,8 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
     samples = _labelled_samples(data, split, model.classes)
     with out_of_memory_hint(batch_size):
-        plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers, log)
+        plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers, log,
+                                                            runs, runtime)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
     metrics.update({"data": str(data), "runs": [str(r) for r in runs]})
     if tta:

@@ -2,11 +2,11 @@
 models (``predict --runtime onnx``, ``serve --runtime onnx``).
 
 A module is exported once to ONNX (dynamic batch axis), checked against eager PyTorch on a few inputs (max |Δ| ≤
-``ENGINE_TOLERANCE`` on every output) and then run by ONNX Runtime with as many intra-op threads as torch uses. The
-``.onnx`` file is cached under a name that holds the digest of everything its graph depends on, so a cached file is
-graft's own and never stale; a damaged one (it will not load, or no longer matches) is rebuilt. When the export, the
-check or the runtime fails, ``engine_module`` says so in one warning line and the caller runs eagerly: never a wrong
-number, never a crash.
+``ENGINE_TOLERANCE`` on every output) and then run by ONNX Runtime with as many intra-op threads as torch uses, or as
+many as the caller's decoding plan leaves it (``graft.data.prefetch``). The ``.onnx`` file is cached under a name
+that holds the digest of everything its graph depends on, so a cached file is graft's own and never stale; a damaged
+one (it will not load, or no longer matches) is rebuilt. When the export, the check or the runtime fails,
+``engine_module`` says so in one warning line and the caller runs eagerly: never a wrong number, never a crash.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, output_name
     atomic_write(path, write)
 
 
-def onnx_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path``; ``threads``: intra-op threads (default: ONNX Runtime's own)."""
+def onnx_session(path: Path, threads: int | None = None, spin: bool = True):
+    """An ONNX Runtime CPU session for ``path``; ``threads``: intra-op threads (default: ONNX Runtime's own);
+    ``spin`` False: idle intra-op threads sleep at once rather than spin, leaving the cores to threads that decode
+    beside the forward (``graft.data.prefetch``)."""
     try:
         import onnxruntime
     except ImportError:
@@ -96,6 +98,8 @@ def onnx_session(path: Path, threads: int | None = None):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -135,14 +139,16 @@ def _difference(eager: nn.Module, candidate: OnnxModule, inputs: torch.Tensor) -
     return max((e.float().cpu() - g).abs().max().item() for e, g in zip(expected, got))
 
 
-def _verified(module: nn.Module, path: Path, inputs: torch.Tensor, names: tuple[str, ...], rebuild: bool
-              ) -> tuple[OnnxModule | None, str]:
+def _verified(module: nn.Module, path: Path, inputs: torch.Tensor, names: tuple[str, ...], rebuild: bool,
+              threads: int | None = None) -> tuple[OnnxModule | None, str]:
     """(the session module, "") when ``path`` (exported first when missing or ``rebuild``) matches ``module`` on
-    ``inputs`` and two seeded random ones; else (None, why)."""
+    ``inputs`` and two seeded random ones; else (None, why). ``threads``: the session's intra-op threads (default
+    torch's); given, decoding threads share the cores (``graft.data.prefetch``), so idle session threads do not spin."""
     if rebuild or not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(module, inputs[:2] if len(inputs) > 1 else torch.cat([inputs, inputs]), path, names)
-    candidate = OnnxModule(onnx_session(path, torch.get_num_threads()), path)
+    session = onnx_session(path, threads or torch.get_num_threads(), spin=threads is None)
+    candidate = OnnxModule(session, path)
     # also on inputs the export never saw: a value traced into the graph as a constant shows up there
     unseen = torch.randn(2, *inputs.shape[1:], generator=torch.Generator().manual_seed(0))
     difference = _difference(module, candidate, torch.cat([inputs, unseen]))
@@ -152,19 +158,21 @@ def _verified(module: nn.Module, path: Path, inputs: torch.Tensor, names: tuple[
 
 
 def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str, warn=None,
-                  output_names: tuple[str, ...] = ("logits",)) -> nn.Module:
+                  output_names: tuple[str, ...] = ("logits",), threads: int | None = None) -> nn.Module:
     """``module`` run by ONNX Runtime from the cached ``path`` (exported there first), or ``module`` itself.
 
     The cached file is loaded and checked on the first ``CHECK_IMAGES`` of ``inputs``; one that does not load or no
     longer matches is rebuilt once. A module that cannot be exported, or whose export does not match eager to
     ``ENGINE_TOLERANCE``, is run eagerly after one warning line (``warn``, default logging's) naming ``what`` and the reason.
+    ``threads``: ONNX Runtime's intra-op threads when decoding threads share the cores (``graft.data.prefetch``'s
+    plan; the session then does not spin); default: as many as torch uses.
     """
     module.eval()
     inputs = inputs[:CHECK_IMAGES].detach().float().cpu().contiguous()
     reason = ""
     for rebuild in (False, True):
         try:
-            candidate, reason = _verified(module, path, inputs, output_names, rebuild)
+            candidate, reason = _verified(module, path, inputs, output_names, rebuild, threads)
         except GraftError as error:
             candidate, reason = None, str(error)
             if not onnxruntime_available():
@@ -179,12 +187,12 @@ def engine_module(module: nn.Module, path: Path, inputs: torch.Tensor, what: str
 
 
 def run_forward(model: nn.Module, run_dir: str | Path, runtime: str, device: torch.device | str, input_size,
-                warn=None) -> nn.Module:
+                warn=None, threads: int | None = None) -> nn.Module:
     """The forward of a run's model for ``predict``/``serve`` ``--runtime`` (one of ``RUNTIMES``): ``model`` itself
     (torch, or auto without ONNX Runtime or off the CPU), else ONNX Runtime on the run's verified export, made on first
     use into ``RUN/runtime/`` (recorded in the run's manifest, so ``--overwrite`` owns it) under the digest of the
     run's weights and card. A run folder that cannot be written, or an export that does not match, runs eagerly after
-    one warning line."""
+    one warning line. ``threads``: ONNX Runtime's intra-op threads (default: torch's)."""
     if resolve_engine(runtime, device) == "eager":
         return model
     run_dir = Path(run_dir)
@@ -199,4 +207,4 @@ def run_forward(model: nn.Module, run_dir: str | Path, runtime: str, device: tor
                               " running eager PyTorch instead")
         return model
     inputs = torch.randn(4, 3, *input_size, generator=torch.Generator().manual_seed(1))
-    return engine_module(model, folder / f"model-{digest}.onnx", inputs, str(run_dir), warn)
+    return engine_module(model, folder / f"model-{digest}.onnx", inputs, str(run_dir), warn, threads=threads)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.datasets import loader_options
 from graft.data.discovery import DatasetSplits
 from graft.data.images import load_image
+from graft.data.prefetch import DecodePlan, engine_plan, plan_batches
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
@@ -38,6 +39,7 @@ from graft.probing.cache import (
     tensor_digests,
     weights_digest,
 )
+from graft.probing.tuning import eager_setting
 from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
 from graft.utils.files import atomic_write
@@ -48,7 +50,7 @@ from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
     "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
-    "node_digests", "save_feature_set"
+    "extraction_loader", "node_digests", "save_feature_set"
 ]
 
 log = logging.getLogger(__name__)
@@ -165,21 +167,25 @@ def extraction_batch_size(device: torch.device) -> int:
 def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing: Preprocessing, architecture: str,
                      cache_dir: str | os.PathLike | None = None, batch_size: int | None = None,
                      workers: int = -1, device: torch.device | str = "cpu", augment_views: int = 0,
-                     hflip: bool = True, log=None, compile_mode: str = "off", engine: str = "auto"
-                     ) -> dict[str, FeatureSet]:
+                     hflip: bool = True, log=None, compile_mode: str = "off", engine: str = "auto",
+                     decode: DecodePlan | None = None) -> dict[str, FeatureSet]:
     """Features of every image in ``splits`` at each of the extractor's nodes, from the cache where possible.
 
     Args:
         extractor: a ``FeatureExtractor`` (several nodes, one pass) or a ``Trunk`` (its single node).
         architecture: the backbone's name, part of the cache key (with a content hash of the weights).
         cache_dir: default ``$GRAFT_CACHE`` or ``~/.cache/graft/features``.
-        batch_size: None picks ``extraction_batch_size(device)``.
+        batch_size: None picks ``extraction_batch_size(device)``, or for the eager engine on the CPU the batch size
+            and memory format measured once per machine and network (``graft.probing.tuning``).
         augment_views: also cache this many augmented views of each training image.
         compile_mode: ``--compile``: torch.compile the extractor's forward (``graft.utils.compiling``; a failure
             warns and extracts eagerly). The cache key is unchanged: compiling does not change the weights.
         engine: ``auto`` (ONNX Runtime on the CPU when installed, else eager PyTorch), ``onnx`` or ``eager``
             (``graft.models.onnx_engine``). The trunk's ONNX file is cached beside the features and checked against
             eager on the first batch; the cache key is unchanged: both engines give the same features.
+        decode: on the CPU with ``workers`` -1, how decoding threads and the forward share the cores; None: the
+            ONNX engine follows ``graft.data.prefetch.decode_plan``, the eager one decodes on every core between
+            forwards (``extraction_loader``). The features are the same whatever the plan.
 
     Returns:
         {node: FeatureSet}. ``stats`` tells how many images were extracted vs read, the images/s and the ``engine``
@@ -194,7 +200,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     pool = extractor.pool_kind
     device = torch.device(device)
     engine = resolve_engine(engine, device)
-    batch_size = batch_size or extraction_batch_size(device)
+    tune = batch_size is None and engine == "eager" and device.type == "cpu"  # measured once, before the first batch
+    batch_size, channels_last = batch_size or extraction_batch_size(device), True
     cache = cache_folder(cache_dir)
     if splits.root:  # the cache is graft's to write and rebuild: never inside (or over) the user's data
         check_output(cache, "--cache", ((splits.root, "data"),))
@@ -215,12 +222,20 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
         missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
         distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
         if missing:
+            if tune:
+                # keyed by the graph, not the weights: their values do not change its speed
+                batch_size, channels_last = eager_setting(extractor, preprocessing.input_size, cache, architecture,
+                                                          extractor.nodes, pool)
+                tune = False
             by_key = dict(zip(keys, paths))
             mine = missing[distributed.rank()::distributed.world_size()]  # each rank writes its share's own shards
             start = time.perf_counter()
             with out_of_memory_hint(batch_size):
-                stats["engine"] = _extract_into(spaces, [by_key[k] for k in mine], mine, extractor, preprocessing,
-                                                view, batch_size, workers, device, hflip, compile_mode, log, onnx_path)
+                dataset = _ViewDataset([by_key[k] for k in mine], preprocessing, view, hflip)
+                loader, threads = extraction_loader(dataset, batch_size, workers, device, onnx_path is not None,
+                                                    decode)
+                stats["engine"] = _extract_into(spaces, loader, mine, extractor, view, device, compile_mode, log,
+                                                onnx_path, threads, channels_last)
             stats["seconds"] += time.perf_counter() - start
             stats["extracted"] += len(missing)
         distributed.barrier()  # every share is in the index before anyone reads the features back
@@ -277,34 +292,51 @@ class _TrunkExtractor(nn.Module):
         return {self.trunk.node: self.trunk(x)}
 
 
-def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_size, workers, device, hflip,
-                  compile_mode: str = "off", log=None, onnx_path: Path | None = None) -> str:
-    """Extracts ``paths`` into the cache ``spaces``; returns the engine that ran (``onnx``, or ``eager`` when there was
-    no ONNX file to use or it failed its check)."""
-    loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
-                        **loader_options(device, workers))
+def extraction_loader(dataset, batch_size: int, workers: int, device: torch.device, onnx: bool,
+                      decode: DecodePlan | None = None) -> tuple:
+    """(the batches of ``dataset``, ONNX Runtime's intra-op threads or None for torch's own).
+
+    On an accelerator, or with ``workers`` given, a DataLoader (``loader_options``). On the CPU with automatic
+    workers, threads decode as ``decode`` or ``graft.data.prefetch.engine_plan`` splits the cores. An augmented view
+    is decoded by one thread: its seeded transforms draw from torch's global generator.
+    """
+    if device.type != "cpu" or workers != -1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options(device, workers)), None
+    plan = decode or engine_plan(onnx)
+    loader = plan_batches(dataset, batch_size, plan, one_thread=bool(dataset.view))
+    return loader, plan.compute_threads if onnx else None
+
+
+def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.device, compile_mode: str = "off",
+                  log=None, onnx_path: Path | None = None, threads: int | None = None, channels_last: bool = True
+                  ) -> str:
+    """Extracts the images of ``loader`` (batches of (images, indices into ``keys``)) into the cache ``spaces``;
+    returns the engine that ran (``onnx``, or ``eager`` when there was no ONNX file to use or it failed its check).
+    ``threads``: ONNX Runtime's intra-op threads (None: torch's); ``channels_last``: the eager forward's layout."""
     dtype = autocast_dtype(device)
     was_training = extractor.training
     extractor.eval().to(device)
-    extractor.to(memory_format=torch.channels_last)
+    extractor.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
+    done = 0
     what = "features" + (f" (augmented view {view})" if view else "")
     try:
-        with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
-            for done, (images, indices) in enumerate(loader, start=1):
+        with torch.inference_mode(), Progress(what, len(keys), "images", log, log is not None) as progress:
+            for images, indices in loader:
                 if forward is None:
-                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log)
+                    forward, engine = _engine_forward(extractor, onnx_path, images, compile_mode, log, threads)
                 with autocast(device, dtype):
-                    outputs = forward(to_device(images, device, True))
+                    outputs = forward(to_device(images, device, channels_last))
                 for node, values in outputs.items():
                     pending[node].append(values.float().cpu().numpy().astype(np.float16))
                 pending_keys += [keys[i] for i in indices.tolist()]
                 if len(pending_keys) >= SHARD_IMAGES:
                     _flush(spaces, pending, pending_keys)
                     pending_keys = []
-                progress.update(min(done * batch_size, len(paths)))
+                done += len(indices)
+                progress.update(done)
         if pending_keys:
             _flush(spaces, pending, pending_keys)
     finally:
@@ -324,13 +356,14 @@ class _NodeTuple(nn.Module):
         return tuple(outputs[node] for node in self.extractor.nodes)
 
 
-def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log):
+def _engine_forward(extractor: nn.Module, onnx_path: Path | None, images: torch.Tensor, compile_mode: str, log,
+                    threads: int | None = None):
     """(the extraction forward, {node: features}; its engine): ONNX Runtime on the cached, verified export (checked
     on ``images``) when ``onnx_path`` is given and it matches; else eager PyTorch (``--compile`` applies there only)."""
     if onnx_path is not None:
         nodes = extractor.nodes
         names = tuple(f"features_{index}" for index in range(len(nodes)))
-        module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names)
+        module = engine_module(_NodeTuple(extractor), onnx_path, images, "extraction", log, names, threads)
         if not isinstance(module, _NodeTuple):
             return (lambda x: dict(zip(nodes, as_tuple(module(x))))), "onnx"
     return maybe_compile(extractor, compile_mode, "extraction", log), "eager"
