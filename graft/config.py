@@ -96,6 +96,10 @@ class DataConfig:
     test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
                                    "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
                                    low=0, high=1, high_open=True, note="0: none")
+    # issue 28, Hugging Face datasets as input (graft.data.hfdatasets):
+    image_column: str | None = _option(None, "a Hugging Face dataset's image column (default: its one Image feature)")
+    label_column: str | None = _option(None, "a Hugging Face dataset's label column (default: its one ClassLabel "
+                                       "feature)")
 
 
 @dataclass
