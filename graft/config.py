@@ -212,8 +212,8 @@ class FitConfig:
     output: str = _option("runs/graft", "run folder to write; `graft fit` without one makes DEFAULT-N, the first "
                           "free N", flags=("--output", "-o"), panel="Run")
     log: str = _option("", "trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow (RUN/mlruns or "
-                       "$MLFLOW_TRACKING_URI), wandb (RUN/wandb; offline without a login or with WANDB_MODE=offline), csv "
-                       "(RUN/history.csv, always written)", flags=("--log",), panel="Run",
+                       "$MLFLOW_TRACKING_URI), wandb (RUN/wandb; offline without a login or with "
+                       "WANDB_MODE=offline), csv (RUN/history.csv, always written)", flags=("--log",), panel="Run",
                        comma_list=True)
 
     def to_dict(self) -> dict[str, Any]:

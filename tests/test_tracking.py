@@ -299,7 +299,8 @@ def test_wandb_offline_run_reads_back(two_shapes, tmp_path, monkeypatch):
     assert len(logs) == 1 and not (tmp_path / "run" / "wandb").exists()  # the user's WANDB_DIR wins
     records = list(_wandb_records(logs[0]))
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert [run.run_id for run in runs] == [json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"]]
+    saved_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"]
+    assert [run.run_id for run in runs] == [saved_id]
     logged = {item.key: json.loads(item.value_json) for item in runs[0].config.update}
     saved = json.loads((tmp_path / "run" / "graft.json").read_text())["config"]
     assert {key: logged[key] for key in saved} == saved

@@ -384,6 +384,13 @@ class Tracker:
         if image is not None:
             self.wandb_run.log({"epoch": self.step, "confusion_matrix/val": wandb.Image(image)})
 
+    def _wandb_finish(self, exit_code: int) -> None:
+        import wandb
+
+        self.wandb_run.finish(exit_code)
+        if wandb.run is None:  # no run of the user's is active: stop W&B's service, which then writes out the run's
+            wandb.teardown()  # log (finish alone may leave it to a later flush), so it is complete when fit returns
+
     def close(self, status: str = "FINISHED") -> None:
         """Flushes and closes the trackers (``status``: MLflow's FINISHED, FAILED or KILLED) and records what they
         wrote in the run's manifests."""
@@ -392,7 +399,7 @@ class Tracker:
         if self.run_id is not None:
             self._safely("mlflow", self.client.set_terminated, self.run_id, status)
         if self.wandb_run is not None:
-            self._safely("wandb", self.wandb_run.finish, 0 if status == "FINISHED" else 1)
+            self._safely("wandb", self._wandb_finish, 0 if status == "FINISHED" else 1)
         if self.writer is not None:
             self._safely("tensorboard", self._record_event_files)
 
