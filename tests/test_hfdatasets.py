@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,14 @@ def test_one_parquet_file_gets_a_seeded_val_split(shapes, tmp_path):
     splits = discover(file, val_fraction=0.25, seed=3)
     assert len(splits.train) + len(splits.val) == 72 and len(splits.val) == 18
     assert splits.counts("val") == {name: 6 for name in CLASSES}
+    stamps = {path: os.stat(path).st_mtime_ns for path, _ in splits.train + splits.val}
+    # the same fingerprint: the images written the first time are reused untouched, so their feature-cache keys
+    # (path, size, mtime) hold; another file's images go to another folder
+    again = discover(file, val_fraction=0.25, seed=3)
+    assert again.train == splits.train and again.val == splits.val
+    assert {path: os.stat(path).st_mtime_ns for path, _ in again.train + again.val} == stamps
+    datasets.Dataset.from_dict(rows(shapes, "val"), features=features()).to_parquet(str(file))
+    assert {Path(p).parents[1] for p, _ in discover(file).train}.isdisjoint({Path(p).parents[1] for p in stamps})
 
 
 def test_path_column_stays_inside_the_dataset_folder(shapes, tmp_path):
