@@ -317,6 +317,35 @@ def test_wandb_offline_run_reads_back(two_shapes, tmp_path, monkeypatch):
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
 
 
+def test_wandb_resume_continues_the_run(two_shapes, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 1's hook (before the trackers saw it), resumed: the same W&B run id, and the resumed process's
+    log holds epoch 1 (from the history) and epoch 2, once each."""
+    from graft.training.state import Hooks
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    config = tiny_config(two_shapes, run_dir, **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                 "train.epochs": 2, "log": "wandb"})
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, hooks=Hooks(on_epoch_end=stop), verbose=False)
+    first = json.loads((run_dir / "tracking.json").read_text())["wandb_run_id"]
+    result = fit(config, resume=True, verbose=False)
+    assert "wandb/" in outputs.read_manifest(run_dir)  # RUN/wandb is graft's: --overwrite removes it whole
+    logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(log.name == f"run-{first}.wandb" for log in logs)
+    resumed = [record for record in _wandb_records(logs[-1]) if record.WhichOneof("record_type") == "history"]
+    rows = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in resumed]
+    assert [(row["epoch"], row["loss/val"]) for row in rows if "loss/val" in row] == \
+        [(row["epoch"], pytest.approx(row["val_loss"], rel=1e-6)) for row in result.history]
+
+
 def test_wandb_goes_offline_without_a_login(tmp_path, monkeypatch):
     """No WANDB_MODE: offline when graft is offline or no login is configured (an online start would ask for a key)."""
     from graft.training.tracking import wandb_mode

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -162,7 +163,7 @@ class Tracker:
         start_epoch = len(history)
         self.run_dir, self.config, self.log, self.since = run_dir, config, log, time.time() - 2
         self.writer = self.client = self.run_id = self.wandb_run = None
-        self.wandb_new = False  # a W&B run this process started (a resumed one holds the history's epochs already)
+        self.wandb_logged = 0  # the last epoch the W&B run holds (offline, the run cannot be asked)
         self.failed: set[str] = set()
         self.step = start_epoch
         if "tensorboard" in names:
@@ -273,11 +274,12 @@ class Tracker:
                 folder.mkdir()
                 outputs.record_whole(folder)
         saved = self._tracking().get("wandb_run_id") if start_epoch else None
+        if not (isinstance(saved, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", saved)):
+            saved = None  # tracking.json is data: only a plain run id (wandb names folders with it) is resumed
         model, train = self.config.model, self.config.train
         options = {"project": os.environ.get("WANDB_PROJECT") or "graft", "name": self.run_dir.name,
                    "dir": str(self.run_dir) if folder else None, "config": self.config.to_dict(),
-                   "tags": [model.backbone, train.strategy], "id": saved if isinstance(saved, str) else None,
-                   "resume": "allow" if isinstance(saved, str) else None}
+                   "tags": [model.backbone, train.strategy], "id": saved, "resume": "allow" if saved else None}
         mode = wandb_mode()
         try:
             self.wandb_run = self._wandb_init(wandb, mode, options)
@@ -288,7 +290,8 @@ class Tracker:
             self.log(f"warning: wandb could not reach its server ({type(error).__name__}: {reason}); logging "
                      "offline instead (wandb sync the run folder later)")
             self.wandb_run = self._wandb_init(wandb, "offline", options)
-        self.wandb_new = not isinstance(saved, str)
+        logged = self._tracking().get("wandb_last_epoch") if saved else 0
+        self.wandb_logged = logged if isinstance(logged, int) and not isinstance(logged, bool) else 0
         self._remember({"wandb_run_id": self.wandb_run.id})
         self.wandb_run.define_metric("*", step_metric="epoch")  # every value against the epoch, resumed or not
 
@@ -305,7 +308,7 @@ class Tracker:
             self._safely("mlflow", lambda: logged.extend(
                 metric.step for metric in self.client.get_metric_history(self.run_id, "train_loss")))
         for row in history:
-            self._epoch_scalars(row, mlflow=row["epoch"] not in logged, wandb=self.wandb_new)
+            self._epoch_scalars(row, mlflow=row["epoch"] not in logged)
 
     # --- the hooks ---
     def learning_rates(self, epoch: int, rates: dict[str, float]) -> None:
@@ -321,7 +324,7 @@ class Tracker:
     def epoch_end(self, row: dict) -> None:
         self._epoch_scalars(row)
 
-    def _epoch_scalars(self, row: dict, mlflow: bool = True, wandb: bool = True) -> None:
+    def _epoch_scalars(self, row: dict, mlflow: bool = True) -> None:
         epoch = row["epoch"]
         self.step = epoch
         values = {key: float(row[key]) for key in (*_SCALARS, "lr") if key in row}
@@ -335,9 +338,8 @@ class Tracker:
             self._safely("tensorboard", scalars)
         if mlflow and self._active("mlflow"):
             self._safely("mlflow", self._log_metrics, values, epoch)
-        if wandb and self._active("wandb"):
-            self._safely("wandb", self.wandb_run.log, {"epoch": epoch, **{_SCALARS.get(key, key): value for key, value
-                                                                          in values.items() if math.isfinite(value)}})
+        if epoch > self.wandb_logged and self._active("wandb"):
+            self._safely("wandb", self._wandb_epoch, epoch, values)
 
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -376,6 +378,12 @@ class Tracker:
         for name in _ARTIFACTS:
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
+
+    def _wandb_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        self.wandb_run.log({"epoch": epoch, **{_SCALARS.get(key, key): value for key, value in values.items()
+                                               if math.isfinite(value)}})
+        self.wandb_logged = epoch
+        self._remember({"wandb_last_epoch": epoch})  # so a resume logs exactly the epochs the run lacks
 
     def _wandb_end(self, final: dict, image: np.ndarray | None) -> None:
         import wandb
