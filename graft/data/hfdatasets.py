@@ -57,9 +57,11 @@ def _tables(folder: Path) -> list[Path]:
     """The parquet/arrow files directly in ``folder`` or in its ``data/`` (a hub snapshot's layout), sorted."""
     found = []
     for where in (folder, folder / "data"):
-        if where.is_dir():
-            found += sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES
+        try:
+            found += sorted(p for p in where.iterdir() if p.suffix.lower() in TABLE_SUFFIXES and p.is_file()
                             and not p.name.startswith("."))
+        except OSError:  # no such folder, or unreadable: discovery's own checks say so for folders of images
+            continue
     return found
 
 
