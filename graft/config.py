@@ -37,7 +37,7 @@ BALANCES = ("none", "sampler", "loss")
 HEAD_FITS = ("lbfgs", "epochs")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # "off", then torch.compile's modes
 ENGINES = ("auto", "onnx", "eager")  # frozen-trunk inference (graft.models.onnx_engine); auto: ONNX Runtime on the CPU
-LOGGERS = ("tensorboard", "mlflow", "csv")  # fit --log: experiment trackers fed from the training hooks
+LOGGERS = ("tensorboard", "mlflow", "wandb", "csv")  # fit --log: experiment trackers fed from the training hooks
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "swish", "maxout", "tanh", "sigmoid")
 NORMS = ("batch", "layer", "instance", "group", "none")
 BN_AUTO_FROZEN_BELOW = 2000  # training images
@@ -101,6 +101,10 @@ class DataConfig:
                            "label_issues.csv (every listed file left out) or a decisions CSV path,decision,label "
                            "(exclude / relabel / keep, as graft serve --audit writes); applied in every split and "
                            "recorded in RUN/excluded.csv", comma_list=True, metavar="CSV[,CSV...]")
+    # issue 28, Hugging Face datasets as input (graft.data.hfdatasets):
+    image_column: str | None = _option(None, "a Hugging Face dataset's image column (default: its one Image feature)")
+    label_column: str | None = _option(None, "a Hugging Face dataset's label column (default: its one ClassLabel "
+                                       "feature)")
 
 
 @dataclass
@@ -213,7 +217,8 @@ class FitConfig:
     output: str = _option("runs/graft", "run folder to write; `graft fit` without one makes DEFAULT-N, the first "
                           "free N", flags=("--output", "-o"), panel="Run")
     log: str = _option("", "trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow (RUN/mlruns or "
-                       "$MLFLOW_TRACKING_URI), csv (RUN/history.csv, always written)", flags=("--log",), panel="Run",
+                       "$MLFLOW_TRACKING_URI), wandb (RUN/wandb; offline without a login or with "
+                       "WANDB_MODE=offline), csv (RUN/history.csv, always written)", flags=("--log",), panel="Run",
                        comma_list=True)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""fit --log tensorboard,mlflow,csv: what each tracker wrote, read back with its own reader."""
+"""fit --log tensorboard,mlflow,wandb,csv: what each tracker wrote, read back with its own reader (W&B's offline
+transaction log with a reader of its record format written here)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -162,8 +164,8 @@ def test_mlflow_tracking_uri_wins(two_shapes, tmp_path, monkeypatch):
 
 
 def test_unknown_logger_refused_with_the_known_ones(tmp_path):
-    with pytest.raises(GraftError, match="--log 'wandb' not understood: choose from tensorboard, mlflow, csv"):
-        load_config(None, {"data.path": str(tmp_path), "log": "tensorboard,wandb"})
+    with pytest.raises(GraftError, match="--log 'comet' not understood: choose from tensorboard, mlflow, wandb, csv"):
+        load_config(None, {"data.path": str(tmp_path), "log": "tensorboard,comet"})
     with pytest.raises(GraftError, match="list of names"):
         load_config(None, {"data.path": str(tmp_path), "log": [1]})
     assert load_config(None, {"data.path": str(tmp_path), "log": ["csv", "mlflow", "csv"]}).log == "csv,mlflow,csv"
@@ -259,3 +261,103 @@ def test_an_unanswering_mlflow_server_costs_one_request_and_one_warning(two_shap
     assert len(accepted) == 1  # asked once, then dropped: no retries, no request per epoch
     assert len(result.history) == 1 and not (tmp_path / "run" / "tracking.json").exists()
     assert json.loads((tmp_path / "run" / "graft.json").read_text())["status"] == "complete"
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a W&B transaction log (``run-ID.wandb``): a 7-byte ``:W&B`` header, then LevelDB's log
+    format (32 KiB blocks of records, each a 7-byte header: CRC, little-endian length, type FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        room = 32768 - position % 32768
+        if room < 7:  # a block's tail too short for a header is padding
+            position += room
+            continue
+        length, kind = struct.unpack("<HB", data[position + 4:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, LAST: a record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_offline_run_reads_back(two_shapes, tmp_path, monkeypatch):
+    """WANDB_MODE=offline: the run's transaction log holds graft's config, each epoch's values and the final ones."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    (tmp_path / "wb").mkdir()
+    config = tiny_config(two_shapes, tmp_path / "run", **{"train.strategy": "finetune", "train.head_fit": "epochs",
+                                                          "train.head_epochs": 0, "train.epochs": EPOCHS,
+                                                          "log": "wandb"})
+    result = fit(config, verbose=False)
+    logs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and not (tmp_path / "run" / "wandb").exists()  # the user's WANDB_DIR wins
+    records = list(_wandb_records(logs[0]))
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    saved_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"]
+    assert [run.run_id for run in runs] == [saved_id]
+    logged = {item.key: json.loads(item.value_json) for item in runs[0].config.update}
+    saved = json.loads((tmp_path / "run" / "graft.json").read_text())["config"]
+    assert {key: logged[key] for key in saved} == saved
+    rows = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+    epochs = [row for row in rows if "loss/val" in row]
+    assert [row["epoch"] for row in epochs] == [row["epoch"] for row in result.history] == [1, 2]
+    for tag, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/val", "val_acc"), ("lr", "lr")):
+        assert [row[tag] for row in epochs] == pytest.approx([row[key] for row in result.history], rel=1e-6)
+    assert any("lr/head" in row for row in rows)
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    assert summary["final/val.accuracy"] == pytest.approx(result.metrics["val"]["accuracy"], rel=1e-6)
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
+
+
+def test_wandb_resume_continues_the_run(two_shapes, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 1's hook (before the trackers saw it), resumed: the same W&B run id, and the resumed process's
+    log holds epoch 1 (from the history) and epoch 2, once each."""
+    from graft.training.state import Hooks
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    config = tiny_config(two_shapes, run_dir, **{"train.strategy": "probe", "train.head_fit": "epochs",
+                                                 "train.epochs": 2, "log": "wandb"})
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, hooks=Hooks(on_epoch_end=stop), verbose=False)
+    first = json.loads((run_dir / "tracking.json").read_text())["wandb_run_id"]
+    result = fit(config, resume=True, verbose=False)
+    assert "wandb/" in outputs.read_manifest(run_dir)  # RUN/wandb is graft's: --overwrite removes it whole
+    logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(log.name == f"run-{first}.wandb" for log in logs)
+    resumed = [record for record in _wandb_records(logs[-1]) if record.WhichOneof("record_type") == "history"]
+    rows = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in resumed]
+    assert [(row["epoch"], row["loss/val"]) for row in rows if "loss/val" in row] == \
+        [(row["epoch"], pytest.approx(row["val_loss"], rel=1e-6)) for row in result.history]
+
+
+def test_wandb_goes_offline_without_a_login(tmp_path, monkeypatch):
+    """No WANDB_MODE: offline when graft is offline or no login is configured (an online start would ask for a key)."""
+    from graft.training.tracking import wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("GRAFT_OFFLINE", "0")
+    assert wandb_mode() == "offline"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password KEY\n")
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("GRAFT_OFFLINE", "1")
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_mode() == "online"

@@ -135,30 +135,44 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 
 
 def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
-             test_fraction: float = 0.0) -> DatasetSplits:
+             test_fraction: float = 0.0, image_column: str | None = None,
+             label_column: str | None = None) -> DatasetSplits:
     """Finds the samples of a class-per-folder tree or a CSV manifest.
 
     Layouts: a shard set ``graft shard`` wrote (its folder, or a brace pattern of its ``.tar`` files);
     ``root/train/CLASS/*`` with ``root/val/CLASS/*`` (and optional ``root/test/``); ``root/train`` alone
     or a plain ``root/CLASS/*`` tree, split stratified by ``val_fraction``; or ``manifest.csv`` with columns
-    ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
+    ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder; or a Hugging Face
+    dataset (a ``save_to_disk`` folder, parquet/arrow files, ``hf:NAME[:CONFIG]``: ``graft.data.hfdatasets``).
 
     Args:
         test_fraction: carve a stratified, seeded test split of about this fraction of the train + val images from
             train (after val is held out, so the two are disjoint); for data without a test split of its own.
+        image_column, label_column: a Hugging Face dataset's columns (default: its Image and ClassLabel features);
+            refused for other data.
 
     Raises:
         GraftError: when the path holds no recognisable dataset, with what was expected; a test_fraction for data
             that already has a test split.
     """
-    from graft.data import shards  # imported here: shards builds on this module
+    from graft.data import hfdatasets, shards  # imported here: both build on this module
 
+    if hfdatasets.is_hf_source(path):
+        splits = hfdatasets.discover_hf(path, val_fraction, seed, image_column, label_column)
+        return _carve_test(path, splits, test_fraction, seed)
+    if image_column or label_column:
+        raise GraftError(f"{path}: --image-column and --label-column name the columns of a Hugging Face dataset; "
+                         "drop them for class folders, a CSV or shards")
     if shards.is_shard_source(path):
         if test_fraction:  # the shards' splits were fixed when they were written
             raise GraftError(f"{path}: tar shards keep the splits they were written with; carve the test split "
                              "when sharding (graft shard on a folder with test/) and drop --test-fraction")
         return shards.discover_shards(path)
-    splits = _discover(Path(path), val_fraction, seed)
+    return _carve_test(path, _discover(Path(path), val_fraction, seed), test_fraction, seed)
+
+
+def _carve_test(path, splits: DatasetSplits, test_fraction: float, seed: int) -> DatasetSplits:
+    """``discover``'s test split carved from train (``test_fraction`` of the train + val images), when asked."""
     if not test_fraction:
         return splits
     if splits.test:

@@ -67,7 +67,8 @@ def labelled_splits(run_dir: Path, model: GraftModel, data: str | None, seed: in
     source = data or config.data.path
     if not source:
         raise GraftError(f"{run_dir}: graft.json names no data to calibrate and check int8 on; pass --data")
-    splits = discover(source, config.data.val_fraction, config.train.seed, 0.0 if data else config.data.test_fraction)
+    splits = discover(source, config.data.val_fraction, config.train.seed, 0.0 if data else config.data.test_fraction,
+                      *((None, None) if data else (config.data.image_column, config.data.label_column)))
     unknown = sorted(set(splits.classes) - set(model.classes))
     if unknown:
         raise GraftError(f"{source}: classes the model does not know: {', '.join(unknown[:5])}; pass --data with "

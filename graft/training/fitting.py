@@ -130,7 +130,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
                       rank=distributed.rank(), world_size=distributed.world_size(), verbose=verbose, timings=timings)
     seed_everything(config.train.seed)
     splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
-                                config.data.test_fraction)
+                                config.data.test_fraction, config.data.image_column, config.data.label_column)
     splits, exclusions = exclude_listed(config, splits, run_dir, resume, runtime)
     if splits.shards is not None:
         config = _fit_for_shards(config, runtime)

@@ -70,7 +70,8 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last,
                           verbose=verbose)
         splits = discover(data or config.data.path, config.data.val_fraction, config.train.seed,
-                          0.0 if data else config.data.test_fraction)  # the fit's own test images stay out
+                          0.0 if data else config.data.test_fraction,  # the fit's own test images stay out
+                          *((None, None) if data else (config.data.image_column, config.data.label_column)))
         scan(splits, config.data.max_image_pixels, log=runtime.log if runtime.verbose else None)
         model = load(run_dir, target)
         if not batch_norms(model):

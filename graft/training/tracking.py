@@ -1,8 +1,10 @@
-"""Experiment trackers fed from fit's named hooks (``--log tensorboard,mlflow,csv``).
+"""Experiment trackers fed from fit's named hooks (``--log tensorboard,mlflow,wandb,csv``).
 
 Each tracker writes beside the run: TensorBoard event files in RUN/tensorboard, an MLflow run in a local file store
 (RUN/mlruns, or the user's $MLFLOW_TRACKING_URI; a server that does not answer within ``TRACKER_TIMEOUT_S`` is
-dropped, never retried for minutes). ``csv`` names RUN/history.csv, which every fit writes atomically
+dropped, never retried for minutes), a Weights & Biases run in RUN/wandb (or the user's $WANDB_DIR): offline, to
+``wandb sync`` later, when WANDB_MODE=offline, graft is offline, no login is configured, or the server does not
+answer within ``WANDB_INIT_TIMEOUT_S``. ``csv`` names RUN/history.csv, which every fit writes atomically
 after each epoch anyway. A tracker that fails (a full disk, a broken store) warns once and is dropped: the run, its
 checkpoints and its model never depend on it.
 """
@@ -14,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,11 +31,14 @@ from graft.utils.files import write_json
 from graft.utils.versions import __version__
 
 __all__ = ["EPOCH_COLUMNS", "NotebookTable", "TRACKER_TIMEOUT_S", "TRACKING_FILE", "Tracker", "check_available",
-           "confusion_image", "join_hooks"]
+           "WANDB_INIT_TIMEOUT_S", "confusion_image", "join_hooks", "wandb_mode"]
 
 TRACKER_TIMEOUT_S = 5  # the longest one request to a tracking server may take before the tracker is dropped
-TRACKING_FILE = "tracking.json"  # the MLflow run id, so that --resume continues that run
-_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # tracker → the module it needs
+TRACKING_FILE = "tracking.json"  # the MLflow and W&B run ids, so that --resume continues those runs
+# wandb.init starts a local service process before any request: seconds on a busy machine, so more than one request's
+# bound; past it an online init gives up and the run is logged offline instead (never a hang)
+WANDB_INIT_TIMEOUT_S = 30
+_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker → the module it needs
 _ARTIFACTS = ("graft.json", "metrics.json", "history.csv", "data_report.json", "skipped_files.txt", "lr_find.png",
               "README.md")  # the run's products; never the weights or the feature cache
 _SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
@@ -51,6 +57,22 @@ def check_available(names: tuple[str, ...] | str) -> tuple[str, ...]:
         if module and _missing(module):
             raise GraftError(f"--log {name} needs the {module} package: pip install 'graft[track]'")
     return names
+
+
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when the user set one; offline when graft is offline or no W&B login is configured (an online
+    init would otherwise stop to ask for an API key); else online."""
+    chosen = os.environ.get("WANDB_MODE", "").strip().lower()
+    if chosen in ("online", "offline", "disabled"):
+        return chosen
+    if os.environ.get("GRAFT_OFFLINE") == "1" or os.environ.get("WANDB_OFFLINE", "").lower() in ("1", "true"):
+        return "offline"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in netrc.read_text(errors="replace")
+    except OSError:
+        logged_in = False
+    return "online" if logged_in else "offline"
 
 
 def _missing(module: str) -> bool:
@@ -140,13 +162,16 @@ class Tracker:
                  log: Callable[[str], None]):
         start_epoch = len(history)
         self.run_dir, self.config, self.log, self.since = run_dir, config, log, time.time() - 2
-        self.writer = self.client = self.run_id = None
+        self.writer = self.client = self.run_id = self.wandb_run = None
+        self.wandb_logged = 0  # the last epoch the W&B run holds (offline, the run cannot be asked)
         self.failed: set[str] = set()
         self.step = start_epoch
         if "tensorboard" in names:
             self._safely("tensorboard", self._open_tensorboard, start_epoch)
         if "mlflow" in names:
             self._safely("mlflow", self._open_mlflow, start_epoch)
+        if "wandb" in names:
+            self._safely("wandb", self._open_wandb, start_epoch)
         if history:
             self._backfill(history)
 
@@ -164,7 +189,8 @@ class Tracker:
             self.log(f"warning: {name} logging failed ({type(error).__name__}: {reason}); training goes on without it")
 
     def _active(self, name: str) -> bool:
-        return name not in self.failed and (self.writer if name == "tensorboard" else self.run_id) is not None
+        handle = {"tensorboard": self.writer, "mlflow": self.run_id, "wandb": self.wandb_run}[name]
+        return name not in self.failed and handle is not None
 
     # --- TensorBoard ---
     def _open_tensorboard(self, start_epoch: int) -> None:
@@ -202,7 +228,7 @@ class Tracker:
                 "graft.run_dir": str(self.run_dir.resolve())}
         run = self.client.create_run(experiment_id, tags=tags, run_name=self.run_dir.name)
         self.run_id = run.info.run_id
-        write_json(self.run_dir / TRACKING_FILE, {"mlflow_tracking_uri": uri, "mlflow_run_id": self.run_id})
+        self._remember({"mlflow_tracking_uri": uri, "mlflow_run_id": self.run_id})
         from mlflow.entities import Param
 
         params = [Param(key, str(value)) for key, value in _flatten(self.config.to_dict()).items()]
@@ -221,13 +247,60 @@ class Tracker:
         # an explicit file: URI: MLflow 3 otherwise defaults to a sqlite database in the working folder
         return store.resolve().as_uri()
 
-    def _saved_run(self, uri: str) -> str | None:
+    def _tracking(self) -> dict:
+        """tracking.json's run ids (data: a value that is not text is ignored by its reader)."""
         try:
             saved = json.loads((self.run_dir / TRACKING_FILE).read_text())
         except (OSError, ValueError):
-            return None
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def _remember(self, values: dict) -> None:
+        write_json(self.run_dir / TRACKING_FILE, {**self._tracking(), **values})
+
+    def _saved_run(self, uri: str) -> str | None:
+        saved = self._tracking()
         same = saved.get("mlflow_tracking_uri") == uri
         return saved.get("mlflow_run_id") if same and isinstance(saved.get("mlflow_run_id"), str) else None
+
+    # --- Weights & Biases ---
+    def _open_wandb(self, start_epoch: int) -> None:
+        import wandb
+
+        folder = None
+        if not os.environ.get("WANDB_DIR"):  # the user's folder wins; else RUN/wandb, graft's whole (as mlruns)
+            folder = self.run_dir / "wandb"
+            if not folder.exists():
+                folder.mkdir()
+                outputs.record_whole(folder)
+        saved = self._tracking().get("wandb_run_id") if start_epoch else None
+        if not (isinstance(saved, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", saved)):
+            saved = None  # tracking.json is data: only a plain run id (wandb names folders with it) is resumed
+        model, train = self.config.model, self.config.train
+        options = {"project": os.environ.get("WANDB_PROJECT") or "graft", "name": self.run_dir.name,
+                   "dir": str(self.run_dir) if folder else None, "config": self.config.to_dict(),
+                   "tags": [model.backbone, train.strategy], "id": saved, "resume": "allow" if saved else None}
+        mode = wandb_mode()
+        try:
+            self.wandb_run = self._wandb_init(wandb, mode, options)
+        except Exception as error:  # noqa: BLE001 - no network, a refused key: the run is kept offline instead
+            if mode != "online":
+                raise
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            self.log(f"warning: wandb could not reach its server ({type(error).__name__}: {reason}); logging "
+                     "offline instead (wandb sync the run folder later)")
+            self.wandb_run = self._wandb_init(wandb, "offline", options)
+        logged = self._tracking().get("wandb_last_epoch") if saved else 0
+        self.wandb_logged = logged if isinstance(logged, int) and not isinstance(logged, bool) else 0
+        self._remember({"wandb_run_id": self.wandb_run.id})
+        self.wandb_run.define_metric("*", step_metric="epoch")  # every value against the epoch, resumed or not
+
+    def _wandb_init(self, wandb, mode: str, options: dict):
+        # a bounded start; no console capture or system monitor (the run's own log and figures are graft's)
+        settings = wandb.Settings(mode=mode, init_timeout=WANDB_INIT_TIMEOUT_S, console="off", silent=True,
+                                  x_disable_stats=True, x_disable_machine_info=True, disable_git=True,
+                                  save_code=False, x_graphql_timeout_seconds=TRACKER_TIMEOUT_S)
+        return wandb.init(**options, settings=settings, reinit="create_new")
 
     def _backfill(self, history: list[dict]) -> None:
         logged: list[int] = []  # the epochs the MLflow run holds already
@@ -244,6 +317,9 @@ class Tracker:
                                                  for group, lr in rates.items()])
         if self._active("mlflow"):
             self._safely("mlflow", self._log_metrics, {f"lr.{group}": lr for group, lr in rates.items()}, epoch)
+        if self._active("wandb"):
+            self._safely("wandb", self.wandb_run.log, {"epoch": epoch, **{f"lr/{group}": lr for group, lr in
+                                                                          rates.items()}})
 
     def epoch_end(self, row: dict) -> None:
         self._epoch_scalars(row)
@@ -262,6 +338,8 @@ class Tracker:
             self._safely("tensorboard", scalars)
         if mlflow and self._active("mlflow"):
             self._safely("mlflow", self._log_metrics, values, epoch)
+        if epoch > self.wandb_logged and self._active("wandb"):
+            self._safely("wandb", self._wandb_epoch, epoch, values)
 
     def _log_metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -283,6 +361,8 @@ class Tracker:
             self._safely("tensorboard", self._tensorboard_end, final, image)
         if self._active("mlflow"):
             self._safely("mlflow", self._mlflow_end, final, image)
+        if self._active("wandb"):
+            self._safely("wandb", self._wandb_end, final, image)
 
     def _tensorboard_end(self, final: dict, image: np.ndarray | None) -> None:
         for key, value in final.items():
@@ -299,6 +379,26 @@ class Tracker:
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
 
+    def _wandb_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        self.wandb_run.log({"epoch": epoch, **{_SCALARS.get(key, key): value for key, value in values.items()
+                                               if math.isfinite(value)}})
+        self.wandb_logged = epoch
+        self._remember({"wandb_last_epoch": epoch})  # so a resume logs exactly the epochs the run lacks
+
+    def _wandb_end(self, final: dict, image: np.ndarray | None) -> None:
+        import wandb
+
+        self.wandb_run.summary.update({f"final/{key}": value for key, value in final.items() if math.isfinite(value)})
+        if image is not None:
+            self.wandb_run.log({"epoch": self.step, "confusion_matrix/val": wandb.Image(image)})
+
+    def _wandb_finish(self, exit_code: int) -> None:
+        import wandb
+
+        self.wandb_run.finish(exit_code)
+        if wandb.run is None:  # no run of the user's is active: stop W&B's service, which then writes out the run's
+            wandb.teardown()  # log (finish alone may leave it to a later flush), so it is complete when fit returns
+
     def close(self, status: str = "FINISHED") -> None:
         """Flushes and closes the trackers (``status``: MLflow's FINISHED, FAILED or KILLED) and records what they
         wrote in the run's manifests."""
@@ -306,6 +406,8 @@ class Tracker:
             self._safely("tensorboard", self.writer.close)
         if self.run_id is not None:
             self._safely("mlflow", self.client.set_terminated, self.run_id, status)
+        if self.wandb_run is not None:
+            self._safely("wandb", self._wandb_finish, 0 if status == "FINISHED" else 1)
         if self.writer is not None:
             self._safely("tensorboard", self._record_event_files)
 

@@ -33,7 +33,7 @@ __all__ = [
 
 TEMP_PREFIX = ".graft-tmp-"
 MANIFEST = ".graft-manifest.json"
-WHOLE_FOLDERS = ("mlruns",)  # the only folders graft hands whole to a writer (record_whole) and removes whole
+WHOLE_FOLDERS = ("mlruns", "wandb")  # the only folders graft hands whole to a writer (record_whole) and removes whole
 LEGACY_RUN_FILES = ("graft.json", "model.safetensors", "metrics.json", "history.csv", "checkpoint.safetensors",
                     "best.safetensors", "data_report.json", "skipped_files.txt", "lr_find.png", "lr_find.csv",
                     "probe_grid.csv", "model.before-precise-bn.safetensors")  # what a pre-manifest fit wrote
