@@ -23,6 +23,7 @@ from PIL import Image
 
 from graft.data.images import load_image, upright_rgb
 from graft.errors import GraftError
+from graft.utils.modes import evaluating
 
 if TYPE_CHECKING:
     from graft.models.grafted import GraftModel
@@ -100,13 +101,9 @@ def predict_images(model: GraftModel, inputs: Any, top_k: int = 3, batch_size: i
         return []
     images, names = _batches(model, items)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         probabilities = torch.cat([model(part.to(device)).float().softmax(1).cpu()
                                    for part in images.split(batch_size)])
-    finally:
-        model.train(was_training)
     k = min(top_k, len(model.classes))
     rows = []
     for name, row in zip(names, probabilities):

@@ -42,6 +42,7 @@ from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
+from graft.utils.modes import evaluating
 from graft.utils.outputs import check_output
 from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, to_device
@@ -247,13 +248,8 @@ def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
     named = [node for node in extractor.nodes if node != DEFAULT_NODE] if multi else []
     parameter = next(net.parameters(), None)
     images = torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu")
-    was_training = extractor.training
-    extractor.eval()
-    try:
-        with torch.no_grad():
-            everything, before = modules_reached(net, lambda: extractor(images), named)
-    finally:
-        extractor.train(was_training)
+    with evaluating(extractor), torch.no_grad():
+        everything, before = modules_reached(net, lambda: extractor(images), named)
     tensors = tensor_digests(net)  # each weight hashed once, not once per node
     return {node: weights_digest(net, before.get(node, everything), tensors) for node in extractor.nodes}
 
@@ -284,14 +280,13 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
     loader = DataLoader(_ViewDataset(paths, preprocessing, view, hflip), batch_size=batch_size, shuffle=False,
                         **loader_options(device, workers))
     dtype = autocast_dtype(device)
-    was_training = extractor.training
-    extractor.eval().to(device)
-    extractor.to(memory_format=torch.channels_last)
     forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
     what = "features" + (f" (augmented view {view})" if view else "")
-    try:
+    with evaluating(extractor):
+        extractor.to(device)
+        extractor.to(memory_format=torch.channels_last)
         with torch.inference_mode(), Progress(what, len(paths), "images", log, log is not None) as progress:
             for done, (images, indices) in enumerate(loader, start=1):
                 if forward is None:
@@ -307,8 +302,6 @@ def _extract_into(spaces, paths, keys, extractor, preprocessing, view, batch_siz
                 progress.update(min(done * batch_size, len(paths)))
         if pending_keys:
             _flush(spaces, pending, pending_keys)
-    finally:
-        extractor.train(was_training)
     return engine
 
 
