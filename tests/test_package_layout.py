@@ -69,3 +69,21 @@ def test_one_hook_and_stop_mechanism():
     assert stopping == ["graft/models/surgery.py"]
     hooking = {str(p.relative_to(ROOT)) for p in MODULES if "register_forward_hook" in p.read_text()}
     assert hooking == {"graft/models/surgery.py", "graft/analysis/diagnose.py", "graft/models/batchnorm.py"}
+
+
+def _bypassing_loaders(path: Path) -> list[str]:
+    """``DataLoader(...)`` calls in ``path`` that do not take their keywords from ``loader_options``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "DataLoader":
+            spread = [k.value for k in node.keywords if k.arg is None]
+            if not any(isinstance(v, ast.Call) and ast.unparse(v.func).endswith("loader_options") for v in spread):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_data_loader_takes_its_options_from_loader_options():
+    """One builder for workers, pinning and prefetching: a DataLoader without ``**loader_options(...)`` bypasses it."""
+    bypassing = [where for path in MODULES for where in _bypassing_loaders(path)]
+    assert bypassing == []
+    assert len([p for p in MODULES if "DataLoader(" in p.read_text()]) >= 6  # the walk does see the loaders
