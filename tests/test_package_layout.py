@@ -163,3 +163,10 @@ def test_no_import_circle_between_graft_modules():
     assert _cycles(graph) == []
     assert "graft.data.discovery" in graph["graft.data.scan"]  # the walk does see imports
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_models_layer_takes_training_policy_as_arguments():
+    """Training decides (e.g. ``graft.training.recipes.starts_pretrained``); models never read the strategy."""
+    reading = [str(p.relative_to(ROOT)) for p in (PACKAGE / "models").rglob("*.py")
+               if "train.strategy !=" in p.read_text() or "train.strategy ==" in p.read_text()]
+    assert reading == []

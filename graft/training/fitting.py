@@ -240,7 +240,7 @@ def _check_backbone(config: FitConfig) -> None:
 
     The network is built again after the scan (that one is seeded); building it twice costs far less than a scan.
     """
-    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    pretrained = recipes.starts_pretrained(config)
     create_backbone(backbone_name(config.model), pretrained=pretrained,
                     weights_file=config.model.weights if pretrained else None)
 
