@@ -50,7 +50,7 @@ def main() -> None:
         for scale in (1, 10):
             data = _make(Path(folder) / f"data-{scale}", args.images * scale // 3)
             if args.shards:
-                from graft.data.shards import shard_dataset
+                from graft.data.sharding import shard_dataset
 
                 shard_dataset(data, Path(folder) / f"shards-{scale}", shard_size="16MB")
                 data = Path(folder) / f"shards-{scale}"

@@ -181,7 +181,7 @@ def check_invocation(sandbox: Path, name: str, changes: dict[str, str]) -> None:
     data = (sandbox / "data").resolve()
     changes = {option: resolve(value, sandbox) for option, value in changes.items()}
     if "{SHARDS}" in command.base and not (sandbox / "shards").exists():
-        from graft.data.shards import shard_dataset
+        from graft.data.sharding import shard_dataset
 
         shard_dataset(sandbox / "data", sandbox / "shards", shard_size="1MB")
     args = [a.replace("{DATA}", str(sandbox / "data")).replace("{RUN}", str(sandbox / "run"))

@@ -233,7 +233,7 @@ def test_lab_options_are_validated_and_refused_for_other_backbones():
         from graft.models.grafted import create_model
 
         create_model(load_config(None, {"model.backbone": TINY, "model.norm": "batch", "train.strategy": "scratch"}),
-                    ["a", "b"])
+                     ["a", "b"], pretrained=False)
     with pytest.raises(GraftError, match="has no pretrained weights"):
         create_backbone("small-cnn-cifar", pretrained=True)
 

@@ -13,7 +13,8 @@ from synthetic import make_shapes
 
 from graft.data.datasets import ImageDataset
 from graft.data.discovery import discover
-from graft.data.shards import SIDECAR, ShardDataset, parse_size, shard_dataset
+from graft.data.sharding import shard_dataset
+from graft.data.shards import SIDECAR, ShardDataset, parse_size
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing
@@ -283,7 +284,7 @@ def test_shard_statistics_match_numpy_on_the_same_images(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from graft.data.shards import shard_statistics
+    from graft.data.statistics import shard_statistics
 
     rng = np.random.default_rng(0)
     for name in ("a", "b"):

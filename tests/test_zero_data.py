@@ -38,7 +38,7 @@ def folder(tmp_path_factory):
 
 def _shards(folder, output, split: str, kind: str):
     """A fresh shard set of ``folder`` whose ``split`` shard is replaced by ``kind`` bytes."""
-    from graft.data.shards import shard_dataset
+    from graft.data.sharding import shard_dataset
 
     sidecar = shard_dataset(folder, output)
     shard = output / sidecar["splits"][split]["shards"][0]["name"]

@@ -21,6 +21,7 @@ from torch import nn
 
 from graft.errors import GraftError
 from graft.models.backbones.lab import Maxout
+from graft.utils.modes import evaluating
 from graft.utils.plotting import plots_skipped, pyplot, save_figure
 
 __all__ = [
@@ -56,13 +57,10 @@ def activation_statistics(model: nn.Module, images: torch.Tensor, sample: int = 
     captured: list[tuple[str, nn.Module, torch.Tensor]] = []
     handles = [module.register_forward_hook(lambda m, i, o, name=name: captured.append((name, m, o.detach())))
                for name, module in model.named_modules() if isinstance(module, ACTIVATION_TYPES)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(images)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     if not captured:

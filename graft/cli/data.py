@@ -27,7 +27,7 @@ def shard(
 
     Example: graft shard ./pets -o pets-shards/ --shard-size 512MB
     """
-    from graft.data.shards import shard_dataset
+    from graft.data.sharding import shard_dataset
 
     sidecar = shard_dataset(data, output, shard_size, val_fraction, seed, overwrite or None, err.print)
     parts = ", ".join(f"{split}: {part['count']} images in {len(part['shards'])} shard(s)"

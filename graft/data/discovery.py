@@ -11,10 +11,10 @@ import io
 import logging
 import os
 import random
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 
+from graft.data.splits import DatasetSplits, Sample
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 
@@ -33,8 +33,6 @@ TINY_CLASS = 5  # fewer images than this in a class's training split earns a war
 
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
-
-Sample = tuple[str, int]  # (path, class index)
 
 
 def is_image_file(path: Path) -> bool:
@@ -74,24 +72,6 @@ def walk_images(root: Path, notes: list[str] | None = None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------ discovery
-
-
-@dataclass
-class DatasetSplits:
-    """Samples per split with a stable (sorted) class order."""
-
-    classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    test: list[Sample] = field(default_factory=list)
-    source: str = ""  # how the splits were found, for the report
-    notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
-    root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
-    shards: dict | None = None  # tar shards ({split: [(tar path, [(key, label), ...])]}), see graft.data.shards
-
-    def counts(self, split: str) -> dict[str, int]:
-        counter = Counter(label for _, label in getattr(self, split))
-        return {name: counter.get(index, 0) for index, name in enumerate(self.classes)}
 
 
 def _find_split_dir(root: Path, split: str) -> Path | None:

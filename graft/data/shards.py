@@ -24,16 +24,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
-from graft.data.discovery import DatasetSplits
 from graft.data.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageError, decode_image
+from graft.data.splits import DatasetSplits
 from graft.errors import GraftError
 from graft.utils.progress import Progress
 from graft.utils.text import display_name
 
 __all__ = [
     "SIDECAR", "ShardDataset", "discover_shards", "is_plain_shard_name", "is_shard_source", "parse_size",
-    "rank_and_world", "read_sidecar", "read_tar", "shard_dataset", "shard_datasets", "shard_statistics",
-    "write_shards"
+    "rank_and_world", "read_sidecar", "read_tar", "shard_datasets", "write_shards"
 ]
 
 log = logging.getLogger(__name__)
@@ -442,56 +441,3 @@ def shard_datasets(splits: DatasetSplits, train_transform, val_transform, max_pi
                              with_index=True, samples=splits.train)
     val_set = ShardDataset(splits.shards["val"], val_transform, max_pixels, equal=False, samples=splits.val)
     return train_set, val_set
-
-
-def shard_statistics(shards: list[tuple[str, list]], size: int, max_images: int, seed: int = 0,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS):
-    """``graft.data.statistics.dataset_statistics`` for a shard set, from a bounded sample of the stream: shards in
-    a seeded order until they hold ``max_images`` samples, then a seeded choice of that many among them, so the
-    statistics read about max_images / (samples per shard) + 1 shards whatever the set's size."""
-    from graft.data.statistics import image_statistics
-
-    order = list(range(len(shards)))
-    random.Random(seed).shuffle(order)
-    chosen, held = [], 0
-    for number in order:
-        if held >= max_images:
-            break
-        chosen.append(number)
-        held += len(shards[number][1])
-    keys = [(number, key) for number in chosen for key, _ in shards[number][1]]
-    wanted = set(keys if len(keys) <= max_images else random.Random(seed).sample(keys, max_images))
-
-    def images():
-        for number in chosen:
-            path = shards[number][0]
-            for key, member, data, _ in read_tar(path):
-                if (number, key) in wanted and data is not None:
-                    try:
-                        yield decode_image(data, f"{path}: member {member}", max_pixels)
-                    except ImageError as error:
-                        log.warning("%s (left out of the statistics)", error)
-
-    return image_statistics(images(), size)
-
-
-def shard_dataset(data: str | os.PathLike, output: str | os.PathLike, shard_size: str | int = "512MB",
-                  val_fraction: float = 0.2, seed: int = 0, overwrite: bool | None = None, progress_log=None) -> dict:
-    """``graft shard``: discovers and scans ``data`` (unreadable files are left out and listed in the sidecar),
-    then writes its splits as tar shards into ``output``; a plain folder's seeded val split is computed here once
-    and recorded, so every later fit sees the same split. Returns the sidecar. ``progress_log``: where the scan's
-    and the writing's progress lines go (none without it)."""
-    from graft.data.discovery import discover
-    from graft.data.scan import scan
-    from graft.utils.outputs import output_folder
-
-    parse_size(shard_size)  # a bad size is refused before any work
-    folder = output_folder(output, "--output", ((data, "data"),), overwrite)
-    splits = discover(data, val_fraction, seed)
-    if splits.shards is not None:
-        raise GraftError(f"{data}: is already a shard set; graft shard reads class folders or a CSV manifest")
-    report = scan(splits, log=progress_log)
-    sidecar = write_shards(splits, folder, shard_size, progress_log)
-    if report.skipped:
-        log.warning("%d unreadable file(s) left out, e.g. %s", len(report.skipped), report.skipped[0][1])
-    return sidecar

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -9,9 +11,12 @@ import numpy as np
 from PIL import Image
 
 from graft.errors import GraftError
+from graft.utils.limits import DEFAULT_MAX_PIXELS
 from graft.utils.progress import Progress
 
-__all__ = ["DatasetStats", "dataset_statistics", "image_statistics", "training_statistics"]
+__all__ = ["DatasetStats", "dataset_statistics", "image_statistics", "shard_statistics", "training_statistics"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,12 +55,42 @@ def dataset_statistics(paths: list[str], size: int = 64, max_images: int = 5000,
 
 def training_statistics(splits, size: int = 64, max_images: int = 5000, seed: int = 0, log=None) -> DatasetStats:
     """``dataset_statistics`` of a ``DatasetSplits``' training split: its files, or a bounded sample of its tar
-    shards' stream (``graft.data.shards.shard_statistics``)."""
+    shards' stream (``shard_statistics``)."""
     if splits.shards is not None:
-        from graft.data.shards import shard_statistics  # imported here: shards builds on this module
-
         return shard_statistics(splits.shards["train"], size, max_images, seed)
     return dataset_statistics([path for path, _ in splits.train], size, max_images, seed, log)
+
+
+def shard_statistics(shards: list[tuple[str, list]], size: int, max_images: int, seed: int = 0,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DatasetStats:
+    """``dataset_statistics`` for a shard set, from a bounded sample of the stream: shards in a seeded order until
+    they hold ``max_images`` samples, then a seeded choice of that many among them, so the statistics read about
+    max_images / (samples per shard) + 1 shards whatever the set's size."""
+    from graft.data.images import ImageError, decode_image
+    from graft.data.shards import read_tar  # here: shards imports torch
+
+    order = list(range(len(shards)))
+    random.Random(seed).shuffle(order)
+    chosen, held = [], 0
+    for number in order:
+        if held >= max_images:
+            break
+        chosen.append(number)
+        held += len(shards[number][1])
+    keys = [(number, key) for number in chosen for key, _ in shards[number][1]]
+    wanted = set(keys if len(keys) <= max_images else random.Random(seed).sample(keys, max_images))
+
+    def images():
+        for number in chosen:
+            path = shards[number][0]
+            for key, member, data, _ in read_tar(path):
+                if (number, key) in wanted and data is not None:
+                    try:
+                        yield decode_image(data, f"{path}: member {member}", max_pixels)
+                    except ImageError as error:
+                        logger.warning("%s (left out of the statistics)", error)
+
+    return image_statistics(images(), size)
 
 
 def image_statistics(images: Iterable[Image.Image], size: int = 64) -> DatasetStats:

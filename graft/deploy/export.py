@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.data.discovery import discover
-from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, _to_srgb, load_image, to_rgb, upright_rgb
-from graft.data.scan import readable
-from graft.data.transforms import MAX_ASPECT, CapAspect, create_transform
+from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, _to_srgb, to_rgb, upright_rgb
+from graft.data.transforms import MAX_ASPECT, CapAspect
+from graft.deploy.parity import PARITY_INPUTS, RUNTIME_TOLERANCE, check_parity, parity_inputs  # re-exported
 from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
@@ -61,9 +60,7 @@ __all__ = [
 
 FORMATS = ("onnx", "torch", "safetensors")
 ECOSYSTEM_FORMATS = ("timm", "hf")  # folders plain timm / the Hugging Face hub load (graft.deploy.hub)
-PARITY_INPUTS = 16  # images used to verify each exported form
 FOLD_TOLERANCE = 1e-4  # max |Δlogit| in float32 that folding may cause (the issue's bound)
-RUNTIME_TOLERANCE = 1e-3  # ONNX Runtime / torch.export vs eager: different kernels, same maths
 
 
 @dataclass
@@ -83,26 +80,6 @@ class ExportResult:
         return {"files": self.files, "parity_max_abs_logit_diff": self.parity, "fold_bn": folded,
                 "latency_ms_batch1_median": self.latency_ms, "parity_inputs": self.inputs, "onnx_opset": OPSET,
                 **({"quantization": self.quantization} if self.quantization else {})}
-
-
-def parity_inputs(model: GraftModel, run_dir: Path, data: str | None, count: int = PARITY_INPUTS
-                  ) -> tuple[torch.Tensor, str]:
-    """Real images in the model's preprocessing: from ``data`` or the run's own validation split; random tensors
-    only when neither can be read (said so in export.json)."""
-    source = data or read_card(run_dir).get("config", {}).get("data", {}).get("path")
-    transform = create_transform(model.preprocessing)
-    samples = []
-    if source:
-        try:
-            splits = discover(source, seed=0)
-            samples = readable((splits.val or splits.train)[:count] + splits.train[:count])[:count]
-        except (GraftError, OSError):
-            samples = []
-    if samples:
-        return torch.stack([transform(load_image(path)) for path, _ in samples]), f"{len(samples)} images from {source}"
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(count, 3, *model.preprocessing.input_size, generator=generator)
-    return inputs, "random normal tensors (no readable data found; pass --data for real images)"
 
 
 def call_times(forward, example: torch.Tensor, repeats: int = 30, warmup: int = 3) -> list[float]:
@@ -140,13 +117,6 @@ def export_program(model: nn.Module, example: torch.Tensor):
 def _save_program(program, path: str) -> None:
     with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name, and the temp file has none
         torch.export.save(program, handle)
-
-
-def _check(name: str, difference: float, tolerance: float) -> float:
-    if not difference <= tolerance:  # also catches NaN
-        raise GraftError(f"export parity failed for {name}: max |Δlogit| {difference:.2e} > {tolerance:.0e}; the "
-                         "exported model would not match — please report this with the run's graft.json")
-    return difference
 
 
 def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = FORMATS, fold_bn: bool = True,
@@ -232,8 +202,8 @@ def _export_own(run_dir: Path, out_dir: Path, formats: tuple[str, ...], fold_bn:
     result.latency_ms["eager"] = round(eager_ms, 3)
     if fold_bn:
         deployed, result.folded = fold_batch_norms(model, inputs, FOLD_TOLERANCE)
-        result.parity["fold_bn"] = _check("batch-norm folding", max_logit_difference(model, deployed, inputs),
-                                          FOLD_TOLERANCE)
+        result.parity["fold_bn"] = check_parity("batch-norm folding", max_logit_difference(model, deployed, inputs),
+                                                FOLD_TOLERANCE)
         result.latency_ms["folded"] = round(latency_ms(deployed, inputs[:1]), 3)
         say(f"folded {result.folded.count} batch norm(s) (max |Δlogit| {result.parity['fold_bn']:.1e}); batch-1 "
             f"latency {eager_ms:.2f} → {result.latency_ms['folded']:.2f} ms")
@@ -244,7 +214,7 @@ def _export_own(run_dir: Path, out_dir: Path, formats: tuple[str, ...], fold_bn:
         export_onnx(deployed, inputs[:2], out_dir / "model.onnx")
         session = onnx_session(out_dir / "model.onnx")
         logits = torch.from_numpy(session.run(None, {"images": inputs.numpy()})[0])
-        result.parity["onnx"] = _check("ONNX Runtime", (logits - expected).abs().max().item(), RUNTIME_TOLERANCE)
+        result.parity["onnx"] = check_parity("ONNX Runtime", (logits - expected).abs().max().item(), RUNTIME_TOLERANCE)
         result.latency_ms["onnxruntime"] = round(latency_ms(
             lambda x: session.run(None, {"images": x.numpy()}), inputs[:1]), 3)
         result.files.append("model.onnx")
@@ -254,7 +224,7 @@ def _export_own(run_dir: Path, out_dir: Path, formats: tuple[str, ...], fold_bn:
         reloaded = torch.export.load(str(out_dir / "model.pt2")).module()
         with torch.no_grad():
             difference = (reloaded(inputs).float() - expected).abs().max().item()
-        result.parity["torch_export"] = _check("torch.export", difference, RUNTIME_TOLERANCE)
+        result.parity["torch_export"] = check_parity("torch.export", difference, RUNTIME_TOLERANCE)
         result.files.append("model.pt2")
     if "safetensors" in formats:
         for name in ("model.safetensors", "graft.json"):

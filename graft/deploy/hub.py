@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.deploy.export import RUNTIME_TOLERANCE, _check, parity_inputs
 from graft.deploy.model_card import hf_model_card
+from graft.deploy.parity import RUNTIME_TOLERANCE, check_parity, parity_inputs
 from graft.errors import GraftError
 from graft.models.backbones import lab
 from graft.models.grafted import GraftModel
@@ -149,7 +149,7 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     where = Path(out_dir.name) if hf else out_dir
     result = {"run": run_dir.name if hf else str(run_dir), "format": "hf" if hf else "timm",
               "files": [*files, EXPORT_RECORD], "digests": {name: _file_record(out_dir / name) for name in files},
-              "parity_max_abs_logit_diff": {"timm": _check("timm local-dir", difference, RUNTIME_TOLERANCE)},
+              "parity_max_abs_logit_diff": {"timm": check_parity("timm local-dir", difference, RUNTIME_TOLERANCE)},
               "parity_inputs": _folder_names_only(described) if hf else described,
               "load_with": f'timm.create_model("local-dir:{where}", pretrained=True)'}
     write_json(out_dir / EXPORT_RECORD, result)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from graft.data.datasets import ImageDataset
+from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import discover
 from graft.data.scan import readable
 from graft.data.transforms import create_transform
@@ -48,7 +48,7 @@ class CalibrationImages:
     the model's evaluation preprocessing, decoded by graft's own decoder, as ``{"images": array}``."""
 
     def __init__(self, samples: list, transform, batch_size: int = BATCH):
-        self.loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size)
+        self.loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, **loader_options("cpu"))
         self.batches = iter(self.loader)
 
     def get_next(self) -> dict | None:
@@ -88,7 +88,7 @@ def onnx_predictions(sessions: list, samples: list, transform) -> tuple[np.ndarr
     """(labels, top-1 class index under each ONNX Runtime session) of the samples, in batches of ``BATCH``: each
     image decoded once for all sessions; the labels are the loader's (a file broken since the check is replaced)."""
     labels, predicted = [], [[] for _ in sessions]
-    for images, batch_labels in DataLoader(ImageDataset(samples, transform), batch_size=BATCH):
+    for images, batch_labels in DataLoader(ImageDataset(samples, transform), batch_size=BATCH, **loader_options("cpu")):
         labels.append(batch_labels.numpy())
         for session, into in zip(sessions, predicted):
             into.append(session.run(None, {"images": images.numpy()})[0].argmax(1))

@@ -36,6 +36,7 @@ from graft.models.grafted import GraftModel
 from graft.models.run_folder import load
 from graft.models.surgery import DEFAULT_NODE
 from graft.utils.files import atomic_write, write_json
+from graft.utils.modes import evaluating
 from graft.utils.runtime import resolve_device
 from graft.utils.text import display_name
 
@@ -214,16 +215,14 @@ def grad_cam(model: GraftModel, images: torch.Tensor, targets: list[int]) -> tor
         targets: the class index each map is for.
     """
     layer_grad_cam = _layer_grad_cam()
-    was_training = model.training
-    model.eval()
-    camnet = _CamNet(model)
-    try:
-        with torch.enable_grad():
-            maps = layer_grad_cam(camnet, camnet.grid).attribute(images, target=list(targets),
-                                                               relu_attributions=True)
-    finally:
-        camnet.close()
-        model.train(was_training)
+    with evaluating(model):
+        camnet = _CamNet(model)
+        try:
+            with torch.enable_grad():
+                maps = layer_grad_cam(camnet, camnet.grid).attribute(images, target=list(targets),
+                                                                   relu_attributions=True)
+        finally:
+            camnet.close()
     maps = F.interpolate(maps.detach().float(), size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
     maps = maps[:, 0].clamp_min(0)
     peak = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
@@ -293,11 +292,8 @@ def explain_prepared(model: GraftModel, prepared: list[Prepared], top_k: int = 3
         return []
     device = next(model.parameters()).device
     batch = torch.stack([item.input for item in prepared]).to(device)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
+    with evaluating(model), torch.inference_mode():
         probabilities = model(batch).float().softmax(1).cpu()
-    model.train(was_training)
     k = min(top_k, len(model.classes))
     values, indices = probabilities.topk(k)
     targets = [model.classes.index(target)] * len(prepared) if target is not None else indices[:, 0].tolist()

@@ -20,6 +20,7 @@ from graft.models.onnx_engine import resolve_engine, run_forward
 from graft.models.prediction import Prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
+from graft.utils.modes import evaluating
 from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, resolve_device, to_device
 
@@ -34,31 +35,29 @@ def predict_logits(model: GraftModel, loader, device: torch.device, dtype=None, 
                    limit_batches: int = 0, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, CPU) and labels for every batch of ``loader`` with the model in eval mode; ``progress``
     (``graft.utils.progress``) is told the images done after each batch."""
-    was_training = model.training
-    model.eval()
-    all_logits, all_labels = [], []
-    slices = 1  # doubled after an out-of-memory error, for the rest of the pass
-    for index, (images, labels, *_) in enumerate(loader):
-        if limit_batches and index >= limit_batches:
-            break
-        images = to_device(images, device, channels_last)
-        while True:
-            try:
-                with autocast(device, dtype):
-                    logits = torch.cat([model(part) for part in images.chunk(slices)])
+    with evaluating(model):
+        all_logits, all_labels = [], []
+        slices = 1  # doubled after an out-of-memory error, for the rest of the pass
+        for index, (images, labels, *_) in enumerate(loader):
+            if limit_batches and index >= limit_batches:
                 break
-            except torch.cuda.OutOfMemoryError:
-                if slices >= len(images):
-                    raise GraftError("out of memory evaluating one image at a time; use a smaller --image-size or "
-                                     "free the device's memory") from None
-                slices *= 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        all_logits.append(logits.float().cpu())
-        all_labels.append(torch.as_tensor(labels))
-        if progress is not None:
-            progress.update(sum(len(part) for part in all_labels))
-    model.train(was_training)
+            images = to_device(images, device, channels_last)
+            while True:
+                try:
+                    with autocast(device, dtype):
+                        logits = torch.cat([model(part) for part in images.chunk(slices)])
+                    break
+                except torch.cuda.OutOfMemoryError:
+                    if slices >= len(images):
+                        raise GraftError("out of memory evaluating one image at a time; use a smaller --image-size or "
+                                         "free the device's memory") from None
+                    slices *= 2
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            all_logits.append(logits.float().cpu())
+            all_labels.append(torch.as_tensor(labels))
+            if progress is not None:
+                progress.update(sum(len(part) for part in all_labels))
     if not all_logits:
         return torch.zeros(0, len(model.classes)), torch.zeros(0, dtype=torch.long)
     return torch.cat(all_logits), torch.cat(all_labels)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from graft.utils.modes import evaluating
+
 __all__ = [
     "FOLDABLE", "FoldResult", "batch_norms", "find_foldable_pairs", "fold_batch_norms", "max_logit_difference",
     "recompute_statistics"
@@ -150,20 +152,18 @@ def recompute_statistics(model: nn.Module, loader, device: torch.device, channel
     if not norms:
         return 0
     momenta = [norm.momentum for norm in norms]
-    was_training = model.training
-    model.eval()
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the batches
-        norm.train()
     seen = 0
-    try:
-        for images, *_ in loader:
-            images = images.to(device)
-            model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
-            seen += len(images)
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
-        model.train(was_training)
+    with evaluating(model):
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the batches
+            norm.train()
+        try:
+            for images, *_ in loader:
+                images = images.to(device)
+                model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
+                seen += len(images)
+        finally:
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
     return seen

@@ -106,16 +106,19 @@ def backbone_name(model: ModelConfig) -> str:
     return model.backbone
 
 
-def create_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None) -> tuple[GraftModel, dict]:
-    """Creates the backbone (pretrained unless the strategy is ``scratch``), cuts it and grafts a new head.
+def create_model(config: FitConfig, classes: list[str], mean_std: tuple | None = None,
+                 pretrained: bool = True) -> tuple[GraftModel, dict]:
+    """Creates the backbone, cuts it and grafts a new head.
 
     Args:
+        pretrained: start from pretrained weights (when ``model.pretrained`` allows); training decides, e.g. False for
+            the ``scratch`` strategy (``graft.training.recipes.starts_pretrained``).
         mean_std: per-channel (mean, std) of the training data, replacing the backbone's (scratch training).
 
     Returns:
         The model and a dict describing the backbone (name, weights source, feature width, cut node).
     """
-    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    pretrained = pretrained and config.model.pretrained
     name = backbone_name(config.model)
     backbone = create_backbone(name, pretrained=pretrained, weights_file=config.model.weights if pretrained else None)
     preprocessing = backbone.preprocessing.with_size(config.data.image_size)

@@ -15,17 +15,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from graft.data.images import load_image, upright_rgb
 from graft.errors import GraftError
-
-if TYPE_CHECKING:
-    from graft.models.grafted import GraftModel
+from graft.utils.modes import evaluating
 
 __all__ = ["Prediction", "predict_images"]
 
@@ -64,7 +63,7 @@ def _raw_pixels(item: Any, index: int) -> Image.Image | None:
                      f"{type(item).__name__}")
 
 
-def _batches(model: GraftModel, items: list) -> tuple[torch.Tensor, list[str]]:
+def _batches(model: nn.Module, items: list) -> tuple[torch.Tensor, list[str]]:
     """Every input as model-ready (N, 3, H, W) float tensors, and each row's name."""
     transform = model.transform
     tensors, names = [], []
@@ -87,8 +86,9 @@ def _batches(model: GraftModel, items: list) -> tuple[torch.Tensor, list[str]]:
 
 
 @torch.inference_mode()
-def predict_images(model: GraftModel, inputs: Any, top_k: int = 3, batch_size: int = 32):
+def predict_images(model: nn.Module, inputs: Any, top_k: int = 3, batch_size: int = 32):
     """``GraftModel.predict``: a ``Prediction`` for one input, a list of them for a list (see the module's docstring).
+    ``model`` is a ``GraftModel`` (its ``transform`` and ``classes``); this module sits below ``graft.models.grafted``.
 
     Raises:
         GraftError: for an input of an unsupported kind or shape; an unreadable file raises (``ImageError``) instead
@@ -100,13 +100,9 @@ def predict_images(model: GraftModel, inputs: Any, top_k: int = 3, batch_size: i
         return []
     images, names = _batches(model, items)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         probabilities = torch.cat([model(part.to(device)).float().softmax(1).cpu()
                                    for part in images.split(batch_size)])
-    finally:
-        model.train(was_training)
     k = min(top_k, len(model.classes))
     rows = []
     for name, row in zip(names, probabilities):

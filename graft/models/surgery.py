@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
+from graft.utils.modes import evaluating
 
 __all__ = [
     "Capture", "DEFAULT_NODE", "GlobalPool", "NORM_TYPES", "NodeInfo", "StopForward", "Trunk", "cut",
@@ -205,11 +206,8 @@ def cut(net: nn.Module, node: str | None = None, pool: str = "avg", input_size=(
     called = _modules_called(trunk, input_size)
     if DEFAULT_NODE not in trunk.nodes:
         _prune_unused(net, called)
-    was_training = trunk.training
-    trunk.eval()
-    with torch.no_grad():
+    with evaluating(trunk), torch.no_grad():
         width = trunk(torch.zeros(1, 3, *input_size)).shape[1]
-    trunk.train(was_training)
     return trunk, int(width)
 
 
@@ -238,13 +236,8 @@ def modules_reached(net: nn.Module, forward: Callable[[], Any],
 
 
 def _modules_called(trunk: Trunk, input_size) -> set[str]:
-    was_training = trunk.training
-    trunk.eval()
-    try:
-        with torch.no_grad():
-            return modules_reached(trunk.net, lambda: trunk(torch.zeros(1, 3, *input_size)), [])[0]
-    finally:
-        trunk.train(was_training)
+    with evaluating(trunk), torch.no_grad():
+        return modules_reached(trunk.net, lambda: trunk(torch.zeros(1, 3, *input_size)), [])[0]
 
 
 def _prune_unused(net: nn.Module, called: set[str]) -> None:
@@ -347,13 +340,8 @@ def list_nodes(net: nn.Module, input_size=(224, 224), stages_only: bool = True, 
     """
     modules = dict(net.named_modules())
     wanted = [n for n in modules if n and (not stages_only or n in stage_nodes)]
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), Capture(net, wanted, stop=False) as capture:
-            _, outputs = capture.run(_pre_logits, net, torch.zeros(1, 3, *input_size))
-    finally:
-        net.train(was_training)
+    with evaluating(net), torch.no_grad(), Capture(net, wanted, stop=False) as capture:
+        _, outputs = capture.run(_pre_logits, net, torch.zeros(1, 3, *input_size))
     fields = receptive_fields(net, [n for n in wanted if n in outputs and n in stage_nodes], input_size)
     nodes = []
     for name in wanted:

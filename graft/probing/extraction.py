@@ -44,6 +44,7 @@ from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
 from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
+from graft.utils.modes import evaluating
 from graft.utils.outputs import check_output
 from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, to_device
@@ -262,13 +263,8 @@ def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
     named = [node for node in extractor.nodes if node != DEFAULT_NODE] if multi else []
     parameter = next(net.parameters(), None)
     images = torch.zeros(1, 3, *input_size, device=parameter.device if parameter is not None else "cpu")
-    was_training = extractor.training
-    extractor.eval()
-    try:
-        with torch.no_grad():
-            everything, before = modules_reached(net, lambda: extractor(images), named)
-    finally:
-        extractor.train(was_training)
+    with evaluating(extractor), torch.no_grad():
+        everything, before = modules_reached(net, lambda: extractor(images), named)
     tensors = tensor_digests(net)  # each weight hashed once, not once per node
     return {node: weights_digest(net, before.get(node, everything), tensors) for node in extractor.nodes}
 
@@ -314,15 +310,14 @@ def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.devi
     returns the engine that ran (``onnx``, or ``eager`` when there was no ONNX file to use or it failed its check).
     ``threads``: ONNX Runtime's intra-op threads (None: torch's); ``channels_last``: the eager forward's layout."""
     dtype = autocast_dtype(device)
-    was_training = extractor.training
-    extractor.eval().to(device)
-    extractor.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     forward, engine = None, "eager"  # built on the first batch: the ONNX engine is checked on real images
     pending: dict[str, list[np.ndarray]] = {node: [] for node in spaces}
     pending_keys: list[str] = []
     done = 0
     what = "features" + (f" (augmented view {view})" if view else "")
-    try:
+    with evaluating(extractor):
+        extractor.to(device)
+        extractor.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.inference_mode(), Progress(what, len(keys), "images", log, log is not None) as progress:
             for images, indices in loader:
                 if forward is None:
@@ -339,8 +334,6 @@ def _extract_into(spaces, loader, keys, extractor, view: int, device: torch.devi
                 progress.update(done)
         if pending_keys:
             _flush(spaces, pending, pending_keys)
-    finally:
-        extractor.train(was_training)
     return engine
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from graft.config import FitConfig, apply_overrides, check_ranges
-from graft.data.datasets import ImageDataset
+from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import DatasetSplits, discover
 from graft.data.scan import scan
 from graft.data.transforms import create_transform
@@ -242,7 +242,7 @@ def _check_backbone(config: FitConfig) -> None:
 
     The network is built again after the scan (that one is seeded); building it twice costs far less than a scan.
     """
-    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    pretrained = recipes.starts_pretrained(config)
     create_backbone(backbone_name(config.model), pretrained=pretrained,
                     weights_file=config.model.weights if pretrained else None)
 
@@ -381,7 +381,8 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
         test_set = ImageDataset(splits.test, create_transform(model.preprocessing), config.data.max_image_pixels)
         if runtime.distributed:
             test_set = Subset(test_set, runtime.shard_indices(len(test_set)))
-        test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, num_workers=0)
+        test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, shuffle=False,
+                                 **loader_options(runtime.device, config.data.workers))
         metrics["test"] = classification_metrics(*_gathered_logits(model, test_loader, runtime), model.classes)
     return _save_final(run_dir, model, card, metrics, state, runtime, config.train.timings)
 

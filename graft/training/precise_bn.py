@@ -9,7 +9,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from graft.config import FitConfig
-from graft.data.datasets import ImageDataset, resolve_workers
+from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import DatasetSplits, discover
 from graft.data.scan import scan
 from graft.data.transforms import create_transform
@@ -53,7 +53,7 @@ def recompute_bn_statistics(model: GraftModel, samples: list, config: FitConfig,
     seed_everything(config.train.seed)  # the augmentation draws: the same statistics every time
     dataset = ImageDataset(samples, transform, config.data.max_image_pixels)
     loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False,
-                        num_workers=resolve_workers(config.data.workers, runtime.device))
+                        **loader_options(runtime.device, config.data.workers))
     return recompute_statistics(model, loader, runtime.device, runtime.channels_last)
 
 
@@ -77,7 +77,8 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
         if not batch_norms(model):
             raise GraftError(f"{run_dir}: this model has no batch norm layers; nothing to recompute")
         val_set = ImageDataset(splits.val, create_transform(model.preprocessing), config.data.max_image_pixels)
-        val_loader = DataLoader(val_set, batch_size=config.data.batch_size * 2)
+        val_loader = DataLoader(val_set, batch_size=config.data.batch_size * 2, shuffle=False,
+                                **loader_options(target, config.data.workers, persistent=True))  # read twice
         before = validate(model, val_loader, runtime)
         images = recompute_bn_statistics(model, splits.train, config, runtime, augmented)
         after = validate(model, val_loader, runtime)

@@ -17,7 +17,7 @@ from graft.config import FitConfig, TrainConfig, parse_unfreeze
 from graft.models.grafted import GraftModel
 from graft.models.surgery import freeze_trunk, set_trainable, unfreeze_last
 
-__all__ = ["ALL_STAGES", "Stage", "configure", "plan", "solves_head"]
+__all__ = ["ALL_STAGES", "Stage", "configure", "plan", "solves_head", "starts_pretrained"]
 
 ALL_STAGES = -1  # trunk_stages value: every stage trainable
 
@@ -31,6 +31,12 @@ class Stage:
     lr: float  # the head's rate (and the top trunk stage's)
     trunk_stages: int  # 0: trunk frozen; ALL_STAGES: whole trunk; K: the last K stages
     discriminative: bool = True  # decay the rate from the top stage down to the stem
+
+
+def starts_pretrained(config: FitConfig) -> bool:
+    """Whether the fit starts from pretrained weights: asked for (``model.pretrained``), and not ``scratch``, which
+    trains the same architecture from a random start. The models layer takes the answer as a plain argument."""
+    return config.model.pretrained and config.train.strategy != "scratch"
 
 
 def solves_head(config: FitConfig) -> bool:

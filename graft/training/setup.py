@@ -33,7 +33,7 @@ def resolve_bn_stats(config: FitConfig, train_images: int) -> str:
     always updates them."""
     if config.train.bn_stats != "auto":
         return config.train.bn_stats
-    pretrained = config.model.pretrained and config.train.strategy != "scratch"
+    pretrained = recipes.starts_pretrained(config)
     small = train_images < BN_AUTO_FROZEN_BELOW
     return "frozen" if pretrained and (small or recipes.solves_head(config)) else "update"
 
@@ -109,7 +109,7 @@ def create_on_device(config: FitConfig, splits: DatasetSplits, runtime: Runtime)
         stats = training_statistics(splits, size=SCRATCH_STATS_SIZE, max_images=SCRATCH_STATS_IMAGES,
                                     seed=config.train.seed)
         mean_std = (stats.mean, stats.std)
-    model, info = create_model(config, splits.classes, mean_std)
+    model, info = create_model(config, splits.classes, mean_std, recipes.starts_pretrained(config))
     model.to(runtime.device)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)

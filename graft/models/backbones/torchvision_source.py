@@ -12,6 +12,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.models.backbones.base import Backbone, Preprocessing, _sha256, _suggest, read_weights_file
 from graft.models.surgery import Capture
+from graft.utils.modes import evaluating
 
 __all__ = ["TORCHVISION_FAMILIES", "TorchvisionFamily", "TorchvisionNet", "TorchvisionSource"]
 
@@ -53,11 +54,8 @@ class TorchvisionNet(nn.Module):
         # appended, not prepended: a cut at the feature module itself stops first and its stop passes this one
         self._capture = Capture(model, [family.features], prepend=False)
         self._features = family.features
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), evaluating(model):
             width = self.forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
-            model.train(was_training)
         self.num_features = width
         stages = [n for n, _ in model.named_modules() if n and re.match(family.stages, n)]
         self.feature_info = [{"module": f"model.{n}"} for n in stages]
