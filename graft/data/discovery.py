@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from graft.data.splits import DatasetSplits, Sample
+from graft.data.splits import SPLIT_NAMES, DatasetSplits, Sample, stratified_split
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LITTER = frozenset({"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini", "@eaDir"})  # archive and OS by-products
-SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
 TINY_CLASS = 5  # fewer images than this in a class's training split earns a warning
 
 
@@ -96,22 +95,6 @@ def _class_folders(root: Path, notes: list[str] | None = None) -> dict[str, list
 def _samples(folders: dict[str, list[str]], classes: list[str]) -> list[Sample]:
     index = {name: i for i, name in enumerate(classes)}
     return [(path, index[name]) for name, paths in folders.items() for path in paths]
-
-
-def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Splits each class separately (seeded), so val keeps the class proportions; classes of 1 stay in train."""
-    by_class: dict[int, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        by_class[sample[1]].append(sample)
-    rng = random.Random(seed)
-    train, val = [], []
-    for label in sorted(by_class):
-        members = sorted(by_class[label])
-        rng.shuffle(members)
-        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction))) if len(members) > 1 else 0
-        val += members[:n_val]
-        train += members[n_val:]
-    return sorted(train), sorted(val)
 
 
 def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,

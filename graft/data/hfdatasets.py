@@ -24,7 +24,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from graft.data.discovery import SPLIT_NAMES, DatasetSplits, Sample, stratified_split
+from graft.data.splits import SPLIT_NAMES, DatasetSplits, Sample, stratified_split
 from graft.data.images import MAX_FILE_BYTES, sniff_format
 from graft.errors import GraftError
 from graft.utils.outputs import contained

@@ -23,6 +23,7 @@ from graft.data.prefetch import usable_cores
 from graft.errors import GraftError
 from graft.models.onnx_engine import engine_digest
 from graft.utils.files import read_json_object, write_json
+from graft.utils.modes import evaluating
 
 __all__ = ["CANDIDATES", "TUNING_FOLDER", "eager_setting", "machine_signature"]
 
@@ -77,12 +78,8 @@ def eager_setting(module: nn.Module, input_size, cache: Path, *parts) -> tuple[i
         return found
     images = torch.randn(max(batch for batch, _ in CANDIDATES), 3, *input_size,
                          generator=torch.Generator().manual_seed(0))
-    was_training = module.training
-    module.eval()
-    try:
+    with evaluating(module):
         speeds = {setting: _images_per_s(module, images, *setting) for setting in CANDIDATES}
-    finally:
-        module.train(was_training)
     best = max(speeds, key=speeds.get)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
