@@ -96,6 +96,10 @@ class DataConfig:
     test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
                                    "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
                                    low=0, high=1, high_open=True, note="0: none")
+    # issue 26, few labels:
+    unlabeled: str | None = _option(None, "unlabelled images (a folder, glob, or CSV with a path column): the probe is "
+                                    "self-trained on them (probe/auto), kept only if it beats the labelled-only probe "
+                                    "on val", metavar="POOL")
 
 
 @dataclass
