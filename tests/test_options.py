@@ -40,7 +40,7 @@ def _other_value(dotted, spec):
     special = {"data.path": "x", "output": "elsewhere", "train.lr": 0.5, "model.head": "mlp:8", "model.init": "xavier",
                "model.vgg_stages": "1x8", "train.unfreeze": "last:1", "model.backbone": "test_resnet",
                "train.device": "cpu", "model.weights": "w.safetensors", "model.cut_at": "layer2",
-               "data.cache_dir": "cache", "data.image_size": 32, "log": "tensorboard,csv"}
+               "data.cache_dir": "cache", "data.image_size": 32, "log": "tensorboard,csv", "data.unlabeled": "pool"}
     if dotted in special:
         return special[dotted]
     if spec.metadata["choices"]:
