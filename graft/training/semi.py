@@ -52,6 +52,9 @@ def pool_paths(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> li
     if not recipes.solves_head(config):  # auto chose a head or trunk with no solved probe
         raise GraftError("--unlabeled self-trains the solved linear probe, and this run has none (a random trunk, an "
                          "mlp head or --head-fit epochs); use --strategy probe, or drop --unlabeled")
+    if not splits.val:
+        raise GraftError("--unlabeled needs validation images to check the pseudo-labels against; give DATA a val "
+                         "split (or a --val-fraction above 0)")
     found = discover_pool(config.data.unlabeled)
     labelled = {os.path.realpath(path) for split in ("train", "val", "test") for path, _ in getattr(splits, split)}
     pool = [path for path in found if os.path.realpath(path) not in labelled]
@@ -110,20 +113,18 @@ def _decide(model: GraftModel, features: FeatureSet, pool_x: np.ndarray, config:
     val_x, val_y = features.features["val"], features.labels["val"]
     record = {"method": result.method, "pool": result.pool, "used": result.used, "threshold": result.threshold,
               "selection": result.selection, "search": result.search}
+    before = _val_score(model.head, val_x, val_y)  # a solved probe's head is its one linear layer
+    record["labelled_only_val_acc"] = round(before["val_acc"], 4)
     if result.linear is None:
         runtime.log(f"unlabelled pool: no method beat the labelled-only probe in {result.selection} "
-                    f"(of {result.pool:,} images none pseudo-labelled): kept the labelled-only probe")
+                    f"(none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
         return {**record, "kept": "labelled-only"}
-    if not len(val_y):
-        raise GraftError("--unlabeled needs validation images to check the pseudo-labels against; give DATA a val "
-                         "split (or a --val-fraction above 0)")
-    before = _val_score(model.head, val_x, val_y)  # a solved probe's head is its one linear layer
     after = _val_score(result.linear.to(next(model.head.parameters()).device), val_x, val_y)
     kept = beats_probe(after, before)
     if kept:
         model.head[-1].load_state_dict(result.linear.state_dict())
-    record.update({"labelled_only_val_acc": round(before["val_acc"], 4), "with_pool_val_acc": round(after["val_acc"],
-                   4), "kept": result.method if kept else "labelled-only"})
+    record.update({"with_pool_val_acc": round(after["val_acc"], 4), "kept": result.method if kept else
+                   "labelled-only"})
     runtime.log(summary_line(record))
     return record
 
