@@ -105,6 +105,10 @@ class DataConfig:
     image_column: str | None = _option(None, "a Hugging Face dataset's image column (default: its one Image feature)")
     label_column: str | None = _option(None, "a Hugging Face dataset's label column (default: its one ClassLabel "
                                        "feature)")
+    # issue 26, few labels:
+    unlabeled: str | None = _option(None, "unlabelled images (a folder, glob, or CSV with a path column): the probe is "
+                                    "self-trained on them (probe/auto), kept only if it beats the labelled-only probe "
+                                    "on val", metavar="POOL")
 
 
 @dataclass

@@ -41,7 +41,8 @@ def _other_value(dotted, spec):
                "model.vgg_stages": "1x8", "train.unfreeze": "last:1", "model.backbone": "test_resnet",
                "train.device": "cpu", "model.weights": "w.safetensors", "model.cut_at": "layer2",
                "data.cache_dir": "cache", "data.image_size": 32, "log": "tensorboard,csv", "data.exclude": "a.csv",
-               "data.image_column": "picture", "data.label_column": "kind"}
+               "data.image_column": "picture", "data.label_column": "kind",
+               "data.unlabeled": "pool"}
     if dotted in special:
         return special[dotted]
     if spec.metadata["choices"]:

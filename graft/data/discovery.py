@@ -20,7 +20,7 @@ from graft.utils.outputs import contained
 
 __all__ = [
     "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",
-    "discover", "expand_inputs", "is_image_file", "stratified_split", "walk_images"
+    "discover", "discover_pool", "expand_inputs", "is_image_file", "stratified_split", "walk_images"
 ]
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,8 @@ def _beside(manifest: Path, line: int, raw_path: str) -> Path:
                          "absolute path") from None
 
 
-def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+def _read_manifest(manifest: Path) -> list[dict]:
+    """A CSV manifest's rows (UTF-8, a byte-order mark tolerated; delimiter sniffed among , ; and tab)."""
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
     except UnicodeDecodeError:
@@ -222,7 +223,11 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
         dialect = csv.Sniffer().sniff(text.splitlines()[0] if text else "", delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    rows = _manifest_rows(manifest, text, dialect)
+    return _manifest_rows(manifest, text, dialect)
+
+
+def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+    rows = _read_manifest(manifest)
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
     by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
@@ -281,3 +286,42 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 raise GraftError(f"{item}: no such file, folder or matching glob pattern")
             found += [m for m in matches if Path(m).is_file()]
     return list(dict.fromkeys(found))
+
+
+def discover_pool(source: str | os.PathLike) -> list[str]:
+    """Unlabelled images (``fit --unlabeled``): a folder (images anywhere below it), a CSV with a ``path`` column
+    (other columns ignored; relative paths stay inside the CSV's folder), a glob pattern or one image file. Sorted,
+    de-duplicated; tar shards are refused (their samples are no files the feature cache can key).
+
+    Raises:
+        GraftError: when the source holds no images, or is a shard set.
+    """
+    from graft.data import shards  # imported here: shards builds on this module
+
+    if shards.is_shard_source(source):
+        raise GraftError(f"{source}: --unlabeled reads image files and tar shards hold none; pass the folder (or "
+                         "CSV) the shards were written from")
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
+        found = _pool_csv(path)
+    else:
+        found = expand_inputs([str(source)])
+    if not found:
+        raise GraftError(f"{source}: no images found for --unlabeled; expected a folder of images, a glob or a CSV "
+                         "with a path column")
+    return sorted(dict.fromkeys(found))
+
+
+def _pool_csv(manifest: Path) -> list[str]:
+    rows = _read_manifest(manifest)
+    if not rows or "path" not in rows[0]:
+        raise GraftError(f"{manifest}: expected a header with a path column (a label column is not needed)")
+    found = []
+    for line, row in enumerate(rows, start=2):
+        raw_path = (row.get("path") or "").strip()
+        if not raw_path:
+            raise GraftError(f"{manifest}, line {line}: empty path; fill it in or delete the row")
+        if "\0" in raw_path:
+            raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
+        found.append(str(Path(raw_path) if Path(raw_path).is_absolute() else _beside(manifest, line, raw_path)))
+    return found

@@ -38,7 +38,7 @@ from graft.models.run_folder import (
 from graft.probing.cache import cache_folder
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.linear import fit_linear_probe, fit_temperature
-from graft.training import auto, recipes, selection
+from graft.training import auto, recipes, selection, semi
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
     CHECKPOINT,
@@ -91,6 +91,7 @@ def fit(config: FitConfig | dict | str | os.PathLike | None = None, resume: bool
         raise GraftError(f"{run_dir}: nothing to resume (no graft.json); start the run without --resume")
     progress_seconds()  # a bad GRAFT_PROGRESS_SECONDS fails now, not after the scan
     check_available(config.log)  # a tracker's missing package fails before anything is written
+    semi.check_unlabeled(config)
     if not resume:  # a resumed run's backbone is the saved config's, checked once that is read
         _check_backbone(config)
         timings.lap("model")
@@ -139,6 +140,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
                   seed=config.train.seed, log=runtime.log if runtime.verbose and runtime.is_main else None)
     _write_data_report(run_dir, splits, report, runtime)
+    pool = semi.pool_paths(config, splits, runtime) if config.data.unlabeled else None
     timings.lap("scan")
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)
@@ -170,6 +172,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     if recipes.solves_head(config) and state.epoch == 0 and not state.epoch_progress:
         start = time.perf_counter()
         cached = fit_probe_head(model, splits, config, runtime, run_dir)
+        if pool is not None:
+            cached.stats["semi_supervised"] = semi.self_train_probe(model, cached, pool, config, runtime)
         if config.train.strategy == "finetune":
             state.probe = selection.probe_candidate(model, loaders[1], runtime, run_dir, config)
             timings.lap("evaluation")
@@ -364,6 +368,10 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     if config.train.precise_bn:
         metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
         _refuse_non_finite(run_dir, model)  # the recomputed statistics too (checked once, not again when saving)
+    if cached is not None and "semi_supervised" in cached.stats:  # its own block: what the unlabelled pool did
+        card["semi_supervised"] = metrics["semi_supervised"] = cached.stats.pop("semi_supervised")
+        if "with_pool_val_acc" in metrics["semi_supervised"]:
+            metrics["selected_on_validation"].append("semi-supervised or labelled-only probe (higher val accuracy)")
     if cached is not None:
         metrics["features"] = cached.stats
     if "exclusions" in card:

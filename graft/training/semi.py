@@ -1,0 +1,138 @@
+"""``fit --unlabeled POOL``: the solved probe, self-trained (or label-propagated) on an unlabelled pool.
+
+The pool's features are extracted once into the same feature cache as the labelled images'. The method and the
+confidence threshold are chosen by cross-validation on the labelled training images (``graft.probing.semi``); the
+result is kept only when it beats the labelled-only probe on validation (higher accuracy, ties broken by lower loss:
+the rule fine-tuning is kept by). Validation and test images are never pseudo-labelled: pool files that are one of
+them, by path or by content, are dropped from the pool first. What was used is printed in one line and recorded in
+metrics.json and graft.json under ``semi_supervised``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graft.config import FitConfig
+from graft.data.discovery import DatasetSplits, discover_pool
+from graft.data.scan import ScanCache, check_files
+from graft.errors import GraftError
+from graft.models.grafted import GraftModel
+from graft.probing.extraction import FeatureSet, extract_features
+from graft.probing.semi import LinearFit, choose_and_fit, search_steps
+from graft.training import recipes
+from graft.training.stages import beats_probe
+from graft.utils import distributed
+from graft.utils.progress import Progress
+from graft.utils.runtime import Runtime
+
+__all__ = ["check_unlabeled", "pool_paths", "self_train_probe"]
+
+
+def check_unlabeled(config: FitConfig) -> None:
+    """Refuses ``--unlabeled`` where there is no solved probe to self-train, before anything runs."""
+    if not config.data.unlabeled:
+        return
+    if config.train.strategy in ("finetune", "scratch"):
+        raise GraftError(f"--unlabeled works with --strategy probe or auto (the solved probe is self-trained); "
+                         f"{config.train.strategy} on pseudo-labels is not built yet: use --strategy probe, or drop "
+                         "--unlabeled")
+    if config.train.strategy == "probe" and not recipes.solves_head(config):
+        raise GraftError("--unlabeled self-trains the solved linear probe: use --head linear, --dropout 0 and "
+                         "--head-fit lbfgs, or drop --unlabeled")
+
+
+def pool_paths(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> list[str]:
+    """The pool's readable image files, less every labelled image (train, val or test) by path and every val or test
+    image by content: validation is never pseudo-labelled."""
+    if not recipes.solves_head(config):  # auto chose a head or trunk with no solved probe
+        raise GraftError("--unlabeled self-trains the solved linear probe, and this run has none (a random trunk, an "
+                         "mlp head or --head-fit epochs); use --strategy probe, or drop --unlabeled")
+    if not splits.val:
+        raise GraftError("--unlabeled needs validation images to check the pseudo-labels against; give DATA a val "
+                         "split (or a --val-fraction above 0)")
+    found = discover_pool(config.data.unlabeled)
+    labelled = {os.path.realpath(path) for split in ("train", "val", "test") for path, _ in getattr(splits, split)}
+    pool = [path for path in found if os.path.realpath(path) not in labelled]
+    held = [path for split in ("val", "test") for path, _ in getattr(splits, split)]
+    checked = check_files(pool + held, config.data.max_image_pixels, 4, ScanCache(),
+                          runtime.log if runtime.verbose and runtime.is_main else None)
+    held_digests = {checked[path][0] for path in held if checked[path][0]}
+    unreadable = [path for path in pool if checked[path][1]]
+    copies = [path for path in pool if checked[path][0] in held_digests]
+    pool = [path for path in pool if not checked[path][1] and checked[path][0] not in held_digests]
+    dropped = [f"{len(found) - len(pool) - len(unreadable) - len(copies)} labelled", f"{len(copies)} copies of "
+               f"val/test images", f"{len(unreadable)} unreadable"]
+    if len(pool) < len(found):
+        runtime.log(f"unlabelled pool: {len(pool):,} of {len(found):,} images kept (dropped: {', '.join(dropped)})")
+    if not pool:
+        raise GraftError(f"{config.data.unlabeled}: no unlabelled images left once the labelled, val/test and "
+                         "unreadable files are dropped; point --unlabeled at images that are not in DATA")
+    return pool
+
+
+def self_train_probe(model: GraftModel, features: FeatureSet, pool: list[str], config: FitConfig, runtime: Runtime
+                     ) -> dict:
+    """Extracts the pool's features, chooses and runs the semi-supervised probe, and loads it into ``model``'s head
+    when it beats the labelled-only probe on val. Returns the ``semi_supervised`` record."""
+    data = config.data
+    root = data.unlabeled if Path(data.unlabeled).exists() else ""  # a glob has no one folder to keep the cache out of
+    pool_splits = DatasetSplits(list(model.classes), [(path, 0) for path in pool], [], root=root)
+    sets = extract_features(pool_splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
+                            None, data.workers, runtime.device, 0, data.hflip, runtime.log, config.train.compile,
+                            config.train.extract_engine)
+    pool_x = sets[model.trunk.node].features["train"]
+    runtime.timings.lap("extraction")
+    record = distributed.main_decides(lambda: _decide(model, features, pool_x, config, runtime))
+    distributed.broadcast_module(model.head)
+    runtime.timings.lap("solve")
+    return record
+
+
+def _val_score(head, x: np.ndarray, y: np.ndarray) -> dict:
+    with torch.no_grad():
+        logits = head(torch.as_tensor(np.asarray(x, dtype=np.float32), device=next(head.parameters()).device))
+        labels = torch.as_tensor(y, device=logits.device)
+        return {"val_acc": (logits.argmax(1) == labels).float().mean().item(),
+                "val_loss": F.cross_entropy(logits, labels).item()}
+
+
+def _decide(model: GraftModel, features: FeatureSet, pool_x: np.ndarray, config: FitConfig, runtime: Runtime) -> dict:
+    """On rank 0: the search, the fit on all labelled images, and the comparison with the labelled-only probe."""
+    stats = features.stats
+    x, y = features.features["train"], features.labels["train"]
+    fit = LinearFit(stats["probe_l2"], stats.get("probe_temperature", 1.0), len(model.classes),
+                    config.train.balance != "none", runtime.device)
+    with Progress("semi-supervised search", search_steps(y), "fits", runtime.log,
+                  runtime.verbose and runtime.is_main) as progress:
+        result = choose_and_fit(x, y, pool_x, fit, seed=config.train.seed, progress=progress, log=runtime.log)
+    val_x, val_y = features.features["val"], features.labels["val"]
+    record = {"method": result.method, "pool": result.pool, "used": result.used, "threshold": result.threshold,
+              "selection": result.selection, "search": result.search}
+    before = _val_score(model.head, val_x, val_y)  # a solved probe's head is its one linear layer
+    record["labelled_only_val_acc"] = round(before["val_acc"], 4)
+    if result.linear is None:
+        runtime.log(f"unlabelled pool: no method beat the labelled-only probe in {result.selection} "
+                    f"(none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
+        return {**record, "kept": "labelled-only"}
+    after = _val_score(result.linear.to(next(model.head.parameters()).device), val_x, val_y)
+    kept = beats_probe(after, before)
+    if kept:
+        model.head[-1].load_state_dict(result.linear.state_dict())
+    record.update({"with_pool_val_acc": round(after["val_acc"], 4), "kept": result.method if kept else
+                   "labelled-only"})
+    runtime.log(summary_line(record))
+    return record
+
+
+def summary_line(record: dict) -> str:
+    """``1,240 of 3,000 unlabelled images pseudo-labelled (self-training, threshold 0.9), val 0.71 -> 0.75: kept``."""
+    threshold = f", threshold {record['threshold']:g}" if record.get("threshold") is not None else ""
+    verdict = ("kept" if record["kept"] != "labelled-only" else
+               "not kept (no better on val): the labelled-only probe is returned")
+    return (f"{record['used']:,} of {record['pool']:,} unlabelled images pseudo-labelled ({record['method']}"
+            f"{threshold}), val {record['labelled_only_val_acc']:.4f} -> {record['with_pool_val_acc']:.4f}: {verdict}")
