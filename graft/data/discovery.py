@@ -15,12 +15,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 
 __all__ = [
-    "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",
-    "discover", "expand_inputs", "is_image_file", "stratified_split", "walk_images"
+    "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LABEL_MODES", "LITTER", "SPLIT_NAMES", "Sample",
+    "TINY_CLASS", "discover", "expand_inputs", "is_image_file", "split_label_set", "stratified_split", "walk_images"
 ]
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,12 @@ TINY_CLASS = 5  # fewer images than this in a class's training split earns a war
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
 
-Sample = tuple[str, int]  # (path, class index)
+Sample = tuple[str, int]  # (path, class index); multi-label: the first of the image's classes (see DatasetSplits)
+
+# how discover reads a CSV's label column: "single" (one class a row; a row whose label holds ';' is refused: the
+# command cannot handle sets), "auto" (';' in any label makes every label a set; spaces stay part of a name) or
+# "multi" (--multi-label: sets split on ';' when any row has one, else on whitespace: fastai's convention)
+LABEL_MODES = ("single", "auto", "multi")
 
 
 def is_image_file(path: Path) -> bool:
@@ -88,9 +95,26 @@ class DatasetSplits:
     notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
     root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
     shards: dict | None = None  # tar shards ({split: [(tar path, [(key, label), ...])]}), see graft.data.shards
+    # multi-label data: every image's sorted class indices by path; its Sample carries the first of them (used only
+    # to split, scan and cache: the targets come from here)
+    label_sets: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.label_sets is not None
+
+    def targets(self, paths) -> np.ndarray:
+        """(N, classes) multi-hot float32 targets of ``paths`` (multi-label data only)."""
+        hot = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        for row, path in enumerate(paths):
+            hot[row, list(self.label_sets[str(path)])] = 1.0
+        return hot
 
     def counts(self, split: str) -> dict[str, int]:
-        counter = Counter(label for _, label in getattr(self, split))
+        if self.label_sets is not None:  # an image counts once for each of its classes
+            counter = Counter(i for path, _ in getattr(self, split) for i in self.label_sets[path])
+        else:
+            counter = Counter(label for _, label in getattr(self, split))
         return {name: counter.get(index, 0) for index, name in enumerate(self.classes)}
 
 
@@ -135,7 +159,7 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
 
 
 def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
-             test_fraction: float = 0.0) -> DatasetSplits:
+             test_fraction: float = 0.0, labels: str = "single") -> DatasetSplits:
     """Finds the samples of a class-per-folder tree or a CSV manifest.
 
     Layouts: a shard set ``graft shard`` wrote (its folder, or a brace pattern of its ``.tar`` files);
@@ -144,6 +168,9 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
     ``path,label`` and optionally ``split`` (train/val/test), paths relative to the CSV's folder.
 
     Args:
+        labels: how a CSV's label column is read, one of ``LABEL_MODES``: "single" (a command that handles one class
+            an image: a manifest of label sets is refused in one line), "auto" (sets when a label holds ';') or
+            "multi" (``--multi-label``: sets separated by ';' or, failing that, whitespace).
         test_fraction: carve a stratified, seeded test split of about this fraction of the train + val images from
             train (after val is held out, so the two are disjoint); for data without a test split of its own.
 
@@ -158,7 +185,12 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
             raise GraftError(f"{path}: tar shards keep the splits they were written with; carve the test split "
                              "when sharding (graft shard on a folder with test/) and drop --test-fraction")
         return shards.discover_shards(path)
-    splits = _discover(Path(path), val_fraction, seed)
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    if labels == "multi" and not Path(path).suffix.lower() in (".csv", ".tsv"):
+        raise GraftError(f"{path}: multi-label data is read from a CSV manifest (path,label with labels separated by "
+                         "spaces or ';'); write one, or drop --multi-label")
+    splits = _discover(Path(path), val_fraction, seed, labels)
     if not test_fraction:
         return splits
     if splits.test:
@@ -171,9 +203,9 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
     return splits
 
 
-def _discover(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
+def _discover(root: Path, val_fraction: float, seed: int, labels: str = "single") -> DatasetSplits:
     if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
-        return _discover_csv(root, val_fraction, seed)
+        return _discover_csv(root, val_fraction, seed, labels)
     if not root.is_dir():
         raise GraftError(f"{root}: no such folder or CSV manifest; expected DATA/CLASS/*.jpg or a path,label CSV")
     train_dir = _find_split_dir(root, "train")
@@ -236,7 +268,41 @@ def _beside(manifest: Path, line: int, raw_path: str) -> Path:
                          "absolute path") from None
 
 
-def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+def split_label_set(label: str, separator: str | None) -> tuple[str, ...]:
+    """A label cell as its sorted, de-duplicated class names: split on ``separator`` (None: any whitespace)."""
+    return tuple(sorted({name.strip() for name in label.split(separator) if name.strip()}))
+
+
+def _label_reader(manifest: Path, rows: list[dict], labels: str, notes: list[str]):
+    """How this manifest's label cells become keys: ``(multi_label, read)``, ``read(label, line)`` giving the cell's
+    canonical text (sets joined by ';'). Refuses sets for a command that takes single labels ("single")."""
+    cells = [(line, (row.get("label") or "").strip()) for line, row in enumerate(rows, start=2)]
+    with_semicolon = next(((line, label) for line, label in cells if ";" in label), None)
+    with_space = next(((line, label) for line, label in cells if len(label.split()) > 1), None)
+    if labels == "single" and with_semicolon:
+        line, label = with_semicolon
+        raise GraftError(f"{manifest}, line {line}: the label '{label}' is a set of classes (multi-label), which this "
+                         "command does not handle; multi-label data trains with graft fit and predicts with graft "
+                         "predict")
+    multi = labels == "multi" or with_semicolon is not None
+    if not multi:
+        if with_space and labels == "auto":
+            notes.append(f"{manifest}, line {with_space[0]}: the label '{with_space[1]}' is read as one class name; "
+                         "pass --multi-label to read space-separated labels as sets (fastai's convention)")
+        return False, lambda label, line: label
+    separator = ";" if with_semicolon else None
+
+    def read(label: str, line: int) -> str:
+        names = split_label_set(label, separator)
+        if not names:
+            raise GraftError(f"{manifest}, line {line}: the label '{label}' names no class; fill it in or delete the "
+                             "row")
+        return ";".join(names)
+
+    return True, read
+
+
+def _discover_csv(manifest: Path, val_fraction: float, seed: int, labels: str = "single") -> DatasetSplits:
     try:
         text = manifest.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark from spreadsheet exports
     except UnicodeDecodeError:
@@ -251,10 +317,12 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
     by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
     where: dict[str, tuple[str, str]] = {}  # file → (split, label) of its first row
     notes: list[str] = []
+    multi, read = _label_reader(manifest, rows, labels, notes)
     for line, row in enumerate(rows, start=2):
         raw_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not raw_path or not label:
             raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
+        label = read(label, line)
         if "\0" in raw_path:
             raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
         file = str(Path(raw_path) if Path(raw_path).is_absolute() else _beside(manifest, line, raw_path))
@@ -269,22 +337,31 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
             continue
         where[file] = (split, label)
         by_split[split][file] = label
-    classes = sorted(set(by_split["train"].values()))
-    unknown = sorted({label for split in ("val", "test") for label in by_split[split].values()} - set(classes))
+
+    def names(split: str) -> set[str]:
+        return {name for label in by_split[split].values() for name in (label.split(";") if multi else [label])}
+
+    classes = sorted(names("train"))
+    unknown = sorted((names("val") | names("test")) - set(classes))
     if unknown:
         raise GraftError(f"{manifest}: val/test rows have labels with no training rows ({', '.join(unknown[:5])}); "
                          "add training rows for them or remove those rows")
     index = {name: i for i, name in enumerate(classes)}
+    label_sets = {file: tuple(index[name] for name in label.split(";")) for split in by_split
+                  for file, label in by_split[split].items()} if multi else None
 
     def samples(split: str) -> list[Sample]:
+        if multi:
+            return sorted((file, label_sets[file][0]) for file in by_split[split])
         return sorted((file, index[label]) for file, label in by_split[split].items())
 
     train, val = samples("train"), samples("val")
-    if not val:
+    if not val:  # multi-label: stratified on each image's first class, which keeps every class in train
         train, val = stratified_split(train, val_fraction, seed)
     if len(notes) > 3:
         notes = notes[:3] + [f"... {len(notes) - 3} more duplicate rows"]
-    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes, str(manifest))
+    source = f"CSV manifest {manifest}" + (" (multi-label)" if multi else "")
+    return DatasetSplits(classes, train, val, samples("test"), source, notes, str(manifest), label_sets=label_sets)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
