@@ -92,6 +92,8 @@ class DataConfig:
     # training augmentation recipes (issue 14):
     random_erasing: float = _option(0.0, "training: probability of erasing a random rectangle (timm's re_prob)", low=0,
                                     high=1)
+    multi_label: bool = _option(False, "a CSV's labels are sets separated by spaces (fastai's convention) or ';' "
+                                "(';' alone is detected): sigmoid outputs, per-class thresholds, mAP")
     # issue 14, honest numbers:
     test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
                                    "(seeded, disjoint from val); evaluated at the end of fit, the headline number",

@@ -109,3 +109,80 @@ def test_metrics_match_sklearn():
     assert metrics["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"))
     assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
     assert metrics["exact_match"] == pytest.approx((predicted == truth.astype(bool)).all(1).mean())
+
+
+def _red_blue(folder, count=48, seed=0):
+    """Images with a red square and/or a blue circle, and a CSV listing each image's label set (spaces, fastai's
+    convention): left half red square, right half blue circle, so the two labels are independent."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    rows = ["path,label,split"]
+    for index in range(count):
+        labels = [["red"], ["blue"], ["red", "blue"]][index % 3]
+        image = Image.new("RGB", (32, 32), tuple(rng.randint(0, 60) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        if "red" in labels:
+            x, y = rng.randint(1, 6), rng.randint(4, 18)
+            draw.rectangle([x, y, x + 8, y + 8], fill=(230, 30, 30))
+        if "blue" in labels:
+            x, y = rng.randint(17, 22), rng.randint(4, 18)
+            draw.ellipse([x, y, x + 9, y + 9], fill=(30, 30, 230))
+        image.save(folder / f"{index:03d}.png")
+        split = "val" if index % 4 == 3 else "train"
+        rows.append(f"{index:03d}.png,{' '.join(labels)},{split}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    data = tmp_path_factory.mktemp("redblue")
+    manifest = _red_blue(data)
+    run = tmp_path_factory.mktemp("runs") / "ml"
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "probe", "--backbone",
+                                      "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0", "--extract-engine", "eager",
+                                      "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    return run, data, result.output
+
+
+def test_fit_and_predict_label_sets_end_to_end(multilabel_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.models.run_folder import load
+
+    run, data, output = multilabel_run
+    assert "mAP" in output
+    card = json.loads((run / "graft.json").read_text())
+    assert card["multi_label"] is True and card["classes"] == ["blue", "red"] and len(card["thresholds"]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["mAP"] > 0.8  # a random trunk still sees a red square and a blue circle
+    result = CliRunner().invoke(app, ["predict", str(run), str(data / "002.png"), str(data / "000.png"),
+                                      "--format", "json", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    model = load(run)
+    for row in rows:  # the sets are the classes at or above their thresholds, computed here from the raw logits
+        with torch_no_grad():
+            logits = model(model.transform(__import__("PIL.Image").Image.open(row["path"]).convert("RGB"))[None])
+        probabilities = logits.sigmoid()[0].tolist()
+        expected = {c for c, p, t in zip(model.classes, probabilities, card["thresholds"]) if p >= t}
+        assert set(row["labels"]) == expected
+        assert row["probabilities"] == sorted(row["probabilities"], reverse=True)
+    assert set(rows[0]["labels"]) == {"red", "blue"} and rows[1]["labels"] == ["red"]
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()

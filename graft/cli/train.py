@@ -76,6 +76,13 @@ def fit(
             _remove_if_unused(Path(settings.output))
         raise
     metrics = result.metrics.get("val", {})
+    if result.metrics.get("multi_label"):
+        print_table(f"run {result.run_dir} (multi-label)", ["split", "mAP", "micro F1", "macro F1", "exact match",
+                                                            "images"],
+                    [[split, result.metrics[split]["mAP"], result.metrics[split]["micro_f1"],
+                      result.metrics[split]["macro_f1"], result.metrics[split]["exact_match"],
+                      result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
+        return
     print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
                 [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],
                   result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
