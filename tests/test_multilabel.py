@@ -186,3 +186,36 @@ def torch_no_grad():
     import torch
 
     return torch.no_grad()
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "{run}", "{data}/labels.csv"], ["export", "{run}", "-o", "{tmp}/export"], ["serve", "{run}"],
+    ["explain", "{run}", "{data}/000.png", "-o", "{tmp}/explained"], ["precise-bn", "{run}"],
+    ["diagnose", "{run}", "{data}/labels.csv"], ["push", "{run}", "user/model"],
+])
+def test_commands_without_label_sets_refuse_a_multi_label_run_in_one_line(multilabel_run, tmp_path, command):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    run, data, _ = multilabel_run
+    args = [part.format(run=run, data=data, tmp=tmp_path) for part in command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "a multi-label model (label sets)" in result.output and f"graft {command[0]}" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_data_commands_and_fit_options_refuse_label_sets_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    manifest = _red_blue(tmp_path, count=12)
+    manifest.write_text(manifest.read_text().replace("red blue", "red;blue"))  # ';': detected without the flag
+    result = CliRunner().invoke(app, ["features", str(manifest), "--backbone", "test_resnet", "--no-pretrained"])
+    assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--strategy", "finetune", "--backbone", "test_resnet",
+                                      "--no-pretrained", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--strategy finetune is not supported" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -37,7 +37,7 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
             views' numbers beside the plain ones.
         log: where progress lines go (``graft.utils.progress``); None: quiet.
     """
-    runs, target, models = load_ensemble(run_dirs, device)
+    runs, target, models = load_ensemble(run_dirs, device, command="graft evaluate")
     model = models[0]
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing

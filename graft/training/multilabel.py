@@ -40,6 +40,8 @@ def check_supported(config: FitConfig, splits: DatasetSplits, resume: bool, runt
         (train.balance != "none", f"--balance {train.balance}", "drop it"),
         (runtime.distributed, "torchrun", "run one process"),
         (splits.shards is not None, "tar shards", "pass the CSV manifest"),
+        (train.precise_bn, "--precise-bn", "drop it (the probe's trunk is frozen)"),
+        (bool(config.log), f"--log {config.log}", "drop it (a solved probe has no epochs to log)"),
     ]
     for refused, what, fix in refusals:
         if refused:
