@@ -215,7 +215,48 @@ def test_data_commands_and_fit_options_refuse_label_sets_in_one_line(tmp_path):
     manifest.write_text(manifest.read_text().replace("red blue", "red;blue"))  # ';': detected without the flag
     result = CliRunner().invoke(app, ["features", str(manifest), "--backbone", "test_resnet", "--no-pretrained"])
     assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
-    result = CliRunner().invoke(app, ["fit", str(manifest), "--strategy", "finetune", "--backbone", "test_resnet",
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--mixup", "0.2", "--backbone", "test_resnet",
                                       "--no-pretrained", "-o", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "--strategy finetune is not supported" in result.output
+    assert result.exit_code == 2 and "--mixup/--cutmix is not supported" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_multi_label_losses_against_their_formulas():
+    import torch
+
+    from graft.training.loop import ASL_CLIP, ASL_GAMMA_NEGATIVE, compute_loss
+
+    rng = np.random.default_rng(3)
+    logits, targets = rng.normal(size=(6, 4)) * 3, (rng.random((6, 4)) < 0.4).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).sum(1).mean()
+    as_tensors = torch.as_tensor(logits), torch.as_tensor(targets)
+    assert compute_loss(*as_tensors, multi_label="bce").item() == pytest.approx(bce, rel=1e-5)
+    smooth = targets * 0.9 + 0.05
+    smoothed = -(smooth * np.log(p) + (1 - smooth) * np.log(1 - p)).sum(1).mean()
+    assert compute_loss(*as_tensors, 0.1, multi_label="bce").item() == pytest.approx(smoothed, rel=1e-5)
+    shifted = np.clip(p - ASL_CLIP, 0, None)
+    asl = -(targets * np.log(p) + (1 - targets) * shifted ** ASL_GAMMA_NEGATIVE * np.log(1 - shifted)).sum(1).mean()
+    assert compute_loss(*as_tensors, 0.1, multi_label="asl").item() == pytest.approx(asl, rel=1e-5)
+
+
+def test_fit_finetunes_label_sets_with_asl(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    manifest = _red_blue(tmp_path, count=24)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "finetune", "--loss", "asl",
+                                      "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained",
+                                      "--image-size", "32", "--workers", "0", "--extract-engine", "eager",
+                                      "--batch-size", "8", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] >= 1 and metrics["loss"] == "asl" and metrics["val"]["mAP"] is not None
+    assert (run / "history.csv").read_text().count("\n") == 1 + metrics["epochs"]
+    card = json.loads((run / "graft.json").read_text())
+    assert card["multi_label"] and card["thresholds"] == [round(row["threshold"], 6)
+                                                          for row in metrics["val"]["per_class"]]

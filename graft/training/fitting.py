@@ -135,6 +135,9 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     splits = splits or _discovered(config)
     if splits.multi_label:
         multilabel.check_supported(config, splits, resume, runtime)
+    elif config.train.loss != "bce":
+        raise GraftError(f"--loss {config.train.loss} is for multi-label data (label sets; single labels train with "
+                         "cross-entropy); drop it, or pass --multi-label with a CSV of label sets")
     if splits.shards is not None:
         config = _fit_for_shards(config, runtime)
     if resume:
