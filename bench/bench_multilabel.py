@@ -59,6 +59,8 @@ def build(data: Path, out: Path, sizes: dict[str, int], seed: int) -> Path:
 
 
 def sklearn_rows(features, splits, classes):
+    import warnings
+
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.preprocessing import StandardScaler
@@ -71,6 +73,7 @@ def sklearn_rows(features, splits, classes):
     scaler = StandardScaler().fit(x["train"])
     z = {split: scaler.transform(values) for split, values in x.items()}
     rows = []
+    warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.8's notices about LogisticRegressionCV
     for name, estimator in (("sklearn OvR LogisticRegression C=1", LogisticRegression(max_iter=2000)),
                             ("sklearn OvR LogisticRegressionCV (5-fold, log-loss)",
                              LogisticRegressionCV(Cs=10, cv=5, scoring="neg_log_loss", max_iter=2000))):
