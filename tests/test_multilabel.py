@@ -147,8 +147,8 @@ def multilabel_run(tmp_path_factory):
     manifest = _red_blue(data)
     run = tmp_path_factory.mktemp("runs") / "ml"
     result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "probe", "--backbone",
-                                      "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0", "--extract-engine", "eager",
-                                      "-o", str(run)])
+                                      "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+                                      "--extract-engine", "eager", "-o", str(run)])
     assert result.exit_code == 0, result.output
     return run, data, result.output
 
@@ -214,6 +214,8 @@ def test_data_commands_and_fit_options_refuse_label_sets_in_one_line(tmp_path):
     manifest = _red_blue(tmp_path, count=12)
     manifest.write_text(manifest.read_text().replace("red blue", "red;blue"))  # ';': detected without the flag
     result = CliRunner().invoke(app, ["features", str(manifest), "--backbone", "test_resnet", "--no-pretrained"])
+    assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
+    result = CliRunner().invoke(app, ["compare", str(manifest), "--strategies", "probe", "-o", str(tmp_path / "cmp")])
     assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
     result = CliRunner().invoke(app, ["fit", str(manifest), "--mixup", "0.2", "--backbone", "test_resnet",
                                       "--no-pretrained", "-o", str(tmp_path / "run")])
