@@ -162,7 +162,10 @@ def test_fit_and_predict_label_sets_end_to_end(multilabel_run):
     from graft.models.run_folder import load
 
     run, data, output = multilabel_run
-    assert "mAP" in output
+    assert "mAP" in output and "per class (val)" in output
+    from graft.utils.plotting import can_plot
+
+    assert (run / "precision_recall.png").is_file() == can_plot()
     card = json.loads((run / "graft.json").read_text())
     assert card["multi_label"] is True and card["classes"] == ["blue", "red"] and len(card["thresholds"]) == 2
     metrics = json.loads((run / "metrics.json").read_text())

@@ -13,22 +13,49 @@ import numpy as np
 
 from graft.errors import GraftError
 
-__all__ = ["average_precision", "label_sets", "multilabel_metrics"]
+__all__ = ["average_precision", "label_sets", "multilabel_metrics", "plot_precision_recall",
+           "precision_recall_steps"]
 
 
-def average_precision(scores: np.ndarray, truth: np.ndarray) -> float | None:
-    """One class's average precision (None without a positive image)."""
+def precision_recall_steps(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(precision, recall) at each distinct score from the highest down (tied scores form one step); None without a
+    positive image."""
     truth = np.asarray(truth) > 0.5
     positives = int(truth.sum())
     if not positives:
         return None
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     ranked, hits = np.asarray(scores, dtype=np.float64)[order], truth[order]
-    last = np.r_[np.flatnonzero(np.diff(ranked) != 0), len(ranked) - 1]  # tied scores form one step
+    last = np.r_[np.flatnonzero(np.diff(ranked) != 0), len(ranked) - 1]  # the last image of each distinct score
     true_positives = np.cumsum(hits)[last]
-    precision = true_positives / (last + 1)
-    recall = true_positives / positives
+    return true_positives / (last + 1), true_positives / positives
+
+
+def average_precision(scores: np.ndarray, truth: np.ndarray) -> float | None:
+    """One class's average precision (None without a positive image)."""
+    steps = precision_recall_steps(scores, truth)
+    if steps is None:
+        return None
+    precision, recall = steps
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def plot_precision_recall(probabilities: np.ndarray, targets: np.ndarray, classes: list[str], title: str, path
+                          ) -> None:
+    """One precision–recall curve per class (the steps AP sums over), AP in the legend, written as a PNG at
+    ``path``. Needs matplotlib (``graft.utils.plotting``)."""
+    from graft.utils.plotting import pyplot, save_figure
+
+    figure, axis = pyplot().subplots(figsize=(6, 4.5))
+    for index, name in enumerate(classes):
+        steps = precision_recall_steps(np.asarray(probabilities)[:, index], np.asarray(targets)[:, index])
+        if steps is not None:
+            precision, recall = steps
+            ap = average_precision(np.asarray(probabilities)[:, index], np.asarray(targets)[:, index])
+            axis.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="pre", label=f"{name} (AP {ap:.3f})")
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01), title=title)
+    axis.legend(fontsize=7, loc="lower left", ncol=1 + len(classes) // 12)
+    save_figure(figure, path)
 
 
 def _f1(true_positives: int, predicted: int, actual: int) -> tuple[float, float, float]:

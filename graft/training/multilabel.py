@@ -23,7 +23,7 @@ from graft.data.discovery import DatasetSplits
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.evaluation.inference import predict_logits
-from graft.evaluation.multilabel import multilabel_metrics
+from graft.evaluation.multilabel import multilabel_metrics, plot_precision_recall
 from graft.models.run_folder import model_card, save_model
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.multilabel import choose_thresholds, fit_multilabel_probe
@@ -34,6 +34,7 @@ from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.setup import create_on_device
 from graft.training.state import FitResult
 from graft.utils.files import write_json
+from graft.utils.plotting import can_plot
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 
 __all__ = ["check_supported", "fit_label_sets"]
@@ -86,10 +87,11 @@ def fit_label_sets(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
                "probe_l2": result.l2, "probe_l2_selection": result.selection,
                "probe_grid": result.grid,
                "selected_on_validation": ["per-class thresholds (maximising each class's F1)"]}
-    for split in ("val", "test"):
-        if len(features.paths[split]):
-            metrics[split] = (_split_metrics(model, features, splits, split) if not history else
-                              _image_metrics(model, splits, split, config, runtime))
+    outputs = {split: _split_probabilities(model, features, splits, split) if not history else
+               _probabilities(model, splits, split, config, runtime)
+               for split in ("val", "test") if len(features.paths[split])}
+    for split, (probabilities, targets) in outputs.items():
+        metrics[split] = multilabel_metrics(probabilities, targets, model.classes, model.thresholds)
     headline = "test" if "test" in metrics else "val" if "val" in metrics else None
     if headline:
         metrics["headline"] = {"split": headline, "mAP": metrics[headline]["mAP"],
@@ -100,6 +102,9 @@ def fit_label_sets(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     write_history(run_dir, history)
     save_model(run_dir, model, card)
     write_json(run_dir / "metrics.json", metrics)
+    if headline and can_plot():
+        plot_precision_recall(*outputs[headline], model.classes, f"precision-recall on {headline}",
+                              run_dir / "precision_recall.png")
     if headline:
         runtime.log(f"done: {headline} mAP {metrics[headline]['mAP']:.4f}, micro F1 "
                     f"{metrics[headline]['micro_f1']:.4f} ({metrics['headline']['note']}) → {run_dir}")
@@ -117,12 +122,12 @@ def _solve(features: FeatureSet, splits: DatasetSplits, config: FitConfig, runti
     return result
 
 
-def _split_metrics(model, features: FeatureSet, splits: DatasetSplits, split: str) -> dict:
+def _split_probabilities(model, features: FeatureSet, splits: DatasetSplits, split: str):
+    """The probe's probabilities from the cached features (its trunk never changed) and the targets."""
     device = next(model.head.parameters()).device
     with torch.no_grad():
         logits = model.head(torch.as_tensor(features.features[split], dtype=torch.float32, device=device))
-    return multilabel_metrics(torch.sigmoid(logits).cpu().numpy(), splits.targets(features.paths[split]),
-                              model.classes, model.thresholds)
+    return torch.sigmoid(logits).cpu().numpy(), splits.targets(features.paths[split])
 
 
 def _loader(splits: DatasetSplits, split: str, transform, config: FitConfig, runtime: Runtime, train: bool):
@@ -174,7 +179,3 @@ def _probabilities(model, splits: DatasetSplits, split: str, config: FitConfig, 
     logits, targets = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last)
     return torch.sigmoid(logits).numpy(), targets.numpy()
 
-
-def _image_metrics(model, splits: DatasetSplits, split: str, config: FitConfig, runtime: Runtime) -> dict:
-    probabilities, targets = _probabilities(model, splits, split, config, runtime)
-    return multilabel_metrics(probabilities, targets, model.classes, model.thresholds)
