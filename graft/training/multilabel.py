@@ -4,7 +4,8 @@ training loop's ``train_epoch``; per-class thresholds chosen on validation; an o
 says ``multi_label`` and holds the thresholds (predict reads them).
 
 What the single-label fit does and this one does not (each refused in one line by ``check_supported``): resuming,
-checkpoints and early stopping (the stages run their epochs), ``--scratch``, mixup/cutmix, tar shards, a non-linear
+checkpoints and early stopping (the stages run their epochs), ``--strategy scratch``, ``--lr auto`` when
+fine-tuning, mixup/cutmix, tar shards, a non-linear
 head, class balancing, ``--precise-bn``, ``--log`` and torchrun.
 """
 
@@ -49,6 +50,7 @@ def check_supported(config: FitConfig, splits: DatasetSplits, resume: bool, runt
         (resume, "--resume", "start again with --overwrite"),
         (bool(train.mixup or train.cutmix), "--mixup/--cutmix", "drop them (mixed label sets are not modelled)"),
         (bool(train.time_budget), "--time-budget", "set --epochs"),
+        (train.lr == "auto" and train.strategy == "finetune", "--lr auto", "give a rate (the finder uses softmax)"),
         (config.model.head != "linear" or config.model.dropout, "--head/--dropout", "use the linear head"),
         (train.balance != "none", f"--balance {train.balance}", "drop it"),
         (runtime.distributed, "torchrun", "run one process"),
