@@ -5,8 +5,7 @@ says ``multi_label`` and holds the thresholds (predict reads them).
 
 What the single-label fit does and this one does not (each refused in one line by ``check_supported``): resuming,
 checkpoints and early stopping (the stages run their epochs), ``--strategy scratch``, ``--lr auto`` when
-fine-tuning, mixup/cutmix, tar shards, a non-linear
-head, class balancing, ``--precise-bn``, ``--log`` and torchrun.
+fine-tuning, mixup/cutmix, tar shards, a non-linear head, class balancing, ``--precise-bn``, ``--log`` and torchrun.
 """
 
 from __future__ import annotations
