@@ -265,3 +265,18 @@ def test_fit_finetunes_label_sets_with_asl(tmp_path):
     card = json.loads((run / "graft.json").read_text())
     assert card["multi_label"] and card["thresholds"] == [round(row["threshold"], 6)
                                                           for row in metrics["val"]["per_class"]]
+
+
+def test_tampered_thresholds_in_graft_json_are_refused_in_one_line(multilabel_run, tmp_path):
+    import json
+    import shutil
+
+    from graft.models.run_folder import load
+
+    run, _, _ = multilabel_run
+    copy = shutil.copytree(run, tmp_path / "copy")
+    card = json.loads((copy / "graft.json").read_text())
+    for thresholds in ([2.0, 0.5], [0.5], ["0.5", 0.5]):
+        (copy / "graft.json").write_text(json.dumps({**card, "thresholds": thresholds}))
+        with pytest.raises(GraftError, match="'thresholds' a number in \\[0, 1\\] per class"):
+            load(copy)
