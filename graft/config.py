@@ -92,6 +92,8 @@ class DataConfig:
     # training augmentation recipes (issue 14):
     random_erasing: float = _option(0.0, "training: probability of erasing a random rectangle (timm's re_prob)", low=0,
                                     high=1)
+    multi_label: bool = _option(False, "a CSV's labels are sets separated by spaces (fastai's convention) or ';' "
+                                "(';' alone is detected): sigmoid outputs, per-class thresholds, mAP")
     # issue 14, honest numbers:
     test_fraction: float = _option(0.0, "carve a stratified test split of this fraction from data without one "
                                    "(seeded, disjoint from val); evaluated at the end of fit, the headline number",
@@ -170,6 +172,8 @@ class TrainConfig:
     warmup_fraction: float = _option(0.05, "fraction of each stage's steps warming the lr up linearly", low=0, high=1,
                                      high_open=True)
     label_smoothing: float = _option(0.1, "label smoothing of the loss", low=0, high=1, high_open=True)
+    loss: str = _option("bce", "multi-label fine-tuning: bce (binary cross-entropy) or asl (asymmetric loss: easy "
+                        "negatives down-weighted, for classes absent from most images)", choices=("bce", "asl"))
     patience: int = _option(5, "early stopping: epochs without a better val loss, 0 = off", low=0, high=MAX_EPOCHS,
                             note="0: off")
     seed: int = _option(0, "seed of the split, the initialisation and the data order", low=0, high=MAX_SEED,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graft.config import load_config
+from graft.data.discovery import discover
 from graft.models.run_folder import read_history
 from graft.probing.cache import cache_folder
 from graft.training.fitting import fit
@@ -51,6 +52,8 @@ def compare_strategies(data: str | Path, backbone: str, output: str | Path, stra
         scratch_overrides: applied to the scratch run only (a lab network's activation, norm, init, ...).
         log: one line as each strategy starts and ends (its runs are quiet unless ``verbose``).
     """
+    if Path(data).suffix.lower() in (".csv", ".tsv"):
+        discover(data)  # a manifest of label sets is refused in one line: the comparison ranks by accuracy
     output = Path(output)
     cache = cache_folder((overrides or {}).get("data.cache_dir"))
     output_folder(output, "--output", ((data, "data"), (cache, "feature cache")))  # each run's folder: fit checks it

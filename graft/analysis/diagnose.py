@@ -178,7 +178,7 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     from graft.data.scan import readable
     from graft.data.transforms import create_transform
     from graft.models.grafted import create_model
-    from graft.models.run_folder import load, read_card
+    from graft.models.run_folder import load, read_card, refuse_label_sets
     from graft.models.surgery import list_nodes
     from graft.utils.outputs import output_folder
 
@@ -187,6 +187,7 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     torch.manual_seed(seed)
     splits = discover(data, seed=seed)
     if Path(target, "graft.json").is_file():
+        refuse_label_sets(read_card(target), target, "graft diagnose")
         model = load(target)
         lr = lr or float(read_card(target).get("config", {}).get("train", {}).get("lr", 1e-3))
     else:

@@ -77,6 +77,7 @@ def predict(
                      for r in rows])
         return
     counted = _Counted(rows)
+    top_k = _columns(runs[0], top_k)
     chunks = _prediction_text(counted, top_k, "csv" if output_format == "table" else output_format)
     if output:
         from graft.utils.files import atomic_write
@@ -86,6 +87,15 @@ def predict(
     else:
         for chunk in chunks:
             _print_raw(chunk)
+
+
+def _columns(run: str, top_k: int) -> int:
+    """The label/probability column pairs of the CSV: top-k, or for a multi-label run one per class (a set may hold
+    every label)."""
+    from graft.models.run_folder import read_card
+
+    card = read_card(run)
+    return len(card["classes"]) if card.get("multi_label") else top_k
 
 
 class _Counted:

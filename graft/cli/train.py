@@ -76,6 +76,18 @@ def fit(
             _remove_if_unused(Path(settings.output))
         raise
     metrics = result.metrics.get("val", {})
+    if result.metrics.get("multi_label"):
+        print_table(f"run {result.run_dir} (multi-label)", ["split", "mAP", "micro F1", "macro F1", "exact match",
+                                                            "images"],
+                    [[split, result.metrics[split]["mAP"], result.metrics[split]["micro_f1"],
+                      result.metrics[split]["macro_f1"], result.metrics[split]["exact_match"],
+                      result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
+        headline = result.metrics.get("headline", {}).get("split")
+        if headline:
+            print_table(f"per class ({headline})", ["class", "AP", "precision", "recall", "F1", "threshold", "images"],
+                        [[row["class"], "-" if row["ap"] is None else row["ap"], row["precision"], row["recall"],
+                          row["f1"], row["threshold"], row["support"]] for row in result.metrics[headline]["per_class"]])
+        return
     print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
                 [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],
                   result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])

@@ -10,7 +10,6 @@ import csv
 import io
 import logging
 import os
-import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,8 +18,21 @@ from graft.errors import GraftError
 from graft.utils.outputs import contained
 
 __all__ = [
-    "DatasetSplits", "IMAGE_EXTENSIONS", "IMBALANCE_RATIO", "LITTER", "SPLIT_NAMES", "Sample", "TINY_CLASS",
-    "discover", "discover_pool", "expand_inputs", "is_image_file", "stratified_split", "walk_images"
+    "IMAGE_EXTENSIONS",
+    "IMBALANCE_RATIO",
+    "LABEL_MODES",
+    "LITTER",
+    "SPLIT_NAMES",
+    "TINY_CLASS",
+    "DatasetSplits",
+    "Sample",
+    "discover",
+    "discover_pool",
+    "expand_inputs",
+    "is_image_file",
+    "split_label_set",
+    "stratified_split",
+    "walk_images"
 ]
 
 log = logging.getLogger(__name__)
@@ -32,6 +44,11 @@ TINY_CLASS = 5  # fewer images than this in a class's training split earns a war
 
 
 IMBALANCE_RATIO = 3.0  # largest / smallest class above this earns a warning
+
+# how discover reads a CSV's label column: "single" (one class a row; a row whose label holds ';' is refused: the
+# command cannot handle sets), "auto" (';' in any label makes every label a set; spaces stay part of a name) or
+# "multi" (--multi-label: sets split on ';' when any row has one, else on whitespace: fastai's convention)
+LABEL_MODES = ("single", "auto", "multi")
 
 
 def is_image_file(path: Path) -> bool:
@@ -99,7 +116,7 @@ def _samples(folders: dict[str, list[str]], classes: list[str]) -> list[Sample]:
 
 def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
              test_fraction: float = 0.0, image_column: str | None = None,
-             label_column: str | None = None) -> DatasetSplits:
+             label_column: str | None = None, labels: str = "single") -> DatasetSplits:
     """Finds the samples of a class-per-folder tree or a CSV manifest.
 
     Layouts: a shard set ``graft shard`` wrote (its folder, or a brace pattern of its ``.tar`` files);
@@ -109,6 +126,9 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
     dataset (a ``save_to_disk`` folder, parquet/arrow files, ``hf:NAME[:CONFIG]``: ``graft.data.hfdatasets``).
 
     Args:
+        labels: how a CSV's label column is read, one of ``LABEL_MODES``: "single" (a command that handles one class
+            an image: a manifest of label sets is refused in one line), "auto" (sets when a label holds ';') or
+            "multi" (``--multi-label``: sets separated by ';' or, failing that, whitespace).
         test_fraction: carve a stratified, seeded test split of about this fraction of the train + val images from
             train (after val is held out, so the two are disjoint); for data without a test split of its own.
         image_column, label_column: a Hugging Face dataset's columns (default: its Image and ClassLabel features);
@@ -118,6 +138,11 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
         GraftError: when the path holds no recognisable dataset, with what was expected; a test_fraction for data
             that already has a test split.
     """
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    if labels == "multi" and Path(path).suffix.lower() not in (".csv", ".tsv"):
+        raise GraftError(f"{path}: multi-label data is read from a CSV manifest (path,label with labels separated by "
+                         "spaces or ';'); write one, or drop --multi-label")
     from graft.data import hfdatasets, shards  # imported here: both build on this module
 
     if hfdatasets.is_hf_source(path):
@@ -131,7 +156,7 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
             raise GraftError(f"{path}: tar shards keep the splits they were written with; carve the test split "
                              "when sharding (graft shard on a folder with test/) and drop --test-fraction")
         return shards.discover_shards(path)
-    return _carve_test(path, _discover(Path(path), val_fraction, seed), test_fraction, seed)
+    return _carve_test(path, _discover(Path(path), val_fraction, seed, labels), test_fraction, seed)
 
 
 def _carve_test(path, splits: DatasetSplits, test_fraction: float, seed: int) -> DatasetSplits:
@@ -148,9 +173,9 @@ def _carve_test(path, splits: DatasetSplits, test_fraction: float, seed: int) ->
     return splits
 
 
-def _discover(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
+def _discover(root: Path, val_fraction: float, seed: int, labels: str = "single") -> DatasetSplits:
     if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
-        return _discover_csv(root, val_fraction, seed)
+        return _discover_csv(root, val_fraction, seed, labels)
     if not root.is_dir():
         raise GraftError(f"{root}: no such folder or CSV manifest; expected DATA/CLASS/*.jpg or a path,label CSV")
     train_dir = _find_split_dir(root, "train")
@@ -213,6 +238,40 @@ def _beside(manifest: Path, line: int, raw_path: str) -> Path:
                          "absolute path") from None
 
 
+def split_label_set(label: str, separator: str | None) -> tuple[str, ...]:
+    """A label cell as its sorted, de-duplicated class names: split on ``separator`` (None: any whitespace)."""
+    return tuple(sorted({name.strip() for name in label.split(separator) if name.strip()}))
+
+
+def _label_reader(manifest: Path, rows: list[dict], labels: str, notes: list[str]):
+    """How this manifest's label cells become keys: ``(multi_label, read)``, ``read(label, line)`` giving the cell's
+    canonical text (sets joined by ';'). Refuses sets for a command that takes single labels ("single")."""
+    cells = [(line, (row.get("label") or "").strip()) for line, row in enumerate(rows, start=2)]
+    with_semicolon = next(((line, label) for line, label in cells if ";" in label), None)
+    with_space = next(((line, label) for line, label in cells if len(label.split()) > 1), None)
+    if labels == "single" and with_semicolon:
+        line, label = with_semicolon
+        raise GraftError(f"{manifest}, line {line}: the label '{label}' is a set of classes (multi-label), which this "
+                         "command does not handle; multi-label data trains with graft fit and predicts with graft "
+                         "predict")
+    multi = labels == "multi" or with_semicolon is not None
+    if not multi:
+        if with_space and labels == "auto":
+            notes.append(f"{manifest}, line {with_space[0]}: the label '{with_space[1]}' is read as one class name; "
+                         "pass --multi-label to read space-separated labels as sets (fastai's convention)")
+        return False, lambda label, line: label
+    separator = ";" if with_semicolon else None
+
+    def read(label: str, line: int) -> str:
+        names = split_label_set(label, separator)
+        if not names:
+            raise GraftError(f"{manifest}, line {line}: the label '{label}' names no class; fill it in or delete the "
+                             "row")
+        return ";".join(names)
+
+    return True, read
+
+
 def _read_manifest(manifest: Path) -> list[dict]:
     """A CSV manifest's rows (UTF-8, a byte-order mark tolerated; delimiter sniffed among , ; and tab)."""
     try:
@@ -226,17 +285,19 @@ def _read_manifest(manifest: Path) -> list[dict]:
     return _manifest_rows(manifest, text, dialect)
 
 
-def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSplits:
+def _discover_csv(manifest: Path, val_fraction: float, seed: int, labels: str = "single") -> DatasetSplits:
     rows = _read_manifest(manifest)
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise GraftError(f"{manifest}: expected a header with columns path,label (and optionally split)")
     by_split: dict[str, dict[str, str]] = defaultdict(dict)  # split → {file: label}
     where: dict[str, tuple[str, str]] = {}  # file → (split, label) of its first row
     notes: list[str] = []
+    multi, read = _label_reader(manifest, rows, labels, notes)
     for line, row in enumerate(rows, start=2):
         raw_path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         if not raw_path or not label:
             raise GraftError(f"{manifest}, line {line}: empty path or label; fill it in or delete the row")
+        label = read(label, line)
         if "\0" in raw_path:
             raise GraftError(f"{manifest}, line {line}: the path holds a NUL byte, which no file name can; fix the row")
         file = str(Path(raw_path) if Path(raw_path).is_absolute() else _beside(manifest, line, raw_path))
@@ -251,22 +312,31 @@ def _discover_csv(manifest: Path, val_fraction: float, seed: int) -> DatasetSpli
             continue
         where[file] = (split, label)
         by_split[split][file] = label
-    classes = sorted(set(by_split["train"].values()))
-    unknown = sorted({label for split in ("val", "test") for label in by_split[split].values()} - set(classes))
+
+    def names(split: str) -> set[str]:
+        return {name for label in by_split[split].values() for name in (label.split(";") if multi else [label])}
+
+    classes = sorted(names("train"))
+    unknown = sorted((names("val") | names("test")) - set(classes))
     if unknown:
         raise GraftError(f"{manifest}: val/test rows have labels with no training rows ({', '.join(unknown[:5])}); "
                          "add training rows for them or remove those rows")
     index = {name: i for i, name in enumerate(classes)}
+    label_sets = {file: tuple(index[name] for name in label.split(";")) for split in by_split
+                  for file, label in by_split[split].items()} if multi else None
 
     def samples(split: str) -> list[Sample]:
+        if multi:
+            return sorted((file, label_sets[file][0]) for file in by_split[split])
         return sorted((file, index[label]) for file, label in by_split[split].items())
 
     train, val = samples("train"), samples("val")
-    if not val:
+    if not val:  # multi-label: stratified on each image's first class, which keeps every class in train
         train, val = stratified_split(train, val_fraction, seed)
     if len(notes) > 3:
         notes = notes[:3] + [f"... {len(notes) - 3} more duplicate rows"]
-    return DatasetSplits(classes, train, val, samples("test"), f"CSV manifest {manifest}", notes, str(manifest))
+    source = f"CSV manifest {manifest}" + (" (multi-label)" if multi else "")
+    return DatasetSplits(classes, train, val, samples("test"), source, notes, str(manifest), label_sets=label_sets)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:

@@ -6,9 +6,11 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-__all__ = ["DatasetSplits", "SPLIT_NAMES", "Sample", "stratified_split"]
+import numpy as np
 
-Sample = tuple[str, int]  # (path, class index)
+__all__ = ["SPLIT_NAMES", "DatasetSplits", "Sample", "stratified_split"]
+
+Sample = tuple[str, int]  # (path, class index); multi-label: the first of the image's classes (see DatasetSplits)
 
 # the folder / split names each split goes by (class folders, CSV manifests, Hugging Face datasets)
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -26,9 +28,26 @@ class DatasetSplits:
     notes: list[str] = field(default_factory=list)  # what discovery ignored (empty classes, loops, non-images)
     root: str = ""  # the folder or CSV manifest discovered: graft never writes inside it
     shards: dict | None = None  # tar shards ({split: [(tar path, [(key, label), ...])]}), see graft.data.shards
+    # multi-label data: every image's sorted class indices by path; its Sample carries the first of them (used only
+    # to split, scan and cache: the targets come from here)
+    label_sets: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.label_sets is not None
+
+    def targets(self, paths) -> np.ndarray:
+        """(N, classes) multi-hot float32 targets of ``paths`` (multi-label data only)."""
+        hot = np.zeros((len(paths), len(self.classes)), dtype=np.float32)
+        for row, path in enumerate(paths):
+            hot[row, list(self.label_sets[str(path)])] = 1.0
+        return hot
 
     def counts(self, split: str) -> dict[str, int]:
-        counter = Counter(label for _, label in getattr(self, split))
+        if self.label_sets is not None:  # an image counts once for each of its classes
+            counter = Counter(i for path, _ in getattr(self, split) for i in self.label_sets[path])
+        else:
+            counter = Counter(label for _, label in getattr(self, split))
         return {name: counter.get(index, 0) for index, name in enumerate(self.classes)}
 
 

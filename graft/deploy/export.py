@@ -34,7 +34,7 @@ from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
 from graft.models.onnx_engine import OPSET, export_onnx, onnx_session  # re-exported: deploy's public names
-from graft.models.run_folder import load, read_card
+from graft.models.run_folder import load, read_card, refuse_label_sets
 from graft.utils.files import atomic_write, write_json
 from graft.utils.outputs import output_folder, record
 
@@ -136,6 +136,7 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
         raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
                          f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
     _check_quantize(quantize, formats)
+    refuse_label_sets(read_card(run_dir), run_dir, "graft export")  # the formats' outputs are softmax classes
     ecosystem = [form for form in dict.fromkeys(formats) if form in ECOSYSTEM_FORMATS]
     if ecosystem and len(set(formats)) == 1:  # timm or hf alone: the folder is theirs, as before
         return _export_ecosystem(run_dir, out_dir, ecosystem[0], data, overwrite)

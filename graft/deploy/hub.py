@@ -23,7 +23,7 @@ from graft.errors import GraftError
 from graft.models.backbones import lab
 from graft.models.grafted import GraftModel
 from graft.models.heads import BinaryLogit
-from graft.models.run_folder import load, read_card
+from graft.models.run_folder import load, read_card, refuse_label_sets
 from graft.models.surgery import DEFAULT_NODE
 from graft.utils.files import atomic_write, file_sha256, read_json_object, save_weights, write_json
 from graft.utils.outputs import MANIFEST, output_folder
@@ -129,8 +129,9 @@ def export_timm(run_dir: str | Path, out_dir: str | Path, hf: bool = False, data
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.resolve() == run_dir.resolve():
         raise GraftError(f"{out_dir}: --output is the run folder itself; choose another folder (default: RUN/export)")
-    model = loaded[0] if loaded else load(run_dir, "cpu").float().eval()
     card = read_card(run_dir)
+    refuse_label_sets(card, run_dir, "graft push")
+    model = loaded[0] if loaded else load(run_dir, "cpu").float().eval()
     net = timm_classifier(model, card)  # refused before anything is written
     output_folder(out_dir, "--output", ((data, "data"),), overwrite=overwrite)
     inputs, described = loaded[1:] if loaded else parity_inputs(model, run_dir, data)

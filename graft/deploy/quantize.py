@@ -23,7 +23,7 @@ from graft.data.scan import readable
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
-from graft.models.run_folder import config_from_card, read_card
+from graft.models.run_folder import config_from_card, read_card, refuse_label_sets
 from graft.utils.files import atomic_write
 
 __all__ = ["CALIBRATION_IMAGES", "INT8_FILE", "MAX_DROP_POINTS", "QUANTIZE_MODES", "CalibrationImages",
@@ -63,7 +63,9 @@ def labelled_splits(run_dir: Path, model: GraftModel, data: str | None, seed: in
     """(calibration samples, evaluation samples, where they came from): a seeded sample of the run's training
     images, and its validation images (``data``'s, if given: its val split, else its test split), with labels in
     the model's class order."""
-    config = config_from_card(read_card(run_dir))
+    card = read_card(run_dir)
+    refuse_label_sets(card, run_dir, "graft export --quantize")
+    config = config_from_card(card)
     source = data or config.data.path
     if not source:
         raise GraftError(f"{run_dir}: graft.json names no data to calibrate and check int8 on; pass --data")

@@ -126,7 +126,7 @@ class Predictor:
     """Models, their preprocessing and the batching queue."""
 
     def __init__(self, run_dirs, device: str, config: ServeConfig):
-        self.runs, self.device, self.models = load_ensemble(run_dirs, device)
+        self.runs, self.device, self.models = load_ensemble(run_dirs, device, command="graft serve")
         self.config = config
         self.views = TTAViews(self.models[0].preprocessing, config.tta)
         self.per_view = runtime_members(self.runs, self.models, self.device, config.runtime, log.warning)

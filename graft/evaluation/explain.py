@@ -33,7 +33,7 @@ from graft.data.images import load_image
 from graft.data.transforms import MAX_ASPECT
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
-from graft.models.run_folder import load
+from graft.models.run_folder import load, read_card, refuse_label_sets
 from graft.models.surgery import DEFAULT_NODE
 from graft.utils.files import atomic_write, write_json
 from graft.utils.modes import evaluating
@@ -315,6 +315,7 @@ def explain(run_dir: str | os.PathLike, inputs, top_k: int = 3, target: str | No
     transform; one that fails gives an ``Explanation`` with ``error`` set, never a crash. Each image is prepared as it
     is read, so a batch holds input tensors and overlay-size copies, never ``batch_size`` full-size images.
     """
+    refuse_label_sets(read_card(run_dir), run_dir, "graft explain")  # Grad-CAM of the top class of a softmax
     model = load(run_dir, resolve_device(device))
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
     paths = expand_inputs([os.fspath(item) for item in items])

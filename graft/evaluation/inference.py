@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -17,7 +18,7 @@ from graft.data.transforms import TTAViews
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
 from graft.models.onnx_engine import resolve_engine, run_forward
-from graft.models.prediction import Prediction
+from graft.models.prediction import Prediction, label_set_prediction
 from graft.models.run_folder import load
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.modes import evaluating
@@ -78,13 +79,17 @@ class PerView(nn.Module):
         super().__init__()
         self.model = forward if forward is not None else model
         self.classes, self.channels_last = model.classes, channels_last
+        self.multi_label = model.multi_label
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         batch = views.shape[0]
         images = views.flatten(0, 1)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images).float().log_softmax(1).reshape(batch, -1)
+        logits = self.model(images).float()
+        # a multi-label model's classes are independent: each its own sigmoid (exp() gives the probabilities back)
+        scores = F.logsigmoid(logits) if self.multi_label else logits.log_softmax(1)
+        return scores.reshape(batch, -1)
 
 
 def ensemble_probabilities(models: list[GraftModel], samples: list, device: torch.device, tta: str | None = None,
@@ -117,11 +122,24 @@ def ensemble_probabilities(models: list[GraftModel], samples: list, device: torc
     return plain, (augmented if tta else plain), labels
 
 
-def load_ensemble(run_dirs, device: str) -> tuple[list, torch.device, list[GraftModel]]:
-    """(run folders, device, models) for one run folder or several; an ensemble's members must share classes."""
+def load_ensemble(run_dirs, device: str, label_sets: bool = False, command: str = "this command"
+                  ) -> tuple[list, torch.device, list[GraftModel]]:
+    """(run folders, device, models) for one run folder or several; an ensemble's members must share classes.
+
+    Args:
+        label_sets: the caller handles a multi-label model (one; not an ensemble of them). Otherwise such a run is
+            refused in one line naming ``command``.
+    """
     runs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
     target = resolve_device(device)
     models = [load(run, target) for run in runs]
+    for model, run in zip(models, runs):
+        if model.multi_label and not label_sets:
+            raise GraftError(f"{run}: a multi-label model (label sets); {command} handles single-label models only: "
+                             "graft predict gives its label sets with probabilities")
+        if model.multi_label and len(runs) > 1:
+            raise GraftError(f"{run}: a multi-label model cannot join an ensemble (each keeps its own thresholds); "
+                             "predict with one run at a time")
     for model, run in zip(models[1:], runs[1:]):
         if model.classes != models[0].classes:
             raise GraftError(f"{run}: its classes differ from {runs[0]}'s; an ensemble needs the same classes")
@@ -166,7 +184,7 @@ def iter_predictions(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, dev
     """``predict``'s rows, yielded as each batch is computed: the first arrive after one batch, and memory stays flat
     however many images there are. The models and inputs are checked before the first row. ``log``: where the
     ONNX Runtime warning goes, if a run's export cannot be used (default logging's)."""
-    runs, target, models = load_ensemble(run_dirs, device)
+    runs, target, models = load_ensemble(run_dirs, device, label_sets=True)
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs  # one path, not a list of its characters
     paths = expand_inputs([os.fspath(item) for item in items])
     plan = prediction_plan(runtime, target, workers)
@@ -195,6 +213,9 @@ def _prediction_rows(models: list[GraftModel], members: list[PerView], paths: li
             path = paths[start + offset]
             if not good:
                 yield Prediction(path, error=message)
+                continue
+            if models[0].multi_label:
+                yield label_set_prediction(path, probabilities[offset], classes, models[0].thresholds)
                 continue
             values, indices = probabilities[offset].topk(k)
             yield Prediction(path, [classes[i] for i in indices.tolist()],

@@ -40,7 +40,7 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         runtime: torch, onnx or auto, as ``predict``'s (``graft.evaluation.inference.runtime_members``).
         workers: -1 decodes in threads on the CPU; a count: DataLoader workers.
     """
-    runs, target, models = load_ensemble(run_dirs, device)
+    runs, target, models = load_ensemble(run_dirs, device, command="graft evaluate")
     model = models[0]
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing

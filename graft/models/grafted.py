@@ -34,6 +34,12 @@ class GraftModel(nn.Module):
         self.classes = list(classes)
         self.preprocessing = preprocessing
         self.freeze_bn_stats = False  # True: every trunk BN normalises with its running statistics, even if trained
+        # multi-label models: each class's decision threshold on its sigmoid probability (None: single-label, softmax)
+        self.thresholds: list[float] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     def __repr__(self) -> str:
         """One line a notebook can show (the module tree is ``print(model.trunk)`` / ``model.head``)."""
@@ -70,7 +76,8 @@ class GraftModel(nn.Module):
         return create_transform(self.preprocessing)
 
     def predict(self, inputs, top_k: int = 3, batch_size: int = 32):
-        """Top-k labels and probabilities for a path, a PIL image, a NumPy array, a tensor or a list of them.
+        """Top-k labels and probabilities for a path, a PIL image, a NumPy array, a tensor or a list of them (a
+        multi-label model: every label whose probability reaches its threshold, most probable first; ``top_k`` unused).
 
         Raw images (paths, PIL images, ``uint8`` arrays and tensors) go through ``transform``; a floating-point tensor
         is taken as already preprocessed (see ``graft.models.prediction``). Runs on the model's device, in eval mode.

@@ -26,12 +26,13 @@ from graft.data.images import load_image, upright_rgb
 from graft.errors import GraftError
 from graft.utils.modes import evaluating
 
-__all__ = ["Prediction", "predict_images"]
+__all__ = ["Prediction", "label_set_prediction", "predict_images"]
 
 
 @dataclass
 class Prediction:
-    """Top-k labels and probabilities for one input, or the error that prevented it.
+    """Top-k labels and probabilities for one input, or the error that prevented it (a multi-label model: every label
+    whose probability reaches its threshold, most probable first; possibly none).
 
     ``path`` is the file's path, or ``<input N>`` for an image given in memory (N: its index in the call).
     """
@@ -85,6 +86,18 @@ def _batches(model: nn.Module, items: list) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(tensors), names
 
 
+def label_set_prediction(name: str, probabilities: torch.Tensor, classes: list[str], thresholds) -> Prediction:
+    """A multi-label model's row: the classes whose sigmoid probability reaches their threshold, most probable
+    first."""
+    values = probabilities.tolist()
+    chosen = sorted((i for i, (p, t) in enumerate(zip(values, thresholds)) if p >= t), key=lambda i: -values[i])
+    return Prediction(name, [classes[i] for i in chosen], [round(values[i], 6) for i in chosen])
+
+
+def _probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    return torch.sigmoid(logits) if multi_label else logits.softmax(1)
+
+
 @torch.inference_mode()
 def predict_images(model: nn.Module, inputs: Any, top_k: int = 3, batch_size: int = 32):
     """``GraftModel.predict``: a ``Prediction`` for one input, a list of them for a list (see the module's docstring).
@@ -101,8 +114,12 @@ def predict_images(model: nn.Module, inputs: Any, top_k: int = 3, batch_size: in
     images, names = _batches(model, items)
     device = next(model.parameters()).device
     with evaluating(model):
-        probabilities = torch.cat([model(part.to(device)).float().softmax(1).cpu()
+        probabilities = torch.cat([_probabilities(model(part.to(device)).float(), model.multi_label).cpu()
                                    for part in images.split(batch_size)])
+    if model.multi_label:
+        rows = [label_set_prediction(name, row, model.classes, model.thresholds) for name, row in
+                zip(names, probabilities)]
+        return rows[0] if single and len(rows) == 1 else rows
     k = min(top_k, len(model.classes))
     rows = []
     for name, row in zip(names, probabilities):

@@ -24,7 +24,7 @@ from graft.utils.versions import versions
 __all__ = [
     "CARD_FIELDS", "FORMAT_VERSION", "HISTORY", "check_finite", "config_from_card", "load", "model_card",
     "non_finite_tensors",
-    "read_card", "read_history", "save_model", "spec_from_card", "trained_as"
+    "read_card", "refuse_label_sets", "read_history", "save_model", "spec_from_card", "trained_as"
 ]
 
 FORMAT_VERSION = 1  # bump when graft.json changes incompatibly; load() refuses newer folders
@@ -131,6 +131,7 @@ def read_card(run_dir: str | os.PathLike) -> dict:
         raise GraftError(f"{path}: 'config' must be an object")
     if not isinstance(card.get("dropout", 0.0), (int, float)) or isinstance(card.get("dropout"), bool):
         raise GraftError(f"{path}: 'dropout' must be a number; the file is damaged or was edited by hand")
+    _check_thresholds(path, card)
     try:  # types, unknown keys and ranges, on every load (predict, evaluate, export, serve), not only on resume
         config_from_card(card)
     except GraftError as error:
@@ -141,6 +142,29 @@ def read_card(run_dir: str | os.PathLike) -> dict:
         raise GraftError(f"{path}: 'preprocessing' is invalid ({error}); the file is damaged or was edited by hand"
                          ) from None
     return card
+
+
+def _check_thresholds(path: Path, card: dict) -> None:
+    """A multi-label card's ``thresholds``: one number in [0, 1] per class (``multi_label`` true with them)."""
+    if "thresholds" not in card and not card.get("multi_label"):
+        return
+    thresholds = card.get("thresholds")
+    if card.get("multi_label") is not True or not isinstance(thresholds, list) or \
+            len(thresholds) != len(card["classes"]) or \
+            not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1 for t in thresholds):
+        raise GraftError(f"{path}: 'multi_label' must be true with 'thresholds' a number in [0, 1] per class; the "
+                         "file is damaged or was edited by hand")
+
+
+def refuse_label_sets(card: dict, run_dir: str | os.PathLike, command: str) -> None:
+    """The one-line refusal of a command that handles single-label models only, given a multi-label run's card.
+
+    Raises:
+        GraftError: naming the run, the command and what handles label sets.
+    """
+    if card.get("multi_label"):
+        raise GraftError(f"{run_dir}: a multi-label model (label sets); {command} handles single-label models only: "
+                         "graft predict gives its label sets with probabilities")
 
 
 def spec_from_card(card: dict) -> ModelSpec:
@@ -167,4 +191,6 @@ def load(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Graf
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise GraftError(f"{weights}: does not match graft.json ({str(error).splitlines()[0]})") from None
+    if card.get("multi_label"):
+        model.thresholds = [float(t) for t in card["thresholds"]]
     return model.to(device).eval()

@@ -38,7 +38,7 @@ from graft.models.run_folder import (
 from graft.probing.cache import cache_folder
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.linear import fit_linear_probe, fit_temperature
-from graft.training import auto, recipes, selection, semi
+from graft.training import auto, multilabel, recipes, selection, semi
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
     CHECKPOINT,
@@ -122,6 +122,10 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
         check_available(config.log)
         _check_backbone(config)
     auto_report = None
+    if config.train.strategy == "auto":  # label sets first: advise ranks single-label probes
+        splits = splits or _discovered(config)
+        if splits.multi_label:
+            config = apply_overrides(copy.deepcopy(config), {"train.strategy": "probe"}, "multi-label data")
     if config.train.strategy == "auto":
         config, auto_report = auto.resolve(config, (lambda message: print(message, file=sys.stderr)) if verbose
                                            else None)
@@ -130,8 +134,12 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     runtime = Runtime(device, autocast_dtype(device, config.train.precision), config.train.channels_last,
                       rank=distributed.rank(), world_size=distributed.world_size(), verbose=verbose, timings=timings)
     seed_everything(config.train.seed)
-    splits = splits or discover(config.data.path, config.data.val_fraction, config.train.seed,
-                                config.data.test_fraction, config.data.image_column, config.data.label_column)
+    splits = splits or _discovered(config)
+    if splits.multi_label:
+        multilabel.check_supported(config, splits, resume, runtime)
+    elif config.train.loss != "bce":
+        raise GraftError(f"--loss {config.train.loss} is for multi-label data (label sets; single labels train with "
+                         "cross-entropy); drop it, or pass --multi-label with a CSV of label sets")
     splits, exclusions = exclude_listed(config, splits, run_dir, resume, runtime)
     if splits.shards is not None:
         config = _fit_for_shards(config, runtime)
@@ -142,6 +150,8 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     _write_data_report(run_dir, splits, report, runtime)
     pool = semi.pool_paths(config, splits, runtime) if config.data.unlabeled else None
     timings.lap("scan")
+    if splits.multi_label:
+        return multilabel.fit_label_sets(config, splits, runtime, run_dir)
     if config.train.lr == "auto":
         config = _with_found_lr(config, splits, runtime, run_dir)
         timings.lap("lr-find")
@@ -211,6 +221,13 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
     if tracker:
         tracker.close()
     return result
+
+
+def _discovered(config: FitConfig) -> DatasetSplits:
+    """The run's data; a CSV's label sets (``--multi-label``, or ';' in a label) make it multi-label."""
+    return discover(config.data.path, config.data.val_fraction, config.train.seed, config.data.test_fraction,
+                    config.data.image_column, config.data.label_column,
+                    labels="multi" if config.data.multi_label else "auto")
 
 
 def _fit_for_shards(config: FitConfig, runtime: Runtime) -> FitConfig:

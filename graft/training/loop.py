@@ -17,7 +17,10 @@ from graft.training.state import Hooks
 from graft.utils import distributed
 from graft.utils.runtime import Runtime, autocast, to_device
 
-__all__ = ["NonFiniteLoss", "compute_loss", "create_mixup", "train_epoch", "validate"]
+__all__ = ["ASL_CLIP", "ASL_GAMMA_NEGATIVE", "NonFiniteLoss", "compute_loss", "create_mixup", "multi_label_loss",
+           "train_epoch", "validate"]
+
+ASL_GAMMA_NEGATIVE, ASL_CLIP = 4.0, 0.05  # asymmetric loss (Ridnik et al. 2021)'s defaults; γ+ = 0
 
 
 class NonFiniteLoss(Exception):
@@ -29,13 +32,16 @@ class NonFiniteLoss(Exception):
 
 
 def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None) -> torch.Tensor:
+                 class_weights: torch.Tensor | None = None, multi_label: str = "") -> torch.Tensor:
     """Cross-entropy against class indices, or against (B, C) soft targets (mixup/cutmix, which carry their own
-    label smoothing: ``label_smoothing`` is then ignored).
+    label smoothing: ``label_smoothing`` is then ignored); with ``multi_label`` ("bce" or "asl") against (B, C)
+    multi-hot targets (``multi_label_loss``).
 
     With soft targets, class weights weight each image by its target's mixture of class weights (``targets @ w``),
     normalised by their sum as ``F.cross_entropy``'s weighted mean is, so an unmixed one-hot target reduces to it.
     """
+    if multi_label:
+        return multi_label_loss(logits, labels, label_smoothing, multi_label)
     if labels.ndim == 2:
         targets = labels.float()
         if class_weights is None:
@@ -46,6 +52,26 @@ def compute_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
         weights = targets @ class_weights.float()
         return (weights * per_image).sum() / weights.sum()
     return F.cross_entropy(logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+
+
+def multi_label_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                     kind: str = "bce") -> torch.Tensor:
+    """Per-class sigmoid losses against (B, C) multi-hot targets, summed over the classes, mean over the images.
+
+    ``bce``: binary cross-entropy; label smoothing moves each target ε/2 towards the other side (the two-class form
+    of softmax smoothing). ``asl``: the asymmetric loss, which down-weights easy negatives (γ- = 4) and ignores
+    negatives below ``ASL_CLIP`` probability, for sets where each class is absent from most images.
+    """
+    logits, targets = logits.float(), targets.float()
+    if kind == "asl":
+        probabilities = torch.sigmoid(logits)
+        shifted = (probabilities - ASL_CLIP).clamp_min(0)  # probability shifting: very easy negatives cost nothing
+        positive = targets * F.logsigmoid(logits)
+        negative = (1 - targets) * shifted.pow(ASL_GAMMA_NEGATIVE) * torch.log((1 - shifted).clamp_min(1e-8))
+        return -(positive + negative).sum(1).mean()
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / 2
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).mean()
 
 
 def create_mixup(mixup: float, cutmix: float, num_classes: int, label_smoothing: float = 0.0):
@@ -109,7 +135,7 @@ def _after_out_of_memory(micro_batches: int, batch: int, optimizer, runtime: Run
 def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtime, label_smoothing: float = 0.0,
                 limit_batches: int = 0, hooks: Hooks | None = None, progress=None,
                 class_weights: torch.Tensor | None = None, micro_batches: int = 1, mixup=None,
-                resume_at: dict | None = None, on_step=None) -> dict:
+                resume_at: dict | None = None, on_step=None, multi_label: str = "") -> dict:
     """One pass over ``loader``; returns mean loss, accuracy, images/s and the micro-batch count in use (under
     torchrun the sums of every process).
 
@@ -119,6 +145,8 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
         resume_at: a mid-epoch checkpoint's ``{"step", "loss", "correct", "seen"}``: the loader already skips the
             consumed batches (its sampler does), this continues the step count and the epoch's sums.
         on_step: called after each optimiser step with the same dict (mid-epoch checkpoints decide there).
+        multi_label: "bce" or "asl": (B, C) multi-hot targets and ``multi_label_loss`` (``train_acc`` then compares
+            the top class with each set's first class: a rough sign only; mAP is measured after training).
 
     Raises:
         NonFiniteLoss: naming the batch's files (when the dataset yields indices) and the learning rate.
@@ -126,6 +154,8 @@ def train_epoch(model: GraftModel, loader, optimizer, scheduler, runtime: Runtim
     model.train()
     scaler = torch.amp.GradScaler(enabled=runtime.dtype == torch.float16)
     loss_options = {"label_smoothing": label_smoothing, "class_weights": class_weights}
+    if multi_label:
+        loss_options["multi_label"] = multi_label
     done = resume_at or {}
     total_loss, correct, seen = done.get("loss", 0.0), done.get("correct", 0), done.get("seen", 0)
     steps, start = done.get("step", 0), time.perf_counter()

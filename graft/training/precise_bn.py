@@ -21,6 +21,7 @@ from graft.models.run_folder import (
     config_from_card,
     load,
     read_card,
+    refuse_label_sets,
     save_model,
 )
 from graft.training.checkpoints import run_lock
@@ -65,6 +66,7 @@ def precise_bn(run_dir: str | Path, data: str | None = None, device: str = "auto
     run_dir = Path(run_dir)
     with run_lock(run_dir):
         card = read_card(run_dir)
+        refuse_label_sets(card, run_dir, "graft precise-bn")
         config = config_from_card(card)
         target = resolve_device(device)
         runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last,

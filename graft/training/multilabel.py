@@ -1,0 +1,182 @@
+"""``graft fit`` on multi-label data (label sets from a CSV): the one-vs-rest probe solved on cached features, then
+(``--strategy finetune``) the recipe's stages trained with sigmoid outputs and ``--loss`` bce or asl through the
+training loop's ``train_epoch``; per-class thresholds chosen on validation; an ordinary run folder whose graft.json
+says ``multi_label`` and holds the thresholds (predict reads them).
+
+What the single-label fit does and this one does not (each refused in one line by ``check_supported``): resuming,
+checkpoints and early stopping (the stages run their epochs), ``--strategy scratch``, ``--lr auto`` when
+fine-tuning, mixup/cutmix, tar shards, a non-linear head, class balancing, ``--precise-bn``, ``--log`` and torchrun.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from graft.config import FitConfig
+from graft.data.datasets import ImageDataset, loader_options
+from graft.data.discovery import DatasetSplits
+from graft.data.transforms import create_transform
+from graft.errors import GraftError
+from graft.evaluation.inference import predict_logits
+from graft.evaluation.multilabel import multilabel_metrics, plot_precision_recall
+from graft.models.run_folder import model_card, save_model
+from graft.probing.extraction import FeatureSet, extract_features
+from graft.probing.multilabel import choose_thresholds, fit_multilabel_probe
+from graft.training import recipes
+from graft.training.checkpoints import write_history
+from graft.training.loop import NonFiniteLoss, train_epoch
+from graft.training.optim import create_optimizer, create_scheduler
+from graft.training.setup import create_on_device
+from graft.training.state import FitResult
+from graft.utils.files import write_json
+from graft.utils.plotting import can_plot
+from graft.utils.runtime import Runtime, epoch_seed, seed_everything
+
+__all__ = ["check_supported", "fit_label_sets"]
+
+
+def check_supported(config: FitConfig, splits: DatasetSplits, resume: bool, runtime: Runtime) -> None:
+    """Refuses, in one line naming the option, what multi-label training does not do."""
+    train = config.train
+    refusals = [
+        (train.strategy not in ("probe", "finetune"), f"--strategy {train.strategy}", "use probe or finetune"),
+        (train.head_fit != "lbfgs", f"--head-fit {train.head_fit}", "use lbfgs"),
+        (resume, "--resume", "start again with --overwrite"),
+        (bool(train.mixup or train.cutmix), "--mixup/--cutmix", "drop them (mixed label sets are not modelled)"),
+        (bool(train.time_budget), "--time-budget", "set --epochs"),
+        (train.lr == "auto" and train.strategy == "finetune", "--lr auto", "give a rate (the finder uses softmax)"),
+        (config.model.head != "linear" or config.model.dropout, "--head/--dropout", "use the linear head"),
+        (train.balance != "none", f"--balance {train.balance}", "drop it"),
+        (runtime.distributed, "torchrun", "run one process"),
+        (splits.shards is not None, "tar shards", "pass the CSV manifest"),
+        (train.precise_bn, "--precise-bn", "drop it (the probe's trunk is frozen)"),
+        (bool(config.log), f"--log {config.log}", "drop it (a solved probe has no epochs to log)"),
+    ]
+    for refused, what, fix in refusals:
+        if refused:
+            raise GraftError(f"{splits.root}: multi-label data (label sets): {what} is not supported with it; {fix}")
+
+
+def fit_label_sets(config: FitConfig, splits: DatasetSplits, runtime: Runtime, run_dir: Path) -> FitResult:
+    """The multi-label run: the model on its device, cached features, the probe, thresholds, metrics, files."""
+    start = time.perf_counter()
+    model, info = create_on_device(config, splits, runtime)
+    card = {**model_card(model, config, info), "status": "training"}
+    write_json(run_dir / "graft.json", card)
+    runtime.log(f"{config.model.backbone} ({info['weights']}) cut at {info['cut_at']}: {info['feature_dim']} features"
+                f" → {len(splits.classes)} labels (multi-label); {len(splits.train)} train / {len(splits.val)} val "
+                f"images on {runtime.device}")
+    data = config.data
+    features = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
+                                None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log,
+                                config.train.compile, config.train.extract_engine)[model.trunk.node]
+    runtime.timings.lap("extraction")
+    result = _solve(features, splits, config, runtime)
+    model.head[-1].load_state_dict(result.linear.state_dict())
+    model.thresholds = result.thresholds
+    history = []
+    if recipes.plan(config):  # finetune: from the solved probe (LP-FT)
+        history = _train_stages(model, splits, config, runtime, run_dir)
+        runtime.timings.lap("training")
+    metrics = {"strategy": config.train.strategy, "multi_label": True, "epochs": len(history),
+               "loss": config.train.loss if history else "bce (the probe)", "features": features.stats,
+               "probe_l2": result.l2, "probe_l2_selection": result.selection,
+               "probe_grid": result.grid,
+               "selected_on_validation": ["per-class thresholds (maximising each class's F1)"]}
+    outputs = {split: _split_probabilities(model, features, splits, split) if not history else
+               _probabilities(model, splits, split, config, runtime)
+               for split in ("val", "test") if len(features.paths[split])}
+    for split, (probabilities, targets) in outputs.items():
+        metrics[split] = multilabel_metrics(probabilities, targets, model.classes, model.thresholds)
+    headline = "test" if "test" in metrics else "val" if "val" in metrics else None
+    if headline:
+        metrics["headline"] = {"split": headline, "mAP": metrics[headline]["mAP"],
+                               "note": "held out from every choice" if headline == "test" else
+                               "thresholds selected on validation: its F1 is optimistic (mAP does not use them)"}
+    metrics["train_seconds"] = round(time.perf_counter() - start, 2)
+    card.update(status="complete", multi_label=True, thresholds=[round(t, 6) for t in model.thresholds])
+    write_history(run_dir, history)
+    save_model(run_dir, model, card)
+    write_json(run_dir / "metrics.json", metrics)
+    if headline and can_plot():
+        plot_precision_recall(*outputs[headline], model.classes, f"precision-recall on {headline}",
+                              run_dir / "precision_recall.png")
+    if headline:
+        runtime.log(f"done: {headline} mAP {metrics[headline]['mAP']:.4f}, micro F1 "
+                    f"{metrics[headline]['micro_f1']:.4f} ({metrics['headline']['note']}) → {run_dir}")
+    return FitResult(run_dir, model.eval(), metrics, history)
+
+
+def _solve(features: FeatureSet, splits: DatasetSplits, config: FitConfig, runtime: Runtime):
+    train_y = splits.targets(features.paths["train"])
+    train_x = np.concatenate([features.features["train"], *features.augmented])
+    train_y = np.concatenate([train_y] * (1 + len(features.augmented)))
+    result = fit_multilabel_probe(train_x, train_y, features.features["val"], splits.targets(features.paths["val"]),
+                                  device=runtime.device, log=runtime.log, seed=config.train.seed)
+    runtime.log(f"multi-label probe: λ={result.l2:.0e} chosen ({result.selection}); thresholds chosen on val: "
+                + ", ".join(f"{name} {t:.2f}" for name, t in zip(splits.classes, result.thresholds)))
+    return result
+
+
+def _split_probabilities(model, features: FeatureSet, splits: DatasetSplits, split: str):
+    """The probe's probabilities from the cached features (its trunk never changed) and the targets."""
+    device = next(model.head.parameters()).device
+    with torch.no_grad():
+        logits = model.head(torch.as_tensor(features.features[split], dtype=torch.float32, device=device))
+    return torch.sigmoid(logits).cpu().numpy(), splits.targets(features.paths[split])
+
+
+def _loader(splits: DatasetSplits, split: str, transform, config: FitConfig, runtime: Runtime, train: bool):
+    """(image, multi-hot target) batches of ``split``: each sample carries its target tensor in place of a class."""
+    samples = [(path, torch.as_tensor(target)) for (path, _), target in
+               zip(getattr(splits, split), splits.targets([path for path, _ in getattr(splits, split)]))]
+    dataset = ImageDataset(samples, transform, config.data.max_image_pixels, with_index=train)
+    batch = config.data.batch_size * (1 if train else 2)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    return DataLoader(dataset, batch_size=batch, shuffle=train, generator=generator,
+                      drop_last=train and len(dataset) > batch, **loader_options(runtime.device, config.data.workers))
+
+
+def _train_stages(model, splits: DatasetSplits, config: FitConfig, runtime: Runtime, run_dir: Path) -> list[dict]:
+    """The recipe's epoch stages with ``--loss`` on sigmoid outputs; then the thresholds again, on val, for the
+    trained model. Returns the history rows (written to history.csv)."""
+    data, history = config.data, []
+    loader = _loader(splits, "train", create_transform(model.preprocessing, True, data.augment, data.hflip,
+                                                       data.random_erasing), config, runtime, True)
+    runtime.log(f"multi-label fine-tuning with --loss {config.train.loss}: no checkpoints or early stopping; each "
+                "stage runs its epochs")
+    for stage in recipes.plan(config):
+        optimizer = create_optimizer(recipes.configure(model, stage, config.train), config)
+        scheduler = create_scheduler(optimizer, stage.epochs * len(loader), config.train.warmup_fraction)
+        for _ in range(stage.epochs):
+            seed_everything(epoch_seed(config.train.seed, len(history)))
+            start = time.perf_counter()
+            try:
+                row = train_epoch(model, loader, optimizer, scheduler, runtime, config.train.label_smoothing,
+                                  config.train.limit_batches, multi_label=config.train.loss)
+            except NonFiniteLoss as blowup:  # no checkpoint to roll back to: stop, saving nothing as complete
+                raise GraftError(f"{run_dir}: the loss became {blowup.value} at step {blowup.step} of epoch "
+                                 f"{len(history) + 1} (lr {blowup.lr:.2e}); train again with a lower --lr "
+                                 "(--overwrite)") from None
+            row = {"epoch": len(history) + 1, "stage": stage.name, "train_loss": row["train_loss"],
+                   "images_per_s": row["images_per_s"], "seconds": round(time.perf_counter() - start, 3)}
+            history.append(row)
+            runtime.log(f"epoch {row['epoch']:>3} [{stage.name}] train loss {row['train_loss']:.4f} | "
+                        f"{row['images_per_s']:.1f} img/s")
+    model.eval()
+    probabilities, targets = _probabilities(model, splits, "val", config, runtime)
+    if len(targets):
+        model.thresholds = choose_thresholds(probabilities, targets)
+    return history
+
+
+def _probabilities(model, splits: DatasetSplits, split: str, config: FitConfig, runtime: Runtime):
+    loader = _loader(splits, split, create_transform(model.preprocessing), config, runtime, False)
+    logits, targets = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last)
+    return torch.sigmoid(logits).numpy(), targets.numpy()
+

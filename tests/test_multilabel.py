@@ -1,0 +1,282 @@
+"""Multi-label classification: label sets from a CSV, the one-vs-rest probe, thresholds chosen on val, the metrics
+against scikit-learn, fit + predict end to end, and the one-line refusals of the commands that take single labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graft.data.discovery import discover
+from graft.errors import GraftError
+
+
+def _manifest(folder, text):
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png", "f.png"):
+        (folder / name).touch()
+    path = folder / "labels.csv"
+    path.write_text(text)
+    return path
+
+
+def test_spaces_are_sets_with_the_flag_and_names_without(tmp_path):
+    path = _manifest(tmp_path, "path,label,split\na.png,red blue,train\nb.png,red,train\nc.png,blue,train\n"
+                               "d.png,red blue,val\ne.png,red,val\n")
+    splits = discover(path, labels="multi")
+    assert splits.multi_label and splits.classes == ["blue", "red"]
+    assert splits.label_sets[str(tmp_path / "a.png")] == (0, 1)
+    assert splits.targets([tmp_path / "d.png", tmp_path / "e.png"]).tolist() == [[1, 1], [0, 1]]
+    assert splits.counts("train") == {"blue": 2, "red": 2}
+    single = discover(path, labels="auto")  # a class named "red blue" stays one name without --multi-label
+    assert not single.multi_label and single.classes == ["blue", "red", "red blue"]
+    assert "--multi-label" in single.notes[0]
+
+
+def test_semicolons_are_detected_and_refused_where_sets_are_not_handled(tmp_path):
+    path = _manifest(tmp_path, "path,label,split\na.png,red;blue,train\nb.png,red,train\nc.png,blue;,train\n"
+                               "d.png,blue ; red,val\n")
+    splits = discover(path, labels="auto")
+    assert splits.multi_label and splits.classes == ["blue", "red"]
+    assert splits.targets([tmp_path / "c.png", tmp_path / "d.png"]).tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(GraftError, match=r"line 2: the label 'red;blue' is a set of classes"):
+        discover(path)  # a command that takes single labels
+    with pytest.raises(GraftError, match="CSV manifest"):
+        discover(tmp_path, labels="multi")
+
+
+def _planted(seed=0, n=300, dim=20, classes=4):
+    """Features where class c is present when a noisy projection on its own direction is positive."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    directions = rng.normal(size=(dim, classes))
+    y = ((x @ directions + rng.normal(scale=1.5, size=(n, classes))) > 0.3).astype(np.float32)
+    return x, y
+
+
+def test_probe_matches_sklearn_one_vs_rest():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    from graft.probing.multilabel import fit_multilabel_probe
+
+    x, y = _planted(n=600)
+    train_x, train_y, test_x, test_y = x[:400], y[:400], x[400:], y[400:]
+    result = fit_multilabel_probe(train_x, train_y, grid=[1e-1, 1e-2, 1e-3])
+    import torch
+
+    with torch.no_grad():
+        ours = torch.sigmoid(result.linear(torch.as_tensor(test_x))).numpy()
+    scaler = StandardScaler().fit(train_x)
+    theirs = OneVsRestClassifier(LogisticRegression(C=1 / (result.l2 * len(train_x)), max_iter=2000)).fit(
+        scaler.transform(train_x), train_y).predict_proba(scaler.transform(test_x))
+    assert result.selection == "cv-5"
+    np.testing.assert_allclose(ours, theirs, atol=2e-3)  # the same objective, solved to the same optimum
+    assert average_precision_score(test_y, ours, average="macro") > 0.75
+
+
+def test_thresholds_are_chosen_on_val_to_maximise_each_class_f1():
+    from sklearn.metrics import f1_score
+
+    from graft.probing.multilabel import choose_thresholds
+
+    rng = np.random.default_rng(1)
+    truth = (rng.random((80, 3)) < 0.4).astype(np.float32)
+    scores = np.clip(truth * 0.3 + rng.random((80, 3)) * 0.7, 0, 1)
+    thresholds = choose_thresholds(scores, truth)
+    for c, threshold in enumerate(thresholds):
+        chosen = f1_score(truth[:, c], scores[:, c] >= threshold)
+        every = max(f1_score(truth[:, c], scores[:, c] >= t) for t in np.unique(scores[:, c]))
+        assert chosen == pytest.approx(every)  # no threshold does better on these images
+        assert threshold != 0.5
+
+
+def test_metrics_match_sklearn():
+    from sklearn.metrics import average_precision_score, f1_score
+
+    from graft.evaluation.multilabel import multilabel_metrics
+
+    rng = np.random.default_rng(2)
+    truth = (rng.random((50, 4)) < 0.3).astype(np.float32)
+    truth[:, 3] = 0  # a class with no positive image: no AP, left out of the mean (sklearn warns and gives 0)
+    scores = np.round(np.clip(truth * 0.4 + rng.random((50, 4)) * 0.6, 0, 1), 1)  # rounded: tied scores
+    thresholds = [0.5, 0.6, 0.4, 0.5]
+    metrics = multilabel_metrics(scores, truth, ["a", "b", "c", "d"], thresholds)
+    expected = [average_precision_score(truth[:, c], scores[:, c]) for c in range(3)]
+    assert [row["ap"] for row in metrics["per_class"][:3]] == pytest.approx(expected)
+    assert metrics["per_class"][3]["ap"] is None and metrics["mAP"] == pytest.approx(np.mean(expected))
+    predicted = scores >= np.array(thresholds)
+    assert metrics["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert metrics["exact_match"] == pytest.approx((predicted == truth.astype(bool)).all(1).mean())
+
+
+def _red_blue(folder, count=48, seed=0):
+    """Images with a red square and/or a blue circle, and a CSV listing each image's label set (spaces, fastai's
+    convention): left half red square, right half blue circle, so the two labels are independent."""
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    rows = ["path,label,split"]
+    for index in range(count):
+        labels = [["red"], ["blue"], ["red", "blue"]][index % 3]
+        image = Image.new("RGB", (32, 32), tuple(rng.randint(0, 60) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        if "red" in labels:
+            x, y = rng.randint(1, 6), rng.randint(4, 18)
+            draw.rectangle([x, y, x + 8, y + 8], fill=(230, 30, 30))
+        if "blue" in labels:
+            x, y = rng.randint(17, 22), rng.randint(4, 18)
+            draw.ellipse([x, y, x + 9, y + 9], fill=(30, 30, 230))
+        image.save(folder / f"{index:03d}.png")
+        split = "val" if index % 4 == 3 else "train"
+        rows.append(f"{index:03d}.png,{' '.join(labels)},{split}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    data = tmp_path_factory.mktemp("redblue")
+    manifest = _red_blue(data)
+    run = tmp_path_factory.mktemp("runs") / "ml"
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "probe", "--backbone",
+                                      "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+                                      "--extract-engine", "eager", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    return run, data, result.output
+
+
+def test_fit_and_predict_label_sets_end_to_end(multilabel_run):
+    import json
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.models.run_folder import load
+
+    run, data, output = multilabel_run
+    assert "mAP" in output and "per class (val)" in output
+    from graft.utils.plotting import can_plot
+
+    assert (run / "precision_recall.png").is_file() == can_plot()
+    card = json.loads((run / "graft.json").read_text())
+    assert card["multi_label"] is True and card["classes"] == ["blue", "red"] and len(card["thresholds"]) == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val"]["mAP"] > 0.8  # a random trunk still sees a red square and a blue circle
+    result = CliRunner().invoke(app, ["predict", str(run), str(data / "002.png"), str(data / "000.png"),
+                                      "--format", "json", "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    model = load(run)
+    for row in rows:  # the sets are the classes at or above their thresholds, computed here from the raw logits
+        with torch_no_grad():
+            logits = model(model.transform(__import__("PIL.Image").Image.open(row["path"]).convert("RGB"))[None])
+        probabilities = logits.sigmoid()[0].tolist()
+        expected = {c for c, p, t in zip(model.classes, probabilities, card["thresholds"]) if p >= t}
+        assert set(row["labels"]) == expected
+        assert row["probabilities"] == sorted(row["probabilities"], reverse=True)
+    assert set(rows[0]["labels"]) == {"red", "blue"} and rows[1]["labels"] == ["red"]
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+@pytest.mark.parametrize("command", [
+    ["evaluate", "{run}", "{data}/labels.csv"], ["export", "{run}", "-o", "{tmp}/export"], ["serve", "{run}"],
+    ["explain", "{run}", "{data}/000.png", "-o", "{tmp}/explained"], ["precise-bn", "{run}"],
+    ["diagnose", "{run}", "{data}/labels.csv"], ["push", "{run}", "user/model"],
+])
+def test_commands_without_label_sets_refuse_a_multi_label_run_in_one_line(multilabel_run, tmp_path, command):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    run, data, _ = multilabel_run
+    args = [part.format(run=run, data=data, tmp=tmp_path) for part in command]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "a multi-label model (label sets)" in result.output and f"graft {command[0]}" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_data_commands_and_fit_options_refuse_label_sets_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    manifest = _red_blue(tmp_path, count=12)
+    manifest.write_text(manifest.read_text().replace("red blue", "red;blue"))  # ';': detected without the flag
+    result = CliRunner().invoke(app, ["features", str(manifest), "--backbone", "test_resnet", "--no-pretrained"])
+    assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
+    result = CliRunner().invoke(app, ["compare", str(manifest), "--strategies", "probe", "-o", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "is a set of classes (multi-label)" in result.output
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--mixup", "0.2", "--backbone", "test_resnet",
+                                      "--no-pretrained", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--mixup/--cutmix is not supported" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_multi_label_losses_against_their_formulas():
+    import torch
+
+    from graft.training.loop import ASL_CLIP, ASL_GAMMA_NEGATIVE, compute_loss
+
+    rng = np.random.default_rng(3)
+    logits, targets = rng.normal(size=(6, 4)) * 3, (rng.random((6, 4)) < 0.4).astype(np.float64)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).sum(1).mean()
+    as_tensors = torch.as_tensor(logits), torch.as_tensor(targets)
+    assert compute_loss(*as_tensors, multi_label="bce").item() == pytest.approx(bce, rel=1e-5)
+    smooth = targets * 0.9 + 0.05
+    smoothed = -(smooth * np.log(p) + (1 - smooth) * np.log(1 - p)).sum(1).mean()
+    assert compute_loss(*as_tensors, 0.1, multi_label="bce").item() == pytest.approx(smoothed, rel=1e-5)
+    shifted = np.clip(p - ASL_CLIP, 0, None)
+    asl = -(targets * np.log(p) + (1 - targets) * shifted ** ASL_GAMMA_NEGATIVE * np.log(1 - shifted)).sum(1).mean()
+    assert compute_loss(*as_tensors, 0.1, multi_label="asl").item() == pytest.approx(asl, rel=1e-5)
+
+
+def test_fit_finetunes_label_sets_with_asl(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    manifest = _red_blue(tmp_path, count=24)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "finetune", "--loss", "asl",
+                                      "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained",
+                                      "--image-size", "32", "--workers", "0", "--extract-engine", "eager",
+                                      "--batch-size", "8", "-o", str(run)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] >= 1 and metrics["loss"] == "asl" and metrics["val"]["mAP"] is not None
+    assert (run / "history.csv").read_text().count("\n") == 1 + metrics["epochs"]
+    card = json.loads((run / "graft.json").read_text())
+    assert card["multi_label"] and card["thresholds"] == [round(row["threshold"], 6)
+                                                          for row in metrics["val"]["per_class"]]
+
+
+def test_tampered_thresholds_in_graft_json_are_refused_in_one_line(multilabel_run, tmp_path):
+    import json
+    import shutil
+
+    from graft.models.run_folder import load
+
+    run, _, _ = multilabel_run
+    copy = shutil.copytree(run, tmp_path / "copy")
+    card = json.loads((copy / "graft.json").read_text())
+    for thresholds in ([2.0, 0.5], [0.5], ["0.5", 0.5]):
+        (copy / "graft.json").write_text(json.dumps({**card, "thresholds": thresholds}))
+        with pytest.raises(GraftError, match="'thresholds' a number in \\[0, 1\\] per class"):
+            load(copy)
