@@ -224,6 +224,10 @@ def test_data_commands_and_fit_options_refuse_label_sets_in_one_line(tmp_path):
                                       "--no-pretrained", "-o", str(tmp_path / "run")])
     assert result.exit_code == 2 and "--mixup/--cutmix is not supported" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    for option, value in (("--unlabeled", str(tmp_path)), ("--exclude", str(manifest))):
+        result = CliRunner().invoke(app, ["fit", str(manifest), option, value, "--strategy", "probe", "--backbone",
+                                          "test_resnet", "--no-pretrained", "-o", str(tmp_path / "run")])
+        assert result.exit_code == 2 and f"{option} is not supported" in result.output, result.output
 
 
 def test_multi_label_losses_against_their_formulas():

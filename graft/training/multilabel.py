@@ -56,6 +56,8 @@ def check_supported(config: FitConfig, splits: DatasetSplits, resume: bool, runt
         (splits.shards is not None, "tar shards", "pass the CSV manifest"),
         (train.precise_bn, "--precise-bn", "drop it (the probe's trunk is frozen)"),
         (bool(config.log), f"--log {config.log}", "drop it (a solved probe has no epochs to log)"),
+        (bool(config.data.unlabeled), "--unlabeled", "drop it (pseudo-labels are single classes)"),
+        (bool(config.data.exclude), "--exclude", "remove the rows from the CSV manifest (a relabel names one class)"),
     ]
     for refused, what, fix in refusals:
         if refused:
