@@ -24,7 +24,7 @@ from graft.models.run_folder import trained_as
 from graft.utils.files import read_json_object
 from graft.utils.text import display_name
 
-__all__ = ["PAGE", "PAGE_HEADERS", "REPORT_HEADERS", "latest_report", "run_facts"]
+__all__ = ["COMMON_HEADERS", "PAGE", "PAGE_HEADERS", "REPORT_HEADERS", "csp_hash", "latest_report", "run_facts"]
 
 _STYLE = """
 :root{--ink:#1d232b;--muted:#5d6873;--line:#d9dee4;--accent:#2f6fd0;--bad:#b3261e;--bg:#f6f7f9}
@@ -234,19 +234,20 @@ PAGE = f"""<!doctype html>
 """
 
 
-def _sha256(text: str) -> str:
+def csp_hash(text: str) -> str:
+    """The Content-Security-Policy source that allows exactly this inline script or style: its SHA-256."""
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-_COMMON = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 # Only this page's own script and style run; images from this server, data: (overlays) and blob: (the thumbnails
 # made from the user's own files); fetch only to this server; no forms, frames, plugins or <base>.
 PAGE_HEADERS = {
-    "Content-Security-Policy": (f"default-src 'none'; script-src {_sha256(_SCRIPT)}; style-src {_sha256(_STYLE)}; "
+    "Content-Security-Policy": (f"default-src 'none'; script-src {csp_hash(_SCRIPT)}; style-src {csp_hash(_STYLE)}; "
                                 "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; "
                                 "form-action 'none'; frame-ancestors 'none'"),
-    **_COMMON,
+    **COMMON_HEADERS,
 }
 
 # The report is graft's own self-contained HTML (plots as data: URIs, one inline <style>) and needs no script at all;
@@ -254,7 +255,7 @@ PAGE_HEADERS = {
 REPORT_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
                                 "form-action 'none'; frame-ancestors 'none'"),
-    **_COMMON,
+    **COMMON_HEADERS,
 }
 
 
