@@ -119,11 +119,22 @@ def serve(
     top_k: Annotated[int, typer.Option("--top-k", "-k")] = 5,
     tta: TTAOpt = None,
     runtime: RuntimeOpt = "auto",
+    label: Annotated[Optional[str], typer.Option(help="instead: a page to label this pool of images (folder, glob "
+                                                 "or CSV) with the run's classes")] = None,
+    labels_out: Annotated[Optional[Path], typer.Option(help="with --label: the path,label CSV written (default "
+                                                       "./labels.csv); graft fit reads it as a manifest")] = None,
+    suggestions: Annotated[Optional[Path], typer.Option(help="with --label: only the images of this "
+                                                        "suggestions.csv (graft suggest), in its order")] = None,
 ):
     """Serve predictions over HTTP: POST /predict (multipart images), a web page on GET /, /health, /metadata, /report.
 
-    Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict
+    Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict;
+    graft serve runs/pets --label ./unlabelled --labels-out new-labels.csv
     """
+    _check_options(("--port", port, 1, 65535))
+    if label is not None or labels_out is not None or suggestions is not None:
+        _serve_labelling(runs, label, labels_out, suggestions, host, port)
+        return
     from graft.deploy.serve import ServeConfig
     from graft.deploy.serve import serve as serve_runs
 
@@ -134,3 +145,15 @@ def serve(
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta, runtime=runtime)
     serve_runs(runs, host, port, device, config)
+
+
+def _serve_labelling(runs: list[str], pool: str | None, labels_out: Path | None, suggestions: Path | None,
+                     host: str, port: int) -> None:
+    from graft.deploy.labelling import serve_labelling
+    from graft.errors import GraftError
+
+    if pool is None:
+        raise GraftError("--labels-out and --suggestions go with --label POOL: name the images to label")
+    if len(runs) != 1:
+        raise GraftError(f"--label takes one run (its classes are the labels), got {len(runs)}")
+    serve_labelling(runs[0], pool, labels_out, suggestions, host, port)
