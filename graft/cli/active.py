@@ -16,7 +16,7 @@ __all__ = ["suggest"]
 @friendly_errors
 def suggest(
     run: Annotated[str, typer.Argument(help="a trained run folder")],
-    pool: Annotated[str, typer.Argument(help="unlabelled images: a folder, a glob pattern or a CSV with a path column")],
+    pool: Annotated[str, typer.Argument(help="unlabelled images: a folder, a glob pattern or a CSV (path column)")],
     n: Annotated[int, typer.Option("-n", help="how many images to suggest")] = 20,
     output: Annotated[Path, typer.Option("--output", "-o", help="suggestions.csv + suggestions.html")] =
     Path("suggestions"),

@@ -30,7 +30,10 @@ from graft.models.run_folder import read_card
 from graft.utils.files import atomic_write
 from graft.utils.text import display_name
 
-__all__ = ["LABEL_COLUMNS", "PREVIEW", "LabelBook", "create_label_app", "default_labels_file", "read_suggested", "serve_labelling"]
+__all__ = [
+    "LABEL_COLUMNS", "PREVIEW", "LabelBook", "create_label_app", "default_labels_file", "read_suggested",
+    "serve_labelling"
+]
 
 log = logging.getLogger(__name__)
 
