@@ -80,7 +80,7 @@ def features(args):
     cache = args.cache or str(Path(tempfile.gettempdir()) / "graft-bench-active-cache")
     start = time.perf_counter()
     _, _, sets = stage_features(splits, "tf_efficientnet_lite0", "default", args.size, device=args.device,
-                                cache_dir=cache)
+                                cache_dir=cache, log=print)
     found = next(iter(sets.values()))
     print(f"features of {len(splits.train)} train + {len(splits.val)} val photos in {time.perf_counter() - start:.0f}"
           f" s ({found.stats['extracted']} extracted, {found.stats['cached']} from the cache {cache})")

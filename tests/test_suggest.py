@@ -161,3 +161,26 @@ def test_a_labels_file_graft_did_not_write_is_refused(trained_run, pool, tmp_pat
     with pytest.raises(GraftError, match="not a labels file graft wrote"):
         create_label_app(trained_run, pool, foreign)
     assert foreign.read_text() == "name,comment\na,b\n"
+
+
+def test_a_pool_csv_keeps_its_paths_inside_its_folder(pool, tmp_path):
+    from graft.data.pool import read_pool
+
+    listing = pool / "list.csv"
+    name = sorted(p.name for p in pool.iterdir() if p.suffix == ".png")[1]
+    listing.write_text(f"path,note\n{name},x\n{pool / name},duplicate\n")
+    assert read_pool(listing).paths == [os.path.abspath(pool / name)]
+    for row in ("../secret.png", str(tmp_path / "secret.png")):
+        listing.write_text(f"path\n{name}\n{row}\n")
+        with pytest.raises(GraftError, match="line 3"):
+            read_pool(listing)
+
+
+def test_labels_go_into_the_pool_folder_only_when_asked(trained_run, pool, monkeypatch):
+    from graft.deploy.labelling import create_label_app
+
+    monkeypatch.chdir(pool)
+    with pytest.raises(GraftError, match="--labels-out"):
+        create_label_app(trained_run, pool)
+    assert not (pool / "labels.csv").exists()
+    create_label_app(trained_run, pool, pool / "labels.csv")  # asked for: allowed (written on the first label)
