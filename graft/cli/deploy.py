@@ -156,4 +156,4 @@ def _serve_labelling(runs: list[str], pool: str | None, labels_out: Path | None,
         raise GraftError("--labels-out and --suggestions go with --label POOL: name the images to label")
     if len(runs) != 1:
         raise GraftError(f"--label takes one run (its classes are the labels), got {len(runs)}")
-    serve_labelling(runs[0], pool, labels_out, suggestions, host, port)
+    serve_labelling(runs[0], pool, labels_out, suggestions, host, port, log=err.print)

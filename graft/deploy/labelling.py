@@ -15,7 +15,6 @@ else. Nothing moves, renames or writes the pool's images.
 
 import csv  # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime
 import io
-import logging
 import os
 import threading
 from pathlib import Path
@@ -34,8 +33,6 @@ __all__ = [
     "LABEL_COLUMNS", "PREVIEW", "LabelBook", "create_label_app", "default_labels_file", "read_suggested",
     "serve_labelling"
 ]
-
-log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ["path", "label"]
 PREVIEW = 320  # pixels, longer side of the images the page shows
@@ -126,7 +123,7 @@ def create_label_app(run: str | os.PathLike, pool: str | os.PathLike, labels_out
     order, predicted = read_suggested(suggestions, images) if suggestions else (images.paths, {})
     book = LabelBook(labels_out if labels_out is not None else default_labels_file(images))
     app = FastAPI(title="graft label", openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.book = book
+    app.state.book, app.state.count = book, len(order)
     _add_routes(app, classes, images, order, predicted, book)
     return app
 
@@ -182,13 +179,17 @@ def _add_routes(app, classes: list[str], pool: Pool, order: list[str], predicted
         return {"labelled": count, "file": display_name(str(book.path))}
 
 
-def serve_labelling(run: str | os.PathLike, pool: str | os.PathLike, labels_out: str | os.PathLike,
-                    suggestions: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Runs the labelling server until interrupted (Ctrl-C)."""
+def serve_labelling(run: str | os.PathLike, pool: str | os.PathLike, labels_out: str | os.PathLike | None = None,
+                    suggestions: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = 8000,
+                    log=None) -> None:
+    """Runs the labelling server until interrupted (Ctrl-C); ``log`` gets one line saying what it serves."""
     try:
         import uvicorn
     except ImportError:
         raise GraftError("graft serve needs FastAPI and uvicorn: pip install 'graft[serve]'") from None
     app = create_label_app(run, pool, labels_out, suggestions)
-    log.info("labelling %s into %s", pool, labels_out)
+    book: LabelBook = app.state.book
+    if log:
+        log(f"label: {app.state.count} images from {pool}; labels go to {book.path} ({len(book.labels)} already); "
+            f"open http://{host}:{port}/")
     uvicorn.run(app, host=host, port=port, log_level="info")
