@@ -4,7 +4,7 @@
 import.
 """
 
-from graft.cli import analysis, data, deploy, explain, inference, probing, train  # noqa: F401  (registers the commands)
+from graft.cli import active, analysis, data, deploy, explain, inference, probing, train  # noqa: F401  (registers)
 from graft.cli.shared import app, main
 
 __all__ = ["app", "main"]

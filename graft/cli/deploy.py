@@ -125,12 +125,25 @@ def serve(
                                                   "(what fit --exclude reads)")] = None,
     data: Annotated[Optional[str], typer.Option(help="with --audit: the dataset it audited (default: the data field "
                                                 "of AUDIT/audit.json)")] = None,
+    label: Annotated[Optional[str], typer.Option(help="instead: a page to label this pool of images (folder, glob "
+                                                 "or CSV) with the run's classes")] = None,
+    labels_out: Annotated[Optional[Path], typer.Option(help="with --label: the path,label CSV written (default "
+                                                       "./labels.csv); graft fit reads it as a manifest")] = None,
+    suggestions: Annotated[Optional[Path], typer.Option(help="with --label: only the images of this "
+                                                        "suggestions.csv (graft suggest), in its order")] = None,
 ):
     """Serve predictions over HTTP: POST /predict (multipart images), a web page on GET /, /health, /metadata, /report.
 
     Example: graft serve runs/pets --port 8000   then   curl -F file=@cat.jpg localhost:8000/predict;
     graft serve runs/pets --audit audit/   then open localhost:8000/review
+    graft serve runs/pets --label ./unlabelled --labels-out new-labels.csv
     """
+    _check_options(("--port", port, 1, 65535))
+    if label is not None or labels_out is not None or suggestions is not None:
+        if audit is not None or data is not None:
+            raise GraftError("--label serves a labelling page and --audit a review page: run one at a time")
+        _serve_labelling(runs, label, labels_out, suggestions, host, port)
+        return
     from graft.deploy.serve import ServeConfig
     from graft.deploy.serve import serve as serve_runs
 
@@ -145,3 +158,14 @@ def serve(
     if audit is not None:
         err.print(f"review page: http://{host}:{port}/review (decisions go to {audit / 'decisions.csv'})")
     serve_runs(runs, host, port, device, config, audit, data)
+
+
+def _serve_labelling(runs: list[str], pool: str | None, labels_out: Path | None, suggestions: Path | None,
+                     host: str, port: int) -> None:
+    from graft.deploy.labelling import serve_labelling
+
+    if pool is None:
+        raise GraftError("--labels-out and --suggestions go with --label POOL: name the images to label")
+    if len(runs) != 1:
+        raise GraftError(f"--label takes one run (its classes are the labels), got {len(runs)}")
+    serve_labelling(runs[0], pool, labels_out, suggestions, host, port, log=err.print)

@@ -1,0 +1,172 @@
+"""`graft suggest`: which unlabelled images to label next, from a trained run and a pool of images.
+
+The pool's features come from the run's own trunk through the feature cache (``graft.probing.extraction``), so a
+second call on the same pool reads them back instead of running the network; the run's head turns them into
+probabilities. ``graft.probing.acquisition.select`` then picks N: uncertain (margin or entropy) and spread out
+(k-center greedy on the features), so they are not all one confusing pair. Written: ``suggestions.csv``
+(``path,predicted,score``, in the order picked) and ``suggestions.html`` (a self-contained page of thumbnails).
+Nothing in the pool is moved or written.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graft.data.discovery import DatasetSplits
+from graft.data.pool import Pool, read_pool
+from graft.data.scan import ScanCache, check_files
+from graft.errors import GraftError
+from graft.evaluation.report import CSS, jpeg_uri, shown_path, thumbnail
+from graft.models.run_folder import load, read_card
+from graft.probing.acquisition import CANDIDATES, MEASURES, select
+from graft.probing.extraction import extract_features
+from graft.utils.files import atomic_write
+from graft.utils.outputs import output_folder
+from graft.utils.runtime import resolve_device
+from graft.utils.text import display_name, safe_row
+
+__all__ = ["COLUMNS", "Suggestion", "Suggestions", "pool_probabilities", "suggest"]
+
+COLUMNS = ("path", "predicted", "score")
+
+
+@dataclass
+class Suggestion:
+    path: str  # absolute
+    predicted: str  # the run's class for it now
+    score: float  # uncertainty in [0, 1]: 1 is a tie between the two likeliest classes (margin) or uniform (entropy)
+
+
+@dataclass
+class Suggestions:
+    """The picks in the order chosen, and what they were chosen from."""
+
+    rows: list[Suggestion]
+    pool_size: int
+    candidates: int
+    by: str
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output: str | os.PathLike | None = None,
+            by: str = "margin", candidates: float = CANDIDATES, device: str = "auto",
+            cache_dir: str | os.PathLike | None = None, workers: int = 0, log=None) -> Suggestions:
+    """The ``n`` images of ``pool`` whose labels should help ``run`` most; with ``output``, writes
+    ``suggestions.csv`` and ``suggestions.html`` there.
+
+    Args:
+        pool: a folder, a glob pattern or a CSV with a ``path`` column (its paths inside its folder).
+        by: ``margin`` (default) or ``entropy``.
+        candidates: k-center greedy chooses among the ``candidates`` × n most uncertain images.
+        log: where progress lines go (none without it).
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise GraftError(f"-n {n!r}: the number of suggestions must be a whole number of at least 1")
+    if by not in MEASURES:
+        raise GraftError(f"--by '{by}' not understood: choose {' or '.join(MEASURES)}")
+    if not isinstance(candidates, (int, float)) or not 1 <= candidates <= 1000:
+        raise GraftError(f"--candidates {candidates!r}: choose a number from 1 to 1000 (times N)")
+    say = log or (lambda message: None)
+    images = read_pool(pool)
+    folder = output_folder(output, "-o", _protected(images)) if output is not None else None
+    say(f"suggest: {len(images.paths)} images in the pool {images.source}")
+    paths, notes = _readable(images, say)
+    probabilities, features = pool_probabilities(run, paths, images.root, device, cache_dir, workers, say)
+    chosen = select(probabilities, features, n, by, candidates)
+    classes = read_card(run)["classes"]
+    rows = [Suggestion(paths[i], classes[c], round(s, 6)) for i, s, c in
+            zip(chosen.indices, chosen.scores, chosen.predicted)]
+    spread = Counter(row.predicted for row in rows)
+    say(f"suggest: {len(rows)} chosen by k-center greedy among the {chosen.candidates} most uncertain (by {by}); "
+        f"predicted {', '.join(f'{display_name(k)} {v}' for k, v in spread.most_common())}")
+    result = Suggestions(rows, len(paths), chosen.candidates, by, notes=images.notes + notes)
+    if folder is not None:
+        result.files = [str(write_csv(folder / "suggestions.csv", rows)),
+                        str(write_page(folder / "suggestions.html", result, run, images))]
+        say(f"suggest: wrote {result.files[0]} and {result.files[1]}")
+    return result
+
+
+def _protected(pool: Pool) -> tuple[tuple[str, str], ...]:
+    """The folders the output may not overlap: the pool's folder, or each folder a pattern's images lie in."""
+    source = Path(pool.source)
+    if source.is_dir() or source.is_file() and source.suffix.lower() in (".csv", ".tsv"):
+        return ((str(pool.root), "pool"),)
+    return tuple((folder, "pool") for folder in sorted({os.path.dirname(path) for path in pool.paths}))
+
+
+def _readable(pool: Pool, say) -> tuple[list[str], list[str]]:
+    """The pool's images that decode (the scan's cache makes a second call cheap), and a note about the rest."""
+    checked = check_files(pool.paths, cache=ScanCache(), log=say)
+    paths = [path for path in pool.paths if checked[path][1] is None]
+    notes = []
+    if len(paths) < len(pool.paths):
+        bad = next(path for path in pool.paths if checked[path][1] is not None)
+        notes.append(f"{len(pool.paths) - len(paths)} unreadable image(s) left out, e.g. {bad}: {checked[bad][1]}")
+        say(f"warning: {notes[-1]}")
+    if not paths:
+        raise GraftError(f"{pool.source}: none of the pool's {len(pool.paths)} images could be read")
+    return paths, notes
+
+
+def pool_probabilities(run: str | os.PathLike, paths: list[str], root: str | os.PathLike | None = None,
+                       device: str = "auto", cache_dir: str | os.PathLike | None = None, workers: int = 0,
+                       log=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, K), trunk features (N, D)) of ``paths`` under the run: the features through the cache
+    (keyed by the run's trunk weights, so a fine-tuned trunk has entries of its own), the head applied to them."""
+    target = resolve_device(device)
+    model = load(run, target)
+    splits = DatasetSplits(list(model.classes), [(path, 0) for path in paths], [], root=str(root or ""))
+    sets = extract_features(splits, model.trunk, model.preprocessing, read_card(run)["backbone"], cache_dir,
+                            workers=workers, device=target, log=log)
+    features = np.asarray(sets[model.trunk.node].features["train"], dtype=np.float32)
+    with torch.no_grad():
+        logits = model.head.eval()(torch.from_numpy(features).to(target))
+    return torch.softmax(logits.float(), dim=1).cpu().numpy(), features
+
+
+def write_csv(path: Path, rows: list[Suggestion]) -> Path:
+    """``path,predicted,score`` (paths absolute and as on disk, class names spreadsheet-safe)."""
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(COLUMNS)
+            writer.writerows([row.path, *safe_row([row.predicted]), f"{row.score:.6f}"] for row in rows)
+
+    atomic_write(path, write)
+    return path
+
+
+def write_page(path: Path, result: Suggestions, run: str | os.PathLike, pool: Pool) -> Path:
+    """A self-contained page (inline CSS, thumbnails as data URIs, no script): the picks in order, with names and
+    classes escaped."""
+    figures = []
+    for rank, row in enumerate(result.rows, start=1):
+        shown = html.escape(display_name(shown_path(row.path, pool.root)), quote=True)
+        figures.append(f"<figure><img src='{jpeg_uri(thumbnail(row.path))}' alt='{shown}'><figcaption>#{rank} "
+                       f"<span class='path'>{shown}</span><br>predicted <b>{html.escape(display_name(row.predicted))}"
+                       f"</b><br><span class='muted'>{result.by} {row.score:.3f}</span></figcaption></figure>")
+    title = html.escape(display_name(Path(run).name))
+    notes = "".join(f"<p class='muted'>{html.escape(display_name(note))}</p>" for note in result.notes)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>graft suggest: {title}</title><style>{CSS}</style></head>
+<body>
+<h1>Label these next: {title}</h1>
+<p class="muted">{len(result.rows)} of {result.pool_size} images from {html.escape(display_name(pool.source))}, chosen
+among the {result.candidates} most uncertain (by {result.by}) to be far apart from each other. Label them with
+<code>graft serve {html.escape(display_name(str(run)))} --label POOL --suggestions suggestions.csv</code>.</p>
+{notes}
+<div class="grid">{''.join(figures)}</div>
+</body></html>
+"""
+    atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8"))
+    return path

@@ -1,0 +1,113 @@
+"""Which unlabelled images to label next (active learning), as plain NumPy: uncertainty balanced with diversity.
+
+Uncertainty ranks the pool by how unsure the classifier is (``margin``: one minus the gap between the two most
+probable classes; ``entropy``: the entropy of the probabilities divided by its maximum, log K). The most uncertain
+images alone are often near-copies from one confusing pair of classes, so ``select`` takes a candidate set of the
+``candidates`` × N most uncertain and picks N of them by k-center greedy on the L2-normalised features: each pick is
+the candidate farthest from everything picked (and labelled) so far, starting from the most uncertain. The order of
+the picks is itself useful: the first k of a selection of N are the selection of k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["CANDIDATES", "MEASURES", "Selection", "entropy", "k_center_greedy", "margin", "normalised", "select",
+           "uncertainty"]
+
+MEASURES = ("margin", "entropy")
+CANDIDATES = 5  # the candidate set is this many times N: wide enough for k-center to spread, still uncertain
+
+
+def margin(probabilities: np.ndarray) -> np.ndarray:
+    """One minus the gap between each row's two largest probabilities: 1 for a tie, 0 for a certain prediction."""
+    top = np.sort(np.asarray(probabilities, dtype=np.float64), axis=1)
+    return 1.0 - (top[:, -1] - top[:, -2])
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Each row's entropy divided by log K (K classes): 1 for a uniform row, 0 for a certain one."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log(p), 0.0)
+    return terms.sum(axis=1) / np.log(p.shape[1])
+
+
+def uncertainty(probabilities: np.ndarray, by: str = "margin") -> np.ndarray:
+    """``margin`` or ``entropy`` of each row (higher: less sure)."""
+    if by not in MEASURES:
+        raise ValueError(f"uncertainty measure '{by}' not understood: choose {' or '.join(MEASURES)}")
+    return margin(probabilities) if by == "margin" else entropy(probabilities)
+
+
+def normalised(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 length (a zero row stays zero), in float32."""
+    x = np.asarray(features, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def k_center_greedy(features: np.ndarray, n: int, first: int = 0, labelled: np.ndarray | None = None) -> list[int]:
+    """``n`` row indices of ``features`` picked farthest-first (Euclidean): each the row farthest from every row
+    picked before it and from ``labelled`` (features already labelled, taken as centres from the start).
+
+    Args:
+        first: the row picked first when nothing is labelled (the rest follow by distance).
+    """
+    count = len(features)
+    n = min(n, count)
+    if n <= 0:
+        return []
+    x = np.asarray(features, dtype=np.float32)
+    nearest = np.full(count, np.inf, dtype=np.float32)  # distance from each row to its nearest centre so far
+    if labelled is not None and len(labelled):
+        for start in range(0, len(labelled), 1024):  # in blocks: a large labelled set never makes an N x L matrix
+            block = np.asarray(labelled[start:start + 1024], dtype=np.float32)
+            nearest = np.minimum(nearest, _distances(x, block).min(axis=1))
+        chosen = [int(np.argmax(nearest))]
+    else:
+        chosen = [int(first)]
+    while True:
+        nearest = np.minimum(nearest, _distances(x, x[chosen[-1]][None]).ravel())
+        nearest[chosen[-1]] = -1.0  # never again, even among exact duplicates
+        if len(chosen) == n:
+            return chosen
+        chosen.append(int(np.argmax(nearest)))  # argmax takes the first of ties: deterministic
+
+
+def _distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    squared = (x * x).sum(1)[:, None] - 2.0 * x @ centres.T + (centres * centres).sum(1)[None, :]
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+@dataclass
+class Selection:
+    """The picks (row indices into the pool, in the order picked), their uncertainty scores and predicted classes."""
+
+    indices: list[int]
+    scores: list[float]
+    predicted: list[int]
+    candidates: int  # how many of the most uncertain k-center chose from
+
+
+def select(probabilities: np.ndarray, features: np.ndarray, n: int, by: str = "margin",
+           candidates: float = CANDIDATES, labelled: np.ndarray | None = None) -> Selection:
+    """The ``n`` pool rows whose labels should help most: k-center greedy on the L2-normalised ``features`` of the
+    ``candidates`` × n most uncertain rows (by ``by``), starting from the most uncertain.
+
+    Args:
+        labelled: features of images already labelled (raw, normalised here): picks keep away from them too.
+    """
+    probabilities = np.asarray(probabilities)
+    if len(probabilities) != len(features):
+        raise ValueError(f"{len(probabilities)} probability rows for {len(features)} feature rows")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1 (x N), got {candidates}")
+    scores = uncertainty(probabilities, by)
+    order = np.lexsort((np.arange(len(scores)), -scores))  # most uncertain first; ties by position: deterministic
+    pool = order[:max(n, int(np.ceil(candidates * n)))]
+    centres = None if labelled is None or not len(labelled) else normalised(labelled)
+    picked = [int(pool[i]) for i in k_center_greedy(normalised(np.asarray(features)[pool]), n, 0, centres)]
+    predicted = probabilities.argmax(axis=1)
+    return Selection(picked, [float(scores[i]) for i in picked], [int(predicted[i]) for i in picked], len(pool))
