@@ -196,10 +196,10 @@ def test_cli_evaluate_prints_both_numbers_and_writes_the_report(trained_run, sha
 
 
 def test_thumbnails_survive_a_file_deleted_after_evaluation(shapes, tmp_path):
-    from graft.evaluation.report import _thumbnail
+    from graft.evaluation.report import thumbnail
 
-    assert _thumbnail(str(tmp_path / "gone.png")).size == (112, 112)
-    assert max(_thumbnail(str(next((shapes / "val" / "circle").iterdir()))).size) <= 112
+    assert thumbnail(str(tmp_path / "gone.png")).size == (112, 112)
+    assert max(thumbnail(str(next((shapes / "val" / "circle").iterdir()))).size) <= 112
     assert load_image(next((shapes / "val" / "circle").iterdir())).size == (48, 48)
 
 

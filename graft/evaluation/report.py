@@ -28,8 +28,8 @@ from graft.utils.plotting import plots_skipped, pyplot
 from graft.utils.text import display_name
 
 __all__ = [
-    "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "plot_confusion", "plot_mistakes",
-    "plot_reliability", "plot_training_curves", "training_curves_figure", "write_report"
+    "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "jpeg_uri", "plot_confusion", "plot_mistakes",
+    "plot_reliability", "plot_training_curves", "shown_path", "thumbnail", "training_curves_figure", "write_report"
 ]
 
 
@@ -164,7 +164,8 @@ def confident_mistakes(samples: list, probabilities: torch.Tensor, classes: list
              probabilities[i, samples[i][1]].item()) for i in order]
 
 
-def _thumbnail(path: str) -> Image.Image:
+def thumbnail(path: str) -> Image.Image:
+    """The image at ``path`` shrunk to ``THUMBNAIL`` pixels on its longer side; a grey tile when it cannot be read."""
     try:
         image = load_image(path)
     except Exception:  # noqa: BLE001 - a file changed since evaluation: a grey tile, not a failed report
@@ -182,12 +183,13 @@ def plot_mistakes(mistakes: list) -> bytes | None:
     for axis in axes.flat:
         axis.axis("off")
     for axis, (path, true, predicted, confidence, _) in zip(axes.flat, mistakes):
-        axis.imshow(_thumbnail(path))
+        axis.imshow(thumbnail(path))
         axis.set_title(f"true {true[:14]}\npred {predicted[:14]} {confidence:.2f}", fontsize=7)
     return _png(figure)
 
 
-def _jpeg_uri(image: Image.Image) -> str:
+def jpeg_uri(image: Image.Image) -> str:
+    """``image`` as a JPEG data URI (a page stays one self-contained file)."""
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return _data_uri(buffer.getvalue(), "image/jpeg")
@@ -252,8 +254,8 @@ def _mistake_grid(mistakes: list, data: str | os.PathLike, overlays: list | None
     for index, (path, true, predicted, confidence, p_true) in enumerate(mistakes):
         shown = html.escape(display_name(shown_path(path, data)), quote=True)
         cam = overlays[index] if overlays else None
-        images = f"<img src='{_jpeg_uri(_thumbnail(path))}' alt='{shown}'>" + (
-            f"<img src='{_jpeg_uri(cam)}' alt='Grad-CAM of {shown} for {html.escape(predicted, quote=True)}'>"
+        images = f"<img src='{jpeg_uri(thumbnail(path))}' alt='{shown}'>" + (
+            f"<img src='{jpeg_uri(cam)}' alt='Grad-CAM of {shown} for {html.escape(predicted, quote=True)}'>"
             if cam is not None else "")
         figures.append(f"<figure class='mistake'><div class='pair'>{images}</div><figcaption><span class='path'>"
                        f"{shown}</span><br>true <b>{html.escape(true)}</b><br><span class='wrong'>predicted "
