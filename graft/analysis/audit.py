@@ -171,6 +171,8 @@ def _label_issues(x, y, classes, folds: int, device: str, ranked_by: str, log):
     if counts[counts > 0].min() < 2:
         raise GraftError(f"class '{classes[int(np.flatnonzero(counts == 1)[0])]}' has one image: the out-of-fold "
                          "probe needs at least two per class; add images or remove the class")
+    if log:
+        log(f"audit: {folds}-fold probe on {len(y)} images (out-of-fold probabilities for the label check)")
     with Progress("audit: out-of-fold probe", 1, "solves", log, log is not None) as progress:
         probe = fit_linear_probe(x, y, classes=len(classes), cv=folds, device=resolve_device(device))
         progress.update(1)
