@@ -16,7 +16,7 @@ _EXPORTS = {
     "GraftError": "graft.errors", "evaluate": "graft.evaluation.scoring", "predict": "graft.evaluation.inference",
     "GraftModel": "graft.models.grafted", "load": "graft.models.run_folder", "cut": "graft.models.surgery",
     "list_nodes": "graft.models.surgery", "FitResult": "graft.training.state", "Hooks": "graft.training.state",
-    "fit": "graft.training.fitting", "suggest": "graft.analysis.suggest",
+    "fit": "graft.training.fitting", "suggest": "graft.analysis.suggest", "audit": "graft.analysis.audit",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -29,7 +29,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 runner = CliRunner()
 # every command that writes files; push uploads and precise-bn updates the run in place, so neither takes -o
 WRITERS = {"fit", "demo", "lr-find", "compare", "diagnose", "stats", "export", "predict", "evaluate", "explain",
-           "features", "probe", "shard", "suggest"}
+           "features", "probe", "shard", "suggest", "audit"}
 
 
 def _options(name: str) -> set[str]:

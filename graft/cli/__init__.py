@@ -4,7 +4,8 @@
 import.
 """
 
-from graft.cli import active, analysis, data, deploy, explain, inference, probing, train  # noqa: F401  (registers)
+from graft.cli import (  # noqa: F401  (registers the commands)
+    active, analysis, audit, data, deploy, explain, inference, probing, train)
 from graft.cli.shared import app, main
 
 __all__ = ["app", "main"]

@@ -29,7 +29,7 @@ from graft.utils.text import display_name
 
 __all__ = [
     "CSS", "MISTAKES", "PLOTS", "THUMBNAIL", "confident_mistakes", "jpeg_uri", "plot_confusion", "plot_mistakes",
-    "plot_reliability", "plot_training_curves", "thumbnail", "training_curves_figure", "write_report"
+    "plot_reliability", "plot_training_curves", "shown_path", "thumbnail", "training_curves_figure", "write_report"
 ]
 
 
@@ -165,7 +165,7 @@ def confident_mistakes(samples: list, probabilities: torch.Tensor, classes: list
 
 
 def thumbnail(path: str) -> Image.Image:
-    """The image at ``path`` shrunk to at most ``THUMBNAIL`` pixels a side; a grey tile when it cannot be read."""
+    """The image at ``path`` shrunk to ``THUMBNAIL`` pixels on its longer side; a grey tile when it cannot be read."""
     try:
         image = load_image(path)
     except Exception:  # noqa: BLE001 - a file changed since evaluation: a grey tile, not a failed report
@@ -189,7 +189,7 @@ def plot_mistakes(mistakes: list) -> bytes | None:
 
 
 def jpeg_uri(image: Image.Image) -> str:
-    """``image`` as a JPEG ``data:`` URI, for a self-contained page."""
+    """``image`` as a JPEG data URI (a page stays one self-contained file)."""
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return _data_uri(buffer.getvalue(), "image/jpeg")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from graft.data.discovery import discover
+from graft.data.duplicates import copies_between
 from graft.data.scan import readable
 from graft.data.transforms import TTAViews, parse_tta
 from graft.errors import GraftError
@@ -44,12 +45,16 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
     model = models[0]
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
-    samples = _labelled_samples(data, split, model.classes)
+    samples, training = _labelled_samples(data, split, model.classes)
+    copies = copies_between([path for path, _ in samples], training)  # sizes first: only same-size files are hashed
+    if copies and log:
+        log(f"warning: {len(copies)} evaluated image(s) are byte-identical copies of training images (e.g. "
+            f"{copies[0][0]} = {copies[0][1]}): the numbers are optimistic; graft audit lists them, near copies too")
     with out_of_memory_hint(batch_size):
         plain, augmented, labels = ensemble_probabilities(models, samples, target, tta, batch_size, workers, log,
                                                             runs, runtime)
     metrics = classification_metrics(plain.clamp_min(1e-12).log(), labels, model.classes, top_k)
-    metrics.update({"data": str(data), "runs": [str(r) for r in runs]})
+    metrics.update({"data": str(data), "runs": [str(r) for r in runs], "copies_of_training": len(copies)})
     if tta:
         metrics["tta"] = {"views": parse_tta(tta), "count": len(TTAViews(model.preprocessing, tta)),
                           **classification_metrics(augmented.clamp_min(1e-12).log(), labels, model.classes, top_k)}
@@ -90,13 +95,15 @@ def _data_name(data) -> str:
 SPLITS = ("train", "val", "test")
 
 
-def _labelled_samples(data, split: str | None, model_classes: list[str]) -> list:
-    """Samples of the evaluation data with labels re-indexed to the model's class order."""
+def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
+    """Samples of the evaluation data with labels re-indexed to the model's class order, and the paths of the data's
+    training split when another split is evaluated (to look for copies of them; else none)."""
     if split and split not in SPLITS:  # checked before the data is read: it names an attribute below
         raise GraftError(f"--split '{split}' not understood: choose one of {', '.join(SPLITS)}")
     splits = discover(data, val_fraction=0.5)
     path = Path(data)
     has_splits = path.is_dir() and any((path / name).is_dir() for name in ("train", "val", "test", "valid"))
+    training = [path for path, _ in splits.train] if split in ("val", "test") or has_splits and not split else []
     if split:
         chosen = getattr(splits, split)
     elif has_splits:
@@ -110,4 +117,4 @@ def _labelled_samples(data, split: str | None, model_classes: list[str]) -> list
     if not chosen:
         raise GraftError(f"{data}: no readable images to evaluate")
     index = {name: model_classes.index(name) for name in splits.classes}
-    return [(path, index[splits.classes[label]]) for path, label in chosen]
+    return [(path, index[splits.classes[label]]) for path, label in chosen], training

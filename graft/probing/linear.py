@@ -50,6 +50,9 @@ class ProbeResult:
     temperature: float = 1.0  # the logits were divided by it (fitted on out-of-fold logits; 1: not calibrated)
     cv_loss: float = math.nan  # the chosen λ's mean held-out log-loss, before the temperature
     calibrated_cv_loss: float = math.nan  # the same out-of-fold logits' log-loss after it
+    # (N, classes) probabilities of each training image from the fold that held it out, at the chosen λ and after the
+    # temperature (None without CV): what `graft audit` gives cleanlab, at no extra solve
+    out_of_fold: np.ndarray | None = None
 
     @property
     def optimistic(self) -> bool:
@@ -248,7 +251,7 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
     grid = sorted(grid, reverse=True)
     present = np.bincount(np.asarray(train_y, dtype=np.int64))
     can_cv = cv >= 2 and len(grid) > 1 and present[present > 0].min() >= 2
-    temperature, calibration = 1.0, (math.nan, math.nan)
+    temperature, calibration, held_out = 1.0, (math.nan, math.nan), None
     if can_cv:
         folds = stratified_folds(np.asarray(train_y, dtype=np.int64), cv, seed)
         grid, scores, chosen, out_of_fold = _choose_by_cv(x, y, sample_weight, grid, classes, folds, max_iter,
@@ -258,6 +261,7 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         if fitted is not None:
             temperature = fitted
             calibration = (scores[chosen][1], F.cross_entropy(out_of_fold / temperature, y).item())
+        held_out = torch.softmax(out_of_fold.double() / temperature, dim=1).cpu().numpy()
     elif len(grid) == 1 or not has_val:  # nothing to choose with: the one given, or a middle-of-the-road strength
         grid, chosen, selection = [grid[len(grid) // 2]], 0, "fixed"
     else:  # a class with one training image: no two folds, so the labelled, optimistic fallback
@@ -286,4 +290,4 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         linear.bias.copy_(((best_bias - (best_weight * (mean / std)).sum(1)) / temperature).cpu())
     row = path[chosen]
     return ProbeResult(linear, row["l2"], path, row.get("val_acc", math.nan), selection, row.get("cv_acc", math.nan),
-                       temperature, *calibration)
+                       temperature, *calibration, held_out)
