@@ -49,3 +49,15 @@ def test_a_file_name_with_brackets_is_printed_as_it_is(trained_run, tmp_path):
     assert result.exit_code == 2, result.output
     assert "a[b]c [red]x[/red].png" in result.output, result.output
     assert result.output.startswith("error: "), result.output
+
+
+def test_the_consoles_print_brackets_as_they_are():
+    """Every line graft prints through its consoles (progress, `wrote ...`, warnings), not only the error path: a
+    message with brackets (an extra, a file `a[b]c.png`) reaches the terminal unchanged."""
+    from graft.cli.shared import err, out
+
+    message = "pip install 'graft[audit]' for photos/a[b]c.png and [red]not a style[/red]"
+    for console in (out, err):
+        with console.capture() as captured:
+            console.print(message)
+        assert captured.get().strip() == message

@@ -28,8 +28,8 @@ app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_e
                   help="Transfer learning: a folder of labelled images in, a fine-tuned classifier out.")
 # markup=False: what graft prints is plain text, so `pip install 'graft[serve]'` and a class named `a[b]c` print as
 # they are (rich markup would eat the brackets); colour comes only from explicit styles (styled below).
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 def styled(prefix: str, style: str, message: str = "") -> Text:
