@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CV_FOLDS", "DEFAULT_GRID", "FULL_BATCH_LIMIT", "GRID_LIMITS", "OUT_OF_FOLD_LIMIT", "ProbeResult",
-           "class_weights", "fit_linear_probe", "fit_temperature", "stratified_folds"]
+           "class_weights", "fit_linear_probe", "fit_temperature", "lbfgs", "stratified_folds"]
 
 # strong → weak; λ multiplies 0.5·‖W‖² per image. 1e1 and 1e0 reach the strong regularisation a cross-validated
 # sklearn fit picked on a real 2-class dataset (C·N ≈ 2.5, λ ≈ 0.4), which the old 1e-1 end could not.
@@ -89,8 +89,10 @@ def _loss(weight, bias, x, y, l2, sample_weight):
     return data + 0.5 * l2 * weight.pow(2).sum()
 
 
-def _lbfgs(weight, bias, x, y, l2, sample_weight, max_iter: int) -> int:
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
+def lbfgs(parameters: list[torch.Tensor], objective, max_iter: int) -> int:
+    """Minimises ``objective()`` over ``parameters`` with full-batch L-BFGS (strong Wolfe line search), the solver of
+    every probe (softmax here, one-vs-rest in ``graft.probing.multilabel``); returns the objective's evaluations."""
+    optimizer = torch.optim.LBFGS(parameters, lr=1, max_iter=max_iter, tolerance_grad=1e-6,
                                   tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
     calls = 0
 
@@ -98,12 +100,16 @@ def _lbfgs(weight, bias, x, y, l2, sample_weight, max_iter: int) -> int:
         nonlocal calls
         calls += 1
         optimizer.zero_grad()
-        loss = _loss(weight, bias, x, y, l2, sample_weight)
+        loss = objective()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     return calls
+
+
+def _lbfgs(weight, bias, x, y, l2, sample_weight, max_iter: int) -> int:
+    return lbfgs([weight, bias], lambda: _loss(weight, bias, x, y, l2, sample_weight), max_iter)
 
 
 def _minibatch(weight, bias, x, y, l2, sample_weight, batch: int = 4096, min_steps: int = 1000,

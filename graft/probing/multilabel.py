@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graft.probing.linear import CV_FOLDS, DEFAULT_GRID
+from graft.probing.linear import CV_FOLDS, DEFAULT_GRID, lbfgs
 
 __all__ = ["DEFAULT_THRESHOLD", "MultiLabelProbeResult", "choose_thresholds", "fit_multilabel_probe", "random_folds"]
 
@@ -51,20 +51,7 @@ def _loss(weight, bias, x, y, l2):
 
 
 def _lbfgs(weight, bias, x, y, l2, max_iter: int) -> int:
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
-                                  tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        optimizer.zero_grad()
-        loss = _loss(weight, bias, x, y, l2)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return calls
+    return lbfgs([weight, bias], lambda: _loss(weight, bias, x, y, l2), max_iter)
 
 
 def _bce(weight, bias, x, y) -> float:
