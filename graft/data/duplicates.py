@@ -143,8 +143,8 @@ def _approximate(unit: np.ndarray, threshold: float, k: int) -> Neighbours:
     try:
         from usearch.index import Index
     except ImportError:
-        raise GraftError(f"{len(unit)} images need an approximate neighbour index: pip install usearch "
-                         "(or 'graft[audit]')") from None
+        raise GraftError(f"{len(unit)} images need an approximate neighbour index: pip install 'graft[audit]' "
+                         "(usearch)") from None
     count = min(max(k, 32) + 1, len(unit))  # + 1: the row itself comes back among its matches
     index = Index(ndim=unit.shape[1], metric="cos", dtype="f32")
     index.add(np.arange(len(unit), dtype=np.uint64), unit)
