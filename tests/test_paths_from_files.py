@@ -142,6 +142,24 @@ def test_overwrite_never_removes_a_folder_a_tampered_output_manifest_names(tmp_p
         {k: v for k, v in before.items() if MANIFEST not in k}
 
 
+def test_overwrite_removes_the_wandb_folder_it_handed_out_but_never_follows_a_link_of_that_name(tmp_path, victim):
+    """`--log wandb` made `wandb/` the second folder graft removes whole: only a real folder of that name inside the
+    run folder, listed in graft's manifest; a link named `wandb` pointing at a user's folder leaves it untouched."""
+    from graft.utils.outputs import MANIFEST, output_folder
+
+    out = output_folder(tmp_path / "out")
+    (out / "wandb" / "offline-run-1").mkdir(parents=True)
+    (out / MANIFEST).write_text(json.dumps(["wandb/"]))
+    output_folder(out, overwrite=True)
+    assert not (out / "wandb").exists()
+    linked = output_folder(tmp_path / "linked")
+    (linked / "wandb").symlink_to(victim, target_is_directory=True)
+    (linked / MANIFEST).write_text(json.dumps(["wandb/"]))
+    before = fingerprint(victim)
+    output_folder(linked, overwrite=True)
+    assert fingerprint(victim) == before
+
+
 # ------------------------------------------------------------------------------------------------------ scan cache
 
 
