@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from graft.data.discovery import Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from graft.data.prefetch import usable_cores
 from graft.errors import GraftError
 
 __all__ = ["FileDataset", "ImageDataset", "PREFETCH_BATCHES", "loader_options", "resolve_workers", "unreadable_split"]
@@ -103,9 +104,8 @@ def resolve_workers(workers: int, device: torch.device) -> int:
         return workers
     if torch.device(device).type == "cpu":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, min(8, cores // local))
+    return max(1, min(8, usable_cores() // local))
 
 
 def loader_options(device: torch.device | str, workers: int = -1, persistent: bool = False) -> dict:
