@@ -24,7 +24,7 @@ __all__ = [
     "ModelConfig", "NORMS", "OPTIMIZERS", "POOLS", "PRECISIONS", "Range", "STRATEGIES", "TrainConfig",
     "apply_overrides", "check_number", "check_option", "check_ranges", "flag_of", "load_config", "option_fields",
     "parse_head", "parse_init", "parse_unfreeze", "parse_vgg_stages", "validate",
-    "LOGGERS", "parse_log",
+    "LOGGERS", "parse_log", "flatten",
 ]
 
 STRATEGIES = ("probe", "finetune", "scratch", "auto")
@@ -236,21 +236,21 @@ class FitConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> FitConfig:
         """Builds a config from nested dicts, rejecting unknown keys with the key's name and where it came from."""
         config = cls()
-        apply_overrides(config, _flatten(raw), source)
+        apply_overrides(config, flatten(raw), source)
         return config
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
-def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested sections as dotted keys. Only the top level is a section: a dict below it stays one value (refused by
     its key's check), so a config nested thousands deep is never walked."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and not prefix:
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -348,7 +348,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: dict[str, Any] |
         raw = _read_yaml(path, yaml)
         if not isinstance(raw, dict):
             raise GraftError(f"{path}: expected a mapping with sections data/model/train at the top level")
-        apply_overrides(config, _flatten(raw), str(path))
+        apply_overrides(config, flatten(raw), str(path))
     apply_overrides(config, overrides or {})
     validate(config)
     return config

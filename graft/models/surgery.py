@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
+from graft.models.batchnorm import BATCH_NORMS
 from graft.utils.modes import evaluating
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 DEFAULT_NODE = "pre_logits"  # the backbone's own pooled features: forward_head(forward_features(x), pre_logits=True)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+NORM_TYPES = BATCH_NORMS
 
 
 class StopForward(Exception):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from graft.config import FitConfig, _flatten, parse_log
+from graft.config import FitConfig, flatten, parse_log
 from graft.errors import GraftError
 from graft.training.state import FitResult, Hooks
 from graft.utils import outputs
@@ -231,7 +231,7 @@ class Tracker:
         self._remember({"mlflow_tracking_uri": uri, "mlflow_run_id": self.run_id})
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in _flatten(self.config.to_dict()).items()]
+        params = [Param(key, str(value)) for key, value in flatten(self.config.to_dict()).items()]
         for start in range(0, len(params), 100):  # log_batch takes at most 100 params a call
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 
