@@ -205,6 +205,7 @@ def demo(
 
 
 def lab_overrides(activation, norm, init, vgg_stages) -> dict:
+    """The scratch-architecture options of `fit` and `lab` as dotted config overrides (None: not given)."""
     return {"model.activation": activation, "model.norm": norm, "model.init": init, "model.vgg_stages": vgg_stages}
 
 

@@ -59,6 +59,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
 
 
 def prepare_splits(data, val_fraction: float, seed: int, test_fraction: float = 0.0, log=None) -> DatasetSplits:
+    """Discovers and scans ``data`` into train/val(/test) splits, refusing an empty validation split."""
     splits = discover(data, val_fraction, seed, test_fraction)
     scan(splits, log=log)
     if not splits.val:
@@ -177,6 +178,7 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
 
 
 def stage_row(node: str, features: FeatureSet, classes: int, device: str) -> dict:
+    """One leaderboard row for a cut node: the linear probe's and k-NN's validation accuracy on its features."""
     args = (features.features["train"], features.labels["train"], features.features["val"], features.labels["val"])
     probe = fit_linear_probe(*args, classes=classes, device=resolve_device(device))
     return {"node": node, "width": features.dim, "probe_accuracy": probe.val_accuracy,

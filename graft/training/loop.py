@@ -225,6 +225,7 @@ def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0
 
 
 def epoch_line(row: dict) -> str:
+    """The one log line printed after an epoch, from its history row."""
     return (f"epoch {row['epoch']:>3} [{row['stage']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
             f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['images_per_s']:.1f} img/s"
             f" | {row['seconds']:.1f}s")

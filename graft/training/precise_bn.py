@@ -34,6 +34,8 @@ __all__ = ["precise_bn", "recompute_bn_statistics", "precise_bn_after_training"]
 
 def precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
                               card: dict) -> dict:
+    """Recomputes batch-norm statistics after training when anything with batch norm was trained; records it in
+    ``card`` and returns what the run summary shows."""
     if model.trunk_frozen() and not batch_norms(model.head):
         runtime.log("precise BN: skipped, nothing with batch norm was trained")
         return {"images": 0, "skipped": "nothing with batch norm was trained"}

@@ -86,6 +86,7 @@ def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str,
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Writes ``rows`` (only their ``columns``) as a CSV file, atomically."""
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")

@@ -174,6 +174,7 @@ def load_trunk_weights(net: nn.Module, state: dict[str, torch.Tensor], origin: s
 
 
 def did_you_mean(name: str, candidates: list[str]) -> str:
+    """The hint " Did you mean a, b?" naming up to three close candidates, or an empty string when none is close."""
     import difflib
 
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
