@@ -51,7 +51,8 @@ def layers(
     Example: graft layers resnet50 --size 224
     """
     from graft.models.backbones.registry import create_backbone
-    from graft.models.surgery import DEFAULT_NODE, cut, list_nodes
+    from graft.models.inspection import list_nodes
+    from graft.models.surgery import DEFAULT_NODE, cut
 
     check_options(("--size", size, *IMAGE_SIZES))
     model = create_backbone(backbone, pretrained=False)  # shapes need no weights: works offline
