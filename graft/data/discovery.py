@@ -13,6 +13,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from graft.data.shard_index import discover_shards, is_shard_source
 from graft.data.splits import SPLIT_NAMES, DatasetSplits, Sample, stratified_split
 from graft.errors import GraftError
 from graft.utils.outputs import contained
@@ -143,7 +144,7 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
     if labels == "multi" and Path(path).suffix.lower() not in (".csv", ".tsv"):
         raise GraftError(f"{path}: multi-label data is read from a CSV manifest (path,label with labels separated by "
                          "spaces or ';'); write one, or drop --multi-label")
-    from graft.data import hfdatasets, shards  # imported here: both build on this module
+    from graft.data import hfdatasets  # imported here: it builds on this module
 
     if hfdatasets.is_hf_source(path):
         splits = hfdatasets.discover_hf(path, val_fraction, seed, image_column, label_column)
@@ -151,11 +152,11 @@ def discover(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0,
     if image_column or label_column:
         raise GraftError(f"{path}: --image-column and --label-column name the columns of a Hugging Face dataset; "
                          "drop them for class folders, a CSV or shards")
-    if shards.is_shard_source(path):
+    if is_shard_source(path):
         if test_fraction:  # the shards' splits were fixed when they were written
             raise GraftError(f"{path}: tar shards keep the splits they were written with; carve the test split "
                              "when sharding (graft shard on a folder with test/) and drop --test-fraction")
-        return shards.discover_shards(path)
+        return discover_shards(path)
     return _carve_test(path, _discover(Path(path), val_fraction, seed, labels), test_fraction, seed)
 
 
@@ -366,9 +367,7 @@ def discover_pool(source: str | os.PathLike) -> list[str]:
     Raises:
         GraftError: when the source holds no images, or is a shard set.
     """
-    from graft.data import shards  # imported here: shards builds on this module
-
-    if shards.is_shard_source(source):
+    if is_shard_source(source):
         raise GraftError(f"{source}: --unlabeled reads image files and tar shards hold none; pass the folder (or "
                          "CSV) the shards were written from")
     path = Path(source)

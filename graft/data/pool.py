@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft.data.discovery import expand_inputs, walk_images
+from graft.data.shard_index import is_shard_source
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 
@@ -39,12 +40,10 @@ def read_pool(source: str | os.PathLike) -> Pool:
     Raises:
         GraftError: nothing found, tar shards (features need image files), or a CSV row leaving its folder.
     """
-    from graft.data import shards  # imported here, as discovery does: shards builds on discovery
-
     text = os.fspath(source)
     if not text.strip():
         raise GraftError(f"pool {text!r} is blank: name a folder, a glob pattern or a CSV of images")
-    if shards.is_shard_source(text):
+    if is_shard_source(text):
         raise GraftError(f"{text}: tar shards hold no image files to show or label; pass the folder (or CSV) the "
                          "shards were written from")
     path, notes = Path(text), []
