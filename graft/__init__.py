@@ -15,7 +15,7 @@ _EXPORTS = {
     "create_backbone": "graft.models.backbones.registry", "FitConfig": "graft.config", "load_config": "graft.config",
     "GraftError": "graft.errors", "evaluate": "graft.evaluation.scoring", "predict": "graft.evaluation.inference",
     "GraftModel": "graft.models.grafted", "load": "graft.models.run_folder", "cut": "graft.models.surgery",
-    "list_nodes": "graft.models.surgery", "FitResult": "graft.training.state", "Hooks": "graft.training.state",
+    "list_nodes": "graft.models.inspection", "FitResult": "graft.training.state", "Hooks": "graft.training.state",
     "fit": "graft.training.fitting", "suggest": "graft.analysis.suggest", "audit": "graft.analysis.audit",
 }
 

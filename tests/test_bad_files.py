@@ -18,7 +18,7 @@ from graft import cli
 from graft.cli import shared
 from graft.data.discovery import discover
 from graft.errors import GraftError
-from graft.models.backbones.base import _file_preprocessing
+from graft.models.backbones.base import file_preprocessing
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.safefiles import read_safetensors
 
@@ -158,19 +158,19 @@ def test_a_bad_config_json_beside_weights_is_one_error(tmp_path, content, messag
     weights = tmp_path / "model.safetensors"
     (tmp_path / "config.json").write_bytes(content.encode())
     with pytest.raises(GraftError, match=rf"config.json: .*{message}.*; fix or delete it"):
-        _file_preprocessing(weights, {}, None, "resnet18")
+        file_preprocessing(weights, {}, None, "resnet18")
 
 
 def test_a_good_config_json_beside_weights_is_used(tmp_path):
     (tmp_path / "config.json").write_text('{"pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], '
                                           '"input_size": [3, 160, 160], "crop_pct": 0.9}}')
-    preprocessing = _file_preprocessing(tmp_path / "model.safetensors", {}, None, "resnet18")
+    preprocessing = file_preprocessing(tmp_path / "model.safetensors", {}, None, "resnet18")
     assert preprocessing.input_size == (160, 160) and preprocessing.std == (0.25, 0.25, 0.25)
 
 
 def test_bad_preprocessing_metadata_in_a_weights_file_is_one_error(tmp_path):
     with pytest.raises(GraftError, match="graft.preprocessing metadata is invalid"):
-        _file_preprocessing(tmp_path / "w.safetensors", {"graft.preprocessing": "{oops"}, None, "resnet18")
+        file_preprocessing(tmp_path / "w.safetensors", {"graft.preprocessing": "{oops"}, None, "resnet18")
 
 
 # -------------------------------------------------------------------------------------------- feature-cache shard

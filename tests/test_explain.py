@@ -141,11 +141,11 @@ def test_cli_explain_and_its_one_line_errors(trained_run, shapes, tmp_path):
 def test_missing_captum_names_the_extra(monkeypatch):
     import sys
 
-    from graft.evaluation.explain import _layer_grad_cam
+    from graft.evaluation.gradcam import layer_grad_cam
 
     monkeypatch.setitem(sys.modules, "captum.attr", None)
     with pytest.raises(GraftError, match=r"pip install 'graft\[explain\]'"):
-        _layer_grad_cam()
+        layer_grad_cam()
 
 
 def _report(model, shapes: Path, out: Path) -> str:

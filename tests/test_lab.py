@@ -22,7 +22,7 @@ from graft.evaluation.inference import predict
 from graft.models.backbones.lab import create_lab_net
 from graft.models.backbones.registry import create_backbone
 from graft.models.run_folder import load, read_card
-from graft.models.surgery import list_nodes, receptive_fields
+from graft.models.inspection import list_nodes, receptive_fields
 from graft.training.fitting import fit
 from graft.training.lr_find import find_lr, lr_sweep
 from graft.utils.runtime import Runtime

@@ -170,3 +170,18 @@ def test_the_models_layer_takes_training_policy_as_arguments():
     reading = [str(p.relative_to(ROOT)) for p in (PACKAGE / "models").rglob("*.py")
                if "train.strategy !=" in p.read_text() or "train.strategy ==" in p.read_text()]
     assert reading == []
+
+
+def _private_imports(source: str, where: str) -> list[str]:
+    """``from X import _name`` sites in ``source``: a name another module keeps private is no API to build on."""
+    return [f"{where}:{node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_module_imports_another_modules_private_name():
+    """Between modules only public names travel (in ``__all__``), torch's and graft's alike."""
+    sites = [site for path in MODULES for site in _private_imports(path.read_text(), str(path.relative_to(ROOT)))]
+    assert sites == []
+    probe = "from __future__ import annotations\nfrom graft.config import flatten\n\ndef f():\n    from .x import _y\n"
+    assert _private_imports(probe, "probe.py") == ["probe.py:5: from .x import _y"]  # function-level ones count

@@ -171,7 +171,7 @@ def test_the_balanced_sampler_draws_classes_equally_often():
 def test_balance_loss_weights_classes_by_inverse_frequency(shapes, tmp_path):
     samples = [("x", 0)] * 6 + [("y", 1)] * 2
     config = load_config(None, {"train.balance": "loss"})
-    weights = setup._loss_class_weights(type("D", (), {"samples": samples}), 2, config, torch.device("cpu"))
+    weights = setup.loss_class_weights(type("D", (), {"samples": samples}), 2, config, torch.device("cpu"))
     assert torch.allclose(weights, torch.tensor([8 / 12, 8 / 4]))
     for balance in ("sampler", "loss"):
         result = fit(tiny_config(shapes, tmp_path / balance, **{"train.strategy": "scratch", "train.epochs": 4,

@@ -12,7 +12,8 @@ from conftest import TINY
 from sklearn.linear_model import LogisticRegression
 from sklearn.semi_supervised import LabelSpreading, SelfTrainingClassifier
 
-from graft.data.discovery import discover, discover_pool
+from graft.data.discovery import discover
+from graft.data.pool import read_pool
 from graft.errors import GraftError
 from graft.probing.extraction import FeatureSet
 from graft.probing.linear import fit_linear_probe
@@ -163,18 +164,38 @@ def test_pool_never_holds_a_val_image(few_labels):
                              train=SimpleNamespace(head_fit="lbfgs", strategy="probe"))
     found = pool_paths(config, splits, Runtime(torch.device("cpu"), None, False, verbose=False))
     val_bytes = {Path(path).read_bytes() for path, _ in splits.val}
-    assert len(found) == 60 and len(discover_pool(pool)) == 63
+    assert len(found) == 60 and len(read_pool(pool).paths) == 63
     assert not any(Path(path).read_bytes() in val_bytes for path in found)
 
 
 def test_pool_csv_paths_stay_in_its_folder(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "pool.csv").write_text("path,note\na.png,x\n")
-    assert discover_pool(tmp_path / "pool.csv") == [str(tmp_path / "a.png")]
+    assert read_pool(tmp_path / "pool.csv").paths == [str(tmp_path / "a.png")]
     (tmp_path / "bad.csv").write_text("path\n../outside.png\n")
     with pytest.raises(GraftError, match=r"bad.csv, line 2"):
-        discover_pool(tmp_path / "bad.csv")
+        read_pool(tmp_path / "bad.csv")
 
+
+
+def test_both_pool_readers_refuse_a_csv_naming_an_image_outside_its_folder(shapes, tmp_path):
+    """fit --unlabeled and suggest read a pool CSV alike: an absolute path outside the CSV's folder is refused, as a
+    relative one climbing out is (a path read from a file stays inside its folder)."""
+    from graft.analysis.suggest import suggest
+
+    outside = tmp_path / "outside.png"
+    shutil.copy(next((shapes / "train" / "circle").iterdir()), outside)
+    (tmp_path / "pool").mkdir()
+    listing = tmp_path / "pool" / "pool.csv"
+    listing.write_text(f"path\n{outside}\n")
+    refused = r"pool.csv, line 2: .*outside.png.* lies outside the CSV's folder"
+    config = SimpleNamespace(data=SimpleNamespace(unlabeled=str(listing), max_image_pixels=10**8),
+                             model=SimpleNamespace(head="linear", dropout=0, pretrained=False),
+                             train=SimpleNamespace(head_fit="lbfgs", strategy="probe"))
+    with pytest.raises(GraftError, match=refused):
+        pool_paths(config, discover(shapes), Runtime(torch.device("cpu"), None, False, verbose=False))
+    with pytest.raises(GraftError, match=refused):
+        suggest(tmp_path / "no-run-needed", listing)  # the pool is read before the run
 
 def test_fit_unlabeled_cli(few_labels, tmp_path):
     from typer.testing import CliRunner

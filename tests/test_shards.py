@@ -14,7 +14,8 @@ from synthetic import make_shapes
 from graft.data.datasets import ImageDataset
 from graft.data.discovery import discover
 from graft.data.sharding import shard_dataset
-from graft.data.shards import SIDECAR, ShardDataset, parse_size
+from graft.data.shard_index import SIDECAR
+from graft.data.shards import ShardDataset, parse_size
 from graft.data.transforms import create_transform
 from graft.errors import GraftError
 from graft.models.backbones.base import Preprocessing

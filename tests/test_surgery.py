@@ -8,6 +8,7 @@ from graft.errors import GraftError
 from graft.models.backbones.registry import create_backbone
 from graft.models.grafted import GraftModel
 from graft.models.heads import create_head
+from graft.models.inspection import list_nodes, receptive_fields
 from graft.models.surgery import (
     DEFAULT_NODE,
     Capture,
@@ -15,8 +16,6 @@ from graft.models.surgery import (
     cut,
     freeze_trunk,
     keep_frozen_norms_eval,
-    list_nodes,
-    receptive_fields,
     stage_groups,
     unfreeze_last,
 )

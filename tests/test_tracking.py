@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_config
 from synthetic import make_shapes
 
-from graft.config import FitConfig, _flatten, load_config
+from graft.config import FitConfig, flatten, load_config
 from graft.errors import GraftError
 from graft.training.fitting import fit
 from graft.training.tracking import confusion_image
@@ -79,7 +79,7 @@ def test_mlflow_run_reads_back(tracked):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     config = FitConfig.from_dict(__import__("json").loads((tracked.run_dir / "graft.json").read_text())["config"])
-    assert run.data.params == {key: str(value) for key, value in _flatten(config.to_dict()).items()}
+    assert run.data.params == {key: str(value) for key, value in flatten(config.to_dict()).items()}
     assert run.data.tags["backbone"] == "test_resnet" and run.data.tags["strategy"] == "finetune"
     assert "graft_version" in run.data.tags
     history = client.get_metric_history(run.info.run_id, "val_loss")

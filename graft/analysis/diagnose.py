@@ -155,7 +155,7 @@ def gradient_flow(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 class Diagnosis:
     activations: list[LayerActivity]
     gradients: list[LayerGradient]
-    nodes: list  # graft.models.surgery.NodeInfo: output size and receptive field per stage node
+    nodes: list  # graft.models.inspection.NodeInfo: output size and receptive field per stage node
     flags: list[str]
 
     def to_dict(self) -> dict:
@@ -179,7 +179,7 @@ def diagnose(target: str, data: str, output: str | None = None, batch_size: int 
     from graft.data.transforms import create_transform
     from graft.models.grafted import create_model
     from graft.models.run_folder import load, read_card, refuse_label_sets
-    from graft.models.surgery import list_nodes
+    from graft.models.inspection import list_nodes
     from graft.utils.outputs import output_folder
 
     if output:

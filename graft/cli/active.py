@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from graft.cli.shared import WORKERS, CacheOpt, DeviceOpt, WorkersOpt, _check_options, app, err, friendly_errors, out
+from graft.cli.shared import WORKERS, CacheOpt, DeviceOpt, WorkersOpt, app, check_options, err, friendly_errors, out
 
 __all__ = ["suggest"]
 
@@ -35,7 +35,7 @@ def suggest(
     """
     from graft.analysis.suggest import suggest as run_suggest
 
-    _check_options(("-n", n, 1, 1_000_000), ("--candidates", candidates, 1, 1000), ("--workers", workers, *WORKERS))
+    check_options(("-n", n, 1, 1_000_000), ("--candidates", candidates, 1, 1000), ("--workers", workers, *WORKERS))
     result = run_suggest(run, pool, n, output, by, candidates, device, cache, workers, log=err.print)
     for note in result.notes:
         err.print(f"note: {note}")

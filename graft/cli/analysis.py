@@ -17,14 +17,14 @@ from graft.cli.shared import (
     NormOpt,
     PretrainedOpt,
     VggStagesOpt,
-    _check_options,
     app,
+    check_options,
     err,
     friendly_errors,
     out,
     print_table,
 )
-from graft.cli.train import _lab_overrides
+from graft.cli.train import lab_overrides
 from graft.config import MAX_LR
 
 __all__ = ["diagnose", "stats"]
@@ -51,9 +51,9 @@ def diagnose(
     """
     from graft.analysis.diagnose import diagnose as run_diagnosis
 
-    _check_options(("--batch-size", batch_size, *BATCH_SIZES), ("--lr", lr, 0, MAX_LR, True),
-                   ("--image-size", image_size, *IMAGE_SIZES))
-    options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
+    check_options(("--batch-size", batch_size, *BATCH_SIZES), ("--lr", lr, 0, MAX_LR, True),
+                  ("--image-size", image_size, *IMAGE_SIZES))
+    options = {k: v for k, v in lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
     result = run_diagnosis(target, data, str(output) if output else None, batch_size, lr, image_size, pretrained,
                            options)
     print_table("activations (one batch, forward order)", ["layer", "type", "mean", "std", "dead", "saturated",
@@ -86,7 +86,7 @@ def stats(
     from graft.data.statistics import training_statistics
     from graft.utils.outputs import output_folder
 
-    _check_options(("--size", size, *IMAGE_SIZES), ("--max-images", max_images, 1, 1_000_000_000))
+    check_options(("--size", size, *IMAGE_SIZES), ("--max-images", max_images, 1, 1_000_000_000))
     if output:  # before the work: an unwritable or clashing folder wastes nothing
         output_folder(output, "-o", ((data, "data"),))
     splits = discover(data)

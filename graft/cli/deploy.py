@@ -13,8 +13,8 @@ from graft.cli.shared import (
     DeviceOpt,
     RuntimeOpt,
     TTAOpt,
-    _check_options,
     app,
+    check_options,
     check_runtime,
     err,
     friendly_errors,
@@ -138,7 +138,7 @@ def serve(
     graft serve runs/pets --audit audit/   then open localhost:8000/review
     graft serve runs/pets --label ./unlabelled --labels-out new-labels.csv
     """
-    _check_options(("--port", port, 1, 65535))
+    check_options(("--port", port, 1, 65535))
     if label is not None or labels_out is not None or suggestions is not None:
         if audit is not None or data is not None:
             raise GraftError("--label serves a labelling page and --audit a review page: run one at a time")
@@ -147,9 +147,9 @@ def serve(
     from graft.deploy.serve import ServeConfig
     from graft.deploy.serve import serve as serve_runs
 
-    _check_options(("--port", port, 1, 65535), ("--max-upload-mb", max_upload_mb, 0, 10_240, True),
-                   ("--max-pixels", max_pixels, 1, 1_000_000_000), ("--max-batch", max_batch, *BATCH_SIZES),
-                   ("--max-wait-ms", max_wait_ms, 0, 60_000), ("--top-k", top_k, *TOP_K))
+    check_options(("--port", port, 1, 65535), ("--max-upload-mb", max_upload_mb, 0, 10_240, True),
+                  ("--max-pixels", max_pixels, 1, 1_000_000_000), ("--max-batch", max_batch, *BATCH_SIZES),
+                  ("--max-wait-ms", max_wait_ms, 0, 60_000), ("--top-k", top_k, *TOP_K))
     check_runtime(runtime)
     config = ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
                          max_batch=max_batch, max_wait_ms=max_wait_ms, top_k=top_k, tta=tta, runtime=runtime)

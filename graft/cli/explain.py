@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from graft.cli.shared import BATCH_SIZES, TOP_K, DeviceOpt, _check_options, app, err, friendly_errors, out
+from graft.cli.shared import BATCH_SIZES, TOP_K, DeviceOpt, app, check_options, err, friendly_errors, out
 from graft.errors import GraftError
 
 __all__ = ["explain"]
@@ -32,7 +32,7 @@ def explain(
     from graft.evaluation.explain import write_explanations
     from graft.utils.outputs import output_folder
 
-    _check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
+    check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
     if not paths or not (Path(paths[0]) / "graft.json").is_file():
         raise GraftError(f"{paths[0] if paths else 'RUN'}: not a run folder (no graft.json); give the folder fit wrote")
     run, inputs = paths[0], paths[1:]

@@ -17,8 +17,8 @@ from graft.cli.shared import (
     DeviceOpt,
     RuntimeOpt,
     TTAOpt,
-    _check_options,
     app,
+    check_options,
     check_runtime,
     err,
     friendly_errors,
@@ -62,7 +62,7 @@ def predict(
     """
     from graft.evaluation.inference import iter_predictions
 
-    _check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
+    check_options(("--top-k", top_k, *TOP_K), ("--batch-size", batch_size, *BATCH_SIZES))
     check_runtime(runtime)
     runs, inputs = _split_runs(paths)
     if not inputs:
@@ -176,7 +176,7 @@ def evaluate(
     from graft.evaluation.scoring import evaluate as evaluate_runs
     from graft.utils.distributed import launched
 
-    _check_options(("--top-k", top_k, *TOP_K))
+    check_options(("--top-k", top_k, *TOP_K))
     check_runtime(runtime)
     if launched() and os.environ["RANK"] != "0":
         return  # under torchrun rank 0 evaluates and writes; evaluation is one pass, not worth a sharded gather

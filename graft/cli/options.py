@@ -1,4 +1,4 @@
-"""`graft fit`'s options, generated from the config fields (graft/config.py), where each is declared once.
+"""`graft fit`'s options, generated from the config fields (graft/config/sections.py), where each is declared once.
 
 A field's flag, help, choices, range and default all come from its declaration, so a new field is a new flag with
 nothing else to write, and `--help` cannot drift from the config. Keys without a flag of their own are still

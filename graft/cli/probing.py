@@ -19,8 +19,8 @@ from graft.cli.shared import (
     PoolOpt,
     PretrainedOpt,
     WorkersOpt,
-    _check_options,
     app,
+    check_options,
     err,
     friendly_errors,
     out,
@@ -51,9 +51,10 @@ def layers(
     Example: graft layers resnet50 --size 224
     """
     from graft.models.backbones.registry import create_backbone
-    from graft.models.surgery import DEFAULT_NODE, cut, list_nodes
+    from graft.models.inspection import list_nodes
+    from graft.models.surgery import DEFAULT_NODE, cut
 
-    _check_options(("--size", size, *IMAGE_SIZES))
+    check_options(("--size", size, *IMAGE_SIZES))
     model = create_backbone(backbone, pretrained=False)  # shapes need no weights: works offline
     input_size = model.preprocessing.with_size(size).input_size
     nodes = list_nodes(model.net, input_size, stages_only=not all_nodes, stage_nodes=model.stage_nodes)
@@ -98,8 +99,8 @@ def features(
     from graft.utils import distributed
     from graft.utils.outputs import output_folder
 
-    _check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
-                   ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
+    check_options(("--augment", augment, 0, 64), ("--image-size", image_size, *IMAGE_SIZES),
+                  ("--batch-size", batch_size, *BATCH_SIZES), ("--workers", workers, *WORKERS))
     if compile not in COMPILE_MODES:
         raise GraftError(f"--compile '{compile}' not understood: choose one of {', '.join(COMPILE_MODES)}")
     _check_engine(extract_engine)
@@ -149,7 +150,7 @@ def probe(
     from graft.probing.leaderboard import probe_backbones
     from graft.utils import distributed
 
-    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
+    check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     if stages not in ("default", "all"):
         raise GraftError(f"stages '{stages}' not understood: use default or all")
     _check_engine(extract_engine)
@@ -188,7 +189,7 @@ def advise(
     """
     from graft.probing.advice import advise as advise_on
 
-    _check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
+    check_options(("--image-size", image_size, *IMAGE_SIZES), ("--workers", workers, *WORKERS))
     _check_engine(extract_engine)
     advice = advise_on(data, backbone, image_size, pretrained, cache, device, workers, log=err.print,
                        engine=extract_engine)

@@ -21,7 +21,7 @@ from graft.utils.text import display_name
 
 __all__ = [
     "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "check_runtime", "err", "friendly_errors",
-    "main", "out", "print_table", "styled"
+    "main", "out", "print_table", "styled", "check_options"
 ]
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -112,7 +112,7 @@ WorkersOpt = Annotated[int, config_option("data.workers")]
 IMAGE_SIZES, BATCH_SIZES, WORKERS, TOP_K = (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), (1, MAX_BATCH_SIZE), (-1, 64), (1, 1000)
 
 
-def _check_options(*checks: tuple) -> None:
+def check_options(*checks: tuple) -> None:
     """Range checks of options that are not config fields (those are checked in graft.config): each check is
     (flag, value, low, high[, low_open[, note]]); a value of None (option not given) passes."""
     for flag, value, low, high, *rest in checks:

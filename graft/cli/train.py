@@ -21,8 +21,8 @@ from graft.cli.shared import (
     NormOpt,
     PretrainedOpt,
     VggStagesOpt,
-    _check_options,
     app,
+    check_options,
     err,
     friendly_errors,
     out,
@@ -31,7 +31,7 @@ from graft.cli.shared import (
 from graft.config import MAX_EPOCHS, MAX_LR
 from graft.errors import GraftError
 
-__all__ = ["compare", "demo", "fit", "lr_find"]
+__all__ = ["compare", "demo", "fit", "lr_find", "lab_overrides"]
 
 
 @friendly_errors
@@ -182,8 +182,8 @@ def demo(
     """
     from graft.analysis.demo import DEMO_BACKBONE, run_demo, write_digits
 
-    _check_options(("--shots", shots, 1, 10_000), ("--epochs", epochs, 1, MAX_EPOCHS),
-                   ("--image-size", image_size, *IMAGE_SIZES))
+    check_options(("--shots", shots, 1, 10_000), ("--epochs", epochs, 1, MAX_EPOCHS),
+                  ("--image-size", image_size, *IMAGE_SIZES))
     if write_data is not None:
         from graft.utils.outputs import output_folder
 
@@ -204,7 +204,8 @@ def demo(
         out.print(f"{best.strategy} beats scratch by {100 * (best.accuracy - scratch.accuracy):.1f} points")
 
 
-def _lab_overrides(activation, norm, init, vgg_stages) -> dict:
+def lab_overrides(activation, norm, init, vgg_stages) -> dict:
+    """The scratch-architecture options of `fit` and `lab` as dotted config overrides (None: not given)."""
     return {"model.activation": activation, "model.norm": norm, "model.init": init, "model.vgg_stages": vgg_stages}
 
 
@@ -237,12 +238,12 @@ def lr_find(
     from graft.utils.outputs import output_folder
     from graft.utils.runtime import Runtime, autocast_dtype, resolve_device
 
-    _check_options(("--steps", steps, 2, 100_000), ("--start-lr", start_lr, 0, MAX_LR, True),
-                   ("--end-lr", end_lr, start_lr if start_lr > 0 else 0, MAX_LR, True))
+    check_options(("--steps", steps, 2, 100_000), ("--start-lr", start_lr, 0, MAX_LR, True),
+                  ("--end-lr", end_lr, start_lr if start_lr > 0 else 0, MAX_LR, True))
     output_folder(output, "-o", ((data, "data"),))  # before the sweep: an unwritable folder wastes nothing
     values = {"data.path": data, "model.backbone": backbone, "train.strategy": strategy, "data.image_size": image_size,
               "data.batch_size": batch_size, "model.pretrained": pretrained, "train.device": device,
-              **_lab_overrides(activation, norm, init, vgg_stages)}
+              **lab_overrides(activation, norm, init, vgg_stages)}
     config = load_config(None, values)
     target = resolve_device(config.train.device)
     runtime = Runtime(target, autocast_dtype(target, config.train.precision), config.train.channels_last)
@@ -281,10 +282,10 @@ def compare(
     """
     from graft.analysis.comparison import compare_strategies
 
-    _check_options(("--epochs", epochs, 1, MAX_EPOCHS), ("--budget", budget, 0, 1e9, False, "0: no limit"),
-                   ("--image-size", image_size, *IMAGE_SIZES), ("--batch-size", batch_size, *BATCH_SIZES))
+    check_options(("--epochs", epochs, 1, MAX_EPOCHS), ("--budget", budget, 0, 1e9, False, "0: no limit"),
+                  ("--image-size", image_size, *IMAGE_SIZES), ("--batch-size", batch_size, *BATCH_SIZES))
     overrides = {"data.image_size": image_size, "data.batch_size": batch_size}
-    lab_options = {k: v for k, v in _lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
+    lab_options = {k: v for k, v in lab_overrides(activation, norm, init, vgg_stages).items() if v is not None}
     rows = compare_strategies(data, backbone, output, tuple(s.strip() for s in strategies.split(",")),
                               scratch_backbone, epochs, budget, overrides, lab_options, verbose=True, log=err.print)
     print_table("scratch vs transfer", ["strategy", "backbone", "accuracy", "split", "wall time (s)", "images/s",

@@ -20,37 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
-from graft.data.splits import SPLIT_NAMES, DatasetSplits, Sample, stratified_split
-from graft.data.images import MAX_FILE_BYTES, sniff_format
+from graft.data.hf_images import datasets_module, hf_images_folder, materialise
+from graft.data.splits import SPLIT_NAMES, DatasetSplits, stratified_split
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 from graft.utils.text import display_name
 
-__all__ = ["HF_PREFIX", "TABLE_SUFFIXES", "discover_hf", "hf_images_folder", "is_hf_source"]
+__all__ = ["HF_PREFIX", "TABLE_SUFFIXES", "discover_hf", "is_hf_source"]
 
 HF_PREFIX = "hf:"
 TABLE_SUFFIXES = (".parquet", ".arrow")
-_EXTENSIONS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif",
-               "TIFF": ".tif"}
-_BATCH = 256  # rows read per step when writing the images: bounded memory whatever the dataset's size
-_INSTALL = "Hugging Face datasets need the datasets package: pip install 'graft[datasets]'"
-
-
-def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise GraftError(_INSTALL) from None
-    return datasets
-
-
-def hf_images_folder() -> Path:
-    """Where graft writes the stored bytes of datasets' images: ``$GRAFT_HF_IMAGES`` or ``~/.cache/graft/hf-images``."""
-    return Path(os.environ.get("GRAFT_HF_IMAGES") or Path.home() / ".cache" / "graft" / "hf-images")
 
 
 def _tables(folder: Path) -> list[Path]:
@@ -159,7 +140,7 @@ def _split_of(name: str) -> str:
 
 def _load(path: str) -> tuple[dict, Path, str]:
     """({graft split or other name: (Dataset, fingerprint)}, the folder image paths must stay in, the source)."""
-    datasets = _datasets()
+    datasets = datasets_module()
     if path.startswith(HF_PREFIX):
         name, _, config = path[len(HF_PREFIX):].partition(":")
         if not name:
@@ -190,7 +171,7 @@ def _load(path: str) -> tuple[dict, Path, str]:
 def _load_tables(place: Path) -> tuple[dict, Path, str]:
     """Parquet or arrow files: one file is the train split; a folder's files go to the split their name starts with
     (``train-00000-of-00001.parquet``, ``validation.arrow``), any other name to train."""
-    datasets = _datasets()
+    datasets = datasets_module()
     files = [place] if place.is_file() else _tables(place)
     by_split: dict[str, list[Path]] = {}
     for file in files:
@@ -257,92 +238,6 @@ def _labels(part, label: str, classes: list[str], where: str) -> list[int | None
     return labels
 
 
-# -------------------------------------------------------------------------------------------------------------- images
-
-
-def _inside(folder: Path, raw, where: str, row: int) -> str:
-    """A path-typed image's file, which must lie inside the dataset's folder (the dataset is data: its paths too)."""
-    text = raw if isinstance(raw, str) else ""
-    if os.path.isabs(text) and os.path.realpath(text).startswith(os.path.realpath(folder) + os.sep):
-        text = os.path.relpath(os.path.realpath(text), os.path.realpath(folder))
-    try:
-        return str(contained(folder, text, nested=True))
-    except GraftError as error:
-        raise GraftError(f"{where}, row {row}: the image path {error}; keep the image files inside {folder} or store "
-                         "the images' bytes in the dataset (datasets' Image feature embeds them from loaded files)") \
-            from None
-
-
-def _image_rows(part, image: str):
-    """(row, stored bytes or None, path or None) per row, the column read undecoded."""
-    datasets = _datasets()
-    column = part.select_columns([image]).cast_column(image, datasets.Image(decode=False))
-    row = 0
-    for batch in column.iter(batch_size=_BATCH):
-        for value in batch[image]:
-            value = value if isinstance(value, dict) else {}
-            data = value.get("bytes")
-            yield row, data if isinstance(data, bytes) else None, value.get("path")
-            row += 1
-
-
-def _write_split(part, image: str, labels: list, target: Path, folder: Path, where: str,
-                 notes: list[str]) -> list[Sample]:
-    """The split's samples: stored bytes written as ``INDEX.EXT`` under ``target`` (when given: a folder being
-    filled), path-typed images read in place inside ``folder``; unlabelled and oversized rows are left out."""
-    samples, unlabelled, oversized = [], 0, []
-    for row, data, path in _image_rows(part, image):
-        if labels[row] is None:
-            unlabelled += 1
-            continue
-        if data is None:
-            if not path:
-                raise GraftError(f"{where}, row {row}: no image (neither bytes nor a path); drop the row")
-            samples.append((_inside(folder, path, where, row), labels[row]))
-            continue
-        if len(data) > MAX_FILE_BYTES:
-            oversized.append(row)
-            continue
-        file = f"{row:09d}{_EXTENSIONS.get(sniff_format(data[:16]) or '', '')}"  # no extension: the scan decides
-        if target is not None:
-            (target / file).write_bytes(data)
-        samples.append((file, labels[row]))
-    if unlabelled:
-        notes.append(f"{where}: {unlabelled} row(s) without a label left out")
-    if oversized:
-        notes.append(f"{where}: {len(oversized)} image(s) over {MAX_FILE_BYTES // 2**20} MB left out, e.g. row "
-                     f"{oversized[0]}")
-    return samples
-
-
-def _materialise(parts: dict, image: str, labels: dict, fingerprint: str, folder: Path,
-                 notes: list[str]) -> dict[str, list[Sample]]:
-    """{split: samples}, the stored bytes written once into ``hf_images_folder() / fingerprint`` (a temporary folder
-    renamed into place, so a killed run never leaves half a set under the real name; an existing set is reused)."""
-    home = hf_images_folder() / fingerprint
-    temp = None if home.is_dir() else hf_images_folder() / f".{fingerprint}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    samples = {}
-    try:
-        for split, (part, _) in parts.items():
-            if temp is not None:
-                (temp / split).mkdir(parents=True, exist_ok=True)
-            written = _write_split(part, image, labels[split], temp / split if temp else None, folder,
-                                   f"{folder} split {split}", notes)
-            samples[split] = sorted((p if os.path.isabs(p) else str(home / split / p), label) for p, label in written)
-        if temp is not None:
-            try:
-                temp.rename(home)
-            except OSError:  # another process finished the same set first: its copy is the same bytes
-                if not home.is_dir():
-                    raise
-    except OSError as error:
-        raise GraftError(f"{hf_images_folder()}: cannot write the dataset's images ({error.strerror or error}); "
-                         "free space or set GRAFT_HF_IMAGES to a writable folder") from None
-    finally:
-        if temp is not None and temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)  # graft's own temporary folder, never the user's
-    return samples
-
 
 # ------------------------------------------------------------------------------------------------------------ discover
 
@@ -380,7 +275,7 @@ def discover_hf(path: str | os.PathLike, val_fraction: float = 0.2, seed: int = 
     labels = {split: _labels(part, label, classes, f"{text} split {split}") for split, (part, _) in parts.items()}
     identity = json.dumps([[split, print_] for split, (_, print_) in parts.items()] + [image, label])
     fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    samples = _materialise(parts, image, labels, fingerprint, folder, notes)
+    samples = materialise(parts, image, labels, fingerprint, folder, notes)
     train_samples, val = samples["train"], samples.get("val", [])
     how = "train and validation splits"
     if not val:

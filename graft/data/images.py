@@ -20,7 +20,8 @@ from graft.utils.text import display_name
 
 __all__ = [
     "ALLOWED_FORMATS", "DEFAULT_MAX_PIXELS", "FORMAT_LIST", "ImageError", "MAX_FILE_BYTES", "OTHER_SIGNATURES",
-    "PixelLimitError", "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb", "upright_rgb"
+    "PixelLimitError", "check_image_file", "decode_image", "load_image", "sniff_format", "to_rgb", "upright_rgb",
+    "decoded_image", "to_srgb"
 ]
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _empty(name) -> str:
 
 
 def _decode(source, name: str, max_pixels: int | None) -> Image.Image:
-    with _decoded(source, name, max_pixels) as image:
+    with decoded_image(source, name, max_pixels) as image:
         if image.mode == "RGB" and not image.info.get("icc_profile") and _orientation(image) == 1:
             # what upright_rgb would copy unchanged: leaving ``with`` closes only the file, the decoded pixels stay,
             # so a 40-megapixel upload is held once, not twice (Pillow keeps RGB at 4 bytes a pixel: 160 MB)
@@ -118,12 +119,12 @@ def upright_rgb(image: Image.Image) -> Image.Image:
 
     Exported deployment examples carry this function's source (and its helpers'), so they decode exactly as graft.
     """
-    upright = ImageOps.exif_transpose(_to_srgb(image))  # always a new image: a copy when there is nothing to turn
+    upright = ImageOps.exif_transpose(to_srgb(image))  # always a new image: a copy when there is nothing to turn
     return upright if upright.mode == "RGB" else to_rgb(upright)  # an RGB one is not copied again (40 MP: 160 MB)
 
 
 @contextlib.contextmanager
-def _decoded(source, name: str, max_pixels: int | None, draft: tuple[int, int] | None = None):
+def decoded_image(source, name: str, max_pixels: int | None, draft: tuple[int, int] | None = None):
     """Opens and fully decodes an image (first frame) of an allowed format, refusing more than ``max_pixels`` before
     decoding; Pillow's many error types (OSError, SyntaxError, ValueError, struct.error, ...) become one
     ``ImageError`` naming ``name``, and its warnings (corrupt EXIF data) are logged with ``name``. ``draft`` lets
@@ -255,7 +256,7 @@ class _DecoderWarnings:
 _DECODER_WARNINGS = _DecoderWarnings()
 
 
-def _to_srgb(image: Image.Image) -> Image.Image:
+def to_srgb(image: Image.Image) -> Image.Image:
     """Applies an embedded ICC profile (Adobe RGB, Display P3, CMYK press profiles) so colours match what a viewer
     shows; pretrained networks saw sRGB. A broken profile is ignored rather than failing the image."""
     profile = image.info.get("icc_profile")

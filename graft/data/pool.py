@@ -7,13 +7,13 @@ out of it, and an absolute path must lie inside that folder too.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft.data.discovery import expand_inputs, walk_images
+from graft.data.manifests import read_csv_rows
+from graft.data.shard_index import is_shard_source
 from graft.errors import GraftError
 from graft.utils.outputs import contained
 
@@ -39,13 +39,11 @@ def read_pool(source: str | os.PathLike) -> Pool:
     Raises:
         GraftError: nothing found, tar shards (features need image files), or a CSV row leaving its folder.
     """
-    from graft.data import shards  # imported here, as discovery does: shards builds on discovery
-
     text = os.fspath(source)
     if not text.strip():
         raise GraftError(f"pool {text!r} is blank: name a folder, a glob pattern or a CSV of images")
-    if shards.is_shard_source(text):
-        raise GraftError(f"{text}: tar shards hold no image files to show or label; pass the folder (or CSV) the "
+    if is_shard_source(text):
+        raise GraftError(f"{text}: a pool is image files and tar shards hold none; pass the folder (or CSV) the "
                          "shards were written from")
     path, notes = Path(text), []
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
@@ -63,21 +61,10 @@ def read_pool(source: str | os.PathLike) -> Pool:
 
 
 def _csv_paths(manifest: Path) -> list[str]:
-    try:
-        text = manifest.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise GraftError(f"{manifest}: not UTF-8 text; save the CSV as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text))
-    if "path" not in (reader.fieldnames or []):
+    rows = read_csv_rows(manifest)  # the one CSV reader: encoding, delimiter and malformed lines as for a manifest
+    if rows and "path" not in rows[0]:
         raise GraftError(f"{manifest}: expected a header with a 'path' column listing the pool's images")
-    paths = []
-    try:
-        for line, row in enumerate(reader, start=2):
-            paths.append(_listed(manifest, line, (row.get("path") or "").strip()))
-    except csv.Error as error:
-        raise GraftError(f"{manifest}, line {reader.line_num + 1}: not a readable CSV row ({error}); fix the row"
-                         ) from None
-    return paths
+    return [_listed(manifest, line, (row.get("path") or "").strip()) for line, row in enumerate(rows, start=2)]
 
 
 def _listed(manifest: Path, line: int, raw: str) -> str:

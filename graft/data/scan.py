@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graft.data.discovery import IMBALANCE_RATIO, TINY_CLASS, DatasetSplits, Sample
-from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, _decoded, check_image_file
+from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, check_image_file, decoded_image
 from graft.errors import GraftError
 from graft.utils.progress import Progress
 from graft.utils.text import escape_field, path_key
@@ -138,7 +138,7 @@ def _check_file(path: str, max_pixels: int | None) -> tuple[str | None, str | No
     try:
         check_image_file(path)
         with open(path, "rb") as handle:
-            with _decoded(handle, path, max_pixels, draft=(64, 64)) as image:  # JPEG at 1/8 scale: 8x faster
+            with decoded_image(handle, path, max_pixels, draft=(64, 64)) as image:  # JPEG at 1/8 scale: 8x faster
                 image.getexif()  # parsed now, so damaged EXIF is reported by the scan with the file's name
             handle.seek(0)
             digest = hashlib.file_digest(handle, "sha1").hexdigest()  # for the leak check

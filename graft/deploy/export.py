@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, _to_srgb, to_rgb, upright_rgb
+from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, to_rgb, to_srgb, upright_rgb
 from graft.data.transforms import MAX_ASPECT, CapAspect
 from graft.deploy.parity import PARITY_INPUTS, RUNTIME_TOLERANCE, check_parity, parity_inputs  # re-exported
 from graft.errors import GraftError
@@ -273,7 +273,7 @@ def standalone_example() -> str:
     """``predict_onnx.py``'s source. It runs without graft, so it carries copies: the format allow-list and the
     source of graft's own decoding functions (ICC to sRGB, EXIF orientation, RGB conversion, the aspect cap), so an
     image decodes there exactly as in ``graft predict``; resize and crop follow torchvision's rules (tested)."""
-    decoding = "\n\n".join(inspect.getsource(function) for function in (_to_srgb, to_rgb, upright_rgb, CapAspect))
+    decoding = "\n\n".join(inspect.getsource(function) for function in (to_srgb, to_rgb, upright_rgb, CapAspect))
     return (STANDALONE_EXAMPLE.replace("__ALLOWED_FORMATS__", repr(ALLOWED_FORMATS))
             .replace("__FORMAT_LIST__", FORMAT_LIST).replace("__MAX_ASPECT__", repr(MAX_ASPECT))
             .replace("# __GRAFT_DECODING__\n", decoding))

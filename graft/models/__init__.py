@@ -12,7 +12,7 @@ _EXPORTS = {
     "Capture": "graft.models.surgery",
     "Trunk": "graft.models.surgery",
     "cut": "graft.models.surgery",
-    "list_nodes": "graft.models.surgery",
+    "list_nodes": "graft.models.inspection",
     "fold_batch_norms": "graft.models.batchnorm",
     "load": "graft.models.run_folder",
     "read_history": "graft.models.run_folder",

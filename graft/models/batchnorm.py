@@ -9,15 +9,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from graft.utils.modes import evaluating
 
 __all__ = [
-    "FOLDABLE", "FoldResult", "batch_norms", "find_foldable_pairs", "fold_batch_norms", "max_logit_difference",
-    "recompute_statistics"
+    "BATCH_NORMS", "FOLDABLE", "FoldResult", "batch_norms", "find_foldable_pairs", "fold_batch_norms",
+    "max_logit_difference", "recompute_statistics"
 ]
 
+# torch's batch norms (timm's BatchNormAct2d, SyncBatchNormAct and SplitBatchNorm2d subclass them), named through the
+# public API rather than torch's private base class _BatchNorm; quantized batch norms (torch.ao) are left out on purpose
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d,
+               nn.LazyBatchNorm3d)
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # weights with output channels first (not transposed convs)
 
 
@@ -48,7 +51,7 @@ def find_foldable_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[t
             handles.append(module.register_forward_hook(
                 # the tensor itself is kept too, so no id is reused by a later tensor
                 lambda m, i, o, name=name: outputs.__setitem__(id(o), (name, o))))
-        elif isinstance(module, _BatchNorm):
+        elif isinstance(module, BATCH_NORMS):
             handles.append(module.register_forward_pre_hook(
                 lambda m, i, name=name: norm_inputs.append((name, i[0]))))
     try:
@@ -70,7 +73,7 @@ def find_foldable_pairs(model: nn.Module, example: torch.Tensor) -> tuple[list[t
     return pairs, skipped
 
 
-def _fold_into(layer: nn.Module, norm: _BatchNorm) -> None:
+def _fold_into(layer: nn.Module, norm: nn.Module) -> None:
     """Rewrites ``layer``'s weight and bias so ``layer(x)`` equals ``norm(layer(x))`` with the running statistics."""
     with torch.no_grad():
         scale = torch.rsqrt(norm.running_var.double() + norm.eps)
@@ -85,7 +88,7 @@ def _fold_into(layer: nn.Module, norm: _BatchNorm) -> None:
         layer.bias.copy_(bias.to(layer.bias.dtype))
 
 
-def _without_norm(norm: _BatchNorm) -> nn.Module:
+def _without_norm(norm: nn.Module) -> nn.Module:
     """What replaces a folded batch norm: nothing, or the activation (and dropout) a fused norm+act layer applied
     after normalising (timm's ``BatchNormAct2d``)."""
     after = [getattr(norm, name) for name in ("drop", "act") if isinstance(getattr(norm, name, None), nn.Module)]
@@ -137,8 +140,8 @@ def _apply(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
     return folded.eval()
 
 
-def batch_norms(model: nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
 
 
 @torch.no_grad()

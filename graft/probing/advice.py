@@ -13,7 +13,7 @@ import numpy as np
 
 from graft.models.surgery import DEFAULT_NODE
 from graft.probing.extraction import FeatureSet, candidate_cuts
-from graft.probing.leaderboard import _prepare, _stage_row, stage_features
+from graft.probing.leaderboard import prepare_splits, stage_features, stage_row
 from graft.utils.progress import Progress
 
 __all__ = ["Advice", "DOMAIN_MARGIN", "LITTLE_DATA", "LOTS_OF_DATA", "RANKING_IMAGES", "advise", "combine_features"]
@@ -45,7 +45,7 @@ def advise(data, backbone: str, image_size: int | None = None, pretrained: bool 
     carved test split, left out the same way; ``weights_file``: local pretrained weights, as ``--weights``;
     ``engine``: the extraction engine, as ``extract_features``'s).
     """
-    splits = replace(_prepare(data, val_fraction, seed, test_fraction, log), test=[])
+    splits = replace(prepare_splits(data, val_fraction, seed, test_fraction, log), test=[])
     _, _, sets = stage_features(splits, backbone, "all", image_size, "avg", pretrained, cache_dir, device,
                                 workers=workers, log=log, seed=seed, weights_file=weights_file, engine=engine)
     combined = {spec: combine_features([sets[node] for node in spec.split(",")])
@@ -55,7 +55,7 @@ def advise(data, backbone: str, image_size: int | None = None, pretrained: bool 
     stages = []
     with Progress("advise: linear probes", len(candidates), "probes", log, log is not None) as progress:
         for node, features in candidates.items():
-            stages.append(_stage_row(node, _train_subset(features, keep), len(splits.classes), device))
+            stages.append(stage_row(node, _train_subset(features, keep), len(splits.classes), device))
             progress.update(len(stages), node)
     per_class = statistics.median(splits.counts("train").values())
     top = next(s for s in stages if s["node"] == DEFAULT_NODE)

@@ -28,7 +28,8 @@ from graft.utils import distributed
 from graft.utils.runtime import resolve_device
 from graft.utils.text import safe_record
 
-__all__ = ["LeaderboardRow", "knn_accuracy", "probe_backbones", "stage_features", "write_leaderboard"]
+__all__ = ["LeaderboardRow", "knn_accuracy", "probe_backbones", "stage_features", "write_leaderboard", "prepare_splits",
+           "stage_row"]
 
 
 @dataclass
@@ -57,7 +58,8 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     return (predicted == torch.as_tensor(val_y)).float().mean().item()
 
 
-def _prepare(data, val_fraction: float, seed: int, test_fraction: float = 0.0, log=None) -> DatasetSplits:
+def prepare_splits(data, val_fraction: float, seed: int, test_fraction: float = 0.0, log=None) -> DatasetSplits:
+    """Discovers and scans ``data`` into train/val(/test) splits, refusing an empty validation split."""
     splits = discover(data, val_fraction, seed, test_fraction)
     scan(splits, log=log)
     if not splits.val:
@@ -127,7 +129,7 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
         distributed.main_decides(lambda: output_folder(output, "--output", clashes))  # rank 0 writes there
     for name in backbones:  # every name and its weights checked before the first extraction: fail in seconds
         create_backbone(name, pretrained=pretrained)
-    splits = _prepare(data, val_fraction, seed, log=log)
+    splits = prepare_splits(data, val_fraction, seed, log=log)
     target = resolve_device(device)
     rows, task = [], -1
     for name in backbones:
@@ -137,7 +139,7 @@ def probe_backbones(data, backbones: list[str], stages: str = "default", image_s
             task += 1
             if task % distributed.world_size() != distributed.rank():
                 continue  # another rank's probe
-            stage = _stage_row(node, features, len(splits.classes), device)
+            stage = stage_row(node, features, len(splits.classes), device)
             params, milliseconds = _speed(backbone.net, node, preprocessing.input_size, target)
             rows.append(LeaderboardRow(name, node, features.dim, stage["probe_accuracy"], stage["knn_accuracy"],
                                        features.stats.get("images_per_s"), params, milliseconds))
@@ -175,7 +177,8 @@ def write_leaderboard(rows: list[LeaderboardRow], folder: Path) -> None:
     plt.close(figure)
 
 
-def _stage_row(node: str, features: FeatureSet, classes: int, device: str) -> dict:
+def stage_row(node: str, features: FeatureSet, classes: int, device: str) -> dict:
+    """One leaderboard row for a cut node: the linear probe's and k-NN's validation accuracy on its features."""
     args = (features.features["train"], features.labels["train"], features.features["val"], features.labels["val"])
     probe = fit_linear_probe(*args, classes=classes, device=resolve_device(device))
     return {"node": node, "width": features.dim, "probe_accuracy": probe.val_accuracy,

@@ -7,7 +7,7 @@ import difflib
 import os
 from typing import Any
 
-from graft.config import FitConfig, _flatten, apply_overrides, option_fields, validate
+from graft.config import FitConfig, apply_overrides, flatten, option_fields, validate
 from graft.errors import GraftError
 
 __all__ = ["config_from_arguments", "keyword_fields"]
@@ -36,7 +36,7 @@ def config_from_arguments(config: FitConfig | dict | str | os.PathLike | None, f
             return config  # as before: a config object is used as it is
         base, overrides = copy.deepcopy(config), {}
     elif isinstance(config, dict):
-        base, overrides = FitConfig(), _dotted(_flatten(config))
+        base, overrides = FitConfig(), _dotted(flatten(config))
     elif config is None:
         base, overrides = FitConfig(), {}
     elif isinstance(config, (str, os.PathLike)):

@@ -23,13 +23,13 @@ from graft.models.run_folder import (
 )
 from graft.training.state import TrainState
 from graft.utils import outputs
-from graft.utils.files import _write_csv, atomic_write
+from graft.utils.files import atomic_write, write_csv
 from graft.utils.safefiles import read_safetensors
 from graft.utils.text import display_name
 
 __all__ = [
     "BEST", "CHECKPOINT", "HISTORY_COLUMNS", "LOCK", "ignored_on_resume", "prepare_run_dir", "read_checkpoint",
-    "run_lock", "save_checkpoint", "write_history"
+    "run_lock", "save_checkpoint", "write_history", "check_same_classes", "resumable_config"
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -91,7 +91,7 @@ HISTORY_COLUMNS = ["epoch", "stage", "stage_epoch", "lr", "train_loss", "train_a
 
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    _write_csv(run_dir / HISTORY, HISTORY_COLUMNS, history)
+    write_csv(run_dir / HISTORY, HISTORY_COLUMNS, history)
 
 
 LOCK = outputs.RUN_LOCK
@@ -146,7 +146,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     outputs.claim(run_dir, "-o")
 
 
-def _resumable_config(run_dir: Path, given: FitConfig | None = None, verbose: bool = True) -> FitConfig:
+def resumable_config(run_dir: Path, given: FitConfig | None = None, verbose: bool = True) -> FitConfig:
     """The run's saved config (a resumed run must follow it to stay reproducible); a warning lists each setting of
     ``given`` that is not the default and differs from the saved one, since it is ignored."""
     card = read_card(run_dir)
@@ -166,9 +166,9 @@ def _resumable_config(run_dir: Path, given: FitConfig | None = None, verbose: bo
 def ignored_on_resume(given: FitConfig, saved: FitConfig) -> list[str]:
     """``key=value (saved: value)`` for each setting the caller changed from the default that the saved run does not
     have. (A flag set to the default value cannot be told from an unset one, so it is not listed.)"""
-    from graft.config import _flatten
+    from graft.config import flatten
 
-    defaults, given_flat, saved_flat = (_flatten(c.to_dict()) for c in (FitConfig(), given, saved))
+    defaults, given_flat, saved_flat = (flatten(c.to_dict()) for c in (FitConfig(), given, saved))
     ignored = []
     for key, value in given_flat.items():
         if key == "output" or value == defaults.get(key) or value == saved_flat.get(key):
@@ -179,7 +179,7 @@ def ignored_on_resume(given: FitConfig, saved: FitConfig) -> list[str]:
     return ignored
 
 
-def _check_same_classes(run_dir: Path, splits: DatasetSplits, data: str) -> None:
+def check_same_classes(run_dir: Path, splits: DatasetSplits, data: str) -> None:
     """A resumed run continues the saved head, which has one output per saved class, in order."""
     saved = read_card(run_dir)["classes"]
     if list(splits.classes) == list(saved):

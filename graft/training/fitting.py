@@ -42,22 +42,22 @@ from graft.training import auto, multilabel, recipes, selection, semi
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
     CHECKPOINT,
-    _check_same_classes,
-    _resumable_config,
+    check_same_classes,
     prepare_run_dir,
     read_checkpoint,
+    resumable_config,
     run_lock,
     write_history,
 )
 from graft.training.excluding import exclude_listed
 from graft.training.lr_find import find_lr, save_lr_finding
-from graft.training.precise_bn import _precise_bn_after_training
+from graft.training.precise_bn import precise_bn_after_training
 from graft.training.setup import create_loaders, create_on_device
-from graft.training.stages import _run_stages
+from graft.training.stages import run_stages
 from graft.training.state import FitResult, Hooks, TrainState
 from graft.training.tracking import NotebookTable, Tracker, check_available, join_hooks
 from graft.utils import distributed, outputs
-from graft.utils.files import _write_csv, atomic_write, write_json
+from graft.utils.files import atomic_write, write_csv, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.progress import in_notebook, progress_seconds
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
@@ -118,7 +118,7 @@ def _claimed(run_dir: Path, resume: bool, overwrite: bool):
 def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, verbose: bool,
                 splits: DatasetSplits | None, timings: Timings) -> FitResult:
     if resume:
-        config = _resumable_config(run_dir, config, verbose)
+        config = resumable_config(run_dir, config, verbose)
         check_available(config.log)
         _check_backbone(config)
     auto_report = None
@@ -144,7 +144,7 @@ def _fit_locked(config: FitConfig, run_dir: Path, resume: bool, hooks: Hooks, ve
     if splits.shards is not None:
         config = _fit_for_shards(config, runtime)
     if resume:
-        _check_same_classes(run_dir, splits, config.data.path)
+        check_same_classes(run_dir, splits, config.data.path)
     report = scan(splits, config.data.max_image_pixels, workers=4, limit=config.data.scan_all_up_to,
                   seed=config.train.seed, log=runtime.log if runtime.verbose and runtime.is_main else None)
     _write_data_report(run_dir, splits, report, runtime)
@@ -207,7 +207,7 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
     if runtime.verbose and runtime.is_main and in_notebook():
         hooks = join_hooks(hooks, NotebookTable().hooks())
     try:
-        state = _run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
+        state = run_stages(model, state, resume_from, loaders, config, runtime, run_dir, hooks)
         if recipes.plan(config):  # a solved probe has no epochs: its time is extraction and solve
             runtime.timings.lap("training")
         chosen = selection.keep_better(model, state, loaders[1], runtime, run_dir, config)
@@ -353,7 +353,7 @@ def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, run
     features.stats["probe_temperature"] = round(result.temperature, 6)
     if runtime.is_main:
         columns = ["l2", "C", "train_acc", "train_loss", "cv_acc", "cv_loss", "val_acc", "val_loss", "iterations"]
-        _write_csv(run_dir / "probe_grid.csv", columns, result.grid)
+        write_csv(run_dir / "probe_grid.csv", columns, result.grid)
 
 
 def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +383,7 @@ def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits,
     if auto_report is not None:
         metrics["auto"] = auto.finish_report(auto_report, chosen, state, runtime.log)
     if config.train.precise_bn:
-        metrics["precise_bn"] = _precise_bn_after_training(model, splits, config, runtime, card)
+        metrics["precise_bn"] = precise_bn_after_training(model, splits, config, runtime, card)
         _refuse_non_finite(run_dir, model)  # the recomputed statistics too (checked once, not again when saving)
     if cached is not None and "semi_supervised" in cached.stats:  # its own block: what the unlabelled pool did
         card["semi_supervised"] = metrics["semi_supervised"] = cached.stats.pop("semi_supervised")

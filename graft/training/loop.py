@@ -18,7 +18,7 @@ from graft.utils import distributed
 from graft.utils.runtime import Runtime, autocast, to_device
 
 __all__ = ["ASL_CLIP", "ASL_GAMMA_NEGATIVE", "NonFiniteLoss", "compute_loss", "create_mixup", "multi_label_loss",
-           "train_epoch", "validate"]
+           "train_epoch", "validate", "epoch_line"]
 
 ASL_GAMMA_NEGATIVE, ASL_CLIP = 4.0, 0.05  # asymmetric loss (Ridnik et al. 2021)'s defaults; γ+ = 0
 
@@ -224,7 +224,8 @@ def validate(model: GraftModel, loader, runtime: Runtime, limit_batches: int = 0
             "val_acc": (logits.argmax(1) == labels).float().mean().item()}
 
 
-def _epoch_line(row: dict) -> str:
+def epoch_line(row: dict) -> str:
+    """The one log line printed after an epoch, from its history row."""
     return (f"epoch {row['epoch']:>3} [{row['stage']}] train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}"
             f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} | {row['images_per_s']:.1f} img/s"
             f" | {row['seconds']:.1f}s")

@@ -18,7 +18,7 @@ from graft.training import recipes
 from graft.training.loop import compute_loss
 from graft.training.optim import create_optimizer
 from graft.training.setup import create_loaders, create_on_device
-from graft.utils.files import _write_csv
+from graft.utils.files import write_csv
 from graft.utils.plotting import plots_skipped, pyplot, save_figure
 from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime, autocast, seed_everything, to_device
@@ -131,8 +131,8 @@ def _unreliable(lrs: list[float], losses: list[float], low: int, ran_to_the_end:
 
 def save_lr_finding(finding: LRFinding, folder: Path) -> None:
     """The sweep as ``lr_find.csv`` (rate, smoothed loss) and ``lr_find.png`` (the curve and the suggestion)."""
-    _write_csv(folder / "lr_find.csv", ["lr", "loss"],
-               [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
+    write_csv(folder / "lr_find.csv", ["lr", "loss"],
+              [{"lr": lr, "loss": loss} for lr, loss in zip(finding.lrs, finding.losses)])
     if not plots_skipped("lr_find.png"):
         plot_lr_finding(finding, folder / "lr_find.png")
 

@@ -29,11 +29,13 @@ from graft.training.loop import validate
 from graft.utils import outputs
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
 
-__all__ = ["precise_bn", "recompute_bn_statistics"]
+__all__ = ["precise_bn", "recompute_bn_statistics", "precise_bn_after_training"]
 
 
-def _precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
-                               card: dict) -> dict:
+def precise_bn_after_training(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
+                              card: dict) -> dict:
+    """Recomputes batch-norm statistics after training when anything with batch norm was trained; records it in
+    ``card`` and returns what the run summary shows."""
     if model.trunk_frozen() and not batch_norms(model.head):
         runtime.log("precise BN: skipped, nothing with batch norm was trained")
         return {"images": 0, "skipped": "nothing with batch norm was trained"}

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from graft.config import FitConfig
-from graft.data.discovery import DatasetSplits, discover_pool
+from graft.data.discovery import DatasetSplits
+from graft.data.pool import read_pool
 from graft.data.scan import ScanCache, check_files
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
@@ -55,7 +56,7 @@ def pool_paths(config: FitConfig, splits: DatasetSplits, runtime: Runtime) -> li
     if not splits.val:
         raise GraftError("--unlabeled needs validation images to check the pseudo-labels against; give DATA a val "
                          "split (or a --val-fraction above 0)")
-    found = discover_pool(config.data.unlabeled)
+    found = read_pool(config.data.unlabeled).paths  # the reader suggest and label use: a CSV's paths stay inside
     labelled = {os.path.realpath(path) for split in ("train", "val", "test") for path, _ in getattr(splits, split)}
     pool = [path for path in found if os.path.realpath(path) not in labelled]
     held = [path for split in ("val", "test") for path, _ in getattr(splits, split)]

@@ -18,7 +18,7 @@ from graft.utils.runtime import Runtime
 
 __all__ = [
     "SCRATCH_STATS_IMAGES", "SCRATCH_STATS_SIZE", "balanced_sampler", "create_loaders", "create_on_device",
-    "resolve_bn_stats", "wrap_for_training"
+    "resolve_bn_stats", "wrap_for_training", "loss_class_weights"
 ]
 
 SCRATCH_STATS_SIZE = 32  # per-channel statistics barely depend on resolution; small is fast
@@ -94,7 +94,7 @@ def balanced_sampler(samples: list, generator: torch.Generator) -> WeightedRando
     return WeightedRandomSampler(1.0 / counts[labels], len(samples), replacement=True, generator=generator)
 
 
-def _loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.device) -> torch.Tensor | None:
+def loss_class_weights(dataset, classes: int, config: FitConfig, device: torch.device) -> torch.Tensor | None:
     """``--balance loss``: inverse-frequency class weights (mean 1 over the images), as scikit-learn's 'balanced'."""
     if config.train.balance != "loss":
         return None

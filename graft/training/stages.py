@@ -15,10 +15,10 @@ from graft.models.run_folder import (
 )
 from graft.training import recipes
 from graft.training.checkpoints import BEST, read_checkpoint, save_checkpoint, write_history
-from graft.training.loop import NonFiniteLoss, _epoch_line, create_mixup, train_epoch, validate
+from graft.training.loop import NonFiniteLoss, create_mixup, epoch_line, train_epoch, validate
 from graft.training.optim import create_optimizer, create_scheduler
 from graft.training.resume import MidEpochCheckpoints, restore_rng
-from graft.training.setup import _loss_class_weights, wrap_for_training
+from graft.training.setup import loss_class_weights, wrap_for_training
 from graft.training.state import Hooks, TrainState
 from graft.utils import distributed
 from graft.utils.files import save_weights
@@ -26,7 +26,7 @@ from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime, epoch_seed, seed_everything
 from graft.utils.safefiles import read_safetensors
 
-__all__ = ["beats_probe", "run_stage", "stage_length"]
+__all__ = ["beats_probe", "run_stage", "stage_length", "run_stages"]
 
 
 def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: FitConfig, runtime: Runtime,
@@ -50,7 +50,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     runtime.log(f"stage {stage.name}: {stage.epochs} epochs, lr {stage.lr:.2e}, {trainable:,} trainable parameters")
-    class_weights = _loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
+    class_weights = loss_class_weights(train_loader.dataset, len(model.classes), config, runtime.device)
     mixup = create_mixup(config.train.mixup, config.train.cutmix, len(model.classes), config.train.label_smoothing)
     while state.stage_epoch < stage_length(stage, state) and not state.stage_done:
         seed = epoch_seed(config.train.seed, state.epoch)
@@ -93,7 +93,7 @@ def run_stage(model, stage: recipes.Stage, state: TrainState, loaders, config: F
         if runtime.is_main:
             write_history(run_dir, state.history)
             save_checkpoint(run_dir, model, optimizer, scheduler, state)
-        runtime.log(_epoch_line(row))
+        runtime.log(epoch_line(row))
         if hooks.on_learning_rates:
             hooks.on_learning_rates(state.epoch, {group.get("name", str(index)): group["lr"] for index, group
                                                   in enumerate(optimizer.param_groups)
@@ -218,8 +218,8 @@ def _restore_best(model, state: TrainState, run_dir: Path, runtime: Runtime) -> 
     best.unlink(missing_ok=True)
 
 
-def _run_stages(model, state: TrainState, resume_from, loaders, config: FitConfig, runtime: Runtime, run_dir: Path,
-                hooks: Hooks) -> TrainState:
+def run_stages(model, state: TrainState, resume_from, loaders, config: FitConfig, runtime: Runtime, run_dir: Path,
+               hooks: Hooks) -> TrainState:
     """Runs the recipe's remaining stages from ``state``; Ctrl-C leaves the last finished epoch's checkpoint."""
     stages = recipes.plan(config)
     try:

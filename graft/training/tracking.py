@@ -11,8 +11,6 @@ checkpoints and its model never depend on it.
 
 from __future__ import annotations
 
-import html
-import importlib.util
 import json
 import math
 import os
@@ -23,13 +21,16 @@ from typing import Callable
 
 import numpy as np
 
-from graft.config import FitConfig, _flatten, parse_log
-from graft.errors import GraftError
+from graft.config import FitConfig, flatten
+from graft.training.notebook_hooks import EPOCH_COLUMNS, NotebookTable, join_hooks
 from graft.training.state import FitResult, Hooks
+from graft.training.tracker_checks import check_available, wandb_mode
 from graft.utils import outputs
 from graft.utils.files import write_json
 from graft.utils.versions import __version__
 
+# EPOCH_COLUMNS, NotebookTable, join_hooks (notebook_hooks) and check_available, wandb_mode (tracker_checks) stay
+# importable from here, where fit has always taken them
 __all__ = ["EPOCH_COLUMNS", "NotebookTable", "TRACKER_TIMEOUT_S", "TRACKING_FILE", "Tracker", "check_available",
            "WANDB_INIT_TIMEOUT_S", "confusion_image", "join_hooks", "wandb_mode"]
 
@@ -38,93 +39,10 @@ TRACKING_FILE = "tracking.json"  # the MLflow and W&B run ids, so that --resume 
 # wandb.init starts a local service process before any request: seconds on a busy machine, so more than one request's
 # bound; past it an online init gives up and the run is logged offline instead (never a hang)
 WANDB_INIT_TIMEOUT_S = 30
-_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker → the module it needs
 _ARTIFACTS = ("graft.json", "metrics.json", "history.csv", "data_report.json", "skipped_files.txt", "lr_find.png",
               "README.md")  # the run's products; never the weights or the feature cache
 _SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
             "val_acc": "accuracy/val", "images_per_s": "speed/images_per_s", "seconds": "time/epoch_seconds"}
-
-
-def check_available(names: tuple[str, ...] | str) -> tuple[str, ...]:
-    """The trackers ``names`` (a --log value or parsed names), each with its package importable.
-
-    Raises:
-        GraftError: for an unknown name, or a package that is missing, before anything is trained.
-    """
-    names = parse_log(names) if isinstance(names, str) else names
-    for name in names:
-        module = _PACKAGES.get(name)
-        if module and _missing(module):
-            raise GraftError(f"--log {name} needs the {module} package: pip install 'graft[track]'")
-    return names
-
-
-def wandb_mode() -> str:
-    """``WANDB_MODE`` when the user set one; offline when graft is offline or no W&B login is configured (an online
-    init would otherwise stop to ask for an API key); else online."""
-    chosen = os.environ.get("WANDB_MODE", "").strip().lower()
-    if chosen in ("online", "offline", "disabled"):
-        return chosen
-    if os.environ.get("GRAFT_OFFLINE") == "1" or os.environ.get("WANDB_OFFLINE", "").lower() in ("1", "true"):
-        return "offline"
-    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
-    try:
-        logged_in = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in netrc.read_text(errors="replace")
-    except OSError:
-        logged_in = False
-    return "online" if logged_in else "offline"
-
-
-def _missing(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):  # sys.modules[module] = None (blocked) raises here
-        return True
-
-
-def join_hooks(first: Hooks, second: Hooks) -> Hooks:
-    """Both hooks' functions at each point, ``first``'s (the caller's) first."""
-    def both(a: Callable | None, b: Callable | None) -> Callable | None:
-        if a is None or b is None:
-            return a or b
-        return lambda *args: (a(*args), b(*args))[-1]
-
-    names = Hooks.__dataclass_fields__
-    return Hooks(**{name: both(getattr(first, name), getattr(second, name)) for name in names})
-
-
-EPOCH_COLUMNS = ("epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-
-
-class NotebookTable:
-    """In Jupyter, a per-epoch table left in the cell's output (as fastai's and the Hugging Face Trainer's), updated
-    in place after every epoch: the live bar disappears when the epoch ends, this stays in the saved notebook."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-        self.handle = None
-
-    def epoch_end(self, row: dict) -> None:
-        from IPython.display import HTML, display  # only ever built inside a kernel (graft.utils.progress.in_notebook)
-
-        self.rows.append(row)
-        table = HTML(self.html())
-        if self.handle is None:
-            self.handle = display(table, display_id=True)
-        else:
-            self.handle.update(table)
-
-    def html(self) -> str:
-        def cell(value) -> str:
-            return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
-
-        head = "".join(f"<th>{name.replace('_', ' ')}</th>" for name in EPOCH_COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{cell(row.get(name, ''))}</td>" for name in EPOCH_COLUMNS) + "</tr>"
-                       for row in self.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def hooks(self) -> Hooks:
-        return Hooks(on_epoch_end=self.epoch_end)
 
 
 def confusion_image(matrix: list[list[int]], cell: int = 0) -> np.ndarray:
@@ -231,7 +149,7 @@ class Tracker:
         self._remember({"mlflow_tracking_uri": uri, "mlflow_run_id": self.run_id})
         from mlflow.entities import Param
 
-        params = [Param(key, str(value)) for key, value in _flatten(self.config.to_dict()).items()]
+        params = [Param(key, str(value)) for key, value in flatten(self.config.to_dict()).items()]
         for start in range(0, len(params), 100):  # log_batch takes at most 100 params a call
             self.client.log_batch(self.run_id, params=params[start:start + 100])
 

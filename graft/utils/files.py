@@ -16,7 +16,7 @@ from torch import nn
 from graft.errors import GraftError
 from graft.utils.outputs import record, temp_prefix
 
-__all__ = ["atomic_write", "file_sha256", "read_json_object", "save_weights", "write_json"]
+__all__ = ["atomic_write", "file_sha256", "read_json_object", "save_weights", "write_json", "write_csv"]
 
 
 def _current_umask() -> int:
@@ -85,7 +85,8 @@ def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str,
     atomic_write(path, lambda temp: save_file(state, temp, metadata=metadata or {}))
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Writes ``rows`` (only their ``columns``) as a CSV file, atomically."""
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")

@@ -13,12 +13,13 @@ from torch import nn
 
 from graft.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Range, check_number
 from graft.errors import GraftError
-from graft.utils.files import file_sha256
 
 __all__ = [
     "GRAFT_TRUNK_PREFIX",
     "Backbone",
     "Preprocessing",
+    "did_you_mean",
+    "file_preprocessing",
     "load_trunk_weights",
     "read_weights_file",
     "run_weights_path",
@@ -97,10 +98,6 @@ class Backbone:
 # -------------------------------------------------------------------------------------------------------- weights files
 
 
-def _sha256(path: Path) -> str:
-    return file_sha256(path)
-
-
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Reads a state dict from .safetensors (with its metadata) or a torch file with ``weights_only=True``.
 
@@ -176,14 +173,15 @@ def load_trunk_weights(net: nn.Module, state: dict[str, torch.Tensor], origin: s
     net.load_state_dict({key: state[key] for key in target}, strict=True)
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
+def did_you_mean(name: str, candidates: list[str]) -> str:
+    """The hint " Did you mean a, b?" naming up to three close candidates, or an empty string when none is close."""
     import difflib
 
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     return f" Did you mean {', '.join(close)}?" if close else ""
 
 
-def _file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | None, name: str) -> Preprocessing:
+def file_preprocessing(path: Path, metadata: dict[str, str], tag_cfg: dict | None, name: str) -> Preprocessing:
     """Preprocessing that travels with a local weights file: its safetensors metadata, a config.json beside it
     (timm/Hugging Face style), or the pretrained config of an explicitly named tag. Never a silent default."""
     if "graft.preprocessing" in metadata:

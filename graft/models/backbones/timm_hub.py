@@ -13,13 +13,13 @@ from pathlib import Path
 from graft.errors import GraftError
 from graft.models.backbones.base import (
     Backbone,
-    _sha256,
     load_trunk_weights,
     read_weights_file,
     run_weights_path,
     timm_cfg_preprocessing,
 )
 from graft.models.backbones.timm_source import cached_hub_file, hub_reachable
+from graft.utils.files import file_sha256
 
 __all__ = ["WEIGHT_FILES", "HubSource", "LocalDirSource", "check_timm_config"]
 
@@ -85,7 +85,7 @@ def _create(timm_name: str, pretrained: bool, weights_file: str | None, shown: s
         path = run_weights_path(Path(weights_file))
         state, _ = read_weights_file(path)
         load_trunk_weights(net, state, str(path))
-        return Backbone(shown, net, preprocessing, f"file:{path} sha256={_sha256(path)[:16]}")
+        return Backbone(shown, net, preprocessing, f"file:{path} sha256={file_sha256(path)[:16]}")
     return Backbone(shown, net, preprocessing, weights if pretrained else "random")
 
 

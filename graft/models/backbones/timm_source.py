@@ -13,13 +13,13 @@ from graft.errors import GraftError
 from graft.models.backbones.base import (
     Backbone,
     Preprocessing,
-    _file_preprocessing,
-    _sha256,
-    _suggest,
+    did_you_mean,
+    file_preprocessing,
     load_trunk_weights,
     read_weights_file,
     run_weights_path,
 )
+from graft.utils.files import file_sha256
 
 __all__ = ["PACKAGED_WEIGHTS", "PackagedWeights", "TimmSource", "cached_hub_file", "hub_reachable"]
 
@@ -92,7 +92,8 @@ class TimmSource:
 
         arch, _, tag = name.partition(".")
         if not timm.is_model(arch):
-            raise GraftError(f"unknown backbone '{name}'.{_suggest(arch, timm.list_models())} See `timm.list_models()`")
+            hint = did_you_mean(arch, timm.list_models())
+            raise GraftError(f"unknown backbone '{name}'.{hint} See `timm.list_models()`")
         net = timm.create_model(name if tag else arch, pretrained=False, num_classes=0)
         cfg = net.pretrained_cfg
         if weights_file:
@@ -100,8 +101,8 @@ class TimmSource:
             state, metadata = read_weights_file(path)
             load_trunk_weights(net, state, str(path), by_order=metadata.get("graft.match") == "order")
             tag_cfg = cfg if tag else None
-            preprocessing = _file_preprocessing(path, metadata, tag_cfg, arch)
-            return Backbone(name, net, preprocessing, f"file:{path} sha256={_sha256(path)[:16]}")
+            preprocessing = file_preprocessing(path, metadata, tag_cfg, arch)
+            return Backbone(name, net, preprocessing, f"file:{path} sha256={file_sha256(path)[:16]}")
         if not pretrained:
             return Backbone(name, net, Preprocessing.from_timm_cfg(cfg), "random")
         packaged = PACKAGED_WEIGHTS.get(arch)

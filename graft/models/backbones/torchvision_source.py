@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from graft.errors import GraftError
-from graft.models.backbones.base import Backbone, Preprocessing, _sha256, _suggest, read_weights_file
+from graft.models.backbones.base import Backbone, Preprocessing, did_you_mean, read_weights_file
 from graft.models.surgery import Capture
+from graft.utils.files import file_sha256
 from graft.utils.modes import evaluating
 
 __all__ = ["TORCHVISION_FAMILIES", "TorchvisionFamily", "TorchvisionNet", "TorchvisionSource"]
@@ -87,7 +88,7 @@ class TorchvisionSource:
         arch, _, tag = name.partition(".")
         available = torchvision.models.list_models(module=torchvision.models)
         if arch not in available:
-            raise GraftError(f"unknown torchvision model '{arch}'.{_suggest(arch, available)}")
+            raise GraftError(f"unknown torchvision model '{arch}'.{did_you_mean(arch, available)}")
         family = next((f for f in TORCHVISION_FAMILIES if re.match(f.pattern, arch)), None)
         if family is None:
             supported = ", ".join(f.pattern for f in TORCHVISION_FAMILIES)
@@ -118,7 +119,7 @@ class TorchvisionSource:
             expected = {k for k in model.state_dict() if not k.startswith(classifier)}
             if expected - set(state):
                 raise GraftError(f"{weights_file}: trunk tensors missing (e.g. {sorted(expected - set(state))[0]})")
-            source = f"file:{weights_file} sha256={_sha256(Path(weights_file))[:16]}"
+            source = f"file:{weights_file} sha256={file_sha256(Path(weights_file))[:16]}"
         return Backbone(name, TorchvisionNet(model, family), preprocessing, source)
 
 
