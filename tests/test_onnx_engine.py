@@ -14,7 +14,7 @@ from graft.data.discovery import discover
 from graft.data.images import load_image
 from graft.data.transforms import create_transform
 from graft.models.backbones.registry import create_backbone
-from graft.models.onnx_engine import OnnxModule, as_tuple, engine_module, onnxruntime_available
+from graft.models.onnx_engine import OnnxModule, as_tuple, engine_module, export_onnx, onnxruntime_available
 from graft.models.surgery import Trunk
 from graft.probing.extraction import FeatureExtractor, extract_features
 
@@ -112,7 +112,7 @@ def test_damaged_cached_export_is_rebuilt(shapes, tmp_path):
 class _ExportsDifferently(nn.Module):
     def forward(self, x):
         pooled = x.mean((2, 3))
-        return pooled + 1 if torch.compiler.is_exporting() else pooled  # the exported graph is not the eager model
+        return pooled + 1 if torch.onnx.is_in_onnx_export() else pooled  # no exporter writes the eager model
 
 
 class _NotExportable(nn.Module):
@@ -128,6 +128,36 @@ def test_unfaithful_or_unexportable_module_runs_eager_after_one_warning(tmp_path
     assert engine is module
     assert len(warnings) == 1 and warnings[0].startswith("warning: ONNX Runtime not used for test (")
     assert "\x1b" not in warnings[0] and "\n" not in warnings[0]
+
+
+class _TracedWrong(nn.Module):
+    def forward(self, x):
+        pooled, bright = x.mean((2, 3)), x.max() > 1.5
+        # a trace keeps the branch its example took; the dynamo exporter keeps the condition in the graph
+        return torch.where(bright, pooled, -pooled) if torch.compiler.is_exporting() else (
+            pooled if bright else -pooled)
+
+
+class _OnlyDynamoExports(nn.Module):
+    def forward(self, x):
+        return torch.logcumsumexp(x.mean((2, 3)), 1)  # no TorchScript symbolic for it; the dynamo exporter has one
+
+
+@pytest.mark.parametrize("module, example", [(_OnlyDynamoExports(), torch.randn(2, 3, 8, 8)),
+                                             (_TracedWrong(), torch.ones(2, 3, 8, 8))])
+def test_the_dynamo_exporter_takes_over_when_torchscript_fails_or_mismatches(tmp_path, module, example, capfd):
+    """The TorchScript exporter runs first; when it raises, or its graph does not match eager, the dynamo exporter
+    writes the file, and that export is checked like any other (here on batches it never saw)."""
+    first = "dynamo" if isinstance(module, _OnlyDynamoExports) else "torchscript"  # what wrote the file
+    assert export_onnx(module, example, tmp_path / "first.onnx") == first
+    warnings = []
+    engine = engine_module(module, tmp_path / "m.onnx", example, "test", warnings.append)
+    assert isinstance(engine, OnnxModule) and not warnings
+    assert "Torch IR graph" not in capfd.readouterr().out  # the TorchScript exporter's dump on failure stays quiet
+    inputs = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        for batch in (inputs, inputs.clamp(-1, 1)):  # either side of _TracedWrong's condition
+            torch.testing.assert_close(engine(batch), module(batch), atol=1e-5, rtol=0)
 
 
 @pytest.fixture
