@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,17 +31,16 @@ from graft.models.onnx_engine import as_tuple, engine_digest, engine_module, res
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
 from graft.probing.cache import (
     SHARD_IMAGES,
-    CacheSpace,
     cache_folder,
     file_key,
-    space_key,
     tensor_digests,
+    view_spaces,
     weights_digest,
 )
+from graft.probing.featureset import SPLITS, FeatureSet, save_feature_set, split_features
 from graft.probing.tuning import eager_setting
 from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
-from graft.utils.files import atomic_write
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.modes import evaluating
 from graft.utils.outputs import check_output
@@ -51,13 +49,10 @@ from graft.utils.runtime import autocast, autocast_dtype, to_device
 
 __all__ = [
     "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
-    "extraction_loader", "node_digests", "save_feature_set"
+    "extraction_loader", "node_digests", "save_feature_set", "split_features"
 ]
 
 log = logging.getLogger(__name__)
-
-
-SPLITS = ("train", "val", "test")
 
 
 class FeatureExtractor(nn.Module):
@@ -122,43 +117,6 @@ class _ViewDataset(Dataset):
         return self.transform(load_image(self.paths[index], None)), index
 
 
-@dataclass
-class FeatureSet:
-    """Cached features of one node for every split, with labels and paths in split order."""
-
-    node: str
-    classes: list[str]
-    features: dict[str, np.ndarray]  # split → (N, D) float16
-    labels: dict[str, np.ndarray]
-    paths: dict[str, list[str]]
-    augmented: list[np.ndarray] = field(default_factory=list)  # K training views, each (N_train, D)
-    stats: dict = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return int(self.features["train"].shape[1])
-
-
-def save_feature_set(features: FeatureSet, path: str | os.PathLike) -> Path:
-    """Writes one node's features with labels, paths and class names to an ``.npz`` readable without graft
-    (``np.load(path)``, no pickle: paths and classes are stored as unicode arrays)."""
-    arrays = {"classes": np.array(features.classes), "node": np.array(features.node)}
-    for split in SPLITS:
-        arrays[f"{split}_features"] = features.features[split]
-        arrays[f"{split}_labels"] = features.labels[split]
-        arrays[f"{split}_paths"] = np.array(features.paths[split], dtype=str)
-    for view, augmented in enumerate(features.augmented, start=1):
-        arrays[f"train_view{view}_features"] = augmented
-    path = Path(path)
-    atomic_write(path, lambda temp: _save_npz(temp, arrays))
-    return path
-
-
-def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as handle:  # closed before atomic_write fsyncs: no buffered bytes left behind
-        np.savez(handle, **arrays)
-
-
 def extraction_batch_size(device: torch.device) -> int:
     """Inference batch for extraction: small on the CPU, where activations then stay in cache (measured on 2 cores:
     EfficientNet-Lite0 at 224 px ran 74 img/s at batch 16, 54 at 32, 34-44 at 64), large on an accelerator."""
@@ -216,9 +174,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     onnx_path = None if engine == "eager" else cache / "onnx" / (engine_digest(
         architecture, sorted(digests.items()), extractor.nodes, pool, tuple(preprocessing.input_size)) + ".onnx")
     for view, paths in views:
-        spaces = {node: CacheSpace(cache / space_key(architecture, digests[node], node, pool, preprocessing, view),
-                                   {"architecture": architecture, "node": node, "pool": pool, "view": view})
-                  for node in extractor.nodes}
+        spaces = view_spaces(cache, architecture, digests, pool, preprocessing, view)
         keys = [file_key(p) for p in paths]
         missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
         distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
@@ -249,7 +205,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     stats["images_per_s"] = stats["extracted"] / stats["seconds"] if stats["seconds"] else None
     if log:
         log(f"features: {stats['extracted']} images extracted, {stats['cached']} read from the cache ({cache})")
-    return {node: _split_features(node, splits, results[node], augment_views, stats) for node in extractor.nodes}
+    return {node: split_features(node, splits, results[node], augment_views, stats, digests[node])
+            for node in extractor.nodes}
 
 
 def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:
@@ -366,16 +323,3 @@ def _flush(spaces, pending: dict[str, list[np.ndarray]], keys: list[str]) -> Non
     for node, space in spaces.items():
         space.add_shard(keys, np.concatenate(pending[node]))
         pending[node].clear()
-
-
-def _split_features(node: str, splits: DatasetSplits, views: dict[int, np.ndarray], augment_views: int,
-                    stats: dict) -> FeatureSet:
-    features, labels, paths, offset = {}, {}, {}, 0
-    for split in SPLITS:
-        samples = getattr(splits, split)
-        features[split] = views[0][offset:offset + len(samples)]
-        labels[split] = np.array([label for _, label in samples], dtype=np.int64)
-        paths[split] = [path for path, _ in samples]
-        offset += len(samples)
-    augmented = [views[v] for v in range(1, augment_views + 1)]
-    return FeatureSet(node, splits.classes, features, labels, paths, augmented, dict(stats))
