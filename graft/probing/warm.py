@@ -33,6 +33,7 @@ from graft.probing.cache import cache_folder, file_key, view_spaces
 from graft.probing.featureset import SPLITS, FeatureSet, split_features
 from graft.utils import distributed
 from graft.utils.files import atomic_write, file_sha256, read_json_object
+from graft.utils.outputs import check_output
 from graft.utils.versions import __version__
 
 __all__ = ["RECORDS", "cached_features", "record_path", "recorded_features", "warm_request", "weights_identity"]
@@ -176,6 +177,8 @@ def cached_features(splits: DatasetSplits, backbone: str, nodes: list[str], imag
     """``stage_features``'s {node: FeatureSet}, read without timm or the network when a recorded earlier run names
     the same request and weights and every image is cached; else extracted the full way (and recorded)."""
     cache = cache_folder(cache_dir)
+    if splits.root:  # refused here as the full path refuses it: the cache is never inside (or over) the data
+        check_output(cache, "--cache", ((splits.root, "data"),))
     request = warm_request(backbone, nodes, image_size, pool, pretrained, augment_views, seed, weights_file)
     if request is not None and distributed.world_size() == 1:
         sets = recorded_features(splits, request, cache, log)
