@@ -94,8 +94,8 @@ def features(
     from graft.data.scan import scan
     from graft.models.surgery import DEFAULT_NODE
     from graft.probing.cache import cache_folder
-    from graft.probing.extraction import save_feature_set
-    from graft.probing.leaderboard import stage_features
+    from graft.probing.featureset import save_feature_set
+    from graft.probing.warm import cached_features
     from graft.utils import distributed
     from graft.utils.outputs import output_folder
 
@@ -113,9 +113,10 @@ def features(
     for warning in report.warnings if distributed.is_main() else ():
         err.print(f"warning: {warning}")
     nodes = cut_at.split(",") if cut_at else [DEFAULT_NODE]
-    _, _, sets = stage_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size,
-                                workers, err.print if distributed.is_main() else None, augment_views=augment,
-                                compile_mode=compile, engine=extract_engine)
+    # a warm rerun reads the cache without timm or the network (graft.probing.warm)
+    sets = cached_features(splits, backbone, nodes, image_size, pool, pretrained, cache, device, batch_size, workers,
+                           err.print if distributed.is_main() else None, augment_views=augment, compile_mode=compile,
+                           engine=extract_engine)
     if not distributed.is_main():
         return
     stats = next(iter(sets.values())).stats

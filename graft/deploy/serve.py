@@ -14,16 +14,14 @@
   ``/predict``.
 
 Concurrent requests are batched: a single inference task collects images until ``max_batch`` or ``max_wait_ms``
-and runs them in one forward pass on one worker thread. Bad input never reaches the model and never crashes the
+and runs them in one forward pass on one worker thread (with ``--runtime onnx``, on ``onnx_threads()`` of ONNX
+Runtime's intra-op threads). Bad input never reaches the model and never crashes the
 server: more bytes than ``max_upload_bytes`` → 413, more pixels than ``max_pixels`` (decompression bombs) → 413,
 not an image → 415, no image → 400, more files than allowed → 413; every error is JSON ``{"error": "..."}``. A
 client that goes away mid-upload is one log line and a count in ``/health`` (``disconnects``), not an error.
 """
 
 import asyncio  # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime
-import base64
-import contextlib
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,11 +29,14 @@ from dataclasses import dataclass, field
 import torch
 
 from graft.data.images import ImageError, PixelLimitError, decode_image
+from graft.data.prefetch import usable_cores
 from graft.data.transforms import TTAViews
+from graft.deploy.explaining import RETRY_AFTER_S, Gate, explanations
 from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
 from graft.deploy.review import add_review_routes, load_review
+from graft.deploy.uploads import ApiError, read_uploads
 from graft.errors import GraftError
-from graft.evaluation.explain import OVERLAY_SIDE, explain_prepared, prepare
+from graft.evaluation.explain import OVERLAY_SIDE
 from graft.evaluation.explain import available as explain_available
 from graft.evaluation.inference import load_ensemble, runtime_members
 from graft.utils.limits import SERVE_MAX_PIXELS
@@ -43,7 +44,7 @@ from graft.utils.text import display_name
 
 __all__ = [
     "ApiError", "Counters", "EXPLAIN_MAX_FILES", "Gate", "MAX_FILES", "MAX_PIXELS", "MAX_UPLOAD_BYTES", "OVERLAY_SIDE",
-    "Predictor", "RETRY_AFTER_S", "ServeConfig", "create_app", "serve"
+    "Predictor", "RETRY_AFTER_S", "ServeConfig", "create_app", "onnx_threads", "serve"
 ]
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_PIXELS = SERVE_MAX_PIXELS
 MAX_FILES = 64  # images per request
 EXPLAIN_MAX_FILES = 4  # images per /explain request: each costs a gradient pass and an overlay
-RETRY_AFTER_S = 5  # what a 503 from a busy /explain tells the client to wait
 
 
 @dataclass
@@ -73,12 +73,6 @@ class ServeConfig:
     explain_queue: int = 8  # more /explain requests waiting for a turn (their bodies read); beyond that 503
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
 @dataclass
 class _Pending:
     images: torch.Tensor  # (n, views, 3, H, W)
@@ -95,31 +89,17 @@ class Counters:
     errors: dict[int, int] = field(default_factory=dict)
 
 
-class Gate:
-    """At most ``running`` holders at a time and ``waiting`` more in line (FIFO); the next one is refused with 503.
+def onnx_threads(cores: int | None = None) -> int:
+    """ONNX Runtime's intra-op threads under ``graft serve`` (``--runtime onnx``): the usable cores less a third.
 
-    ``place`` is taken before the body is read, so at most running + waiting bodies are ever held; ``turn`` is then
-    awaited for the work itself.
+    Unlike ``predict``, a server decodes while it computes: the decoder threads, the event loop reading uploads and
+    the batching task run beside every forward. ONNX Runtime's default (a thread per core, spinning while idle) keeps
+    every core busy between batches too, so each decode and each answer waits behind it, which is the tail latency
+    under many clients. So a third of the cores (at least one) is left to decoding and HTTP, and since a count is
+    given the session's idle threads sleep instead of spinning (``graft.models.onnx_engine``). On two cores: one.
     """
-
-    def __init__(self, running: int, waiting: int, what: str):
-        self.capacity, self.what = running + waiting, what
-        self.semaphore = asyncio.Semaphore(running)
-        self.inside = 0
-
-    @contextlib.asynccontextmanager
-    async def place(self):
-        if self.inside >= self.capacity:
-            raise ApiError(503, f"busy: {self.capacity} {self.what} requests are already running or waiting; "
-                                f"retry in {RETRY_AFTER_S} s", {"Retry-After": str(RETRY_AFTER_S)})
-        self.inside += 1
-        try:
-            yield
-        finally:
-            self.inside -= 1
-
-    def turn(self):
-        return self.semaphore
+    cores = max(1, cores or usable_cores())
+    return max(1, cores - max(1, cores // 3))
 
 
 class Predictor:
@@ -129,7 +109,8 @@ class Predictor:
         self.runs, self.device, self.models = load_ensemble(run_dirs, device, command="graft serve")
         self.config = config
         self.views = TTAViews(self.models[0].preprocessing, config.tta)
-        self.per_view = runtime_members(self.runs, self.models, self.device, config.runtime, log.warning)
+        self.per_view = runtime_members(self.runs, self.models, self.device, config.runtime, log.warning,
+                                        onnx_threads())
         self.classes = self.models[0].classes
         self.labels = [display_name(name) for name in self.classes]  # JSON answers must be valid Unicode
         self.facts = [run_facts(run) for run in self.runs]
@@ -201,50 +182,6 @@ class Predictor:
                 "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms}}
 
 
-async def _read_limited(request, limit: int) -> bytes:
-    """The body, refused with 413 past ``limit`` bytes (starlette's ``ClientDisconnect`` when the client goes away)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"upload of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"upload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _uploads(request, config: ServeConfig, max_files: int) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every uploaded image: multipart files (at most ``max_files``), or the raw body for an image/*
-    content type."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    body = await _read_limited(request, config.max_upload_bytes)
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("image/") or content_type == "application/octet-stream":
-        return [("body", body)]
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(415, f"expected multipart/form-data or an image/* body, got '{content_type or 'nothing'}'")
-
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=max_files).parse()
-    except MultiPartException as error:
-        if str(error).startswith("Too many"):  # starlette's words for max_files and max_fields
-            raise ApiError(413, f"more than {max_files} files or fields in one request to {request.url.path} (its "
-                                "limit); send the images in several requests") from None
-        raise ApiError(400, f"malformed multipart body: {error}") from None
-    files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
-             if isinstance(value, UploadFile)]
-    if not files:
-        raise ApiError(400, "no image in the request: send multipart files (e.g. curl -F file=@cat.jpg)")
-    return files
-
-
 def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None, audit=None, data=None):
     """The FastAPI application for ``run_dirs`` (one run folder or several: an ensemble); with ``audit`` (the folder
     `graft audit` wrote; ``data``: its dataset when audit.json does not say) also the review page on ``/review``
@@ -295,16 +232,17 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
     @app.post("/predict")
     async def predict(request: Request):
         predictor.counters.requests += 1
-        return await _predictions(predictor, config, await _uploads(request, config, config.max_files))
+        uploads = await read_uploads(request, config.max_upload_bytes, config.max_files)
+        return await _predictions(predictor, config, uploads)
 
     if explain_available():  # the page offers its "where the model looked" switch only when this route exists
         @app.post("/explain")
         async def explain(request: Request):
             predictor.counters.requests += 1
             async with predictor.explain_gate.place():
-                uploads = await _uploads(request, config, config.explain_max_files)
+                uploads = await read_uploads(request, config.max_upload_bytes, config.explain_max_files)
                 async with predictor.explain_gate.turn():
-                    return await _explanations(predictor, config, uploads)
+                    return await explanations(predictor, config, uploads)
 
     return app
 
@@ -384,54 +322,6 @@ async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[
         rows.append({"file": display_name(name), "labels": [predictor.labels[i] for i in indices.tolist()],
                      "probabilities": [round(v, 6) for v in values.tolist()]})
     return {"predictions": rows}
-
-
-async def _explanations(predictor: Predictor, config: ServeConfig, uploads: list[tuple[str, bytes]]) -> dict:
-    """Grad-CAM of each upload (graft.evaluation.explain) as a PNG data URI, with the top-k it explains.
-
-    The uploads are decoded one after another on an explain thread, each shrunk to its network input and an
-    overlay-size copy at once, so a request holds one full-size image at a time. The gradient pass runs in the
-    inference thread, between ``/predict`` batches, never beside one (its hooks are on the shared model). An ensemble
-    is explained through its first member (a map per member would not be one picture).
-    """
-    loop = asyncio.get_running_loop()
-    model = predictor.models[0]
-    prepared = []
-    for name, data in uploads:
-        try:
-            prepared.append(await loop.run_in_executor(predictor.explainer, _prepare_upload, model, data, name,
-                                                       config.max_pixels))
-        except PixelLimitError as exc:
-            raise ApiError(413, str(exc)) from None
-        except ImageError as exc:
-            raise ApiError(415, str(exc)) from None
-    names = [display_name(name) for name, _ in uploads]
-    try:
-        results = await loop.run_in_executor(predictor.worker, explain_prepared, model, prepared, config.top_k, None,
-                                             names)
-    except GraftError as exc:  # a trunk Grad-CAM does not apply to (a cut at a pooled vector)
-        raise ApiError(422, str(exc)) from None
-    overlays = await loop.run_in_executor(predictor.explainer, _png_data_uris, [row.overlay for row in results])
-    predictor.counters.images += len(uploads)
-    rows = [{"file": result.path, "labels": [display_name(label) for label in result.labels],
-             "probabilities": result.probabilities, "target": display_name(result.target),
-             "overlay": overlay, "note": result.note} for result, overlay in zip(results, overlays)]
-    return {"explanations": rows}
-
-
-def _prepare_upload(model, data: bytes, name: str, max_pixels: int):
-    """An upload decoded and prepared for Grad-CAM; the full-size image is dropped when this returns."""
-    return prepare(model, decode_image(data, name, max_pixels), OVERLAY_SIDE)
-
-
-def _png_data_uris(images) -> list[str]:
-    """PNG data URIs of the overlays (already at most ``OVERLAY_SIDE`` pixels on their longer side)."""
-    uris = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", optimize=True)
-        uris.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return uris
 
 
 def serve(run_dirs, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

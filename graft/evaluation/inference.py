@@ -157,11 +157,15 @@ def runtime_members(runs: list, models: list[GraftModel], target: torch.device, 
 
 
 def prediction_plan(runtime: str, target: torch.device, workers: int) -> DecodePlan | None:
-    """How decoding threads share the CPU with the forward (``graft.data.prefetch.engine_plan``) for ``workers`` -1
-    on the CPU; None (a DataLoader with ``workers``, none for -1) otherwise."""
-    if target.type != "cpu" or workers != -1:
+    """How decoding threads share the CPU with an ONNX Runtime forward (``graft.data.prefetch.engine_plan``) for
+    ``workers`` -1 on the CPU; None (a DataLoader with ``workers``, decoding in the calling thread for -1) otherwise.
+
+    Eager PyTorch on the CPU decodes in the calling thread: measured on 2 cores (bench/RESULTS.md, issue 24), eager
+    predict ran 44.9 img/s so and 39.8 with decoding threads taking turns with the forward, whose own intra-op
+    threads torch spreads over every core already; ONNX Runtime gained from the threads (124.0 against 109.7)."""
+    if target.type != "cpu" or workers != -1 or resolve_engine(runtime, target) != "onnx":
         return None
-    return engine_plan(resolve_engine(runtime, target) == "onnx")
+    return engine_plan(True)
 
 
 def predict(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str = "auto",
@@ -172,7 +176,7 @@ def predict(run_dirs, inputs, top_k: int = 3, batch_size: int = 32, device: str 
     flip,crops) averages each model's probabilities over those views first. ``iter_predictions`` gives the same rows
     one batch at a time. ``inputs`` is one path (``str`` or ``os.PathLike``) or a list of them. ``runtime``: torch,
     onnx (ONNX Runtime on each run's verified export) or auto (onnx on the CPU when installed). ``workers``: -1
-    decodes in threads on the CPU (``prediction_plan``) and in the calling process on an accelerator; a count is
+    decodes in threads for ONNX Runtime on the CPU (``prediction_plan``), else in the calling thread; a count is
     DataLoader's ``num_workers``. The rows are the same either way.
     """
     return list(iter_predictions(run_dirs, inputs, top_k, batch_size, device, workers, tta, runtime))

@@ -25,7 +25,7 @@ from graft.utils.text import path_key
 
 __all__ = [
     "FEATURE_FORMAT", "INDEX", "LEGACY_INDEX", "SHARD_IMAGES", "CacheSpace", "cache_folder", "default_cache_dir",
-    "file_key", "space_key", "tensor_digests", "weights_digest"
+    "file_key", "space_key", "tensor_digests", "view_spaces", "weights_digest"
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,14 @@ def space_key(architecture: str, digest: str, node: str, pool: str, preprocessin
     identity = {"format": FEATURE_FORMAT, "architecture": architecture, "weights": digest, "node": node,
                 "pool": pool, "preprocessing": preprocessing.to_dict(), "view": view}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def view_spaces(cache: Path, architecture: str, digests: dict[str, str], pool: str, preprocessing: Preprocessing,
+                view: int) -> dict[str, CacheSpace]:
+    """{node: its cache space} for one view, ``digests`` giving each node's weights digest (``node_digests``)."""
+    return {node: CacheSpace(cache / space_key(architecture, digest, node, pool, preprocessing, view),
+                             {"architecture": architecture, "node": node, "pool": pool, "view": view})
+            for node, digest in digests.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------ one space

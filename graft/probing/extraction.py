@@ -31,14 +31,13 @@ from graft.models.onnx_engine import as_tuple, engine_digest, engine_module, res
 from graft.models.surgery import DEFAULT_NODE, Capture, GlobalPool, Trunk, first_tensor, modules_reached, parse_nodes
 from graft.probing.cache import (
     SHARD_IMAGES,
-    CacheSpace,
     cache_folder,
     file_key,
-    space_key,
     tensor_digests,
+    view_spaces,
     weights_digest,
 )
-from graft.probing.feature_sets import SPLITS, FeatureSet, save_feature_set, split_features
+from graft.probing.featureset import SPLITS, FeatureSet, save_feature_set, split_features
 from graft.probing.tuning import eager_setting
 from graft.utils import distributed
 from graft.utils.compiling import maybe_compile
@@ -48,9 +47,9 @@ from graft.utils.outputs import check_output
 from graft.utils.progress import Progress
 from graft.utils.runtime import autocast, autocast_dtype, to_device
 
-__all__ = [  # FeatureSet, SPLITS and save_feature_set: graft.probing.feature_sets's, re-exported for their callers
+__all__ = [
     "FeatureExtractor", "FeatureSet", "SPLITS", "candidate_cuts", "extract_features", "extraction_batch_size",
-    "extraction_loader", "node_digests", "save_feature_set"
+    "extraction_loader", "node_digests", "save_feature_set", "split_features"
 ]
 
 log = logging.getLogger(__name__)
@@ -175,9 +174,7 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     onnx_path = None if engine == "eager" else cache / "onnx" / (engine_digest(
         architecture, sorted(digests.items()), extractor.nodes, pool, tuple(preprocessing.input_size)) + ".onnx")
     for view, paths in views:
-        spaces = {node: CacheSpace(cache / space_key(architecture, digests[node], node, pool, preprocessing, view),
-                                   {"architecture": architecture, "node": node, "pool": pool, "view": view})
-                  for node in extractor.nodes}
+        spaces = view_spaces(cache, architecture, digests, pool, preprocessing, view)
         keys = [file_key(p) for p in paths]
         missing = sorted({k for space in spaces.values() for k in space.lookup(keys)[1]})
         distributed.barrier()  # under torchrun: every rank has read the same index before any rank adds to it
@@ -208,7 +205,8 @@ def extract_features(splits: DatasetSplits, extractor: nn.Module, preprocessing:
     stats["images_per_s"] = stats["extracted"] / stats["seconds"] if stats["seconds"] else None
     if log:
         log(f"features: {stats['extracted']} images extracted, {stats['cached']} read from the cache ({cache})")
-    return {node: split_features(node, splits, results[node], augment_views, stats) for node in extractor.nodes}
+    return {node: split_features(node, splits, results[node], augment_views, stats, digests[node])
+            for node in extractor.nodes}
 
 
 def node_digests(extractor: nn.Module, input_size) -> dict[str, str]:

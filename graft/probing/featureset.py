@@ -1,5 +1,8 @@
-"""Cached features as graft hands them out: one node's features for every split, with labels and paths in split
-order (``FeatureSet``), and the ``.npz`` file ``graft features --out`` writes from them."""
+"""What extraction returns: one node's cached features for every split, and the ``.npz`` file they are saved to.
+
+Apart from ``graft.probing.extraction`` (which imports torchvision for its transforms) so that a warm rerun that only
+reads the cache (``graft.probing.warm``) imports neither torchvision nor timm.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from graft.data.discovery import DatasetSplits
+from graft.data.splits import DatasetSplits
 from graft.utils.files import atomic_write
 
-__all__ = ["FeatureSet", "SPLITS", "save_feature_set", "split_features"]
+__all__ = ["SPLITS", "FeatureSet", "save_feature_set", "split_features"]
 
 SPLITS = ("train", "val", "test")
 
@@ -28,6 +31,7 @@ class FeatureSet:
     paths: dict[str, list[str]]
     augmented: list[np.ndarray] = field(default_factory=list)  # K training views, each (N_train, D)
     stats: dict = field(default_factory=dict)
+    digest: str = ""  # the content hash of the weights these features depend on (``node_digests``)
 
     @property
     def dim(self) -> int:
@@ -55,9 +59,9 @@ def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def split_features(node: str, splits: DatasetSplits, views: dict[int, np.ndarray], augment_views: int,
-                   stats: dict) -> FeatureSet:
-    """``node``'s FeatureSet from its extracted ``views`` (view 0: every split's images in order; view k: the
-    training images' k-th augmented view)."""
+                   stats: dict, digest: str = "") -> FeatureSet:
+    """One node's FeatureSet from its features in split order (``views``: {view: (N, D)}, view 0 every image, the
+    augmented views the training images only)."""
     features, labels, paths, offset = {}, {}, {}, 0
     for split in SPLITS:
         samples = getattr(splits, split)
@@ -66,4 +70,4 @@ def split_features(node: str, splits: DatasetSplits, views: dict[int, np.ndarray
         paths[split] = [path for path, _ in samples]
         offset += len(samples)
     augmented = [views[v] for v in range(1, augment_views + 1)]
-    return FeatureSet(node, splits.classes, features, labels, paths, augmented, dict(stats))
+    return FeatureSet(node, splits.classes, features, labels, paths, augmented, dict(stats), digest)
