@@ -104,3 +104,29 @@ def test_evaluate_check_finds_a_near_copy_from_the_cached_features(tmp_path):
         rows = list(csv.reader(handle))
     assert rows[0] == ["path_a", "path_b", "similarity", "kind"] and rows[1][:2] == [val[6], train[4]]
     assert rows[1][3] == "near-leak"
+
+
+def test_cli_evaluate_warns_about_a_near_copy_when_the_cache_holds_features(trained_run, shapes, tmp_path,
+                                                                            monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    copy = _copy(str(data / "train" / "square" / "002.png"), data / "val" / "square" / "copied.jpg")
+    val = sorted(str(p) for p in (data / "val").glob("*/*"))
+    train = sorted(str(p) for p in (data / "train").glob("*/*"))
+    original = train.index(str(data / "train" / "square" / "002.png"))
+    features = _features(len(val) + len(train), {val.index(copy): (len(val) + original, 0.9)})
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
+    _cached(tmp_path / "cache", val + train, features)
+    done = CliRunner().invoke(app, ["evaluate", str(trained_run), str(data), "--split", "val", "-o",
+                                    str(tmp_path / "eval"), "--no-report", "--runtime", "torch"])
+    assert done.exit_code == 0, done.output
+    assert "near copies of training images" in done.output and LEAKS_FILE in done.output
+    with open(tmp_path / "eval" / LEAKS_FILE, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert [copy, str(data / "train" / "square" / "002.png")] in [row[:2] for row in rows[1:]]
