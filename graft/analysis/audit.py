@@ -6,9 +6,12 @@ outliers, all from the cached features.
   confident learning (``find_label_issues``) flags the likely wrong labels. ``label_issues.csv``:
   ``path,given,suggested,score`` — ``score`` is cleanlab's label quality (the held-out probability of the given label
   for ``self_confidence``; lower is more suspicious), rows most suspicious first.
-* **Duplicates**: exact copies by SHA-256 of the bytes, near copies by cosine similarity of the centred features
-  (``graft.data.duplicates``). ``duplicates.csv``: ``path_a,path_b,similarity,kind`` with kind ``exact`` or
-  ``near``, and ``-leak`` appended when the two images are in different splits (``near-leak``).
+* **Duplicates**: exact copies by SHA-256 of the bytes; near copies found by the centred features (cosine) and by
+  small grey thumbnails (mutual nearest neighbours), then confirmed at the pixels: the two images in grey at the
+  smaller one's size correlate ≥ 0.99 (``graft.data.duplicates.near_copies``). ``duplicates.csv``:
+  ``path_a,path_b,similarity,kind`` with kind ``exact`` or ``near``, and ``-leak`` appended when the two images are
+  in different splits (``near-leak``); a near pair's similarity is that pixel correlation (the features' cosine
+  where the images could not be decoded).
 * **Outliers**: mean cosine distance to the k nearest neighbours (low density: off-domain images, blank frames).
   ``outliers.csv``: ``path,split,score``, most isolated first.
 * ``audit.html`` (self-contained, like the report) and ``audit.json`` (counts, thresholds, backbone, node).
@@ -30,8 +33,8 @@ import numpy as np
 
 from graft.config import ModelConfig
 from graft.data.discovery import discover
-from graft.data.duplicates import (EXACT_LIMIT, NEAR_SIMILARITY, Neighbours, centred_unit, content_digests, exact_pairs,
-                                   neighbours)
+from graft.data.duplicates import (CANDIDATE_SIMILARITY, EXACT_LIMIT, NEAR_SIMILARITY, SAME_PICTURE, Neighbours,
+                                   centred_unit, content_digests, exact_pairs, near_copies, neighbours)
 from graft.data.scan import scan
 from graft.errors import GraftError
 from graft.evaluation.report import CSS, jpeg_uri, shown_path, thumbnail
@@ -147,7 +150,7 @@ def audit(data: str | os.PathLike, backbone: str = ModelConfig.backbone, cut_at:
     split_of = [name for name in names for _ in features.paths[name]]
     issues, probe = _label_issues(x, y, features.classes, folds, device, ranked_by, log)
     digests = _digests(paths, log)
-    found = _neighbours(x, similarity, log)
+    found = _neighbours(x, paths, similarity, log)
     result = AuditResult(out_dir)
     result.label_issues = [{"path": paths[i], "given": features.classes[y[i]], "suggested": features.classes[s],
                             "score": round(score, 6)} for i, s, score in issues]
@@ -196,14 +199,19 @@ def _digests(paths: list[str], log) -> list[str]:
     return digests
 
 
-def _neighbours(x: np.ndarray, similarity: float, log) -> Neighbours:
+def _neighbours(x: np.ndarray, paths: list[str], similarity: float, log) -> Neighbours:
+    """Each image's nearest neighbours (outliers) and the near copies: candidates from the features, confirmed at
+    the pixels (``near_copies``)."""
     if log:
         search = "blocked exact products" if len(x) <= EXACT_LIMIT else "an approximate usearch index"
         log(f"audit: neighbour search over {len(x)} images ({search}): near duplicates and outliers")
+    unit = centred_unit(x)
     with Progress("audit: neighbour search", len(x), "images", log, log is not None) as progress:
-        found = neighbours(centred_unit(x), similarity, NEIGHBOURS)
+        found = neighbours(unit, similarity, NEIGHBOURS)
         progress.update(len(x))
-    return found
+    if log:
+        log("audit: near-duplicate candidates (features and grey thumbnails) compared at the pixels")
+    return near_copies(found, unit, paths, similarity)
 
 
 def _summary(result: AuditResult, data, backbone, node, pretrained, probe, found, similarity, ranked_by, names,
@@ -216,7 +224,8 @@ def _summary(result: AuditResult, data, backbone, node, pretrained, probe, found
                    "exact": sum(v for k, v in kinds.items() if k.startswith("exact")),
                    "near": sum(v for k, v in kinds.items() if k.startswith("near")),
                    "leaks": sum(v for k, v in kinds.items() if k.endswith(LEAK)), "outliers_ranked": len(split_of)},
-        "thresholds": {"near_similarity": similarity, "neighbours": NEIGHBOURS, "features": "centred, L2-normalised"},
+        "thresholds": {"near_similarity": similarity, "candidate_similarity": CANDIDATE_SIMILARITY,
+                       "same_picture": SAME_PICTURE, "neighbours": NEIGHBOURS, "features": "centred, L2-normalised"},
         "label_check": {"method": "cleanlab.filter.find_label_issues", "ranked_by": ranked_by,
                         "probe": probe.selection, "l2": probe.l2, "held_out_accuracy": probe.cv_accuracy,
                         "temperature": probe.temperature},
@@ -291,8 +300,9 @@ def write_audit_page(path: Path, result: AuditResult, data, class_of: dict[str, 
 <h1>graft audit: {_escaped(data)}</h1>
 <p class="muted">{sum(summary['images'].values())} images; features of {_escaped(summary['backbone'])} at
 {_escaped(summary['node'])}; label check: {_escaped(summary['label_check']['method'])} on out-of-fold probabilities
-({_escaped(summary['label_check']['probe'])} probe); near-duplicates: cosine ≥ {summary['thresholds']['near_similarity']}
-of centred features ({_escaped(summary['neighbour_search'])} search). Nothing in the data was changed.</p>
+({_escaped(summary['label_check']['probe'])} probe); near-duplicates: nearest neighbours by features
+({_escaped(summary['neighbour_search'])} search) and by grey thumbnails, confirmed when the two images correlate
+≥ {SAME_PICTURE} in grey at the smaller one's size. Nothing in the data was changed.</p>
 <h2 id="per-class">Per class</h2>
 {_class_table(result, class_of)}
 <h2 id="labels">Possible label issues ({counts['label_issues']})</h2>

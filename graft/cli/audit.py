@@ -39,7 +39,8 @@ def audit(
     backbone: Annotated[str, config_option("model.backbone", with_default=True)] = ModelConfig.backbone,
     cut_at: Annotated[Optional[str], typer.Option(help="the node whose features are used (default: pooled)")] = None,
     similarity: Annotated[float, typer.Option(help="cosine of the centred features from which two images are "
-                                                   "near-duplicates")] = 0.95,
+                                                   "compared at the pixels as near-duplicates (and called so when "
+                                                   "they cannot be decoded)")] = 0.95,
     image_size: ImageSizeOpt = None,
     pretrained: PretrainedOpt = True,
     cache: CacheOpt = None,

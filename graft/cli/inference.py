@@ -173,6 +173,7 @@ def evaluate(
     """
     import os
 
+    from graft.analysis.leaks import warn_near_copies
     from graft.evaluation.scoring import evaluate as evaluate_runs
     from graft.utils.distributed import launched
 
@@ -185,6 +186,7 @@ def evaluate(
         raise GraftError("give exactly one DATA after the run folder(s): graft evaluate RUN DATA")
     metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output, tta=tta,
                             report=report, log=err.print, runtime=runtime)
+    warn_near_copies(rest[0], split, Path(metrics["output"]).parent, err.print)
     top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
         out.print(f"{name}accuracy {numbers['accuracy']:.4f}   {top_key.replace('_', ' ')} {numbers[top_key]:.4f}   "

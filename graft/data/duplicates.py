@@ -19,12 +19,18 @@ import numpy as np
 from graft.errors import GraftError
 from graft.utils.files import file_sha256
 
-__all__ = ["BLOCK", "EXACT_LIMIT", "NEAR_SIMILARITY", "Neighbours", "centred_unit", "content_digests",
-           "copies_between", "exact_pairs", "neighbours"]
+__all__ = ["BLOCK", "CANDIDATE_SIMILARITY", "COMPARE_SIDE", "EXACT_LIMIT", "NEAR_SIMILARITY", "SAME_PICTURE",
+           "SIGNATURE_FLOOR", "SIGNATURE_SIDE", "Neighbours", "candidate_pairs", "centred_unit", "content_digests",
+           "copies_between", "exact_pairs", "image_signature", "near_copies", "neighbours", "picture_correlation"]
 
 EXACT_LIMIT = 100_000  # vectors: above this, an approximate index instead of all pairs (N² products)
 BLOCK = 2048  # rows and columns per similarity block: 2048² float32 = 16 MiB at a time
 NEAR_SIMILARITY = 0.95  # cosine of centred features above which two images are called near-duplicates
+CANDIDATE_SIMILARITY = 0.8  # cosine from which mutual nearest neighbours are compared at the pixels
+SIGNATURE_SIDE = 16  # pixels a side of the grey thumbnails whose mutual nearest neighbours are compared too
+SIGNATURE_FLOOR = 0.9  # correlation of two thumbnails from which mutual nearest neighbours are compared
+COMPARE_SIDE = 64  # at most this many pixels a side when two images are compared
+SAME_PICTURE = 0.99  # correlation of two images in grey, at the smaller's size, from which they are one picture
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Neighbours:
     similarity: np.ndarray
     nearest: np.ndarray
     method: str  # "exact" (blocked products) or "usearch" (approximate index)
+    nearest_index: np.ndarray | None = None  # (N, k) rows of those nearest vectors, in the same order
 
 
 def content_digests(paths: list[str], workers: int = 4) -> list[str]:
@@ -87,6 +94,99 @@ def copies_between(paths: list[str], reference: list[str]) -> list[tuple[str, st
             if digest in by_digest]
 
 
+def _grey(path: str):
+    """The decoded image in grey, or None when it cannot be decoded (the pair is then judged on its features)."""
+    from graft.data.images import load_image
+
+    try:
+        return load_image(path).convert("L")
+    except (GraftError, OSError, ValueError):
+        return None
+
+
+def _unit(pixels) -> np.ndarray | None:
+    vector = np.asarray(pixels, dtype=np.float32).ravel()
+    vector = vector - vector.mean()
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 1e-3 * np.sqrt(vector.size) else None  # one flat colour: nothing to compare
+
+
+def image_signature(path: str, side: int = SIGNATURE_SIDE) -> np.ndarray | None:
+    """The decoded image as a ``side`` × ``side`` grey thumbnail, centred and L2-normalised, or None when it cannot
+    be decoded or is one flat colour. Only for finding candidates: at 16 px two different digits "1" correlate as
+    well as a digit and its re-encoded copy; ``picture_correlation`` decides."""
+    from PIL import Image
+
+    grey = _grey(path)
+    return None if grey is None else _unit(grey.resize((side, side), Image.BOX))
+
+
+def picture_correlation(path_a: str, path_b: str, cap: int = COMPARE_SIDE) -> float:
+    """Correlation of two decoded images in grey at the smaller one's own size (at most ``cap`` pixels a side):
+    a resized, re-encoded copy keeps ≥ 0.99 there (0.993 for 25 px JPEG copies of 28 px digits) where different
+    look-alike images fall under it (≤ 0.986 among MNIST's nearest digits). NaN when either cannot be compared."""
+    from PIL import Image
+
+    a, b = _grey(path_a), _grey(path_b)
+    if a is None or b is None:
+        return float("nan")
+    small = min((a, b), key=lambda image: image.width * image.height)
+    scale = min(1.0, cap / max(small.size))
+    size = (max(1, round(small.width * scale)), max(1, round(small.height * scale)))
+    first, second = _unit(a.resize(size, Image.LANCZOS)), _unit(b.resize(size, Image.LANCZOS))
+    return float(first @ second) if first is not None and second is not None else float("nan")
+
+
+def _signatures(paths: list[str], workers: int) -> np.ndarray:
+    with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:  # decoding releases the GIL
+        found = list(pool.map(image_signature, paths))
+    rows = np.zeros((len(paths), SIGNATURE_SIDE ** 2), dtype=np.float32)  # none: a zero row, never a candidate
+    for row, signature in enumerate(found):
+        if signature is not None:
+            rows[row] = signature
+    return rows
+
+
+def _mutual(found: Neighbours, floor: float) -> np.ndarray:
+    """(i, j), i < j, of rows that are each other's nearest with similarity ≥ ``floor``."""
+    if found.nearest_index is None or not found.nearest_index.shape[1]:
+        return np.zeros((0, 2), np.int64)
+    first = found.nearest_index[:, 0]
+    rows = np.flatnonzero((first >= 0) & (found.nearest[:, 0] >= floor))
+    rows = rows[first[first[rows]] == rows]
+    return np.stack([np.minimum(rows, first[rows]), np.maximum(rows, first[rows])], 1)
+
+
+def candidate_pairs(found: Neighbours, signatures: np.ndarray, floor: float = CANDIDATE_SIMILARITY) -> np.ndarray:
+    """The pairs worth comparing at the pixels (i < j): those ``found`` above its threshold, mutual nearest
+    neighbours (each the other's closest) by features with cosine ≥ ``floor``, and mutual nearest neighbours by
+    grey thumbnails (``image_signature``) correlating ≥ ``SIGNATURE_FLOOR``: a copy's nearest image is its
+    original, and where features move more than the pictures (digits re-encoded at 25 px) the thumbnails find it."""
+    by_picture = neighbours(signatures, 2.0, k=1)  # a threshold over 1: only each row's nearest is wanted
+    every = np.concatenate([found.pairs.reshape(-1, 2), _mutual(found, floor), _mutual(by_picture, SIGNATURE_FLOOR)])
+    return np.unique(every.astype(np.int64), axis=0).reshape(-1, 2)
+
+
+def near_copies(found: Neighbours, unit: np.ndarray, paths: list[str], threshold: float = NEAR_SIMILARITY,
+                floor: float = CANDIDATE_SIMILARITY, workers: int = 4) -> Neighbours:
+    """The near copies among the candidates (``candidate_pairs``), confirmed at the pixels: their decoded images
+    correlate ≥ ``SAME_PICTURE`` (``picture_correlation``, then the pair's ``similarity``); a pair that cannot be
+    compared keeps the features' verdict (cosine ≥ ``threshold``, its similarity). Features alone miss re-encoded
+    copies under the threshold and, where images are alike by nature (digits), call look-alikes copies. Most
+    similar first."""
+    pairs = candidate_pairs(found, _signatures(paths, workers), floor)
+    cosines = np.sum(unit[pairs[:, 0]] * unit[pairs[:, 1]], 1) if len(pairs) else np.zeros(0, np.float32)
+    with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+        pictures = np.array(list(pool.map(lambda pair: picture_correlation(paths[pair[0]], paths[pair[1]]),
+                                          pairs.tolist())), dtype=np.float32).reshape(-1)
+    judged = np.isnan(pictures)
+    keep = np.where(judged, cosines >= threshold, pictures >= SAME_PICTURE)
+    similarity = np.where(judged, cosines, pictures)[keep]
+    order = np.argsort(-similarity, kind="stable")
+    return Neighbours(pairs[keep][order], similarity[order].astype(np.float32), found.nearest, found.method,
+                      found.nearest_index)
+
+
 def centred_unit(features: np.ndarray) -> np.ndarray:
     """Features minus their mean, L2-normalised, float32: pooled CNN features are all positive, so raw cosines of
     unrelated images are high; centred, a cosine near 1 means the same picture."""
@@ -115,10 +215,12 @@ def neighbours(unit: np.ndarray, threshold: float = NEAR_SIMILARITY, k: int = 10
 def _blocked(unit: np.ndarray, threshold: float, k: int, block: int) -> Neighbours:
     n = len(unit)
     nearest = np.full((n, k), -np.inf, dtype=np.float32)
+    nearest_index = np.full((n, k), -1, dtype=np.int64)
     pairs, sims = [], []
     for start in range(0, n, block):
         rows = unit[start:start + block]
         best = np.full((len(rows), k), -np.inf, dtype=np.float32)
+        best_index = np.full((len(rows), k), -1, dtype=np.int64)
         for column in range(0, n, block):
             if column < start and not k:
                 continue  # pairs come from the blocks on or above the diagonal; below it only the k-NN needs them
@@ -131,12 +233,22 @@ def _blocked(unit: np.ndarray, threshold: float, k: int, block: int) -> Neighbou
                 pairs.append(np.stack([start + i[keep], column + j[keep]], 1))
                 sims.append(sim[i[keep], j[keep]])
             if k:
-                both = np.concatenate([best, sim], 1)
-                best = -np.sort(-np.partition(both, both.shape[1] - k, 1)[:, -k:], 1)
+                best, best_index = _top_k(best, best_index, sim, column, k)
         nearest[start:start + len(rows)] = best
+        nearest_index[start:start + len(rows)] = best_index
     pairs_array = np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
     sims_array = np.concatenate(sims).astype(np.float32) if sims else np.zeros(0, np.float32)
-    return Neighbours(pairs_array.reshape(-1, 2), sims_array, nearest, "exact")
+    return Neighbours(pairs_array.reshape(-1, 2), sims_array, nearest, "exact", nearest_index)
+
+
+def _top_k(best: np.ndarray, best_index: np.ndarray, sim: np.ndarray, column: int, k: int):
+    """The k largest of the running best and one block's similarities, largest first, with their column rows."""
+    both = np.concatenate([best, sim], 1)
+    index = np.concatenate([best_index, np.broadcast_to(np.arange(column, column + sim.shape[1]), sim.shape)], 1)
+    top = np.argpartition(both, both.shape[1] - k, 1)[:, -k:]
+    values = np.take_along_axis(both, top, 1)
+    order = np.argsort(-values, 1, kind="stable")
+    return np.take_along_axis(values, order, 1), np.take_along_axis(np.take_along_axis(index, top, 1), order, 1)
 
 
 def _approximate(unit: np.ndarray, threshold: float, k: int) -> Neighbours:
@@ -154,9 +266,11 @@ def _approximate(unit: np.ndarray, threshold: float, k: int) -> Neighbours:
     rows = np.repeat(np.arange(len(unit))[:, None], keys.shape[1], 1)
     other = (keys != rows) & (keys >= 0) & (keys < len(unit))  # not itself; unfilled slots are out of range
     masked = np.where(other, sims, -np.inf)
-    nearest = -np.sort(-masked, 1)[:, :k]
+    order = np.argsort(-masked, 1, kind="stable")[:, :k]
+    nearest = np.take_along_axis(masked, order, 1)
+    nearest_index = np.where(np.isfinite(nearest), np.take_along_axis(keys, order, 1), -1)
     chosen = other & (sims >= threshold)
     a, b = rows[chosen], keys[chosen]
     pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
     pairs, first = np.unique(pairs, axis=0, return_index=True)  # found from both ends: once
-    return Neighbours(pairs.reshape(-1, 2), sims[chosen][first], nearest, "usearch")
+    return Neighbours(pairs.reshape(-1, 2), sims[chosen][first], nearest, "usearch", nearest_index)

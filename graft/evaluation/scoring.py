@@ -19,7 +19,7 @@ from graft.utils.memory import out_of_memory_hint
 from graft.utils.outputs import output_folder
 from graft.utils.text import safe_row
 
-__all__ = ["evaluate", "write_predictions"]
+__all__ = ["evaluate", "evaluation_split", "write_predictions"]
 
 
 def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split: str | None = None,
@@ -95,9 +95,9 @@ def _data_name(data) -> str:
 SPLITS = ("train", "val", "test")
 
 
-def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
-    """Samples of the evaluation data with labels re-indexed to the model's class order, and the paths of the data's
-    training split when another split is evaluated (to look for copies of them; else none)."""
+def evaluation_split(data, split: str | None = None) -> tuple[list, list[str], list[str]]:
+    """What ``evaluate`` measures: (the chosen split's (path, label) samples, its classes, the paths of the data's
+    training split when another split is evaluated — to look for copies of them; else none)."""
     if split and split not in SPLITS:  # checked before the data is read: it names an attribute below
         raise GraftError(f"--split '{split}' not understood: choose one of {', '.join(SPLITS)}")
     splits = discover(data, val_fraction=0.5)
@@ -110,11 +110,18 @@ def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tupl
         chosen = splits.test or splits.val
     else:
         chosen = splits.train + splits.val  # a plain tree: every image
-    unknown = sorted(set(splits.classes) - set(model_classes))
+    return chosen, splits.classes, training
+
+
+def _labelled_samples(data, split: str | None, model_classes: list[str]) -> tuple[list, list[str]]:
+    """Samples of the evaluation data with labels re-indexed to the model's class order, and the paths of the data's
+    training split when another split is evaluated (``evaluation_split``)."""
+    chosen, classes, training = evaluation_split(data, split)
+    unknown = sorted(set(classes) - set(model_classes))
     if unknown:
         raise GraftError(f"{data}: classes the model does not know: {', '.join(unknown[:5])}")
     chosen = readable(chosen)
     if not chosen:
         raise GraftError(f"{data}: no readable images to evaluate")
-    index = {name: model_classes.index(name) for name in splits.classes}
-    return [(path, index[splits.classes[label]]) for path, label in chosen], training
+    index = {name: model_classes.index(name) for name in classes}
+    return [(path, index[classes[label]]) for path, label in chosen], training
