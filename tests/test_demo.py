@@ -13,7 +13,7 @@ def test_write_digits_split_sizes(tmp_path):
 
 
 def test_transfer_beats_scratch_on_held_out_digits(tmp_path):
-    rows = {r.strategy: r for r in run_demo(shots=10, epochs=6, image_size=48, output=str(tmp_path))}
+    rows = {r.strategy: r for r in run_demo(shots=10, epochs=3, image_size=48, output=str(tmp_path))}
     assert rows["probe"].split == "test"
     assert rows["probe"].accuracy > 0.5  # ten digits: chance is 0.1
     assert rows["probe"].accuracy > rows["scratch"].accuracy + 0.1

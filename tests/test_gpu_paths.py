@@ -3,8 +3,7 @@ and the GPU benchmark's smoke mode. Nothing here needs CUDA; the CUDA-only behav
 
 from __future__ import annotations
 
-import os
-import subprocess
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -127,14 +126,18 @@ def test_features_cli_refuses_an_unknown_compile_mode(shapes, tmp_path):
 
 @pytest.mark.parametrize("arguments, expected", [([], "no CUDA device: not measured"),
                                                  (["--device", "cpu", "--smoke"], "(smoke: not a measurement)")])
-def test_bench_gpu_runs_without_a_gpu(tmp_path, arguments, expected):
+def test_bench_gpu_runs_without_a_gpu(tmp_path, monkeypatch, capsys, arguments, expected):
+    """The script's main() in this process (its own imports are what pytest already holds: no 3 s start-up)."""
     if arguments == [] and torch.cuda.is_available():
         pytest.skip("a CUDA device is here: the script would measure")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRAFT_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), *arguments], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert expected in done.stdout
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", *arguments])
+    assert bench.main() == 0
+    printed = capsys.readouterr().out
+    assert expected in printed
     if arguments:
-        rows = [line for line in done.stdout.splitlines() if line.startswith(("| fine-tune", "| extraction"))]
+        rows = [line for line in printed.splitlines() if line.startswith(("| fine-tune", "| extraction"))]
         assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)

@@ -67,7 +67,7 @@ def test_the_first_three_commands_run(tmp_path, monkeypatch):
     for digit in (tmp_path / "digits" / "test").iterdir():  # 12 test digits a class: fit's final evaluation stays short
         for extra in sorted(digit.iterdir())[12:]:
             extra.unlink()
-    fitted = runner.invoke(app, shlex.split(second)[1:] + ["--epochs", "1", "--image-size", "64"])
+    fitted = runner.invoke(app, shlex.split(second)[1:] + ["--epochs", "1", "--image-size", "32"])
     assert fitted.exit_code == 0, fitted.output
     predicted = runner.invoke(app, shlex.split(third)[1:])
     assert predicted.exit_code == 0, predicted.output
