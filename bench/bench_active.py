@@ -28,7 +28,11 @@ from graft.probing.acquisition import select, uncertainty
 from graft.probing.leaderboard import stage_features
 from graft.probing.linear import fit_linear_probe
 
-STRATEGIES = ("random", "margin only", "suggest (margin)", "suggest (entropy)", "suggest, labelled as centres")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
+if not SHARED.is_dir():  # a worktree under /work/wt/NAME: the data lies beside the main checkout
+    SHARED = Path(__file__).resolve().parents[3] / "shared/data"
+STRATEGIES = ("random", "margin only", "suggest (margin)", "suggest (entropy)", "suggest, labelled as centres",
+              "suggest, centres, x margin")  # the last: k-center among 20 x N maximising distance x margin
 
 
 def initial(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> list[int]:
@@ -54,7 +58,9 @@ def choose(strategy: str, linear, train_x: np.ndarray, labelled: list[int], n: i
         return [int(pool[i]) for i in np.argsort(-uncertainty(p, "margin"), kind="stable")[:n]]
     by = "entropy" if "entropy" in strategy else "margin"
     centres = train_x[labelled] if "centres" in strategy else None
-    return [int(pool[i]) for i in select(p, train_x[pool], n, by=by, labelled=centres).indices]
+    weighted = "x margin" in strategy
+    return [int(pool[i]) for i in select(p, train_x[pool], n, by=by, labelled=centres, weighted=weighted,
+                                         candidates=20 if weighted else 5).indices]
 
 
 def curve(strategy: str, train: tuple, val: tuple, classes: int, args, seed: int) -> list[float]:
@@ -94,7 +100,7 @@ def features(args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/flowers5"))
+    parser.add_argument("--data", default=str(SHARED / "flowers5"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--start", type=int, default=2, help="labelled photos per class at the start")
     parser.add_argument("--rounds", type=int, default=5)

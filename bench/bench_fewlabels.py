@@ -2,12 +2,19 @@
 labels are kept and the rest of the training images are the unlabelled pool. Validation is the dataset's own val/
 split, untouched (never pseudo-labelled, never in the pool).
 
-    python bench/bench_fewlabels.py --only flowers            # flowers5 at 224 px, 3 fractions x 2 seeds: ~40 min
-    python bench/bench_fewlabels.py --only mnist              # mnist_test10k at 64 px: ~30 min
-    python bench/bench_fewlabels.py --only flowers --fractions 0.05 --seeds 0   # one row pair: ~6 min
+    python bench/bench_fewlabels.py                        # both datasets, 1/5/10%, seeds 0,1,2: ~15-25 min
+    python bench/bench_fewlabels.py --only flowers --fractions 0.05 --seeds 0   # one row pair: ~2 min once cached
 
-Each row pair uses one seeded, stratified choice of the kept labels (at least 2 a class, for the folds); each run
-starts from a cold feature cache of its own, so the seconds compare whole runs (the pool's extraction included).
+Each dataset's features (train + val) are extracted ONCE into a feature cache (``--cache``; a rerun reads them) and
+every arm reuses them: a fraction and seed choose the kept labels (seeded, stratified, at least 2 a class for the
+folds) and the pool is the rest of the training features. The two arms are the library functions ``graft fit``
+runs on those features: the labelled-only probe (``fit_linear_probe``, λ by CV, temperature-calibrated, as
+``fit --strategy probe``) and ``fit --unlabeled``'s ``semi_supervised_probe`` (method and threshold by CV on the
+labels, kept only when it beats the probe on val). Accuracy is what ``fit`` would report on val.
+
+Time: ``probe s`` and ``+pool s`` are the solve seconds on cached features (the rerun case: the pool's features
+already in the cache). ``cold x`` estimates whole cold runs from the extraction speed measured here (or
+``--extract-rate``): (extract labelled + val + pool, solve both) over (extract labelled + val, solve the probe).
 Goal: >= +5 points at 5% labels on both datasets, at <= 2x the labelled-only probe's time. ``--smoke`` runs a tiny
 random backbone on generated shapes at 32 px: proves the script runs, measures nothing.
 """
@@ -15,8 +22,6 @@ random backbone on generated shapes at 32 px: proves the script runs, measures n
 from __future__ import annotations
 
 import argparse
-import csv
-import random
 import statistics
 import sys
 import tempfile
@@ -24,116 +29,140 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from graft.config import load_config
+import numpy as np
+import torch
+
 from graft.data.discovery import discover
-from graft.training.fitting import fit
+from graft.probing.leaderboard import stage_features
+from graft.probing.linear import fit_linear_probe
+from graft.training.semi import semi_supervised_probe
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data"
-DATASETS = {  # name → (settings); flowers at the README's 224 px, mnist as bench_auto runs it
-    "flowers": {"data.image_size": 224},
-    "mnist": {"data.image_size": 64, "data.hflip": False},
-}
+SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
+if not SHARED.is_dir():  # a worktree under /work/wt/NAME: the data lies beside the main checkout
+    SHARED = Path(__file__).resolve().parents[3] / "shared/data"
+DATASETS = {"flowers": ("flowers5", 224), "mnist": ("mnist_test10k", 64)}  # flowers at the README's 224 px
 
 
-def write_split(data: Path, fraction: float, seed: int, out: Path) -> tuple[Path, Path, int]:
-    """A labelled manifest (the kept train labels + every val image) and a pool CSV (the other train images), by
-    absolute path; returns (manifest, pool, labels kept)."""
+def features(data: Path, size: int, args) -> dict:
+    """Train and val features of ``data`` (through the cache) and the extraction speed when anything was extracted."""
     splits = discover(data)
-    by_class = defaultdict(list)
-    for path, label in splits.train:
-        by_class[label].append(path)
-    rng = random.Random(seed)
-    kept, pool = [], []
-    for label, paths in sorted(by_class.items()):
-        paths = sorted(paths)
-        rng.shuffle(paths)
-        count = max(2, round(len(paths) * fraction))
-        kept += [(path, label) for path in paths[:count]]
-        pool += paths[count:]
-    out.mkdir(parents=True, exist_ok=True)
-    manifest, pool_csv = out / "labelled.csv", out / "pool.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows([str(Path(p).resolve()), splits.classes[label], "train"] for p, label in kept)
-        writer.writerows([str(Path(p).resolve()), splits.classes[label], "val"] for p, label in splits.val)
-    with open(pool_csv, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path"])
-        writer.writerows([str(Path(p).resolve())] for p in pool)
-    return manifest, pool_csv, len(kept)
-
-
-def run(manifest: Path, pool: Path | None, settings: dict, args, folder: Path) -> dict:
-    values = {"data.path": str(manifest), "output": str(folder), "model.backbone": args.backbone,
-              "model.pretrained": args.pretrained, "data.cache_dir": args.cache or str(folder) + "-cache",
-              "train.strategy": "probe",
-              **settings, **({"data.unlabeled": str(pool)} if pool else {})}
     start = time.perf_counter()
-    result = fit(load_config(None, values), verbose=args.verbose)
+    _, _, sets = stage_features(splits, args.backbone, "default", size, pretrained=args.pretrained, device="cpu",
+                                cache_dir=args.cache, log=print if args.verbose else None)
     seconds = time.perf_counter() - start
-    semi = result.metrics.get("semi_supervised", {})
-    return {"accuracy": result.metrics["val"]["accuracy"], "seconds": seconds, "kept": semi.get("kept", ""),
-            "method": semi.get("method", ""), "used": semi.get("used", 0), "pool": semi.get("pool", 0)}
+    found = next(iter(sets.values()))
+    extracted = found.stats.get("extracted", 0)
+    rate = args.extract_rate or (extracted / seconds if extracted > 50 else 0.0)
+    print(f"{data.name}: {len(splits.train)} train + {len(splits.val)} val features in {seconds:.0f} s "
+          f"({extracted} extracted{f', {rate:.1f} img/s' if rate else ''})", flush=True)
+    return {"train": (np.asarray(found.features["train"], np.float32), np.asarray(found.labels["train"])),
+            "val": (np.asarray(found.features["val"], np.float32), np.asarray(found.labels["val"])),
+            "classes": len(splits.classes), "rate": rate}
+
+
+def keep_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the kept labels: a seeded ``fraction`` of each class (at least 2, for the folds)."""
+    rng = np.random.default_rng(seed)
+    kept = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        kept.append(members[:max(2, round(len(members) * fraction))])
+    return np.sort(np.concatenate(kept))
+
+
+def accuracy(linear, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((linear(torch.as_tensor(x)).argmax(1).numpy() == y).mean())
+
+
+def arms(data: dict, fraction: float, seed: int) -> dict:
+    """The labelled-only probe and ``--unlabeled`` on one choice of kept labels."""
+    (x, y), (vx, vy) = data["train"], data["val"]
+    kept = keep_labels(y, fraction, seed)
+    pool = np.setdiff1d(np.arange(len(y)), kept)
+    start = time.perf_counter()
+    base = fit_linear_probe(x[kept], y[kept], vx, vy, data["classes"], seed=seed)
+    probe_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    record, linear = semi_supervised_probe(x[kept], y[kept], x[pool], vx, vy, base.linear, base.l2, base.temperature,
+                                           seed=seed)
+    semi_seconds = time.perf_counter() - start
+    alone = accuracy(base.linear, vx, vy)
+    search = {f"{row['method']}{'' if row['threshold'] is None else ' ' + format(row['threshold'], 'g')}":
+              row["cv_accuracy"] for row in record["search"]}
+    return {"labels": len(kept), "pool": len(pool), "val": len(vy), "alone": alone,
+            "semi": accuracy(linear, vx, vy) if linear is not None else alone, "probe_s": probe_seconds,
+            "semi_s": semi_seconds, "method": record["method"], "kept": record["kept"], "used": record["used"],
+            "with_pool_val": record.get("with_pool_val_acc"), "search": search}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=tuple(DATASETS), action="append", help="datasets to run (default: both)")
-    parser.add_argument("--flowers", type=Path, default=SHARED / "flowers5")
-    parser.add_argument("--mnist", type=Path, default=SHARED / "mnist_test10k")
+    parser.add_argument("--data", type=Path, default=SHARED, help="the folder holding flowers5 and mnist_test10k")
     parser.add_argument("--fractions", default="0.01,0.05,0.1")
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graft-bench-active-cache"),
+                        help="feature cache folder (shared with bench_active.py; a rerun reads it)")
+    parser.add_argument("--extract-rate", type=float, default=0.0,
+                        help="images/s of a cold extraction, for the cold-run estimate when the cache was warm")
     parser.add_argument("--smoke", action="store_true", help="tiny random backbone on generated shapes, 32 px")
-    parser.add_argument("--cache", help="one feature cache for every run (accuracy only: the seconds then no longer "
-                        "compare whole runs from a cold cache)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    rows = []
+    datasets = {name: (args.data / folder, size) for name, (folder, size) in DATASETS.items()
+                if name in (args.only or DATASETS)}
     with tempfile.TemporaryDirectory(prefix="graft-bench-fewlabels-") as temp:
-        out = Path(temp)
-        datasets = {name: (getattr(args, name), settings) for name, settings in DATASETS.items()
-                    if name in (args.only or DATASETS)}
         if args.smoke:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from synthetic import make_shapes
 
-            shapes = make_shapes(out / "shapes", splits={"train": 30, "val": 10}, seed=1)
-            datasets = {"shapes": (shapes, {"data.image_size": 32, "data.workers": 0})}
-            args.backbone, args.pretrained = "test_resnet", False
-        for name, (data, settings) in datasets.items():
+            datasets = {"shapes": (make_shapes(Path(temp) / "shapes", splits={"train": 60, "val": 20}, seed=1), 32)}
+            args.backbone, args.pretrained, args.cache = "test_resnet", False, str(Path(temp) / "cache")
+        rows = []
+        for name, (folder, size) in datasets.items():
+            data = features(folder, size, args)
             for fraction in (float(f) for f in args.fractions.split(",")):
                 for seed in (int(s) for s in args.seeds.split(",")):
-                    where = out / f"{name}-{fraction:g}-{seed}"
-                    manifest, pool, labels = write_split(data, fraction, seed, where)
-                    settings = {**settings, "train.seed": seed}
-                    alone = run(manifest, None, settings, args, where / "labelled")
-                    semi = run(manifest, pool, settings, args, where / "unlabeled")
-                    rows.append({"data": name, "fraction": fraction, "seed": seed, "labels": labels,
-                                 "alone": alone, "semi": semi})
+                    rows.append({"data": name, "fraction": fraction, "seed": seed, "rate": data["rate"],
+                                 **arms(data, fraction, seed)})
                     print(f"done: {rows[-1]}", flush=True)
     report(rows)
 
 
+def cold_ratio(row: dict) -> float:
+    """Whole cold runs, estimated: with the pool over labelled-only (0: no extraction speed known)."""
+    if not row["rate"]:
+        return 0.0
+    alone = (row["labels"] + row["val"]) / row["rate"] + row["probe_s"]
+    return (alone + row["pool"] / row["rate"] + row["semi_s"]) / alone
+
+
 def report(rows: list[dict]) -> None:
-    print(f"{'data':<8} {'labels':>9} {'seed':>4} {'probe acc':>9} {'+pool acc':>9} {'points':>7} {'probe s':>8} "
-          f"{'+pool s':>8} {'time x':>6}  used / pool, method, kept")
+    print(f"{'data':<8} {'labels':>10} {'seed':>4} {'probe acc':>9} {'+pool acc':>9} {'points':>7} {'probe s':>8} "
+          f"{'+pool s':>8} {'cold x':>6}  used / pool, method (CV), kept")
     for row in rows:
-        alone, semi = row["alone"], row["semi"]
-        print(f"{row['data']:<8} {row['fraction']:>4.0%} {row['labels']:>4} {row['seed']:>4} {alone['accuracy']:>9.4f} "
-              f"{semi['accuracy']:>9.4f} {100 * (semi['accuracy'] - alone['accuracy']):>+7.1f} "
-              f"{alone['seconds']:>8.1f} {semi['seconds']:>8.1f} {semi['seconds'] / alone['seconds']:>6.2f}  "
-              f"{semi['used']:,} / {semi['pool']:,}, {semi['method']}, {semi['kept']}")
+        print(f"{row['data']:<8} {row['fraction']:>4.0%} {row['labels']:>5} {row['seed']:>4} {row['alone']:>9.4f} "
+              f"{row['semi']:>9.4f} {100 * (row['semi'] - row['alone']):>+7.1f} {row['probe_s']:>8.1f} "
+              f"{row['semi_s']:>8.1f} {cold_ratio(row):>6.2f}  {row['used']:,} / {row['pool']:,}, {row['method']}, "
+              f"{row['kept']}")
     groups = defaultdict(list)
     for row in rows:
         groups[(row["data"], row["fraction"])].append(row)
+    print("\nmean over seeds (times: busy shared machine unless run alone)")
     for (name, fraction), members in groups.items():
-        gain = statistics.mean(100 * (r["semi"]["accuracy"] - r["alone"]["accuracy"]) for r in members)
-        ratio = statistics.mean(r["semi"]["seconds"] / r["alone"]["seconds"] for r in members)
-        print(f"{name} at {fraction:.0%} labels: {gain:+.1f} points, {ratio:.2f}x the labelled-only probe's time "
+        mean = {key: statistics.mean(r[key] for r in members) for key in ("alone", "semi", "probe_s", "semi_s")}
+        gain = statistics.mean(100 * (r["semi"] - r["alone"]) for r in members)
+        print(f"{name} at {fraction:.0%} labels ({members[0]['labels']} labels, {members[0]['pool']:,} pool): probe "
+              f"{mean['alone']:.4f}, +pool {mean['semi']:.4f}, {gain:+.1f} points; solve {mean['probe_s']:.1f} s + "
+              f"{mean['semi_s']:.1f} s with the pool; cold runs {statistics.mean(cold_ratio(r) for r in members):.2f}x "
               f"(mean of {len(members)} seed(s))")
+        cv = defaultdict(list)
+        for r in members:
+            for candidate, value in r["search"].items():
+                cv[candidate].append(value)
+        print("  CV on the labels: " + ", ".join(f"{c} {statistics.mean(v):.3f}" for c, v in cv.items()))
 
 
 if __name__ == "__main__":

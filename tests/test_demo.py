@@ -2,7 +2,7 @@
 
 import json
 
-from graft.analysis.demo import run_demo, write_digits
+from graft.analysis.demo import POOL_PER_CLASS, run_demo, write_digits
 
 
 def test_write_digits_split_sizes(tmp_path):
@@ -21,9 +21,10 @@ def test_transfer_beats_scratch_on_held_out_digits(tmp_path):
     auto = json.loads((tmp_path / "auto" / "metrics.json").read_text())
     assert rows["auto"].chose.startswith(auto["auto"]["chose"]) and auto["auto"]["advice"] in rows["auto"].chose
     assert rows["auto"].accuracy > rows["scratch"].accuracy + 0.1
+    assert rows["probe + pool"].split == "test" and "pseudo-labelled" in rows["probe + pool"].chose
     # advise read only train + val (150 images); the fit's probe found them cached and extracted the test digits
     if auto["auto"]["overrides"]["train.strategy"] == "probe":
-        assert auto["features"]["cached"] == 150 and auto["features"]["extracted"] == 1797 - 150
+        assert auto["features"]["cached"] == 150 and auto["features"]["extracted"] == 1797 - 150 - 10 * POOL_PER_CLASS
 
 
 def test_demo_writes_the_tour_data_as_class_folders(tmp_path):

@@ -88,6 +88,7 @@ def test_cli_suggest_writes_the_csv_and_an_escaped_page(trained_run, pool, tmp_p
     result = CliRunner().invoke(app, ["suggest", str(trained_run), str(pool), "-n", "4", "-o", str(out),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    assert "keep away from 102 labelled images" in result.output  # k-center starts from the run's own data
     with open(out / "suggestions.csv", newline="") as handle:
         reader = csv.reader(handle)
         assert next(reader) == ["path", "predicted", "score"]
@@ -103,6 +104,15 @@ def test_cli_suggest_writes_the_csv_and_an_escaped_page(trained_run, pool, tmp_p
     assert again.exit_code == 0 and "9 read from the cache" in again.output
     refused = CliRunner().invoke(app, ["suggest", str(trained_run), str(pool), "-o", str(pool / "out")])
     assert refused.exit_code != 0 and "pool" in refused.output and not (pool / "out").exists()
+
+
+def test_labelled_centres_are_the_run_s_own_images(trained_run, shapes):
+    from graft.analysis.suggest import labelled_images
+
+    expected = sorted(os.path.abspath(p) for p in shapes.rglob("*.png"))
+    assert labelled_images(trained_run, None) == (expected, [])
+    assert labelled_images(trained_run, "") == ([], [])
+    assert labelled_images(trained_run, shapes / "val")[0] == sorted(p for p in expected if "/val/" in p)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 The pool's features come from the run's own trunk through the feature cache (``graft.probing.extraction``), so a
 second call on the same pool reads them back instead of running the network; the run's head turns them into
 probabilities. ``graft.probing.acquisition.select`` then picks N: uncertain (margin or entropy) and spread out
-(k-center greedy on the features), so they are not all one confusing pair. Written: ``suggestions.csv``
+(k-center greedy on the features, seeded with the run's labelled images' features so the picks also keep away from
+what is labelled already), so they are not all one confusing pair. Written: ``suggestions.csv``
 (``path,predicted,score``, in the order picked) and ``suggestions.html`` (a self-contained page of thumbnails).
 Nothing in the pool is moved or written.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graft.data.discovery import DatasetSplits
+from graft.data.discovery import DatasetSplits, discover
 from graft.data.pool import Pool, read_pool
 from graft.data.scan import ScanCache, check_files
 from graft.errors import GraftError
 from graft.evaluation.report import CSS, jpeg_uri, shown_path, thumbnail
-from graft.models.run_folder import load, read_card
+from graft.models.run_folder import config_from_card, load, read_card
 from graft.probing.acquisition import CANDIDATES, MEASURES, select
 from graft.probing.extraction import extract_features
 from graft.utils.files import atomic_write
@@ -33,9 +35,11 @@ from graft.utils.outputs import output_folder
 from graft.utils.runtime import resolve_device
 from graft.utils.text import display_name, safe_row
 
-__all__ = ["COLUMNS", "Suggestion", "Suggestions", "pool_probabilities", "suggest"]
+__all__ = ["COLUMNS", "LABELLED_SAMPLE", "Suggestion", "Suggestions", "labelled_images", "pool_probabilities",
+           "suggest"]
 
 COLUMNS = ("path", "predicted", "score")
+LABELLED_SAMPLE = 5000  # k-center's labelled centres: a seeded sample of at most this many (their extraction costs)
 
 
 @dataclass
@@ -59,7 +63,8 @@ class Suggestions:
 
 def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output: str | os.PathLike | None = None,
             by: str = "margin", candidates: float = CANDIDATES, device: str = "auto",
-            cache_dir: str | os.PathLike | None = None, workers: int = 0, log=None) -> Suggestions:
+            cache_dir: str | os.PathLike | None = None, workers: int = 0, labelled: str | os.PathLike | None = None,
+            log=None) -> Suggestions:
     """The ``n`` images of ``pool`` whose labels should help ``run`` most; with ``output``, writes
     ``suggestions.csv`` and ``suggestions.html`` there.
 
@@ -67,6 +72,8 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output
         pool: a folder, a glob pattern or a CSV with a ``path`` column (its paths inside its folder).
         by: ``margin`` (default) or ``entropy``.
         candidates: k-center greedy chooses among the ``candidates`` × n most uncertain images.
+        labelled: the labelled images (a dataset folder or manifest) the picks keep away from; None: the data the
+            run was fitted on, when it is still there; "": none.
         log: where progress lines go (none without it).
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -79,9 +86,15 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output
     images = read_pool(pool)
     folder = output_folder(output, "-o", _protected(images)) if output is not None else None
     say(f"suggest: {len(images.paths)} images in the pool {images.source}")
-    paths, notes = _readable(images, say)
+    known, notes = labelled_images(run, labelled)
+    paths, unreadable = _readable(images, say, known)
+    notes += unreadable
     probabilities, features = pool_probabilities(run, paths, images.root, device, cache_dir, workers, say)
-    chosen = select(probabilities, features, n, by, candidates)
+    centres = None
+    if known:
+        say(f"suggest: the picks keep away from {len(known):,} labelled images too")
+        _, centres = pool_probabilities(run, known, "", device, cache_dir, workers, say)
+    chosen = select(probabilities, features, n, by, candidates, labelled=centres)
     classes = read_card(run)["classes"]
     rows = [Suggestion(paths[i], classes[c], round(s, 6)) for i, s, c in
             zip(chosen.indices, chosen.scores, chosen.predicted)]
@@ -104,17 +117,45 @@ def _protected(pool: Pool) -> tuple[tuple[str, str], ...]:
     return tuple((folder, "pool") for folder in sorted({os.path.dirname(path) for path in pool.paths}))
 
 
-def _readable(pool: Pool, say) -> tuple[list[str], list[str]]:
-    """The pool's images that decode (the scan's cache makes a second call cheap), and a note about the rest."""
-    checked = check_files(pool.paths, cache=ScanCache(), log=say)
-    paths = [path for path in pool.paths if checked[path][1] is None]
-    notes = []
-    if len(paths) < len(pool.paths):
-        bad = next(path for path in pool.paths if checked[path][1] is not None)
-        notes.append(f"{len(pool.paths) - len(paths)} unreadable image(s) left out, e.g. {bad}: {checked[bad][1]}")
+def labelled_images(run: str | os.PathLike, labelled: str | os.PathLike | None) -> tuple[list[str], list[str]]:
+    """(a seeded sample of the labelled images' paths, notes): ``labelled``'s images, or with None those of the data
+    the run was fitted on (graft.json's ``data.path``, as ``graft export --quantize`` reads it) when still there."""
+    if labelled == "":
+        return [], []
+    config = config_from_card(read_card(run))
+    source = labelled if labelled is not None else config.data.path
+    if labelled is None and (not source or not Path(source).exists()):
+        return [], [f"the run's data ({source or 'not recorded'}) is not there: the picks keep apart from each other "
+                    "but not from the labelled images"]
+    try:
+        splits = discover(source, config.data.val_fraction, config.train.seed, config.data.test_fraction,
+                          *((config.data.image_column, config.data.label_column) if labelled is None else (None, None)))
+    except GraftError as error:
+        if labelled is not None:  # the user named it: their mistake to hear about
+            raise
+        return [], [f"the run's data could not be read ({error}): the picks keep apart from each other only"]
+    paths = sorted({os.path.abspath(path) for split in (splits.train, splits.val, splits.test) for path, _ in split})
+    if len(paths) > LABELLED_SAMPLE:
+        paths = sorted(random.Random(0).sample(paths, LABELLED_SAMPLE))
+    return paths, []
+
+
+def _readable(pool: Pool, say, labelled: list[str] = ()) -> tuple[list[str], list[str]]:
+    """The pool's images that decode (the scan's cache makes a second call cheap) and are not ``labelled``, and a
+    note about the rest."""
+    known = {os.path.realpath(path) for path in labelled}
+    listed = [path for path in pool.paths if os.path.realpath(path) not in known]
+    notes = [f"{len(pool.paths) - len(listed)} pool image(s) already labelled left out"] if len(listed) < len(
+        pool.paths) else []
+    checked = check_files(listed, cache=ScanCache(), log=say)
+    paths = [path for path in listed if checked[path][1] is None]
+    if len(paths) < len(listed):
+        bad = next(path for path in listed if checked[path][1] is not None)
+        notes.append(f"{len(listed) - len(paths)} unreadable image(s) left out, e.g. {bad}: {checked[bad][1]}")
         say(f"warning: {notes[-1]}")
     if not paths:
-        raise GraftError(f"{pool.source}: none of the pool's {len(pool.paths)} images could be read")
+        raise GraftError(f"{pool.source}: none of the pool's {len(pool.paths)} images could be read (or all are "
+                         "labelled already)")
     return paths, notes
 
 

@@ -48,12 +48,14 @@ def normalised(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def k_center_greedy(features: np.ndarray, n: int, first: int = 0, labelled: np.ndarray | None = None) -> list[int]:
+def k_center_greedy(features: np.ndarray, n: int, first: int = 0, labelled: np.ndarray | None = None,
+                    weights: np.ndarray | None = None) -> list[int]:
     """``n`` row indices of ``features`` picked farthest-first (Euclidean): each the row farthest from every row
     picked before it and from ``labelled`` (features already labelled, taken as centres from the start).
 
     Args:
         first: the row picked first when nothing is labelled (the rest follow by distance).
+        weights: one per row (e.g. its uncertainty): each pick maximises distance x weight instead of distance.
     """
     count = len(features)
     n = min(n, count)
@@ -65,15 +67,22 @@ def k_center_greedy(features: np.ndarray, n: int, first: int = 0, labelled: np.n
         for start in range(0, len(labelled), 1024):  # in blocks: a large labelled set never makes an N x L matrix
             block = np.asarray(labelled[start:start + 1024], dtype=np.float32)
             nearest = np.minimum(nearest, _distances(x, block).min(axis=1))
-        chosen = [int(np.argmax(nearest))]
+        chosen = [_farthest(nearest, weights)]
     else:
         chosen = [int(first)]
     while True:
         nearest = np.minimum(nearest, _distances(x, x[chosen[-1]][None]).ravel())
-        nearest[chosen[-1]] = -1.0  # never again, even among exact duplicates
+        nearest[chosen[-1]] = -np.inf  # never again, even among exact duplicates
         if len(chosen) == n:
             return chosen
-        chosen.append(int(np.argmax(nearest)))  # argmax takes the first of ties: deterministic
+        chosen.append(_farthest(nearest, weights))
+
+
+def _farthest(nearest: np.ndarray, weights: np.ndarray | None) -> int:
+    """The row farthest from its nearest centre (times its weight); argmax takes the first of ties: deterministic."""
+    if weights is None:
+        return int(np.argmax(nearest))
+    return int(np.argmax(np.where(np.isneginf(nearest), -np.inf, nearest * weights)))
 
 
 def _distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -92,12 +101,13 @@ class Selection:
 
 
 def select(probabilities: np.ndarray, features: np.ndarray, n: int, by: str = "margin",
-           candidates: float = CANDIDATES, labelled: np.ndarray | None = None) -> Selection:
+           candidates: float = CANDIDATES, labelled: np.ndarray | None = None, weighted: bool = False) -> Selection:
     """The ``n`` pool rows whose labels should help most: k-center greedy on the L2-normalised ``features`` of the
     ``candidates`` × n most uncertain rows (by ``by``), starting from the most uncertain.
 
     Args:
         labelled: features of images already labelled (raw, normalised here): picks keep away from them too.
+        weighted: each pick maximises distance x uncertainty (not distance alone) among the candidates.
     """
     probabilities = np.asarray(probabilities)
     if len(probabilities) != len(features):
@@ -108,6 +118,7 @@ def select(probabilities: np.ndarray, features: np.ndarray, n: int, by: str = "m
     order = np.lexsort((np.arange(len(scores)), -scores))  # most uncertain first; ties by position: deterministic
     pool = order[:max(n, int(np.ceil(candidates * n)))]
     centres = None if labelled is None or not len(labelled) else normalised(labelled)
-    picked = [int(pool[i]) for i in k_center_greedy(normalised(np.asarray(features)[pool]), n, 0, centres)]
+    weights = scores[pool] if weighted else None
+    picked = [int(pool[i]) for i in k_center_greedy(normalised(np.asarray(features)[pool]), n, 0, centres, weights)]
     predicted = probabilities.argmax(axis=1)
     return Selection(picked, [float(scores[i]) for i in picked], [int(predicted[i]) for i in picked], len(pool))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from graft.config import FitConfig
 from graft.data.discovery import DatasetSplits
@@ -31,7 +32,7 @@ from graft.utils import distributed
 from graft.utils.progress import Progress
 from graft.utils.runtime import Runtime
 
-__all__ = ["check_unlabeled", "pool_paths", "self_train_probe"]
+__all__ = ["check_unlabeled", "pool_paths", "self_train_probe", "semi_supervised_probe", "summary_line"]
 
 
 def check_unlabeled(config: FitConfig) -> None:
@@ -105,29 +106,47 @@ def _val_score(head, x: np.ndarray, y: np.ndarray) -> dict:
 def _decide(model: GraftModel, features: FeatureSet, pool_x: np.ndarray, config: FitConfig, runtime: Runtime) -> dict:
     """On rank 0: the search, the fit on all labelled images, and the comparison with the labelled-only probe."""
     stats = features.stats
-    x, y = features.features["train"], features.labels["train"]
-    fit = LinearFit(stats["probe_l2"], stats.get("probe_temperature", 1.0), len(model.classes),
-                    config.train.balance != "none", runtime.device)
-    with Progress("semi-supervised search", search_steps(y), "fits", runtime.log,
-                  runtime.verbose and runtime.is_main) as progress:
-        result = choose_and_fit(x, y, pool_x, fit, seed=config.train.seed, progress=progress, log=runtime.log)
-    val_x, val_y = features.features["val"], features.labels["val"]
+    head = model.head[-1]  # a solved probe's head is its one linear layer
+    record, linear = semi_supervised_probe(
+        features.features["train"], features.labels["train"], pool_x, features.features["val"],
+        features.labels["val"], head, stats["probe_l2"], stats.get("probe_temperature", 1.0),
+        config.train.balance != "none", config.train.seed, runtime.device, runtime.log,
+        runtime.verbose and runtime.is_main)
+    if linear is not None:
+        head.load_state_dict(linear.state_dict())
+    return record
+
+
+def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                          labelled_only: nn.Linear, l2: float, temperature: float = 1.0, balanced: bool = False,
+                          seed: int = 0, device="cpu", log=None, progress: bool = False
+                          ) -> tuple[dict, nn.Linear | None]:
+    """``fit --unlabeled`` on features: the method chosen by CV on the labelled (``x``, ``y``), run with ``pool_x``,
+    and kept only when it beats ``labelled_only`` (the solved probe, λ ``l2``, ``temperature``) on val.
+
+    Returns:
+        (the ``semi_supervised`` record, the probe to use instead of ``labelled_only``; None: keep it).
+    """
+    say = log or (lambda message: None)
+    classes = labelled_only.out_features
+    fit = LinearFit(l2, temperature, classes, balanced, device)
+    with Progress("semi-supervised search", search_steps(y), "fits", say, progress) as counter:
+        result = choose_and_fit(x, y, pool_x, fit, seed=seed, progress=counter, log=log)
     record = {"method": result.method, "pool": result.pool, "used": result.used, "threshold": result.threshold,
               "selection": result.selection, "search": result.search}
-    before = _val_score(model.head, val_x, val_y)  # a solved probe's head is its one linear layer
+    before = _val_score(labelled_only, val_x, val_y)
     record["labelled_only_val_acc"] = round(before["val_acc"], 4)
     if result.linear is None:
-        runtime.log(f"unlabelled pool: no method beat the labelled-only probe in {result.selection} "
-                    f"(none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
-        return {**record, "kept": "labelled-only"}
-    after = _val_score(result.linear.to(next(model.head.parameters()).device), val_x, val_y)
+        say(f"unlabelled pool: no method beat the labelled-only probe in {result.selection} "
+            f"(none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
+        return {**record, "kept": "labelled-only"}, None
+    linear = result.linear.to(next(labelled_only.parameters()).device)
+    after = _val_score(linear, val_x, val_y)
     kept = beats_probe(after, before)
-    if kept:
-        model.head[-1].load_state_dict(result.linear.state_dict())
     record.update({"with_pool_val_acc": round(after["val_acc"], 4), "kept": result.method if kept else
                    "labelled-only"})
-    runtime.log(summary_line(record))
-    return record
+    say(summary_line(record))
+    return record, linear if kept else None
 
 
 def summary_line(record: dict) -> str:
