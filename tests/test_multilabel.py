@@ -192,7 +192,7 @@ def torch_no_grad():
 
 
 @pytest.mark.parametrize("command", [
-    ["evaluate", "{run}", "{data}/labels.csv"], ["export", "{run}", "-o", "{tmp}/export"], ["serve", "{run}"],
+    ["export", "{run}", "-o", "{tmp}/export"], ["serve", "{run}"],
     ["explain", "{run}", "{data}/000.png", "-o", "{tmp}/explained"], ["precise-bn", "{run}"],
     ["diagnose", "{run}", "{data}/labels.csv"], ["push", "{run}", "user/model"],
 ])
@@ -284,3 +284,41 @@ def test_tampered_thresholds_in_graft_json_are_refused_in_one_line(multilabel_ru
         (copy / "graft.json").write_text(json.dumps({**card, "thresholds": thresholds}))
         with pytest.raises(GraftError, match="'thresholds' a number in \\[0, 1\\] per class"):
             load(copy)
+
+
+def test_evaluate_scores_label_sets_like_sklearn_on_the_same_outputs(multilabel_run, tmp_path):
+    import csv
+    import json
+
+    import torch
+    from PIL import Image
+    from sklearn.metrics import average_precision_score, f1_score
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.models.run_folder import load
+
+    run, data, _ = multilabel_run
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(data / "labels.csv"), "--split", "val", "--runtime",
+                                      "torch", "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "per class" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    truth_sets = {line.split(",")[0]: line.split(",")[1].split() for line in
+                  (data / "labels.csv").read_text().splitlines() if line.endswith(",val")}
+    assert len(rows) == metrics["images"] == len(truth_sets)
+    model, thresholds = load(run), json.loads((run / "graft.json").read_text())["thresholds"]
+    truth = np.array([[name in truth_sets[row["path"].rsplit("/", 1)[-1]] for name in model.classes] for row in rows])
+    scores = np.array([[float(row[f"p_{name}"]) for name in model.classes] for row in rows])
+    with torch.no_grad():  # the probabilities written are the model's sigmoid outputs
+        first = model(model.transform(Image.open(rows[0]["path"]).convert("RGB"))[None]).sigmoid()[0].numpy()
+    np.testing.assert_allclose(scores[0], first, atol=1e-4)
+    predicted = scores >= np.array(thresholds)
+    assert metrics["mAP"] == pytest.approx(average_precision_score(truth, scores, average="macro"), abs=1e-4)
+    assert metrics["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"), abs=1e-4)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-4)
+    assert [row["predicted"].split() for row in rows] == [[c for c, p in zip(model.classes, hit) if p]
+                                                         for hit in predicted]
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Precision-recall" in page and f"{metrics['per_class'][0]['ap']:.3f}" in page
