@@ -148,11 +148,11 @@ def fastai_worker(manifest: str, out: str, backbone: str, size: int, epochs: int
     start = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
         learn.fine_tune(epochs)
-    val, _ = learn.get_preds(dl=dls.test_dl(frame[frame["split"] == "val"], with_labels=False))
-    test, _ = learn.get_preds(dl=dls.test_dl(frame[frame["split"] == "test"], with_labels=False))
-    np.savez(out, vocab=np.array(vocab), val=val.numpy(), test=test.numpy(), seconds=time.perf_counter() - start,
-             val_paths=np.array(frame[frame["split"] == "val"]["path"]),
-             test_paths=np.array(frame[frame["split"] == "test"]["path"]))
+        val, _ = learn.get_preds(dl=dls.test_dl(frame[frame["split"] == "val"], with_labels=False))
+        test, _ = learn.get_preds(dl=dls.test_dl(frame[frame["split"] == "test"], with_labels=False))
+    paths = {split: np.array(list(frame[frame["split"] == split]["path"]), dtype=str) for split in ("val", "test")}
+    np.savez(out, vocab=np.array([str(name) for name in vocab], dtype=str), val=val.numpy(), test=test.numpy(),
+             seconds=time.perf_counter() - start, val_paths=paths["val"], test_paths=paths["test"])
 
 
 def fastai_rows(manifest: Path, args, splits, classes: list[str]) -> tuple[list, str]:
