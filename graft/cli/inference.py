@@ -168,7 +168,8 @@ def evaluate(
     runtime: RuntimeOpt = "auto",
 ):
     """Accuracy, top-k, per-class precision/recall/F1, calibration and the confusion matrix on labelled data; writes
-    metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble).
+    metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble). A multi-label run on a
+    CSV of label sets: mAP, micro/macro F1 at its thresholds, exact match and per-class AP, F1 and thresholds.
 
     Example: graft evaluate runs/pets ./pets_test --tta flip
     """
