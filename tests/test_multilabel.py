@@ -192,7 +192,7 @@ def torch_no_grad():
 
 
 @pytest.mark.parametrize("command", [
-    ["evaluate", "{run}", "{data}/labels.csv"], ["export", "{run}", "-o", "{tmp}/export"], ["serve", "{run}"],
+    ["export", "{run}", "--format", "hf", "-o", "{tmp}/export"], ["serve", "{run}"],
     ["explain", "{run}", "{data}/000.png", "-o", "{tmp}/explained"], ["precise-bn", "{run}"],
     ["diagnose", "{run}", "{data}/labels.csv"], ["push", "{run}", "user/model"],
 ])
@@ -249,7 +249,9 @@ def test_multi_label_losses_against_their_formulas():
     assert compute_loss(*as_tensors, 0.1, multi_label="asl").item() == pytest.approx(asl, rel=1e-5)
 
 
-def test_fit_finetunes_label_sets_with_asl(tmp_path):
+def test_fit_finetunes_label_sets_with_asl_stops_early_and_refuses_resume(tmp_path):
+    import csv
+    import itertools
     import json
 
     from typer.testing import CliRunner
@@ -258,17 +260,34 @@ def test_fit_finetunes_label_sets_with_asl(tmp_path):
 
     manifest = _red_blue(tmp_path, count=24)
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["fit", str(manifest), "--multi-label", "--strategy", "finetune", "--loss", "asl",
-                                      "--epochs", "1", "--backbone", "test_resnet", "--no-pretrained",
-                                      "--image-size", "32", "--workers", "0", "--extract-engine", "eager",
-                                      "--batch-size", "8", "-o", str(run)])
+    options = ["--multi-label", "--strategy", "finetune", "--loss", "asl", "--epochs", "4", "--patience", "1",
+               "--lr", "0.05", "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+               "--extract-engine", "eager", "--batch-size", "8", "-o", str(run)]
+    result = CliRunner().invoke(app, ["fit", str(manifest), *options])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] >= 1 and metrics["loss"] == "asl" and metrics["val"]["mAP"] is not None
-    assert (run / "history.csv").read_text().count("\n") == 1 + metrics["epochs"]
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert len(rows) == metrics["epochs"]
+    for _, stage in itertools.groupby(rows, key=lambda row: row["stage"]):  # each stage stops after one worse epoch
+        losses = [float(row["val_loss"]) for row in stage]
+        worse = [loss >= min(losses[:index]) for index, loss in enumerate(losses) if index]
+        assert worse.count(True) <= 1 and (not any(worse) or worse[-1])
+    # the saved model is the last stage's best epoch: its val BCE, recomputed by evaluate's metrics, is that minimum
+    assert metrics["val"]["loss"] == pytest.approx(min(float(row["val_loss"]) for row in stage_rows(rows)), rel=1e-4)
     card = json.loads((run / "graft.json").read_text())
     assert card["multi_label"] and card["thresholds"] == [round(row["threshold"], 6)
                                                           for row in metrics["val"]["per_class"]]
+    # as an interrupted run leaves it (a multi-label fit writes no checkpoint)
+    (run / "graft.json").write_text(json.dumps({**card, "status": "training"}))
+    result = CliRunner().invoke(app, ["fit", str(manifest), "--resume", *options])
+    assert result.exit_code == 2 and "start the run again with --overwrite" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def stage_rows(rows: list[dict]) -> list[dict]:
+    """The history rows of the last stage."""
+    return [row for row in rows if row["stage"] == rows[-1]["stage"]]
 
 
 def test_tampered_thresholds_in_graft_json_are_refused_in_one_line(multilabel_run, tmp_path):
@@ -284,3 +303,77 @@ def test_tampered_thresholds_in_graft_json_are_refused_in_one_line(multilabel_ru
         (copy / "graft.json").write_text(json.dumps({**card, "thresholds": thresholds}))
         with pytest.raises(GraftError, match="'thresholds' a number in \\[0, 1\\] per class"):
             load(copy)
+
+
+def test_evaluate_scores_label_sets_like_sklearn_on_the_same_outputs(multilabel_run, tmp_path):
+    import csv
+    import json
+
+    import torch
+    from PIL import Image
+    from sklearn.metrics import average_precision_score, f1_score
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.models.run_folder import load
+
+    run, data, _ = multilabel_run
+    result = CliRunner().invoke(app, ["evaluate", str(run), str(data / "labels.csv"), "--split", "val", "--runtime",
+                                      "torch", "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "mAP" in result.output and "per class" in result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    truth_sets = {line.split(",")[0]: line.split(",")[1].split() for line in
+                  (data / "labels.csv").read_text().splitlines() if line.endswith(",val")}
+    assert len(rows) == metrics["images"] == len(truth_sets)
+    model, thresholds = load(run), json.loads((run / "graft.json").read_text())["thresholds"]
+    truth = np.array([[name in truth_sets[row["path"].rsplit("/", 1)[-1]] for name in model.classes] for row in rows])
+    scores = np.array([[float(row[f"p_{name}"]) for name in model.classes] for row in rows])
+    with torch.no_grad():  # the probabilities written are the model's sigmoid outputs
+        first = model(model.transform(Image.open(rows[0]["path"]).convert("RGB"))[None]).sigmoid()[0].numpy()
+    np.testing.assert_allclose(scores[0], first, atol=1e-4)
+    predicted = scores >= np.array(thresholds)
+    assert metrics["mAP"] == pytest.approx(average_precision_score(truth, scores, average="macro"), abs=1e-4)
+    assert metrics["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"), abs=1e-4)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-4)
+    assert [row["predicted"].split() for row in rows] == [[c for c, p in zip(model.classes, hit) if p]
+                                                         for hit in predicted]
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Precision-recall" in page and f"{metrics['per_class'][0]['ap']:.3f}" in page
+
+
+def test_export_writes_sigmoid_logits_and_thresholds_and_the_example_prints_sets(multilabel_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.deploy.export import onnx_session
+    from graft.models.run_folder import load
+
+    run, data, _ = multilabel_run
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", str(run), "--format", "onnx,safetensors", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    card = json.loads((run / "graft.json").read_text())
+    meta = json.loads((out / "preprocessing.json").read_text())
+    assert meta["output"]["multi_label"] and meta["output"]["thresholds"] == card["thresholds"]
+    assert json.loads((out / "graft.json").read_text())["thresholds"] == card["thresholds"]
+    model = load(run)
+    images = [data / "002.png", data / "000.png", data / "001.png"]
+    batch = torch.stack([model.transform(Image.open(path).convert("RGB")) for path in images])
+    with torch.no_grad():
+        expected = model(batch).sigmoid().numpy()
+    logits = onnx_session(out / "model.onnx").run(None, {"images": batch.numpy()})[0]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), expected, atol=1e-4)
+    printed = subprocess.run([sys.executable, str(out / "predict_onnx.py"), *map(str, images)], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    sets = [{name.split(":")[0] for name in line.split("\t")[1].split()} for line in printed]
+    assert sets == [{c for c, p, t in zip(model.classes, row, card["thresholds"]) if p >= t} for row in expected]
+    result = CliRunner().invoke(app, ["export", str(run), "--quantize", "int8", "-o", str(tmp_path / "int8")])
+    assert result.exit_code == 2 and "export without --quantize" in result.output

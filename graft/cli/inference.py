@@ -23,6 +23,7 @@ from graft.cli.shared import (
     err,
     friendly_errors,
     out,
+    print_label_set_classes,
     print_table,
 )
 from graft.errors import GraftError
@@ -167,7 +168,8 @@ def evaluate(
     runtime: RuntimeOpt = "auto",
 ):
     """Accuracy, top-k, per-class precision/recall/F1, calibration and the confusion matrix on labelled data; writes
-    metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble).
+    metrics.json, predictions.csv and a self-contained report.html (several runs: an ensemble). A multi-label run on a
+    CSV of label sets: mAP, micro/macro F1 at its thresholds, exact match and per-class AP, F1 and thresholds.
 
     Example: graft evaluate runs/pets ./pets_test --tta flip
     """
@@ -187,6 +189,9 @@ def evaluate(
     metrics = evaluate_runs(runs, rest[0], split=split, top_k=top_k, device=device, output=output, tta=tta,
                             report=report, log=err.print, runtime=runtime)
     warn_near_copies(rest[0], split, Path(metrics["output"]).parent, err.print)
+    if metrics.get("multi_label"):
+        _print_label_set_metrics(metrics)
+        return
     top_key = next(k for k in metrics if k.startswith("top") and k.endswith("_accuracy"))
     for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
         out.print(f"{name}accuracy {numbers['accuracy']:.4f}   {top_key.replace('_', ' ')} {numbers[top_key]:.4f}   "
@@ -196,4 +201,14 @@ def evaluate(
     classes = metrics["classes"]
     print_table("confusion matrix (rows: true, columns: predicted)", ["true \\ pred"] + classes,
                 [[name] + row for name, row in zip(classes, metrics["confusion_matrix"])])
+    out.print(f"wrote {metrics['output']}" + (f" and {metrics['report']}" if "report" in metrics else ""))
+
+
+def _print_label_set_metrics(metrics: dict) -> None:
+    """A multi-label evaluation: mAP and F1 at the run's thresholds, plain and with TTA, then per class."""
+    for name, numbers in [("", metrics)] + ([("with TTA ", metrics["tta"])] if "tta" in metrics else []):
+        ap = "-" if numbers["mAP"] is None else f"{numbers['mAP']:.4f}"
+        out.print(f"{name}mAP {ap}   micro F1 {numbers['micro_f1']:.4f}   macro F1 {numbers['macro_f1']:.4f}   "
+                  f"exact match {numbers['exact_match']:.4f}   ({metrics['images']} images, multi-label)")
+    print_label_set_classes("per class (F1 at the run's thresholds)", metrics["per_class"])
     out.print(f"wrote {metrics['output']}" + (f" and {metrics['report']}" if "report" in metrics else ""))

@@ -22,7 +22,7 @@ from graft.utils.text import display_name
 
 __all__ = [
     "BATCH_SIZES", "DEBUG", "IMAGE_SIZES", "TOP_K", "WORKERS", "app", "check_runtime", "err", "friendly_errors",
-    "main", "out", "print_table", "styled", "check_options"
+    "main", "out", "print_label_set_classes", "print_table", "styled", "check_options"
 ]
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -102,6 +102,13 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for row in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else display_name(str(v)) for v in row])
     out.print(table)
+
+
+def print_label_set_classes(title: str, per_class: list[dict]) -> None:
+    """A multi-label evaluation's per-class rows (``graft.evaluation.multilabel.multilabel_metrics``) as a table."""
+    print_table(title, ["class", "AP", "precision", "recall", "F1", "threshold", "images"],
+                [[row["class"], "-" if row["ap"] is None else row["ap"], row["precision"], row["recall"], row["f1"],
+                  row["threshold"], row["support"]] for row in per_class])
 
 
 PretrainedOpt = Annotated[bool, config_option("model.pretrained")]

@@ -26,6 +26,7 @@ from graft.cli.shared import (
     err,
     friendly_errors,
     out,
+    print_label_set_classes,
     print_table,
 )
 from graft.config import MAX_EPOCHS, MAX_LR
@@ -84,9 +85,7 @@ def fit(
                       result.metrics[split]["images"]] for split in ("val", "test") if split in result.metrics])
         headline = result.metrics.get("headline", {}).get("split")
         if headline:
-            print_table(f"per class ({headline})", ["class", "AP", "precision", "recall", "F1", "threshold", "images"],
-                        [[row["class"], "-" if row["ap"] is None else row["ap"], row["precision"], row["recall"],
-                          row["f1"], row["threshold"], row["support"]] for row in result.metrics[headline]["per_class"]])
+            print_label_set_classes(f"per class ({headline})", result.metrics[headline]["per_class"])
         return
     print_table(f"run {result.run_dir}", ["split", "accuracy", "macro F1", "images"],
                 [[split, result.metrics[split]["accuracy"], result.metrics[split]["macro_f1"],

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import statistics
 import time
@@ -27,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.data.images import ALLOWED_FORMATS, FORMAT_LIST, to_rgb, to_srgb, upright_rgb
-from graft.data.transforms import MAX_ASPECT, CapAspect
 from graft.deploy.parity import PARITY_INPUTS, RUNTIME_TOLERANCE, check_parity, parity_inputs  # re-exported
+from graft.deploy.standalone import STANDALONE_EXAMPLE, consumer_metadata, standalone_example  # re-exported
 from graft.errors import GraftError
 from graft.models.batchnorm import FoldResult, fold_batch_norms, max_logit_difference
 from graft.models.grafted import GraftModel
@@ -136,8 +134,8 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
         raise GraftError(f"export format(s) {', '.join(unknown)} not understood: choose from "
                          f"{', '.join(FORMATS + ECOSYSTEM_FORMATS)}")
     _check_quantize(quantize, formats)
-    refuse_label_sets(read_card(run_dir), run_dir, "graft export")  # the formats' outputs are softmax classes
     ecosystem = [form for form in dict.fromkeys(formats) if form in ECOSYSTEM_FORMATS]
+    _check_label_sets(read_card(run_dir), run_dir, ecosystem, quantize)
     if ecosystem and len(set(formats)) == 1:  # timm or hf alone: the folder is theirs, as before
         return _export_ecosystem(run_dir, out_dir, ecosystem[0], data, overwrite)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -163,6 +161,18 @@ def export(run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = 
     if refusal:  # the float export is complete and export.json says what int8 measured; the int8 file is not there
         raise GraftError(refusal)
     return result
+
+
+def _check_label_sets(card: dict, run_dir, ecosystem: list[str], quantize: str | None) -> None:
+    """A multi-label run exports as ONNX, torch.export and safetensors (its logits, one sigmoid per class, with the
+    thresholds in preprocessing.json and graft.json); what assumes one class per image is refused in one line."""
+    if not card.get("multi_label"):
+        return
+    if ecosystem:
+        refuse_label_sets(card, run_dir, f"graft export --format {ecosystem[0]}")
+    if quantize:
+        raise GraftError(f"{run_dir}: a multi-label model (label sets); --quantize {quantize} checks the int8 model's "
+                         "accuracy on single labels: export without --quantize")
 
 
 def _check_quantize(quantize: str | None, formats: tuple[str, ...]) -> None:
@@ -250,130 +260,3 @@ def _export_ecosystem(run_dir, out_dir, form: str, data: str | None, overwrite: 
     into.files += [f"{form}/{name}" for name in done["files"]]
     into.parity[form] = done["parity_max_abs_logit_diff"]["timm"]
     return into
-
-
-def consumer_metadata(model: GraftModel) -> dict:
-    """Everything a consumer without graft needs to feed the exported network."""
-    prep = model.preprocessing
-    size = list(prep.input_size)
-    return {
-        "classes": model.classes,
-        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "channels": "RGB", "height": size[0],
-                  "width": size[1]},
-        "output": {"name": "logits", "softmax": "apply softmax over axis 1 for probabilities"},
-        "preprocessing": {
-            "resize_shorter_side": int(min(size) / prep.crop_pct), "interpolation": prep.interpolation,
-            "crop_pct": prep.crop_pct,
-            "center_crop": size, "scale": "divide 8-bit values by 255", "mean": list(prep.mean), "std": list(prep.std),
-        },
-    }
-
-
-def standalone_example() -> str:
-    """``predict_onnx.py``'s source. It runs without graft, so it carries copies: the format allow-list and the
-    source of graft's own decoding functions (ICC to sRGB, EXIF orientation, RGB conversion, the aspect cap), so an
-    image decodes there exactly as in ``graft predict``; resize and crop follow torchvision's rules (tested)."""
-    decoding = "\n\n".join(inspect.getsource(function) for function in (to_srgb, to_rgb, upright_rgb, CapAspect))
-    return (STANDALONE_EXAMPLE.replace("__ALLOWED_FORMATS__", repr(ALLOWED_FORMATS))
-            .replace("__FORMAT_LIST__", FORMAT_LIST).replace("__MAX_ASPECT__", repr(MAX_ASPECT))
-            .replace("# __GRAFT_DECODING__\n", decoding))
-
-
-STANDALONE_EXAMPLE = '''"""Classify images with the exported model, without graft or torch.
-
-Needs: pip install onnxruntime pillow numpy
-
-Usage: python predict_onnx.py IMAGE [IMAGE ...]   (--help: this text; -- before a file name that starts with -)
-
-Reads __FORMAT_LIST__ only, by content, whatever a file is called: Pillow's other formats include EPS,
-which runs Ghostscript on the file. A file that cannot be read is reported on stderr and skipped.
-"""
-import argparse
-import io
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-import onnxruntime
-from PIL import Image, ImageOps, UnidentifiedImageError
-
-ALLOWED_FORMATS = __ALLOWED_FORMATS__  # graft's allow-list, by Pillow's format names
-MAX_ASPECT = __MAX_ASPECT__  # graft's cap on the longer side, in multiples of the shorter one
-HERE = Path(__file__).parent
-META = json.loads((HERE / "preprocessing.json").read_text())
-PREP = META["preprocessing"]
-RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-
-
-# graft's own decoding functions (graft.data.images, graft.data.transforms), copied when this file was exported:
-# __GRAFT_DECODING__
-
-
-def resized(image):
-    """Resize as torchvision does in graft: a square input keeps the aspect (shorter side to size / crop_pct,
-    the longer one truncated), a non-square one goes to exactly (height, width) / crop_pct."""
-    height, width = PREP["center_crop"]
-    target = [int(height / PREP["crop_pct"]), int(width / PREP["crop_pct"])]
-    if height == width:
-        short, long = sorted(image.size)
-        side = (target[0], int(target[0] * long / short))
-        target = list(side) if image.height <= image.width else list(reversed(side))
-    return image.resize((target[1], target[0]), RESAMPLE.get(PREP["interpolation"], Image.BILINEAR))
-
-
-def center_crop(pixels):
-    """torchvision's centre crop of an HxWxC array: zero padding where the crop is larger, offsets rounded."""
-    height, width = PREP["center_crop"]
-    pad_h, pad_w = max(height - pixels.shape[0], 0), max(width - pixels.shape[1], 0)
-    if pad_h or pad_w:
-        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-    top, left = round((pixels.shape[0] - height) / 2.0), round((pixels.shape[1] - width) / 2.0)
-    return pixels[top:top + height, left:left + width]
-
-
-def preprocess(path):
-    with Image.open(path, formats=ALLOWED_FORMATS) as opened:
-        opened.seek(0)
-        opened.load()
-        image = upright_rgb(opened)
-    image = resized(CapAspect()(image))
-    pixels = center_crop(np.asarray(image, dtype=np.float32) / 255.0)
-    pixels = (pixels - np.array(PREP["mean"], np.float32)) / np.array(PREP["std"], np.float32)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-
-def readable(paths):
-    """(paths, pixels) of the files that decode; the others are named on stderr with the reason."""
-    kept, images = [], []
-    for path in paths:
-        try:
-            images.append(preprocess(path))
-            kept.append(path)
-        except UnidentifiedImageError:
-            print(f"{path}: skipped, not an allowed image format; this reads __FORMAT_LIST__", file=sys.stderr)
-        except Exception as error:  # noqa: BLE001 - one bad file must not cost the others their answer
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            print(f"{path}: skipped, not a readable image ({reason})", file=sys.stderr)
-    return kept, images
-
-
-def main(paths):
-    paths, images = readable(paths)
-    if not images:
-        return 1
-    session = onnxruntime.InferenceSession(str(HERE / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"images": np.stack(images)})[0]
-    probabilities = np.exp(logits - logits.max(1, keepdims=True))
-    probabilities /= probabilities.sum(1, keepdims=True)
-    for path, row in zip(paths, probabilities):
-        best = int(row.argmax())
-        print(f"{path}\\t{META['classes'][best]}\\t{row[best]:.4f}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0],
-                                     epilog="prints one line per image: PATH<TAB>CLASS<TAB>PROBABILITY")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    sys.exit(main(parser.parse_args().images))
-'''

@@ -41,10 +41,16 @@ def evaluate(run_dirs: str | os.PathLike | list, data: str | os.PathLike, split:
         runtime: torch, onnx or auto, as ``predict``'s (``graft.evaluation.inference.runtime_members``).
         workers: -1 decodes in threads on the CPU; a count: DataLoader workers.
     """
-    runs, target, models = load_ensemble(run_dirs, device, command="graft evaluate")
+    runs, target, models = load_ensemble(run_dirs, device, label_sets=True)  # one multi-label run, not several
     model = models[0]
     out_dir = Path(output) if output else Path(runs[0]) / f"eval-{_data_name(data)}"
     output_folder(out_dir, "--output", ((data, "data"),))  # before the work: an unwritable folder wastes nothing
+    if model.multi_label:
+        from graft.evaluation.labelsets import evaluate_label_sets
+
+        with out_of_memory_hint(batch_size):
+            return evaluate_label_sets(runs, model, data, out_dir, split, target, tta, batch_size, workers, log,
+                                       runtime, report)
     samples, training = _labelled_samples(data, split, model.classes)
     copies = copies_between([path for path, _ in samples], training)  # sizes first: only same-size files are hashed
     if copies and log:

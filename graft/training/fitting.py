@@ -14,30 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-
 from graft.config import FitConfig, apply_overrides, check_ranges
-from graft.data.datasets import ImageDataset, loader_options
 from graft.data.discovery import DatasetSplits, discover
 from graft.data.scan import scan
-from graft.data.transforms import create_transform
 from graft.errors import GraftError
-from graft.evaluation.inference import predict_logits
-from graft.evaluation.metrics import classification_metrics
 from graft.models.backbones.registry import create_backbone
 from graft.models.grafted import GraftModel, backbone_name
-from graft.models.heads import divide_logits
-from graft.models.run_folder import (
-    model_card,
-    non_finite_tensors,
-    save_model,
-)
+from graft.models.run_folder import model_card
 from graft.probing.cache import cache_folder
-from graft.probing.extraction import FeatureSet, extract_features
-from graft.probing.linear import fit_linear_probe, fit_temperature
+from graft.probing.extraction import FeatureSet
 from graft.training import auto, multilabel, recipes, selection, semi
 from graft.training.arguments import config_from_arguments
 from graft.training.checkpoints import (
@@ -47,17 +32,17 @@ from graft.training.checkpoints import (
     read_checkpoint,
     resumable_config,
     run_lock,
-    write_history,
 )
 from graft.training.excluding import exclude_listed
+from graft.training.finishing import finish_run
 from graft.training.lr_find import find_lr, save_lr_finding
-from graft.training.precise_bn import precise_bn_after_training
+from graft.training.probe_head import fit_probe_head  # re-exported
 from graft.training.setup import create_loaders, create_on_device
 from graft.training.stages import run_stages
 from graft.training.state import FitResult, Hooks, TrainState
 from graft.training.tracking import NotebookTable, Tracker, check_available, join_hooks
 from graft.utils import distributed, outputs
-from graft.utils.files import atomic_write, write_csv, write_json
+from graft.utils.files import atomic_write, write_json
 from graft.utils.memory import out_of_memory_hint
 from graft.utils.progress import in_notebook, progress_seconds
 from graft.utils.runtime import Runtime, autocast_dtype, resolve_device, seed_everything
@@ -211,7 +196,7 @@ def _train_tracked(model: GraftModel, card: dict, splits: DatasetSplits, state: 
         if recipes.plan(config):  # a solved probe has no epochs: its time is extraction and solve
             runtime.timings.lap("training")
         chosen = selection.keep_better(model, state, loaders[1], runtime, run_dir, config)
-        result = _finish(run_dir, model, card, splits, state, config, runtime, loaders, cached, chosen, auto_report)
+        result = finish_run(run_dir, model, card, splits, state, config, runtime, loaders, cached, chosen, auto_report)
         if hooks.on_fit_end:
             hooks.on_fit_end(result)
     except BaseException as error:
@@ -312,182 +297,3 @@ def _write_data_report(run_dir: Path, splits: DatasetSplits, report, runtime: Ru
         report.skipped_text(), encoding="utf-8", errors="surrogateescape"))
     for warning in report.warnings:
         runtime.log(f"warning: {warning}")
-
-
-def fit_probe_head(model: GraftModel, splits: DatasetSplits, config: FitConfig, runtime: Runtime,
-                   run_dir: Path) -> FeatureSet:
-    """The head on the frozen trunk, solved: cached features (under torchrun each rank extracts a share), then
-    L-BFGS over an L2 path chosen by k-fold CV on the training features (on val, labelled optimistic, only when a class
-    is too small for two folds); on rank 0, its head then broadcast."""
-    data = config.data
-    sets = extract_features(splits, model.trunk, model.preprocessing, config.model.backbone, data.cache_dir,
-                            None, data.workers, runtime.device, data.augment_views, data.hflip, runtime.log,
-                            config.train.compile, config.train.extract_engine)
-    runtime.timings.lap("extraction")
-    features = sets[model.trunk.node]
-    # under torchrun every rank extracted its share above; the full-batch L-BFGS solve does not shard, so rank 0
-    # solves while the others wait, then they receive its head
-    distributed.main_decides(lambda: _solve_probe(model, features, config, runtime, run_dir))
-    distributed.broadcast_module(model.head)
-    runtime.timings.lap("solve")
-    return features
-
-
-def _solve_probe(model: GraftModel, features: FeatureSet, config: FitConfig, runtime: Runtime, run_dir: Path) -> None:
-    train_x = np.concatenate([features.features["train"], *features.augmented])
-    train_y = np.concatenate([features.labels["train"]] * (1 + len(features.augmented)))
-    result = fit_linear_probe(train_x, train_y, features.features["val"], features.labels["val"], len(model.classes),
-                              balanced=config.train.balance != "none", device=runtime.device, log=runtime.log,
-                              seed=config.train.seed, calibrate=config.train.calibrate)
-    model.head[-1].load_state_dict(result.linear.state_dict())
-    if result.selection.startswith("cv-"):
-        how = f"by {result.selection[3:]}-fold CV on train (cv accuracy {result.cv_accuracy:.4f})"
-    else:
-        how = "on val (selected on validation: optimistic)" if result.optimistic else "fixed (nothing to choose on)"
-    runtime.log(f"probe: λ={result.l2:.0e} chosen {how}; val accuracy {result.val_accuracy:.4f}")
-    if result.temperature != 1.0:
-        runtime.log(f"probe: probabilities calibrated by temperature {result.temperature:.3g} fitted on the folds' "
-                    f"held-out logits (log-loss {result.cv_loss:.4f} → {result.calibrated_cv_loss:.4f})")
-    features.stats["probe_l2"] = result.l2
-    features.stats["probe_l2_selection"] = result.selection
-    features.stats["probe_temperature"] = round(result.temperature, 6)
-    if runtime.is_main:
-        columns = ["l2", "C", "train_acc", "train_loss", "cv_acc", "cv_loss", "val_acc", "val_loss", "iterations"]
-        write_csv(run_dir / "probe_grid.csv", columns, result.grid)
-
-
-def _features_logits(model: GraftModel, features: FeatureSet, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    device = next(model.head.parameters()).device
-    with torch.no_grad():
-        logits = model.head(torch.as_tensor(features.features[split], dtype=torch.float32, device=device))
-    return logits.cpu(), torch.as_tensor(features.labels[split])
-
-
-def _finish(run_dir: Path, model: GraftModel, card: dict, splits: DatasetSplits, state: TrainState,
-            config: FitConfig, runtime: Runtime, loaders, cached: FeatureSet | None = None, chosen: dict | None = None,
-            auto_report: dict | None = None) -> FitResult:
-    """Saves the final model, evaluates it on val (and test) with full metrics, removes the checkpoint.
-
-    With ``cached`` features (the solved probe's), a probe's metrics come from them instead of another forward pass:
-    its trunk never changed. ``chosen``: the probe-vs-fine-tune selection; ``auto_report``: what auto tried.
-    """
-    _refuse_non_finite(run_dir, model)  # before metrics: NaN logits have no meaningful ones
-    card["status"] = "complete"
-    metrics: dict = {"strategy": config.train.strategy, "epochs": state.epoch,
-                     "train_seconds": round(state.elapsed, 2)}
-    # early stopping restores the stage's best-val-loss epoch: a choice made on val
-    metrics["selected_on_validation"] = ["epoch (best val loss)"] if config.train.patience and state.history else []
-    if chosen:
-        metrics["selection"] = chosen
-        card["kept"] = metrics["kept"] = chosen["kept"]  # the page, report and card say what was saved, not asked
-    if auto_report is not None:
-        metrics["auto"] = auto.finish_report(auto_report, chosen, state, runtime.log)
-    if config.train.precise_bn:
-        metrics["precise_bn"] = precise_bn_after_training(model, splits, config, runtime, card)
-        _refuse_non_finite(run_dir, model)  # the recomputed statistics too (checked once, not again when saving)
-    if cached is not None and "semi_supervised" in cached.stats:  # its own block: what the unlabelled pool did
-        card["semi_supervised"] = metrics["semi_supervised"] = cached.stats.pop("semi_supervised")
-        if "with_pool_val_acc" in metrics["semi_supervised"]:
-            metrics["selected_on_validation"].append("semi-supervised or labelled-only probe (higher val accuracy)")
-    if cached is not None:
-        metrics["features"] = cached.stats
-    if "exclusions" in card:
-        metrics["exclusions"] = card["exclusions"]
-    if distributed.broadcast_object(cached is not None) and config.train.strategy == "probe":
-        for split in ("val", "test"):  # rank 0 holds the features; the others only wait for its files
-            if cached is not None and len(cached.labels[split]):
-                metrics[split] = classification_metrics(*_features_logits(model, cached, split), model.classes)
-        return _save_final(run_dir, model, card, metrics, state, runtime, config.train.timings)
-    logits, labels = _gathered_logits(model, loaders[1], runtime)
-    if len(labels):
-        logits = _calibrate_on_validation(model, logits, labels, metrics, config, runtime)
-        metrics["val"] = classification_metrics(logits, labels, model.classes)
-    if splits.test:
-        test_set = ImageDataset(splits.test, create_transform(model.preprocessing), config.data.max_image_pixels)
-        if runtime.distributed:
-            test_set = Subset(test_set, runtime.shard_indices(len(test_set)))
-        test_loader = DataLoader(test_set, batch_size=config.data.batch_size * 2, shuffle=False,
-                                 **loader_options(runtime.device, config.data.workers))
-        metrics["test"] = classification_metrics(*_gathered_logits(model, test_loader, runtime), model.classes)
-    return _save_final(run_dir, model, card, metrics, state, runtime, config.train.timings)
-
-
-def _calibrate_on_validation(model: GraftModel, logits: torch.Tensor, labels: torch.Tensor, metrics: dict,
-                             config: FitConfig, runtime: Runtime) -> torch.Tensor:
-    """An epoch-trained model's temperature, fitted on the validation logits and folded into its head (a kept probe
-    was calibrated on its CV folds already). Returns the logits the calibrated model gives."""
-    if not config.train.calibrate or metrics.get("kept") == "probe":
-        return logits
-    temperature = fit_temperature(logits, labels)
-    if temperature is None:
-        runtime.log("calibration: none (every validation image is right, or none is: a temperature fitted there would "
-                    "only claim certainty)")
-        return logits
-    divide_logits(model.head, temperature)
-    metrics["temperature"] = round(temperature, 6)
-    metrics["selected_on_validation"].append("temperature (calibration; accuracy unchanged)")
-    before, after = (F.cross_entropy(values, labels).item() for values in (logits, logits / temperature))
-    runtime.log(f"calibration: temperature {temperature:.3g} fitted on val (val log-loss {before:.4f} → {after:.4f})")
-    return logits / temperature
-
-
-def _label_selections(metrics: dict) -> None:
-    """Names everything chosen on validation (which makes the val number optimistic) and the headline: the test
-    split's accuracy when there is one, an unbiased estimate; otherwise val's, labelled."""
-    chosen = metrics.setdefault("selected_on_validation", [])
-    if metrics.get("features", {}).get("probe_l2_selection") == "validation":
-        chosen.append("probe L2 (too few images a class for CV)")
-    if "selection" in metrics:
-        chosen.append("probe or fine-tune (" + metrics["selection"]["rule"].split(";")[0] + ")")
-    if "auto" in metrics:
-        cut = (metrics["auto"].get("overrides") or {}).get("model.cut_at")
-        chosen.append(f"strategy and cut at {cut} (auto)" if cut else "strategy (auto)")
-    if "test" in metrics:
-        metrics["headline"] = {"split": "test", "accuracy": metrics["test"]["accuracy"],
-                               "note": "held out from every choice"}
-    elif "val" in metrics:
-        note = "selected on validation: optimistic" if chosen else "nothing selected on val"
-        metrics["headline"] = {"split": "val", "accuracy": metrics["val"]["accuracy"], "note": note}
-
-
-def _gathered_logits(model: GraftModel, loader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of ``loader``; under torchrun of every process's unpadded share, gathered (each image once;
-    the order differs from one process's, which the metrics do not depend on)."""
-    logits, labels = predict_logits(model, loader, runtime.device, runtime.dtype, runtime.channels_last)
-    if not runtime.distributed:
-        return logits, labels
-    shares = distributed.all_gather_object((logits, labels))
-    return torch.cat([share[0] for share in shares]), torch.cat([share[1] for share in shares])
-
-
-def _refuse_non_finite(run_dir: Path, model: GraftModel) -> None:
-    """Never saves a run as complete with NaN or infinite weights: predict would print blank labels, no error."""
-    if non_finite_tensors(model.state_dict()):
-        raise GraftError(f"{run_dir}: the trained weights hold NaN or infinite values, so the run is not marked "
-                         "complete; train again with a lower --lr (--overwrite)")
-
-
-def _save_final(run_dir: Path, model: GraftModel, card: dict, metrics: dict, state: TrainState,
-                runtime: Runtime, timings: bool = False) -> FitResult:
-    """Writes the run's final files (metrics.json last: with ``timings``, the phases' seconds up to it)."""
-    _label_selections(metrics)
-    runtime.timings.lap("evaluation")
-    if runtime.is_main:
-        write_history(run_dir, state.history)
-        save_model(run_dir, model, card)
-        runtime.timings.lap("outputs")
-        if timings:
-            metrics["timings"] = runtime.timings.to_dict()
-        write_json(run_dir / "metrics.json", metrics)
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
-    distributed.barrier()  # every process returns once the run folder is complete
-    distributed.write_rank_digest(model)
-    if "headline" in metrics:
-        headline = metrics["headline"]
-        val = (f"; val accuracy {metrics['val']['accuracy']:.4f}" if headline["split"] == "test" and "val" in metrics
-               else "")
-        runtime.log(f"done: {headline['split']} accuracy {headline['accuracy']:.4f} ({headline['note']}){val} in "
-                    f"{state.elapsed:.1f}s → {run_dir}")
-    if timings:
-        runtime.log(runtime.timings.line())
-    return FitResult(run_dir, model.eval(), metrics, list(state.history))

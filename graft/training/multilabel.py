@@ -3,13 +3,17 @@
 training loop's ``train_epoch``; per-class thresholds chosen on validation; an ordinary run folder whose graft.json
 says ``multi_label`` and holds the thresholds (predict reads them).
 
-What the single-label fit does and this one does not (each refused in one line by ``check_supported``): resuming,
-checkpoints and early stopping (the stages run their epochs), ``--strategy scratch``, ``--lr auto`` when
+Early stopping (``--patience``, 0 = off): each epoch's validation BCE; a stage stops after ``patience`` epochs without
+a lower one and its best epoch's weights are restored (kept in memory, not on disk).
+
+What the single-label fit does and this one does not (each refused in one line by ``check_supported``): resuming
+(no checkpoints are written: an interrupted run starts again), ``--strategy scratch``, ``--lr auto`` when
 fine-tuning, mixup/cutmix, tar shards, a non-linear head, class balancing, ``--precise-bn``, ``--log`` and torchrun.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -150,11 +154,14 @@ def _train_stages(model, splits: DatasetSplits, config: FitConfig, runtime: Runt
     data, history = config.data, []
     loader = _loader(splits, "train", create_transform(model.preprocessing, True, data.augment, data.hflip,
                                                        data.random_erasing), config, runtime, True)
-    runtime.log(f"multi-label fine-tuning with --loss {config.train.loss}: no checkpoints or early stopping; each "
-                "stage runs its epochs")
+    patience = config.train.patience if len(splits.val) else 0
+    runtime.log(f"multi-label fine-tuning with --loss {config.train.loss}: no checkpoints (an interrupted run starts "
+                "again); " + (f"early stopping after {patience} epochs without a lower val loss" if patience else
+                              "each stage runs its epochs"))
     for stage in recipes.plan(config):
         optimizer = create_optimizer(recipes.configure(model, stage, config.train), config)
         scheduler = create_scheduler(optimizer, stage.epochs * len(loader), config.train.warmup_fraction)
+        best = _Best()
         for _ in range(stage.epochs):
             seed_everything(epoch_seed(config.train.seed, len(history)))
             start = time.perf_counter()
@@ -167,14 +174,49 @@ def _train_stages(model, splits: DatasetSplits, config: FitConfig, runtime: Runt
                                  "(--overwrite)") from None
             row = {"epoch": len(history) + 1, "stage": stage.name, "train_loss": row["train_loss"],
                    "images_per_s": row["images_per_s"], "seconds": round(time.perf_counter() - start, 3)}
+            if patience:
+                row.update(_val_scores(model, splits, config, runtime))
+                row["best"] = best.update(model, row["val_loss"])
             history.append(row)
-            runtime.log(f"epoch {row['epoch']:>3} [{stage.name}] train loss {row['train_loss']:.4f} | "
-                        f"{row['images_per_s']:.1f} img/s")
+            runtime.log(f"epoch {row['epoch']:>3} [{stage.name}] train loss {row['train_loss']:.4f}" +
+                        (f" | val loss {row['val_loss']:.4f} mAP {row['val_mAP']:.4f}" if patience else "") +
+                        f" | {row['images_per_s']:.1f} img/s")
+            if patience and best.bad_epochs >= patience:
+                runtime.log(f"early stop: {patience} epochs without a lower val loss; the stage's best epoch is kept")
+                break
+        best.restore(model)
     model.eval()
     probabilities, targets = _probabilities(model, splits, "val", config, runtime)
     if len(targets):
         model.thresholds = choose_thresholds(probabilities, targets)
     return history
+
+
+class _Best:
+    """A stage's lowest validation loss so far and its weights (a CPU copy), restored when the stage ends."""
+
+    def __init__(self):
+        self.loss, self.state, self.bad_epochs = math.inf, None, 0
+
+    def update(self, model, loss: float) -> bool:
+        if loss < self.loss:
+            self.loss, self.bad_epochs = loss, 0
+            self.state = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def restore(self, model) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def _val_scores(model, splits: DatasetSplits, config: FitConfig, runtime: Runtime) -> dict:
+    """The epoch's validation BCE (summed over the classes, averaged over the images) and mAP."""
+    model.eval()
+    probabilities, targets = _probabilities(model, splits, "val", config, runtime)
+    scores = multilabel_metrics(probabilities, targets, model.classes, [0.5] * len(model.classes))
+    return {"val_loss": scores["loss"], "val_mAP": scores["mAP"] if scores["mAP"] is not None else math.nan}
 
 
 def _probabilities(model, splits: DatasetSplits, split: str, config: FitConfig, runtime: Runtime):
