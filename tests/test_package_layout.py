@@ -185,3 +185,13 @@ def test_no_module_imports_another_modules_private_name():
     assert sites == []
     probe = "from __future__ import annotations\nfrom graft.config import flatten\n\ndef f():\n    from .x import _y\n"
     assert _private_imports(probe, "probe.py") == ["probe.py:5: from .x import _y"]  # function-level ones count
+
+
+MAX_MODULE_LINES = 350  # issue 27: a module reads in one sitting; split a longer one by responsibility
+
+
+def test_no_module_is_longer_than_one_sitting():
+    """Every module in graft/ stays within ``MAX_MODULE_LINES`` lines (counted as ``wc -l`` does)."""
+    long = {str(path.relative_to(ROOT)): lines for path in MODULES
+            if (lines := path.read_bytes().count(b"\n")) > MAX_MODULE_LINES}
+    assert long == {}
