@@ -78,9 +78,15 @@ def test_the_nearest_index_matches_brute_force():
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
     expected = np.argsort(-similarity, 1, kind="stable")[:, :3]
-    for found in (neighbours(unit, 0.99, k=3, block=17), neighbours(unit, 0.99, k=3, exact_limit=10)):
-        assert np.array_equal(found.nearest_index[:, 0], expected[:, 0]), found.method
-        assert np.allclose(np.take_along_axis(similarity, found.nearest_index, 1), found.nearest, atol=1e-5)
+    exact = neighbours(unit, 0.99, k=3, block=17)
+    assert np.array_equal(exact.nearest_index[:, 0], expected[:, 0])
+    assert np.allclose(np.take_along_axis(similarity, exact.nearest_index, 1), exact.nearest, atol=1e-5)
+    # the approximate index (its graph is built by several threads, so it differs from run to run) may miss a near
+    # tie: its nearest image is the true one for nearly every row, and the similarity it reports is that pair's
+    approximate = neighbours(unit, 0.99, k=3, exact_limit=10)
+    assert approximate.method == "usearch"
+    assert np.mean(approximate.nearest_index[:, 0] == expected[:, 0]) >= 0.95
+    assert np.allclose(np.take_along_axis(similarity, approximate.nearest_index, 1), approximate.nearest, atol=1e-5)
 
 
 def _cached(cache, paths: list[str], features: np.ndarray) -> None:

@@ -4,6 +4,7 @@ and the GPU benchmark's smoke mode. Nothing here needs CUDA; the CUDA-only behav
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
