@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("GRAFT_OFFLINE", "1")  # tests never touch the network; the offline path is what they check
 os.environ["GRAFT_CACHE"] = tempfile.mkdtemp(prefix="graft-test-cache-")  # never the user's feature cache
+atexit.register(shutil.rmtree, os.environ["GRAFT_CACHE"], ignore_errors=True)  # the suite's cache, not a leak per run
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from synthetic import make_shapes  # noqa: E402
