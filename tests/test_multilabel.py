@@ -266,15 +266,19 @@ def test_fit_finetunes_label_sets_with_asl_stops_early_and_refuses_resume(tmp_pa
     result = CliRunner().invoke(app, ["fit", str(manifest), *options])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs"] >= 1 and metrics["loss"] == "asl" and metrics["val"]["mAP"] is not None
+    assert metrics["epochs"] >= 1 and metrics["val"]["mAP"] is not None
+    assert metrics["loss"] == {"finetune": "asl", "probe": "bce (the probe)"}[metrics["kept"]]  # the saved model's
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert len(rows) == metrics["epochs"]
     for _, stage in itertools.groupby(rows, key=lambda row: row["stage"]):  # each stage stops after one worse epoch
         losses = [float(row["val_loss"]) for row in stage]
         worse = [loss >= min(losses[:index]) for index, loss in enumerate(losses) if index]
         assert worse.count(True) <= 1 and (not any(worse) or worse[-1])
-    # the saved model is the last stage's best epoch: its val BCE, recomputed by evaluate's metrics, is that minimum
-    assert metrics["val"]["loss"] == pytest.approx(min(float(row["val_loss"]) for row in stage_rows(rows)), rel=1e-4)
+    # the fine-tuned model is the last stage's best epoch: its val BCE, recomputed after training, is that minimum
+    best = min(float(row["val_loss"]) for row in stage_rows(rows))
+    assert metrics["selection"]["finetune_val_loss"] == pytest.approx(best, rel=1e-4)
+    if metrics["kept"] == "finetune":  # else the probe came back (the next test)
+        assert metrics["val"]["loss"] == pytest.approx(best, rel=1e-4)
     card = json.loads((run / "graft.json").read_text())
     assert card["multi_label"] and card["thresholds"] == [round(row["threshold"], 6)
                                                           for row in metrics["val"]["per_class"]]
@@ -283,6 +287,33 @@ def test_fit_finetunes_label_sets_with_asl_stops_early_and_refuses_resume(tmp_pa
     result = CliRunner().invoke(app, ["fit", str(manifest), "--resume", *options])
     assert result.exit_code == 2 and "start the run again with --overwrite" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_fine_tune_that_loses_to_the_probe_on_val_gives_the_probe_back(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+
+    manifest = _red_blue(tmp_path, count=24)
+    common = ["--multi-label", "--backbone", "test_resnet", "--no-pretrained", "--image-size", "32", "--workers", "0",
+              "--extract-engine", "eager", "--batch-size", "8"]
+    for name, options in (("probe", ["--strategy", "probe"]),
+                          ("tuned", ["--strategy", "finetune", "--epochs", "2", "--lr", "5"])):  # a rate that wrecks it
+        result = CliRunner().invoke(app, ["fit", str(manifest), *common, *options, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    assert "kept the probe" in result.output
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    probe_metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["kept"] == "probe" and json.loads((tmp_path / "tuned" / "graft.json").read_text())["kept"] == "probe"
+    assert metrics["selection"]["finetune_val_mAP"] < metrics["selection"]["probe_val_mAP"]
+    assert metrics["val"]["mAP"] == pytest.approx(probe_metrics["val"]["mAP"])
+    saved = {name: load_file(tmp_path / name / "model.safetensors") for name in ("probe", "tuned")}
+    assert saved["probe"].keys() == saved["tuned"].keys()
+    for key, value in saved["probe"].items():  # the probe run's weights, trunk and head, exactly
+        np.testing.assert_array_equal(saved["tuned"][key], value, err_msg=key)
 
 
 def stage_rows(rows: list[dict]) -> list[dict]:

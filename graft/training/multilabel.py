@@ -85,16 +85,23 @@ def fit_label_sets(config: FitConfig, splits: DatasetSplits, runtime: Runtime, r
     result = _solve(features, splits, config, runtime)
     model.head[-1].load_state_dict(result.linear.state_dict())
     model.thresholds = result.thresholds
-    history = []
-    if recipes.plan(config):  # finetune: from the solved probe (LP-FT)
+    history, chosen = [], None
+    if recipes.plan(config):  # finetune: from the solved probe (LP-FT), kept only when it beats the probe on val
+        probe = _Snapshot(model, _split_probabilities(model, features, splits, "val") if len(splits.val) else None)
         history = _train_stages(model, splits, config, runtime, run_dir)
+        chosen = probe.keep_better(model, splits, config, runtime)
         runtime.timings.lap("training")
+    finetuned = bool(history) and (chosen is None or chosen["kept"] == "finetune")
     metrics = {"strategy": config.train.strategy, "multi_label": True, "epochs": len(history),
-               "loss": config.train.loss if history else "bce (the probe)", "features": features.stats,
+               "loss": config.train.loss if finetuned else "bce (the probe)", "features": features.stats,
                "probe_l2": result.l2, "probe_l2_selection": result.selection,
                "probe_grid": result.grid,
                "selected_on_validation": ["per-class thresholds (maximising each class's F1)"]}
-    outputs = {split: _split_probabilities(model, features, splits, split) if not history else
+    if chosen:
+        metrics["selection"] = chosen
+        metrics["selected_on_validation"].append("probe or fine-tuned model (higher val mAP, then lower val loss)")
+        card["kept"] = metrics["kept"] = chosen["kept"]  # the card says what was saved, not what was asked
+    outputs = {split: _split_probabilities(model, features, splits, split) if not finetuned else
                _probabilities(model, splits, split, config, runtime)
                for split in ("val", "test") if len(features.paths[split])}
     for split, (probabilities, targets) in outputs.items():
@@ -190,6 +197,34 @@ def _train_stages(model, splits: DatasetSplits, config: FitConfig, runtime: Runt
     if len(targets):
         model.thresholds = choose_thresholds(probabilities, targets)
     return history
+
+
+class _Snapshot:
+    """The solved probe's weights (a CPU copy), thresholds and val scores, to come back to when fine-tuning loses."""
+
+    def __init__(self, model, val_outputs):
+        self.state = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+        self.thresholds = list(model.thresholds)
+        self.val = None if val_outputs is None else multilabel_metrics(*val_outputs, model.classes, self.thresholds)
+
+    def keep_better(self, model, splits: DatasetSplits, config: FitConfig, runtime: Runtime) -> dict | None:
+        """``{"kept": "finetune"|"probe", ...}``: the fine-tuned model stays when its val mAP is higher (equal: lower
+        val loss), else the probe comes back — the rule a single-label fine-tune is kept by. None without val."""
+        if self.val is None:
+            return None
+        tuned = multilabel_metrics(*_probabilities(model, splits, "val", config, runtime), model.classes,
+                                   model.thresholds)
+        score = {name: (round(scores["mAP"] or 0.0, 6), -round(scores["loss"], 6))
+                 for name, scores in (("probe", self.val), ("finetune", tuned))}
+        kept = "finetune" if score["finetune"] > score["probe"] else "probe"
+        if kept == "probe":
+            model.load_state_dict(self.state)
+            model.thresholds = self.thresholds
+            model.eval()
+        runtime.log(f"kept the {'fine-tuned model' if kept == 'finetune' else 'probe'}: val mAP fine-tuned "
+                    f"{tuned['mAP'] or 0.0:.4f} vs probe {self.val['mAP'] or 0.0:.4f}")
+        return {"kept": kept, "probe_val_mAP": self.val["mAP"], "probe_val_loss": self.val["loss"],
+                "finetune_val_mAP": tuned["mAP"], "finetune_val_loss": tuned["loss"]}
 
 
 class _Best:
