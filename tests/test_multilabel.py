@@ -192,7 +192,7 @@ def torch_no_grad():
 
 
 @pytest.mark.parametrize("command", [
-    ["export", "{run}", "--format", "hf", "-o", "{tmp}/export"], ["serve", "{run}"],
+    ["export", "{run}", "--format", "hf", "-o", "{tmp}/export"],
     ["explain", "{run}", "{data}/000.png", "-o", "{tmp}/explained"], ["precise-bn", "{run}"],
     ["diagnose", "{run}", "{data}/labels.csv"], ["push", "{run}", "user/model"],
 ])
@@ -408,3 +408,132 @@ def test_export_writes_sigmoid_logits_and_thresholds_and_the_example_prints_sets
     assert sets == [{c for c, p, t in zip(model.classes, row, card["thresholds"]) if p >= t} for row in expected]
     result = CliRunner().invoke(app, ["export", str(run), "--quantize", "int8", "-o", str(tmp_path / "int8")])
     assert result.exit_code == 2 and "export without --quantize" in result.output
+
+
+def _sets_by_hand(run, paths) -> tuple[list[list[float]], list[float]]:
+    """Each image's sigmoid probabilities from the model's raw logits, and the thresholds read from graft.json."""
+    import json
+
+    import torch
+    from PIL import Image
+
+    from graft.models.run_folder import load
+
+    model = load(run)
+    with torch.no_grad():
+        logits = model(torch.stack([model.transform(Image.open(path).convert("RGB")) for path in paths]))
+    return torch.sigmoid(logits).tolist(), json.loads((run / "graft.json").read_text())["thresholds"]
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_serve_answers_label_sets_at_the_runs_thresholds(multilabel_run, tmp_path, runtime):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from graft.deploy.serve import ServeConfig, create_app
+    from graft.evaluation.inference import predict
+
+    run, data, _ = multilabel_run
+    run = shutil.copytree(run, tmp_path / "run")  # the ONNX runtime writes its export into the run folder
+    app = create_app(run, "cpu", ServeConfig(runtime=runtime, top_k=1))
+    if runtime == "onnx":
+        assert app.state.predictor.per_view[0].model is not app.state.predictor.models[0], "ONNX Runtime, not eager"
+    paths = [data / name for name in ("000.png", "001.png", "002.png", "005.png")]
+    probabilities, thresholds = _sets_by_hand(run, paths)
+    with TestClient(app) as client:
+        metadata = client.get("/metadata").json()
+        response = client.post("/predict", files=[("file", (p.name, p.read_bytes(), "image/png")) for p in paths])
+        refused = client.post("/explain", files={"file": ("000.png", paths[0].read_bytes(), "image/png")})
+    assert metadata["multi_label"] is True and metadata["thresholds"] == thresholds
+    assert metadata["classes"] == ["blue", "red"] and "/explain" not in metadata["endpoints"]
+    assert refused.status_code == 422 and "multi-label" in refused.json()["error"]
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    for row, probability, reference in zip(rows, probabilities, predict(run, [str(p) for p in paths], device="cpu")):
+        expected = [c for c, p, t in sorted(zip(["blue", "red"], probability, thresholds), key=lambda r: -r[1])
+                    if p >= t]
+        assert row["labels"] == expected == reference.labels  # the whole set, whatever top_k says
+        assert row["probabilities"] == pytest.approx(sorted([p for p, t in zip(probability, thresholds) if p >= t],
+                                                            reverse=True), abs=1e-4)
+        shown = [c["probability"] for c in row["classes"]]
+        assert sorted(c["label"] for c in row["classes"]) == ["blue", "red"] and shown == sorted(shown, reverse=True)
+        for entry in row["classes"]:
+            index = ["blue", "red"].index(entry["label"])
+            assert entry["probability"] == pytest.approx(probability[index], abs=1e-4)
+            assert entry["threshold"] == thresholds[index]
+            assert entry["passed"] == (probability[index] >= thresholds[index])
+    assert set(rows[0]["labels"]) == {"red"} and set(rows[2]["labels"]) == {"red", "blue"}  # as predict's test says
+
+
+def test_serve_refuses_ensembles_and_review_pages_with_a_multi_label_run_in_one_line(multilabel_run, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from graft.cli import app
+    from graft.deploy.serve import create_app
+
+    run, data, _ = multilabel_run
+    single = shutil.copytree(run, tmp_path / "single")  # the same weights read as one softmax: a single-label run
+    card = json.loads((single / "graft.json").read_text())
+    (single / "graft.json").write_text(json.dumps({k: v for k, v in card.items() if k not in ("multi_label",
+                                                                                               "thresholds")}))
+    for runs in ([single, run], [run, single], [run, run]):
+        with pytest.raises(GraftError, match="a multi-label model cannot join an ensemble"):
+            create_app(runs, "cpu")
+    assert create_app(single, "cpu").state.predictor.metadata()["multi_label"] is False
+    for extra in (["--label", str(data)], ["--audit", str(tmp_path)]):
+        result = CliRunner().invoke(app, ["serve", str(run), *extra])
+        assert result.exit_code == 2, result.output
+        assert f"graft serve {extra[0]} (one label per image)" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_page_shows_each_images_set_and_marks_the_classes_that_passed(multilabel_run, tmp_path):
+    """In headless Chromium (skipped without it, as tests/test_browser.py is): the set, then each class's bar."""
+    import os
+
+    from browser_support import find_chromium, live_server
+
+    from graft.deploy.serve import ServeConfig, create_app
+
+    chromium, found = find_chromium()
+    if chromium is None:
+        pytest.skip(found)
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    from test_browser import Watched
+
+    run, data, _ = multilabel_run
+    paths = [data / "000.png", data / "002.png"]
+    probabilities, thresholds = _sets_by_hand(run, paths)
+    args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # root: no user namespace
+    with live_server(create_app(run, "cpu", ServeConfig(runtime="torch"))) as base, \
+            playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=args)
+        try:
+            watched = Watched(browser)
+            page = watched.page
+            page.goto(f"{base}/")
+            page.wait_for_selector("#facts dl")
+            assert "2 classes, label sets" in page.inner_text("#facts") and "val mAP" in page.inner_text("#facts")
+            page.set_input_files("#picker", [str(path) for path in paths])
+            page.locator(".card.done").nth(1).wait_for(timeout=15_000)  # a locator: the CSP forbids eval
+            cards = {card.query_selector(".name").inner_text(): card for card in page.query_selector_all(".card")}
+            for path, probability in zip(paths, probabilities):
+                ranked = sorted(zip(["blue", "red"], probability, thresholds), key=lambda row: -row[1])
+                expected = [name for name, p, t in ranked if p >= t]
+                card = cards[path.name]
+                assert card.query_selector(".top1") is None, "no top-1 wording for a set"
+                assert card.query_selector(".set").inner_text() == ", ".join(expected)
+                lines = card.query_selector_all(".label")
+                assert [line.query_selector("span").inner_text().lstrip("\u2713 ") for line in lines] == \
+                       [name for name, _, _ in ranked]
+                assert [line.query_selector("span").inner_text() for line in card.query_selector_all(".label.passed")
+                        ] == ["\u2713 " + name for name in expected]
+            assert not page.is_visible("#explain-switch")
+            page.screenshot(path=str(tmp_path / "serve-page-label-sets.png"), full_page=True)
+            watched.check()
+        finally:
+            browser.close()

@@ -144,6 +144,7 @@ def serve(
             raise GraftError("--label serves a labelling page and --audit a review page: run one at a time")
         _serve_labelling(runs, label, labels_out, suggestions, host, port)
         return
+    from graft.deploy.labelsets import refuse_one_label_mode
     from graft.deploy.serve import ServeConfig
     from graft.deploy.serve import serve as serve_runs
 
@@ -156,6 +157,7 @@ def serve(
     if data is not None and audit is None:
         raise GraftError("--data goes with --audit (the dataset the audit read)")
     if audit is not None:
+        refuse_one_label_mode(runs, "--audit")  # before the line saying where the review page is
         err.print(f"review page: http://{host}:{port}/review (decisions go to {audit / 'decisions.csv'})")
     serve_runs(runs, host, port, device, config, audit, data)
 

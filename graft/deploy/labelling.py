@@ -22,6 +22,7 @@ from pathlib import Path
 from graft.data.images import load_image
 from graft.data.pool import Pool, inside, read_pool
 from graft.deploy.label_page import LABEL_PAGE, LABEL_PAGE_HEADERS
+from graft.deploy.labelsets import refuse_one_label_mode
 from graft.deploy.page import SECURITY_HEADERS
 from graft.errors import GraftError
 from graft.evaluation.report import shown_path
@@ -118,6 +119,7 @@ def create_label_app(run: str | os.PathLike, pool: str | os.PathLike, labels_out
         from fastapi import FastAPI
     except ImportError:
         raise GraftError("graft serve needs FastAPI and uvicorn: pip install 'graft[serve]'") from None
+    refuse_one_label_mode(run, "--label")
     classes = list(read_card(run)["classes"])
     images = read_pool(pool)
     order, predicted = read_suggested(suggestions, images) if suggestions else (images.paths, {})

@@ -9,6 +9,9 @@ no per-response nonce (nothing is templated, so a nonce would buy nothing a hash
 Optional explanations: when ``/metadata`` lists an ``/explain`` endpoint, the page offers a "where it looked" switch
 and POSTs each file there as it does to ``/predict``; an ``overlay`` (a ``data:image/png;base64,...`` URI or a
 same-origin path) in that answer, or in a ``/predict`` row, is shown beside the thumbnail.
+
+A multi-label run's row (``classes`` in it: graft.deploy.labelsets) is drawn as its label set, then every class's
+probability bar with its threshold marked and the classes that reached theirs ticked; never a "top-1".
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ main{display:grid;grid-template-columns:minmax(0,1fr) 300px;gap:20px;padding:20p
 .card .images{display:flex;gap:8px}
 .card img{width:112px;height:112px;object-fit:contain;background:#eef0f3;border-radius:6px}
 .card .name{font-size:13px;color:var(--muted);overflow-wrap:anywhere;margin:6px 0}
-.top1{font-weight:600;font-size:16px;overflow-wrap:anywhere}
+.top1,.set{font-weight:600;font-size:16px;overflow-wrap:anywhere}
 .label{display:grid;grid-template-columns:minmax(0,1fr) 52px;gap:2px 8px;font-size:13px;margin-top:4px}
 .label span{overflow-wrap:anywhere}
 .label .pct{text-align:right;font-variant-numeric:tabular-nums}
-.bar{grid-column:1/3;height:6px;background:#e7eaee;border-radius:3px;overflow:hidden}
+.bar{grid-column:1/3;height:6px;background:#e7eaee;border-radius:3px;overflow:hidden;position:relative}
 .fill{height:100%;background:var(--accent)}
+.mark{position:absolute;top:0;width:2px;height:100%;background:var(--ink)}
+.label.passed span:first-child{font-weight:600}
 .error{color:var(--bad);font-weight:600;overflow-wrap:anywhere}
 aside{background:#fff;border:1px solid var(--line);border-radius:10px;padding:14px;align-self:start}
 aside h2{font-size:15px;margin:0 0 8px}
@@ -88,15 +93,19 @@ function renderFacts(m) {
     for (const [key, value] of Object.entries(val)) {
       if (/^top\\d+_accuracy$/.test(key) && typeof value === "number") fact(list, key.replace("_", " "), pct(value));
     }
+    fact(list, "val mAP", typeof val.mAP === "number" ? val.mAP.toFixed(3) : null);
+    fact(list, "val micro F1", typeof val.micro_f1 === "number" ? val.micro_f1.toFixed(3) : null);
     fact(list, "val macro F1", typeof val.macro_f1 === "number" ? val.macro_f1.toFixed(3) : null);
+    fact(list, "val exact match", typeof val.exact_match === "number" ? pct(val.exact_match) : null);
     fact(list, "val images", val.images);
     fact(list, "calibration", run.calibration);
     box.append(list);
   }
   const classes = m.classes || [];
-  box.append(el("h2", "", classes.length + " classes"));
-  const names = el("p", "muted");
-  names.textContent = classes.join(", ");
+  box.append(el("h2", "", classes.length + " classes" + (m.multi_label ? ", label sets" : "")));
+  const names = el("p", "muted");  // a set's classes with the threshold each must reach
+  names.textContent = m.multi_label ? classes.map((c, i) => c + " \u2265 " + pct(m.thresholds[i])).join(", ")
+    : classes.join(", ");
   box.append(names);
   if (m.limits) {
     box.append(el("p", "muted", "Limits: " + (m.limits.max_upload_bytes / 1048576).toFixed(1) + " MB, " +
@@ -129,7 +138,25 @@ function showError(card, message) {
   card.querySelector(".out").classList.remove("muted");
   card.querySelector(".out").replaceChildren(el("div", "error", String(message).split("\\n")[0]));
 }
+function showSet(card, row) {  // a multi-label run: the set, then every class against its threshold
+  const out = card.querySelector(".out");
+  out.classList.remove("muted");
+  out.replaceChildren(el("div", "set", row.labels.length ? row.labels.join(", ") : "no class reaches its threshold"));
+  for (const c of row.classes) {
+    const line = el("div", c.passed ? "label passed" : "label");
+    const fill = el("div", "fill");
+    fill.style.width = pct(c.probability);
+    const mark = el("div", "mark");
+    mark.style.left = pct(c.threshold);
+    mark.title = "threshold " + pct(c.threshold);
+    const bar = el("div", "bar");
+    bar.append(fill, mark);
+    line.append(el("span", "", (c.passed ? "\u2713 " : "") + c.label), el("span", "pct", pct(c.probability)), bar);
+    out.append(line);
+  }
+}
 function showLabels(card, row) {
+  if (Array.isArray(row.classes)) return showSet(card, row);
   const out = card.querySelector(".out");
   out.classList.remove("muted");
   out.replaceChildren(el("div", "top1", row.labels[0]));
@@ -259,13 +286,16 @@ REPORT_HEADERS = {
 }
 
 
+# the validation numbers the page shows (mAP, micro F1 and exact match: a multi-label run's)
+_SHOWN = ("images", "macro_f1", "ece", "mean_confidence", "mAP", "micro_f1", "exact_match")
+
+
 def run_facts(run_dir: str | os.PathLike) -> dict:
     """What the page shows about one run: backbone, strategy, when trained and the validation numbers."""
     run = Path(run_dir)
     card, metrics = read_json_object(run / "graft.json"), read_json_object(run / "metrics.json")
     val = metrics.get("val") if isinstance(metrics.get("val"), dict) else {}
-    numbers = {key: value for key, value in val.items() if key in ("images", "macro_f1", "ece", "mean_confidence")
-               or key.endswith("accuracy")}
+    numbers = {key: value for key, value in val.items() if key in _SHOWN or key.endswith("accuracy")}
     try:
         trained = datetime.fromtimestamp((run / "model.safetensors").stat().st_mtime, timezone.utc)
         when = trained.strftime("%Y-%m-%d %H:%M UTC")

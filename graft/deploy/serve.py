@@ -1,7 +1,8 @@
 """A small prediction server: FastAPI + uvicorn over a run folder (or an ensemble of them).
 
 - ``POST /predict``: multipart upload of one or more images (any field name), or one image as the raw body with an
-  ``image/*`` content type. Returns top-k labels and probabilities per image.
+  ``image/*`` content type. Returns top-k labels and probabilities per image (a multi-label run: each image's label
+  set and every class's sigmoid probability against its threshold, graft.deploy.labelsets).
 - ``GET /health``: liveness and counters (requests, batches, the largest batch run).
 - ``GET /metadata``: classes, preprocessing, limits, each run's facts (backbone, validation numbers, when trained),
   the endpoints served and whether there is a report.
@@ -32,6 +33,7 @@ from graft.data.images import ImageError, PixelLimitError, decode_image
 from graft.data.prefetch import usable_cores
 from graft.data.transforms import TTAViews
 from graft.deploy.explaining import RETRY_AFTER_S, Gate, explanations
+from graft.deploy.labelsets import add_explain_refusal, label_set_metadata, label_set_row, refuse_one_label_mode
 from graft.deploy.page import PAGE, PAGE_HEADERS, REPORT_HEADERS, latest_report, run_facts
 from graft.deploy.review import add_review_routes, load_review
 from graft.deploy.uploads import ApiError, read_uploads
@@ -106,7 +108,8 @@ class Predictor:
     """Models, their preprocessing and the batching queue."""
 
     def __init__(self, run_dirs, device: str, config: ServeConfig):
-        self.runs, self.device, self.models = load_ensemble(run_dirs, device, command="graft serve")
+        self.runs, self.device, self.models = load_ensemble(run_dirs, device, label_sets=True, command="graft serve")
+        self.thresholds = self.models[0].thresholds  # a multi-label run's (one run, never an ensemble); else None
         self.config = config
         self.views = TTAViews(self.models[0].preprocessing, config.tta)
         self.per_view = runtime_members(self.runs, self.models, self.device, config.runtime, log.warning,
@@ -173,7 +176,8 @@ class Predictor:
 
     def metadata(self) -> dict:
         model = self.models[0]
-        return {"classes": self.labels, "runs": [display_name(str(r)) for r in self.runs],
+        return {"classes": self.labels, **label_set_metadata(self.thresholds),
+                "runs": [display_name(str(r)) for r in self.runs],
                 "facts": self.facts, "preprocessing": model.preprocessing.to_dict(), "tta_views": len(self.views),
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                            "max_files": self.config.max_files, "explain_max_files": self.config.explain_max_files,
@@ -227,6 +231,7 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
 
     _add_page_routes(app, predictor)
     if audit is not None:
+        refuse_one_label_mode(predictor.runs, "--audit")
         add_review_routes(app, load_review(audit, predictor.classes, data))
 
     @app.post("/predict")
@@ -235,7 +240,9 @@ def create_app(run_dirs, device: str = "auto", config: ServeConfig | None = None
         uploads = await read_uploads(request, config.max_upload_bytes, config.max_files)
         return await _predictions(predictor, config, uploads)
 
-    if explain_available():  # the page offers its "where the model looked" switch only when this route exists
+    if predictor.thresholds is not None:  # Grad-CAM of a label set: refused in one line (docs/decisions.md)
+        add_explain_refusal(app)
+    elif explain_available():  # the page offers its "where the model looked" switch only when this route exists
         @app.post("/explain")
         async def explain(request: Request):
             predictor.counters.requests += 1
@@ -315,6 +322,9 @@ async def _predictions(predictor: Predictor, config: ServeConfig, uploads: list[
         raise ApiError(415, str(exc)) from None
     probabilities = await predictor.predict(torch.stack(tensors))
     predictor.counters.images += len(uploads)
+    if predictor.thresholds is not None:  # a label set per image (graft.deploy.labelsets), sigmoid probabilities
+        return {"predictions": [label_set_row(name, row, predictor.labels, predictor.thresholds)
+                                for (name, _), row in zip(uploads, probabilities)]}
     k = min(config.top_k, len(predictor.classes))
     rows = []
     for (name, _), row in zip(uploads, probabilities):

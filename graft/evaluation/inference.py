@@ -139,7 +139,7 @@ def load_ensemble(run_dirs, device: str, label_sets: bool = False, command: str 
                              "graft predict gives its label sets with probabilities")
         if model.multi_label and len(runs) > 1:
             raise GraftError(f"{run}: a multi-label model cannot join an ensemble (each keeps its own thresholds); "
-                             "predict with one run at a time")
+                             "pass it alone (one run at a time)")
     for model, run in zip(models[1:], runs[1:]):
         if model.classes != models[0].classes:
             raise GraftError(f"{run}: its classes differ from {runs[0]}'s; an ensemble needs the same classes")
