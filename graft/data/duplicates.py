@@ -33,8 +33,8 @@ SIGNATURE_FLOOR = 0.9  # correlation of two thumbnails from which mutual nearest
 COMPARE_SIDE = 64  # at most this many pixels a side when two images are compared
 SAME_PICTURE = 0.99  # correlation of two images in grey, at the smaller's size, from which they are one picture
 CELLS_PER_ROOT = 4  # approximate index: k-means cells = this x sqrt(N) (faiss's guidance: 4 to 16 x sqrt(N))
-TRAINED_PER_CELL = 39  # vectors a cell that k-means trains on (faiss's minimum; more costs time, not recall here)
-PROBED = 8  # cells searched for each row: the planted copies at 100k and 1M are all found from 4 on
+TRAINED_PER_CELL = 39  # vectors a cell that k-means trains on (faiss's minimum: a sample, so training stays cheap)
+PROBED = 8  # cells searched for each row: every planted copy found at 100k and 1M (bench_audit.py --scaling)
 SEARCHED = 16  # neighbours searched for each row (at least k): a row reports at most this many near copies
 
 
