@@ -78,6 +78,26 @@ def test_blocked_search_equals_brute_force_all_pairs():
     assert np.allclose(found.similarity, np.sum(unit[found.pairs[:, 0]] * unit[found.pairs[:, 1]], 1), atol=1e-5)
 
 
+def test_blocked_nearest_over_many_blocks_equals_brute_force():
+    # 30 column blocks a row: after the first ones only the entries beating a row's k-th best are merged
+    unit = centred_unit(np.random.default_rng(4).normal(size=(480, 10)))
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = np.argsort(-similarity, 1, kind="stable")[:, :6]
+    found = neighbours(unit, 0.99, k=6, block=16)
+    assert np.array_equal(found.nearest_index, expected)
+    assert np.allclose(found.nearest, np.take_along_axis(similarity, expected, 1), atol=1e-6)
+
+
+def test_csv_files_keep_a_name_that_is_not_utf8_and_quote_formulas(tmp_path):
+    from graft.utils.files import write_csv
+    from graft.utils.text import safe_record
+
+    name = os.fsdecode(b"=cmd|caf\xe9.png")  # Latin-1 bytes: not UTF-8, kept as surrogates
+    write_csv(tmp_path / "rows.csv", ["path", "score"], [safe_record({"path": name, "score": 0.5})])
+    assert (tmp_path / "rows.csv").read_bytes() == b"path,score\r\n'=cmd|caf\xe9.png,0.5\r\n"
+
+
 def test_the_approximate_index_finds_the_planted_pairs():
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(400, 32)).astype(np.float32)
@@ -85,9 +105,19 @@ def test_the_approximate_index_finds_the_planted_pairs():
     for a, b in planted:
         vectors[b] = vectors[a] + rng.normal(scale=0.02, size=32)
     found = neighbours(centred_unit(vectors), threshold=0.95, k=5, exact_limit=50)  # forced onto the index
-    assert found.method == "usearch"
+    assert found.method == "faiss-ivf"
     assert {tuple(p) for p in found.pairs.tolist()} == set(planted)  # random 32-d vectors are far from each other
     assert found.nearest.shape == (400, 5)
+
+
+def test_missing_faiss_is_one_line_naming_the_extra():
+    code = ("import sys\nsys.modules['faiss'] = None\nimport numpy as np\n"
+            "from graft.data.duplicates import neighbours\nfrom graft.errors import GraftError\n"
+            "try:\n    neighbours(np.eye(6, dtype=np.float32), exact_limit=3)\n"
+            "except GraftError as error:\n    print(error)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "6 images need an approximate neighbour index: pip install 'graft[audit]' (faiss-cpu)"
 
 
 def test_exact_duplicates_by_content_and_copies_between_splits(tmp_path):

@@ -21,9 +21,7 @@ Nothing in the data folder is moved or edited: the audit only writes into its ou
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,9 +38,9 @@ from graft.errors import GraftError
 from graft.evaluation.report import CSS, jpeg_uri, shown_path, thumbnail
 from graft.models.surgery import DEFAULT_NODE
 from graft.probing.linear import CV_FOLDS, fit_linear_probe
-from graft.utils.files import atomic_write, write_json
+from graft.utils.files import atomic_write, write_csv, write_json
 from graft.utils.progress import Progress
-from graft.utils.text import display_name, safe_row
+from graft.utils.text import display_name, safe_record
 
 __all__ = ["DUPLICATE_COLUMNS", "ISSUE_COLUMNS", "NEIGHBOURS", "OUTLIER_COLUMNS", "RANKINGS", "AuditResult", "audit",
            "duplicate_rows", "find_label_issues", "outlier_scores", "require_cleanlab", "write_audit_page"]
@@ -203,7 +201,7 @@ def _neighbours(x: np.ndarray, paths: list[str], similarity: float, log) -> Neig
     """Each image's nearest neighbours (outliers) and the near copies: candidates from the features, confirmed at
     the pixels (``near_copies``)."""
     if log:
-        search = "blocked exact products" if len(x) <= EXACT_LIMIT else "an approximate usearch index"
+        search = "blocked exact products" if len(x) <= EXACT_LIMIT else "faiss inverted lists (approximate)"
         log(f"audit: neighbour search over {len(x)} images ({search}): near duplicates and outliers")
     unit = centred_unit(x)
     with Progress("audit: neighbour search", len(x), "images", log, log is not None) as progress:
@@ -235,23 +233,12 @@ def _summary(result: AuditResult, data, backbone, node, pretrained, probe, found
     }
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    """A CSV of ``rows``: cells a spreadsheet would run are quoted (``safe_row``), names that are not UTF-8 kept as
-    their bytes (so a path can be found again)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(safe_row([row[column] for column in columns]))
-    atomic_write(path, lambda temp: Path(temp).write_text(buffer.getvalue(), encoding="utf-8",
-                                                          errors="surrogateescape"))
-
-
 def _write_files(result: AuditResult, data, classes: list[str], paths: list[str], y: np.ndarray) -> None:
     out_dir = result.output
-    _write_csv(out_dir / "label_issues.csv", ISSUE_COLUMNS, result.label_issues)
-    _write_csv(out_dir / "duplicates.csv", DUPLICATE_COLUMNS, result.duplicates)
-    _write_csv(out_dir / "outliers.csv", OUTLIER_COLUMNS, result.outliers)
+    for name, columns, rows in (("label_issues.csv", ISSUE_COLUMNS, result.label_issues),
+                                ("duplicates.csv", DUPLICATE_COLUMNS, result.duplicates),
+                                ("outliers.csv", OUTLIER_COLUMNS, result.outliers)):
+        write_csv(out_dir / name, list(columns), [safe_record(row) for row in rows])  # names are data: quoted
     class_of = {path: classes[label] for path, label in zip(paths, y.tolist())}
     write_audit_page(out_dir / "audit.html", result, data, class_of)
     write_json(out_dir / "audit.json", result.summary)

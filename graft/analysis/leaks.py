@@ -9,8 +9,6 @@ skipped (it never extracts: evaluate would then cost a whole embedding pass more
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
@@ -19,8 +17,8 @@ import numpy as np
 from graft.data.duplicates import NEAR_SIMILARITY, centred_unit, content_digests, near_copies, neighbours
 from graft.evaluation.scoring import evaluation_split
 from graft.probing.cache import INDEX, CacheSpace, cache_folder, file_key
-from graft.utils.files import atomic_write
-from graft.utils.text import safe_row
+from graft.utils.files import write_csv
+from graft.utils.text import safe_record
 
 __all__ = ["LEAKS_FILE", "cached_features", "training_near_copies", "warn_near_copies", "write_leaks"]
 
@@ -67,14 +65,10 @@ def training_near_copies(evaluated: list[str], training: list[str], cache: str |
 def write_leaks(folder: str | os.PathLike, pairs: list[tuple[str, str, float]]) -> Path:
     """``near_copies_of_training.csv`` in ``folder``: ``path_a,path_b,similarity,kind`` as ``graft audit``'s
     duplicates.csv (path_a evaluated, path_b training, kind ``near-leak``)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path_a", "path_b", "similarity", "kind"])
-    for a, b, similarity in pairs:
-        writer.writerow(safe_row([a, b, round(min(similarity, 1.0), 6), "near-leak"]))
     path = Path(folder) / LEAKS_FILE
-    atomic_write(path, lambda temp: Path(temp).write_text(buffer.getvalue(), encoding="utf-8",
-                                                          errors="surrogateescape"))
+    rows = [{"path_a": a, "path_b": b, "similarity": round(min(similarity, 1.0), 6), "kind": "near-leak"}
+            for a, b, similarity in pairs]
+    write_csv(path, ["path_a", "path_b", "similarity", "kind"], [safe_record(row) for row in rows])
     return path
 
 

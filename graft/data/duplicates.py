@@ -1,10 +1,10 @@
 """Duplicates and neighbours among images: exact copies by content hash, near copies and k-NN density by cosine
 similarity of feature vectors.
 
-Lives in the data layer (numpy only, usearch optional) so that both ``graft audit`` (analysis) and ``graft evaluate``
+Lives in the data layer (numpy only, faiss optional) so that both ``graft audit`` (analysis) and ``graft evaluate``
 (evaluation) can use it without importing upwards. Up to ``EXACT_LIMIT`` vectors the search is exact: blocked
-matrix products (``BLOCK`` x ``BLOCK`` similarities at a time, so memory stays bounded whatever N); above it an
-approximate HNSW index from usearch (docs/decisions.md "audit: usearch for the approximate neighbour search").
+matrix products (``BLOCK`` x ``BLOCK`` similarities at a time, so memory stays bounded whatever N); above it faiss's
+inverted lists (docs/decisions.md "audit: faiss inverted lists above 100k vectors").
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import numpy as np
 from graft.errors import GraftError
 from graft.utils.files import file_sha256
 
-__all__ = ["BLOCK", "CANDIDATE_SIMILARITY", "COMPARE_SIDE", "EXACT_LIMIT", "NEAR_SIMILARITY", "SAME_PICTURE",
-           "SIGNATURE_FLOOR", "SIGNATURE_SIDE", "Neighbours", "candidate_pairs", "centred_unit", "content_digests",
-           "copies_between", "exact_pairs", "image_signature", "near_copies", "neighbours", "picture_correlation"]
+__all__ = ["BLOCK", "CANDIDATE_SIMILARITY", "CELLS_PER_ROOT", "COMPARE_SIDE", "EXACT_LIMIT", "NEAR_SIMILARITY",
+           "PROBED", "SAME_PICTURE", "SEARCHED", "SIGNATURE_FLOOR", "SIGNATURE_SIDE", "TRAINED_PER_CELL", "Neighbours",
+           "candidate_pairs", "centred_unit", "content_digests", "copies_between", "exact_pairs", "image_signature",
+           "near_copies", "neighbours", "picture_correlation"]
 
 EXACT_LIMIT = 100_000  # vectors: above this, an approximate index instead of all pairs (N² products)
 BLOCK = 2048  # rows and columns per similarity block: 2048² float32 = 16 MiB at a time
@@ -31,6 +32,10 @@ SIGNATURE_SIDE = 16  # pixels a side of the grey thumbnails whose mutual nearest
 SIGNATURE_FLOOR = 0.9  # correlation of two thumbnails from which mutual nearest neighbours are compared
 COMPARE_SIDE = 64  # at most this many pixels a side when two images are compared
 SAME_PICTURE = 0.99  # correlation of two images in grey, at the smaller's size, from which they are one picture
+CELLS_PER_ROOT = 4  # approximate index: k-means cells = this x sqrt(N) (faiss's guidance: 4 to 16 x sqrt(N))
+TRAINED_PER_CELL = 39  # vectors a cell that k-means trains on (faiss's minimum: a sample, so training stays cheap)
+PROBED = 8  # cells searched for each row: every planted copy found at 100k and 1M (bench_audit.py --scaling)
+SEARCHED = 16  # neighbours searched for each row (at least k): a row reports at most this many near copies
 
 
 @dataclass
@@ -43,7 +48,7 @@ class Neighbours:
     pairs: np.ndarray
     similarity: np.ndarray
     nearest: np.ndarray
-    method: str  # "exact" (blocked products) or "usearch" (approximate index)
+    method: str  # "exact" (blocked products) or "faiss-ivf" (approximate index: faiss's inverted lists)
     nearest_index: np.ndarray | None = None  # (N, k) rows of those nearest vectors, in the same order
 
 
@@ -199,8 +204,8 @@ def neighbours(unit: np.ndarray, threshold: float = NEAR_SIMILARITY, k: int = 10
                exact_limit: int = EXACT_LIMIT, block: int = BLOCK) -> Neighbours:
     """Pairs of rows of ``unit`` (L2-normalised) with cosine ≥ ``threshold`` and each row's ``k`` nearest others.
 
-    Exact (blocked products) up to ``exact_limit`` rows, else an approximate usearch index searched for
-    ``max(k, 32)`` neighbours per row (a row then has at most that many near-duplicates reported)."""
+    Exact (blocked products) up to ``exact_limit`` rows, else faiss's inverted lists searched for ``max(k, SEARCHED)``
+    neighbours per row (a row then has at most that many near-duplicates reported)."""
     unit = np.ascontiguousarray(unit, dtype=np.float32)
     k = max(0, min(k, len(unit) - 1))
     if len(unit) <= exact_limit:
@@ -242,7 +247,26 @@ def _blocked(unit: np.ndarray, threshold: float, k: int, block: int) -> Neighbou
 
 
 def _top_k(best: np.ndarray, best_index: np.ndarray, sim: np.ndarray, column: int, k: int):
-    """The k largest of the running best and one block's similarities, largest first, with their column rows."""
+    """The k largest of the running best and one block's similarities, largest first, with their column rows.
+
+    Only the entries that beat a row's current k-th best can enter: after the first blocks they are a few per row,
+    so they are merged by one small sort instead of partitioning the whole block (which cost more than the product)."""
+    i, j = np.nonzero(sim > best[:, -1:])
+    if len(i) > 4 * best.size:  # the first blocks of a row: most entries are candidates
+        return _top_k_all(best, best_index, sim, column, k)
+    if not len(i):
+        return best, best_index
+    n = len(best)
+    rows = np.concatenate([np.repeat(np.arange(n), k), i])
+    values = np.concatenate([best.ravel(), sim[i, j]])
+    columns = np.concatenate([best_index.ravel(), j + column])
+    order = np.lexsort((-values, rows))  # by row, then largest first; every row has at least its k old entries
+    first = np.searchsorted(rows[order], np.arange(n))
+    take = order[first[:, None] + np.arange(k)]
+    return values[take], columns[take]
+
+
+def _top_k_all(best: np.ndarray, best_index: np.ndarray, sim: np.ndarray, column: int, k: int):
     both = np.concatenate([best, sim], 1)
     index = np.concatenate([best_index, np.broadcast_to(np.arange(column, column + sim.shape[1]), sim.shape)], 1)
     top = np.argpartition(both, both.shape[1] - k, 1)[:, -k:]
@@ -252,19 +276,31 @@ def _top_k(best: np.ndarray, best_index: np.ndarray, sim: np.ndarray, column: in
 
 
 def _approximate(unit: np.ndarray, threshold: float, k: int) -> Neighbours:
+    """faiss's inverted lists (IVF-Flat; inner product of unit vectors = cosine): the vectors in k-means cells, each
+    row compared exactly with the rows of its ``PROBED`` nearest cells (docs/decisions.md "audit: faiss inverted
+    lists above 100k vectors")."""
     try:
-        from usearch.index import Index
+        import faiss
     except ImportError:
         raise GraftError(f"{len(unit)} images need an approximate neighbour index: pip install 'graft[audit]' "
-                         "(usearch)") from None
-    count = min(max(k, 32) + 1, len(unit))  # + 1: the row itself comes back among its matches
-    index = Index(ndim=unit.shape[1], metric="cos", dtype="f32")
-    index.add(np.arange(len(unit), dtype=np.uint64), unit)
-    matches = index.search(unit, count)
-    keys = matches.keys.astype(np.int64)
-    sims = (1.0 - matches.distances).astype(np.float32)
-    rows = np.repeat(np.arange(len(unit))[:, None], keys.shape[1], 1)
-    other = (keys != rows) & (keys >= 0) & (keys < len(unit))  # not itself; unfilled slots are out of range
+                         "(faiss-cpu)") from None
+    n, dim = unit.shape
+    cells = max(1, min(int(CELLS_PER_ROOT * np.sqrt(n)), n // TRAINED_PER_CELL))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(n, min(n, TRAINED_PER_CELL * cells), replace=False)
+    index.train(unit[np.sort(sample)])  # k-means on a sample: enough points a cell at a fraction of the cost
+    index.add(unit)
+    index.nprobe = min(PROBED, cells)
+    sims, keys = index.search(unit, min(max(k, SEARCHED) + 1, n))  # + 1: the row itself comes back among its matches
+    return _from_matches(keys.astype(np.int64), sims.astype(np.float32), threshold, k, "faiss-ivf")
+
+
+def _from_matches(keys: np.ndarray, sims: np.ndarray, threshold: float, k: int, method: str) -> Neighbours:
+    """``Neighbours`` from an index's (N, count) matches of every row: the row itself and unfilled slots (keys out of
+    range) dropped, each pair above ``threshold`` once."""
+    n = len(keys)
+    rows = np.repeat(np.arange(n)[:, None], keys.shape[1], 1)
+    other = (keys != rows) & (keys >= 0) & (keys < n)  # not itself; unfilled slots are out of range
     masked = np.where(other, sims, -np.inf)
     order = np.argsort(-masked, 1, kind="stable")[:, :k]
     nearest = np.take_along_axis(masked, order, 1)
@@ -273,4 +309,4 @@ def _approximate(unit: np.ndarray, threshold: float, k: int) -> Neighbours:
     a, b = rows[chosen], keys[chosen]
     pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], 1)
     pairs, first = np.unique(pairs, axis=0, return_index=True)  # found from both ends: once
-    return Neighbours(pairs.reshape(-1, 2), sims[chosen][first], nearest, "usearch", nearest_index)
+    return Neighbours(pairs.reshape(-1, 2), sims[chosen][first], nearest, method, nearest_index)

@@ -86,9 +86,11 @@ def save_weights(path: str | os.PathLike, module: nn.Module, metadata: dict[str,
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Writes ``rows`` (only their ``columns``) as a CSV file, atomically."""
+    """Writes ``rows`` (only their ``columns``) as a UTF-8 CSV file, atomically; a file name that is not UTF-8 keeps
+    its bytes (``surrogateescape``), so the path can be found again. Rows with names in them: ``safe_record`` each
+    first (``graft.utils.text``), so a spreadsheet shows them as text."""
     def write(temp: str) -> None:
-        with open(temp, "w", newline="") as handle:
+        with open(temp, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
