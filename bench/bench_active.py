@@ -24,15 +24,17 @@ import numpy as np
 import torch
 
 from graft.data.discovery import discover
-from graft.probing.acquisition import select, uncertainty
+from graft.probing.acquisition import normalised, select, uncertainty
 from graft.probing.leaderboard import stage_features
 from graft.probing.linear import fit_linear_probe
+from graft.probing.typical import typical_picks
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 if not SHARED.is_dir():  # a worktree under /work/wt/NAME: the data lies beside the main checkout
     SHARED = Path(__file__).resolve().parents[3] / "shared/data"
 STRATEGIES = ("random", "margin only", "suggest (margin)", "suggest (entropy)", "suggest, labelled as centres",
-              "suggest, centres, x margin")  # the last: k-center among 20 x N maximising distance x margin
+              "suggest, centres, x margin",  # k-center among 20 x N maximising distance x margin
+              "typical", "typical x margin")  # TypiClust: the most typical image of each uncovered k-means cluster
 
 
 def initial(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> list[int]:
@@ -54,6 +56,10 @@ def choose(strategy: str, linear, train_x: np.ndarray, labelled: list[int], n: i
     if strategy == "random":
         return [int(i) for i in rng.choice(pool, n, replace=False)]
     p = probabilities(linear, train_x[pool])
+    if strategy.startswith("typical"):
+        weights = uncertainty(p, "margin") if "margin" in strategy else None
+        return [int(pool[i]) for i in typical_picks(normalised(train_x[pool]), n, normalised(train_x[labelled]),
+                                                    weights=weights)]
     if strategy == "margin only":
         return [int(pool[i]) for i in np.argsort(-uncertainty(p, "margin"), kind="stable")[:n]]
     by = "entropy" if "entropy" in strategy else "margin"
