@@ -213,7 +213,8 @@ def test_cold_start_picks_the_typical_image_of_each_uncovered_cluster():
     for p in picks:
         members = features[(p // 40) * 40:(p // 40 + 1) * 40]
         densest = np.argmin(((members[:, None] - members[None]) ** 2).sum(-1).mean(1))
-        assert np.linalg.norm(features[p] - members[densest]) <= np.linalg.norm(members - members.mean(0), axis=1).mean()
+        radius = np.linalg.norm(members - members.mean(0), axis=1).mean()
+        assert np.linalg.norm(features[p] - members[densest]) <= radius
     probabilities = np.tile([[0.9, 0.1]], (len(features), 1))
     probabilities[120:] = [0.5, 0.5]  # the outliers are the most uncertain
     cold = select(probabilities, features, 2, labelled=labelled)  # 2 labels, 2 classes: below COLD_START a class

@@ -20,8 +20,8 @@ import numpy as np
 
 from graft.probing.typical import typical_picks
 
-__all__ = ["CANDIDATES", "COLD_START", "MEASURES", "Selection", "entropy", "k_center_greedy", "margin", "normalised", "select",
-           "uncertainty"]
+__all__ = ["CANDIDATES", "COLD_START", "MEASURES", "Selection", "entropy", "k_center_greedy", "margin", "normalised",
+           "select", "uncertainty"]
 
 MEASURES = ("margin", "entropy")
 CANDIDATES = 5  # the candidate set is this many times N: wide enough for k-center to spread, still uncertain

@@ -152,7 +152,8 @@ def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_
 def summary_line(record: dict) -> str:
     """``1,240 of 3,000 unlabelled images pseudo-labelled (self-training, threshold 0.9), val 0.71 -> 0.75: kept``."""
     threshold = record.get("threshold")
-    threshold = "" if threshold is None else ", class-balanced top-k" if threshold == 0 else f", threshold {threshold:g}"
+    threshold = ("" if threshold is None else ", class-balanced top-k" if threshold == 0 else
+                 f", threshold {threshold:g}")
     verdict = ("kept" if record["kept"] != "labelled-only" else
                "not kept (no better on val): the labelled-only probe is returned")
     return (f"{record['used']:,} of {record['pool']:,} unlabelled images pseudo-labelled ({record['method']}"
