@@ -24,15 +24,18 @@ import numpy as np
 import torch
 
 from graft.data.discovery import discover
-from graft.probing.acquisition import select, uncertainty
+from graft.probing.acquisition import COLD_START, normalised, select, uncertainty
 from graft.probing.leaderboard import stage_features
 from graft.probing.linear import fit_linear_probe
+from graft.probing.typical import typical_picks
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data"
 if not SHARED.is_dir():  # a worktree under /work/wt/NAME: the data lies beside the main checkout
     SHARED = Path(__file__).resolve().parents[3] / "shared/data"
 STRATEGIES = ("random", "margin only", "suggest (margin)", "suggest (entropy)", "suggest, labelled as centres",
-              "suggest, centres, x margin")  # the last: k-center among 20 x N maximising distance x margin
+              "suggest, centres, x margin",  # k-center among 20 x N maximising distance x margin
+              "typical", "typical x margin",  # TypiClust: the most typical image of each uncovered k-means cluster
+              "graft suggest")  # as `graft suggest` runs: labelled as centres, typical picks below COLD_START a class
 
 
 def initial(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> list[int]:
@@ -54,13 +57,18 @@ def choose(strategy: str, linear, train_x: np.ndarray, labelled: list[int], n: i
     if strategy == "random":
         return [int(i) for i in rng.choice(pool, n, replace=False)]
     p = probabilities(linear, train_x[pool])
+    if strategy.startswith("typical"):
+        weights = uncertainty(p, "margin") if "margin" in strategy else None
+        return [int(pool[i]) for i in typical_picks(normalised(train_x[pool]), n, normalised(train_x[labelled]),
+                                                    weights=weights)]
     if strategy == "margin only":
         return [int(pool[i]) for i in np.argsort(-uncertainty(p, "margin"), kind="stable")[:n]]
     by = "entropy" if "entropy" in strategy else "margin"
-    centres = train_x[labelled] if "centres" in strategy else None
+    centres = train_x[labelled] if "centres" in strategy or strategy == "graft suggest" else None
     weighted = "x margin" in strategy
+    cold_start = COLD_START if strategy == "graft suggest" else 0  # the older strategies: uncertainty from the start
     return [int(pool[i]) for i in select(p, train_x[pool], n, by=by, labelled=centres, weighted=weighted,
-                                         candidates=20 if weighted else 5).indices]
+                                         candidates=20 if weighted else 5, cold_start=cold_start).indices]
 
 
 def curve(strategy: str, train: tuple, val: tuple, classes: int, args, seed: int) -> list[float]:
@@ -72,6 +80,7 @@ def curve(strategy: str, train: tuple, val: tuple, classes: int, args, seed: int
         accuracies.append(float((probabilities(linear, val[0]).argmax(1) == val[1]).mean()))
         if round_ < args.rounds:
             labelled += choose(strategy, linear, train[0], labelled, args.per_round, rng)
+    print(f"{strategy}, seed {seed}: " + " ".join(f"{a:.3f}" for a in accuracies), flush=True)  # a partial run counts
     return accuracies
 
 

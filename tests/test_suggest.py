@@ -194,3 +194,30 @@ def test_labels_go_into_the_pool_folder_only_when_asked(trained_run, pool, monke
         create_label_app(trained_run, pool)
     assert not (pool / "labels.csv").exists()
     create_label_app(trained_run, pool, pool / "labels.csv")  # asked for: allowed (written on the first label)
+
+
+def test_cold_start_picks_the_typical_image_of_each_uncovered_cluster():
+    """Three tight clusters and a few scattered outliers; cluster 0 is labelled. Two picks: one from each of the
+    other clusters, each its densest point (the point nearest its cluster's own mean, computed here), never an
+    outlier — where uncertainty + k-center, with a probe that finds the outliers most uncertain, takes outliers."""
+    from graft.probing.typical import typical_picks
+
+    rng = np.random.default_rng(3)
+    centres = np.eye(8)[:3] * 10
+    clusters = [centres[c] + rng.normal(0, 0.5, (40, 8)) for c in range(3)]
+    outliers = rng.normal(0, 1, (4, 8)) * 6 + 20
+    features = np.concatenate([*clusters, outliers])
+    labelled = clusters[0][:2]
+    picks = typical_picks(features, 2, labelled)
+    assert sorted(p // 40 for p in picks) == [1, 2]
+    for p in picks:
+        members = features[(p // 40) * 40:(p // 40 + 1) * 40]
+        densest = np.argmin(((members[:, None] - members[None]) ** 2).sum(-1).mean(1))
+        radius = np.linalg.norm(members - members.mean(0), axis=1).mean()
+        assert np.linalg.norm(features[p] - members[densest]) <= radius
+    probabilities = np.tile([[0.9, 0.1]], (len(features), 1))
+    probabilities[120:] = [0.5, 0.5]  # the outliers are the most uncertain
+    cold = select(probabilities, features, 2, labelled=labelled)  # 2 labels, 2 classes: below COLD_START a class
+    assert cold.method == "typical" and sorted(p // 40 for p in cold.indices) == [1, 2]
+    warm = select(probabilities, features, 2, labelled=labelled, cold_start=0)
+    assert warm.method == "k-center" and all(p >= 120 for p in warm.indices)

@@ -28,7 +28,7 @@ from graft.data.scan import ScanCache, check_files
 from graft.errors import GraftError
 from graft.evaluation.report import CSS, jpeg_uri, shown_path, thumbnail
 from graft.models.run_folder import config_from_card, load, read_card
-from graft.probing.acquisition import CANDIDATES, MEASURES, select
+from graft.probing.acquisition import CANDIDATES, COLD_START, MEASURES, select
 from graft.probing.extraction import extract_features
 from graft.utils.files import atomic_write
 from graft.utils.outputs import output_folder
@@ -59,6 +59,7 @@ class Suggestions:
     by: str
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    method: str = "k-center"  # or "typical": a cold start (``graft.probing.acquisition.select``)
 
 
 def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output: str | os.PathLike | None = None,
@@ -99,9 +100,12 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output
     rows = [Suggestion(paths[i], classes[c], round(s, 6)) for i, s, c in
             zip(chosen.indices, chosen.scores, chosen.predicted)]
     spread = Counter(row.predicted for row in rows)
-    say(f"suggest: {len(rows)} chosen by k-center greedy among the {chosen.candidates} most uncertain (by {by}); "
-        f"predicted {', '.join(f'{display_name(k)} {v}' for k, v in spread.most_common())}")
-    result = Suggestions(rows, len(paths), chosen.candidates, by, notes=images.notes + notes)
+    how = (f"k-center greedy among the {chosen.candidates} most uncertain (by {by})" if chosen.method == "k-center"
+           else f"typicality: fewer than {COLD_START} labelled images a class, so the most typical image of each "
+                f"large k-means cluster no labelled image is in (the probe's uncertainty is not used yet)")
+    say(f"suggest: {len(rows)} chosen by {how}; predicted "
+        f"{', '.join(f'{display_name(k)} {v}' for k, v in spread.most_common())}")
+    result = Suggestions(rows, len(paths), chosen.candidates, by, notes=images.notes + notes, method=chosen.method)
     if folder is not None:
         result.files = [str(write_csv(folder / "suggestions.csv", rows)),
                         str(write_page(folder / "suggestions.html", result, run, images))]
@@ -198,12 +202,15 @@ def write_page(path: Path, result: Suggestions, run: str | os.PathLike, pool: Po
                        f"</b><br><span class='muted'>{result.by} {row.score:.3f}</span></figcaption></figure>")
     title = html.escape(display_name(Path(run).name))
     notes = "".join(f"<p class='muted'>{html.escape(display_name(note))}</p>" for note in result.notes)
+    chosen = (f"among the {result.candidates} most uncertain (by {result.by}) to be far apart from each other"
+              if result.method == "k-center" else "as the most typical images of clusters no labelled image is in "
+              f"(fewer than {COLD_START} labelled images a class: too few to trust the run's uncertainty)")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>graft suggest: {title}</title><style>{CSS}</style></head>
 <body>
 <h1>Label these next: {title}</h1>
 <p class="muted">{len(result.rows)} of {result.pool_size} images from {html.escape(display_name(pool.source))}, chosen
-among the {result.candidates} most uncertain (by {result.by}) to be far apart from each other. Label them with
+{chosen}. Label them with
 <code>graft serve {html.escape(display_name(str(run)))} --label POOL --suggestions suggestions.csv</code>.</p>
 {notes}
 <div class="grid">{''.join(figures)}</div>

@@ -6,6 +6,10 @@ images alone are often near-copies from one confusing pair of classes, so ``sele
 ``candidates`` × N most uncertain and picks N of them by k-center greedy on the L2-normalised features: each pick is
 the candidate farthest from everything picked (and labelled) so far, starting from the most uncertain. The order of
 the picks is itself useful: the first k of a selection of N are the selection of k.
+
+At a cold start (fewer than ``COLD_START`` labelled images a class) the probe's uncertainty is mostly noise and
+k-center picks outliers: ``select`` then takes the most typical image of each of the N largest k-means clusters that
+hold no labelled image (``graft.probing.typical``), which covers the dense regions first.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "MEASURES", "Selection", "entropy", "k_center_greedy", "margin", "normalised", "select",
-           "uncertainty"]
+from graft.probing.typical import typical_picks
+
+__all__ = ["CANDIDATES", "COLD_START", "MEASURES", "Selection", "entropy", "k_center_greedy", "margin", "normalised",
+           "select", "uncertainty"]
 
 MEASURES = ("margin", "entropy")
 CANDIDATES = 5  # the candidate set is this many times N: wide enough for k-center to spread, still uncertain
+COLD_START = 10  # labelled images a class below which picks are typical, not uncertain (bench/bench_active.py)
 
 
 def margin(probabilities: np.ndarray) -> np.ndarray:
@@ -97,17 +104,22 @@ class Selection:
     indices: list[int]
     scores: list[float]
     predicted: list[int]
-    candidates: int  # how many of the most uncertain k-center chose from
+    candidates: int  # how many of the most uncertain k-center chose from (cold start: the whole pool)
+    method: str = "k-center"  # or "typical" (the cold start: too few labels to trust the uncertainty)
 
 
 def select(probabilities: np.ndarray, features: np.ndarray, n: int, by: str = "margin",
-           candidates: float = CANDIDATES, labelled: np.ndarray | None = None, weighted: bool = False) -> Selection:
+           candidates: float = CANDIDATES, labelled: np.ndarray | None = None, weighted: bool = False,
+           cold_start: float = COLD_START) -> Selection:
     """The ``n`` pool rows whose labels should help most: k-center greedy on the L2-normalised ``features`` of the
-    ``candidates`` × n most uncertain rows (by ``by``), starting from the most uncertain.
+    ``candidates`` × n most uncertain rows (by ``by``), starting from the most uncertain; with fewer than
+    ``cold_start`` labelled images a class, the typical picks of uncovered clusters instead.
 
     Args:
         labelled: features of images already labelled (raw, normalised here): picks keep away from them too.
         weighted: each pick maximises distance x uncertainty (not distance alone) among the candidates.
+        cold_start: labelled images a class (``labelled`` rows over the classes) below which the picks are typical;
+            0: never (without ``labelled`` there is nothing to count: never either).
     """
     probabilities = np.asarray(probabilities)
     if len(probabilities) != len(features):
@@ -115,10 +127,14 @@ def select(probabilities: np.ndarray, features: np.ndarray, n: int, by: str = "m
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1 (x N), got {candidates}")
     scores = uncertainty(probabilities, by)
+    predicted = probabilities.argmax(axis=1)
+    if labelled is not None and 0 < len(labelled) < cold_start * probabilities.shape[1]:
+        picked = typical_picks(normalised(features), n, normalised(labelled))
+        return Selection(picked, [float(scores[i]) for i in picked], [int(predicted[i]) for i in picked],
+                         len(scores), "typical")
     order = np.lexsort((np.arange(len(scores)), -scores))  # most uncertain first; ties by position: deterministic
     pool = order[:max(n, int(np.ceil(candidates * n)))]
     centres = None if labelled is None or not len(labelled) else normalised(labelled)
     weights = scores[pool] if weighted else None
     picked = [int(pool[i]) for i in k_center_greedy(normalised(np.asarray(features)[pool]), n, 0, centres, weights)]
-    predicted = probabilities.argmax(axis=1)
     return Selection(picked, [float(scores[i]) for i in picked], [int(predicted[i]) for i in picked], len(pool))

@@ -137,9 +137,9 @@ def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_
     before = _val_score(labelled_only, val_x, val_y)
     record["labelled_only_val_acc"] = round(before["val_acc"], 4)
     if result.linear is None:
-        say(f"unlabelled pool: no method beat the labelled-only probe in {result.selection} "
-            f"(none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
-        return {**record, "kept": "labelled-only"}, None
+        why = result.note or f"no method beat the labelled-only probe in {result.selection}"
+        say(f"unlabelled pool: {why} (none of {result.pool:,} images pseudo-labelled): kept the labelled-only probe")
+        return {**record, "kept": "labelled-only", **({"note": result.note} if result.note else {})}, None
     linear = result.linear.to(next(labelled_only.parameters()).device)
     after = _val_score(linear, val_x, val_y)
     kept = beats_probe(after, before)
@@ -151,7 +151,9 @@ def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_
 
 def summary_line(record: dict) -> str:
     """``1,240 of 3,000 unlabelled images pseudo-labelled (self-training, threshold 0.9), val 0.71 -> 0.75: kept``."""
-    threshold = f", threshold {record['threshold']:g}" if record.get("threshold") is not None else ""
+    threshold = record.get("threshold")
+    threshold = ("" if threshold is None else ", class-balanced top-k" if threshold == 0 else
+                 f", threshold {threshold:g}")
     verdict = ("kept" if record["kept"] != "labelled-only" else
                "not kept (no better on val): the labelled-only probe is returned")
     return (f"{record['used']:,} of {record['pool']:,} unlabelled images pseudo-labelled ({record['method']}"
