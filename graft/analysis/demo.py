@@ -103,6 +103,9 @@ def _pool_row(root: Path, pool: Path, backbone: str, runs: Path, overrides: dict
     row = compare_strategies(root, backbone, runs / "unlabelled", ("probe",),
                              overrides={**overrides, "data.unlabeled": str(pool)}, verbose=verbose)[0]
     semi = json.loads((runs / "unlabelled" / "probe" / "metrics.json").read_text())["semi_supervised"]
-    chose = f"{semi['kept']} ({semi['used']} of {semi['pool']} pseudo-labelled by {semi['method']})"
+    if semi["method"] == "labelled-only":  # the search chose no pool method (or one that used none of the pool)
+        chose = f"labelled-only (none of {semi['pool']} pseudo-labelled)"
+    else:
+        chose = f"{semi['kept']} ({semi['used']} of {semi['pool']} pseudo-labelled by {semi['method']})"
     say(f"probe + pool: {row.split} accuracy {row.accuracy:.3f} in {row.seconds:.0f}s; {chose}")
     return replace(row, strategy="probe + pool", chose=chose)
