@@ -165,7 +165,8 @@ def test_the_explain_switch_puts_the_overlay_beside_the_thumbnail(server, watche
     assert card.query_selector(".top1").inner_text() == "red"
     overlay = card.query_selector("img.overlay")
     assert overlay is not None and overlay.get_attribute("src").startswith("data:image/png;base64,")
-    assert overlay.evaluate("i => i.complete && i.naturalWidth > 0"), "the overlay decodes"
+    page.wait_for_function("() => document.querySelector('img.overlay').complete")  # decoding is asynchronous
+    assert overlay.evaluate("i => i.naturalWidth > 0"), "the overlay decodes"
     page.screenshot(path=str(tmp_path / "serve-page-explain.png"), full_page=True)
     watched.check()
 
@@ -207,7 +208,9 @@ def test_the_review_page_shows_hostile_names_as_text_and_a_click_writes_the_deci
         cards = page.query_selector_all("#issues .card")
         assert len(cards) == 2 and len(page.query_selector_all("#pairs .card img")) == 2
         assert f"given: {HOSTILE}" in cards[0].inner_text() and suspect in cards[0].inner_text()
-        assert cards[0].eval_on_selector("img", "image => image.naturalWidth") > 0  # the thumbnail loaded
+        # the thumbnail loaded: wait until the browser has finished with it (a loaded machine is slow), then look
+        page.wait_for_function("() => document.querySelector('#issues .card img').complete")
+        assert cards[0].eval_on_selector("img", "image => image.naturalWidth") > 0
         assert cards[1].query_selector("img") is None and "no thumbnail" in cards[1].inner_text()
         assert cards[1].query_selector("button") is None  # nothing to decide for a path outside the dataset
         assert page.query_selector_all("img[src='x']") == [], "no element was made from a name"
