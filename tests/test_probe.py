@@ -76,3 +76,19 @@ def test_large_problems_use_the_minibatch_solver(digits, monkeypatch):
     assert result.grid[0]["iterations"] == 1000  # the minibatch solver's step budget, not L-BFGS's evaluations
     lbfgs = fit_linear_probe(train_x, train_y, val_x, val_y, grid=(1e-3,))
     assert abs(_accuracy(result.linear, test_x, test_y) - _accuracy(lbfgs.linear, test_x, test_y)) <= 0.01
+
+
+def test_a_warm_start_reaches_sklearns_solution_in_fewer_steps(digits):
+    train_x, train_y, _, _, test_x, _ = digits
+    l2 = 1e-3
+    nearby = fit_linear_probe(train_x[:500], train_y[:500], grid=[l2], cv=0).linear  # another subset's solution
+    cold = fit_linear_probe(train_x, train_y, grid=[l2], cv=0, max_iter=1000)
+    warm = fit_linear_probe(train_x, train_y, grid=[l2], cv=0, max_iter=1000, init=nearby)
+    scaler = StandardScaler().fit(train_x)
+    reference = LogisticRegression(C=1 / (l2 * len(train_y)), max_iter=5000, tol=1e-8)
+    reference.fit(scaler.transform(train_x), train_y)
+    theirs = reference.predict_proba(scaler.transform(test_x))
+    with torch.no_grad():
+        ours = torch.softmax(warm.linear(torch.as_tensor(test_x, dtype=torch.float32)), 1).numpy()
+    assert np.abs(ours - theirs).max() < 2e-3
+    assert warm.grid[0]["iterations"] < cold.grid[0]["iterations"]

@@ -137,11 +137,17 @@ def _evaluate(weight, bias, x, y) -> tuple[float, float]:
         return (logits.argmax(1) == y).float().mean().item(), F.cross_entropy(logits, y).item()
 
 
-def _path(x, y, sample_weight, grid, classes: int, max_iter: int, full_batch: bool, evaluate_on=(), log=None):
-    """Fits every λ of ``grid`` (strong → weak, warm-started); yields (λ, row, weight, bias) with the row's metrics
-    on each (name, x, y) of ``evaluate_on``."""
-    weight = torch.zeros(classes, x.shape[1], device=x.device, requires_grad=True)
-    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+def _path(x, y, sample_weight, grid, classes: int, max_iter: int, full_batch: bool, evaluate_on=(), log=None,
+          start: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Fits every λ of ``grid`` (strong → weak, warm-started; the first from ``start``'s (weight, bias) on the
+    standardised features, else zeros); yields (λ, row, weight, bias) with the row's metrics on each (name, x, y) of
+    ``evaluate_on``."""
+    weight = torch.zeros(classes, x.shape[1], device=x.device)
+    bias = torch.zeros(classes, device=x.device)
+    if start is not None:
+        weight, bias = start[0].to(x.device, torch.float32).clone(), start[1].to(x.device, torch.float32).clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
     for l2 in grid:
         iterations = (_lbfgs(weight, bias, x, y, l2, sample_weight, max_iter) if full_batch
                       else _minibatch(weight, bias, x, y, l2, sample_weight))
@@ -224,7 +230,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
 def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray | None = None,
                      val_y: np.ndarray | None = None, classes: int | None = None, grid=DEFAULT_GRID,
                      balanced: bool = False, device: str | torch.device = "cpu", max_iter: int = 300,
-                     log=None, cv: int = CV_FOLDS, seed: int = 0, calibrate: bool = True) -> ProbeResult:
+                     log=None, cv: int = CV_FOLDS, seed: int = 0, calibrate: bool = True,
+                     init: nn.Linear | None = None) -> ProbeResult:
     """Fits multinomial logistic regression with the L2 strength chosen by stratified k-fold CV on the training
     features, then refits on all of them at that strength.
 
@@ -238,6 +245,8 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
         cv: folds (capped by the smallest class's image count; 0 or a class with one image: no CV).
         seed: the folds' shuffle.
         calibrate: temperature-scale the probabilities on the out-of-fold logits (with CV only; else T = 1).
+        init: a linear layer on the raw features to start the final fit's path from (a nearby solution, e.g. the
+            previous round of self-training: L-BFGS then needs fewer steps); zeros without it.
     """
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(train_x, dtype=np.float32), device=device)
@@ -273,8 +282,13 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
     else:  # a class with one training image: no two folds, so the labelled, optimistic fallback
         chosen, selection = None, "validation"
     path, best = [], None
+    start = None
+    if init is not None:  # raw → standardised: W·x + b = (W·σ)·(x-μ)/σ + (b + W·μ)
+        with torch.no_grad():
+            raw_weight, raw_bias = init.weight.to(device, torch.float32), init.bias.to(device, torch.float32)
+            start = (raw_weight * std, raw_bias + raw_weight @ mean)
     for i, (l2, row, weight, bias) in enumerate(_path(x, y, sample_weight, grid, classes, max_iter, full_batch,
-                                                      evaluate_on)):
+                                                      evaluate_on, start=start)):
         if can_cv:
             row["cv_acc"], row["cv_loss"] = scores[i]
         path.append(row)

@@ -10,6 +10,7 @@ metrics.json and graft.json under ``semi_supervised``.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -131,7 +132,8 @@ def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_
     classes = labelled_only.out_features
     fit = LinearFit(l2, temperature, classes, balanced, device)
     with Progress("semi-supervised search", search_steps(y), "fits", say, progress) as counter:
-        result = choose_and_fit(x, y, pool_x, fit, seed=seed, progress=counter, log=log)
+        result = choose_and_fit(x, y, pool_x, fit, seed=seed, progress=counter, log=log,
+                                start=copy.deepcopy(labelled_only).cpu())
     record = {"method": result.method, "pool": result.pool, "used": result.used, "threshold": result.threshold,
               "selection": result.selection, "search": result.search}
     before = _val_score(labelled_only, val_x, val_y)
