@@ -221,11 +221,12 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="feature cache folder (default: a fixed one under the temp dir)")
     parser.add_argument("--pool-size", type=int, default=0, help="smoke runs: use a sample of this many train photos")
     parser.add_argument("--strategies", default=";".join(STRATEGIES),
-                        help="separated by ';' (names hold commas); a list without ';' is split at commas")
+                        help="separated by ';' (names hold commas); one name, or a list without ';' split at commas")
     args = parser.parse_args()
     train, val, classes = features(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    strategies = [s.strip() for s in args.strategies.split(";" if ";" in args.strategies else ",")]
+    strategies = [args.strategies.strip()] if args.strategies.strip() in STRATEGIES else \
+        [s.strip() for s in args.strategies.split(";" if ";" in args.strategies else ",")]
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         parser.error(f"unknown strategies {unknown}: choose from {list(STRATEGIES)}")
