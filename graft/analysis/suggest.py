@@ -2,11 +2,11 @@
 
 The pool's features come from the run's own trunk through the feature cache (``graft.probing.extraction``), so a
 second call on the same pool reads them back instead of running the network; the run's head turns them into
-probabilities. ``graft.probing.acquisition.select`` then picks N: uncertain (margin or entropy) and spread out
-(k-center greedy on the features, seeded with the run's labelled images' features so the picks also keep away from
-what is labelled already), so they are not all one confusing pair. Written: ``suggestions.csv``
-(``path,predicted,score``, in the order picked) and ``suggestions.html`` (a self-contained page of thumbnails).
-Nothing in the pool is moved or written.
+probabilities. ``graft.probing.acquisition.select`` then picks N: an equal share per predicted class, each uncertain
+(margin or entropy) and spread out (k-center greedy on the features, seeded with the run's labelled images' features
+so the picks also keep away from what is labelled already), so they are not all one confusing pair. Written:
+``suggestions.csv`` (``path,predicted,score``, in the order picked) and ``suggestions.html`` (a self-contained page
+of thumbnails). Nothing in the pool is moved or written.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output
     Args:
         pool: a folder, a glob pattern or a CSV with a ``path`` column (its paths inside its folder).
         by: ``margin`` (default) or ``entropy``.
-        candidates: k-center greedy chooses among the ``candidates`` × n most uncertain images.
+        candidates: k-center greedy chooses among the ``candidates`` × share most uncertain images of each predicted
+            class (about ``candidates`` × n in all).
         labelled: the labelled images (a dataset folder or manifest) the picks keep away from; None: the data the
             run was fitted on, when it is still there; "": none.
         log: where progress lines go (none without it).
@@ -100,7 +101,8 @@ def suggest(run: str | os.PathLike, pool: str | os.PathLike, n: int = 20, output
     rows = [Suggestion(paths[i], classes[c], round(s, 6)) for i, s, c in
             zip(chosen.indices, chosen.scores, chosen.predicted)]
     spread = Counter(row.predicted for row in rows)
-    how = (f"k-center greedy among the {chosen.candidates} most uncertain (by {by})" if chosen.method == "k-center"
+    how = (f"an equal share per predicted class, each by k-center greedy among that class's most uncertain "
+           f"({chosen.candidates} candidates in all, by {by})" if chosen.method == "k-center"
            else f"typicality: fewer than {COLD_START} labelled images a class, so the most typical image of each "
                 f"large k-means cluster no labelled image is in (the probe's uncertainty is not used yet)")
     say(f"suggest: {len(rows)} chosen by {how}; predicted "
@@ -202,7 +204,8 @@ def write_page(path: Path, result: Suggestions, run: str | os.PathLike, pool: Po
                        f"</b><br><span class='muted'>{result.by} {row.score:.3f}</span></figcaption></figure>")
     title = html.escape(display_name(Path(run).name))
     notes = "".join(f"<p class='muted'>{html.escape(display_name(note))}</p>" for note in result.notes)
-    chosen = (f"among the {result.candidates} most uncertain (by {result.by}) to be far apart from each other"
+    chosen = (f"an equal share per predicted class, among each class's most uncertain ({result.candidates} in all, by "
+              f"{result.by}) to be far apart from each other"
               if result.method == "k-center" else "as the most typical images of clusters no labelled image is in "
               f"(fewer than {COLD_START} labelled images a class: too few to trust the run's uncertainty)")
     page = f"""<!doctype html>
