@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,9 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.probing.linear import fit_linear_probe, stratified_folds
-
-if TYPE_CHECKING:
-    from graft.probing.cotrain import SecondView
 
 __all__ = ["LabelGraph", "METHODS", "NEIGHBOURS", "ROUNDS", "SEARCH_FOLDS", "SemiResult", "THRESHOLDS", "LinearFit",
            "balanced_pick", "choose_and_fit", "class_prior", "label_graph", "probabilities", "propagate",
@@ -209,23 +205,22 @@ def _candidates(thresholds, second: bool = False) -> list[tuple[str, float | Non
 
 def _run(method: str, threshold: float | None, x, y, pool_x, fit: LinearFit, graph: LabelGraph | None,
          labelled: np.ndarray, unlabelled: np.ndarray, log=None, start: nn.Linear | None = None,
-         second: SecondView | None = None) -> tuple[np.ndarray, nn.Linear]:
+         second=None) -> tuple[np.ndarray, nn.Linear]:
     """One candidate on labelled (``x``, ``y``) and ``pool_x``; ``labelled``/``unlabelled``: their nodes in
-    ``graph``; ``start``: the labelled-only probe when already fitted; ``second``: co-training's other view."""
+    ``graph``; ``start``: the labelled-only probe when already fitted; ``second``: co-training's other view (a
+    ``graft.probing.cotrain.SecondView``, which runs it: that module builds on this one)."""
     if method == "labelled-only":
         return np.full(len(pool_x), -1, dtype=np.int64), start if start is not None else fit(x, y)
     if method == "self-training":
         return self_train(x, y, pool_x, fit, threshold, log=log, start=start)
     if method == "co-training":
-        from graft.probing.cotrain import co_train  # imported here: cotrain builds on this module's functions
-
-        return co_train(x, y, pool_x, fit, second, ROUNDS, start=start, log=log)
+        return second.co_train(x, y, pool_x, fit, ROUNDS, start=start, log=log)
     pseudo = _propagation_pick(graph, y, labelled, unlabelled, fit.classes, threshold)
     return pseudo, fit(*with_pseudo(x, y, pool_x, pseudo))
 
 
 def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: list[np.ndarray],
-            progress=None, second: SecondView | None = None) -> list[dict]:
+            progress=None, second=None) -> list[dict]:
     """Mean held-out accuracy of every candidate over ``folds`` of the labelled images (the held-out ones join the
     pool unlabelled; graph nodes are the labelled images, then the pool)."""
     candidates = _candidates(thresholds, second is not None)
@@ -236,9 +231,10 @@ def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: 
         fold_pool = np.concatenate([pool_x, x[held]])
         unlabelled = np.concatenate([np.arange(len(y), len(y) + len(pool_x)), held])
         start = fit(x[keep], y[keep])  # shared by labelled-only and every self-training candidate
+        fold_second = None if second is None else second.fold(keep, held)
         for i, (method, threshold) in enumerate(candidates):
             _, linear = _run(method, threshold, x[keep], y[keep], fold_pool, fit, graph, keep, unlabelled,
-                             start=start, second=second and second.fold(keep, held))
+                             start=start, second=fold_second)
             probs = probabilities(linear, x[held])
             right = probs[np.arange(len(held)), y[held]]
             scores[i] += ((probs.argmax(1) == y[held]).mean(), -np.log(np.clip(right, 1e-12, 1)).mean())
@@ -252,7 +248,7 @@ def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: 
 
 def choose_and_fit(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: LinearFit, thresholds=THRESHOLDS,
                    folds: int = SEARCH_FOLDS, seed: int = 0, progress: Callable[[int], object] | None = None,
-                   log=None, second: SecondView | None = None) -> SemiResult:
+                   log=None, second=None) -> SemiResult:
     """Chooses the method and threshold by cross-validation on the labelled (``x``, ``y``) and runs it on all of
     them with ``pool_x``. With a class too small for two folds there is nothing to cross-validate on: self-training
     at the highest threshold, said in ``selection`` (the caller's validation check still decides).
