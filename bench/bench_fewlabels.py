@@ -17,6 +17,10 @@ already in the cache). ``cold x`` estimates whole cold runs from the extraction 
 ``--extract-rate``): (extract labelled + val + pool, solve both) over (extract labelled + val, solve the probe).
 Goal: >= +5 points at 5% labels on both datasets, at <= 2x the labelled-only probe's time. ``--smoke`` runs a tiny
 random backbone on generated shapes at 32 px: proves the script runs, measures nothing.
+
+``--second NODE`` (e.g. ``blocks.4``) also extracts an earlier stage as a second view of every image: co-training
+(``graft.probing.cotrain``) joins the search, and ``2nd alone`` prints the labelled-only probe on that stage by
+itself (what ``--cut-at NODE`` would give without the pool), the honest yardstick for what the pool added.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import numpy as np
 import torch
 
 from graft.data.discovery import discover
+from graft.models.surgery import DEFAULT_NODE
+from graft.probing.cotrain import second_view
 from graft.probing.leaderboard import stage_features
 from graft.probing.linear import fit_linear_probe
 from graft.training.semi import semi_supervised_probe
@@ -47,17 +53,21 @@ def features(data: Path, size: int, args) -> dict:
     """Train and val features of ``data`` (through the cache) and the extraction speed when anything was extracted."""
     splits = discover(data)
     start = time.perf_counter()
-    _, _, sets = stage_features(splits, args.backbone, "default", size, pretrained=args.pretrained, device="cpu",
+    nodes = [args.second, DEFAULT_NODE] if args.second else "default"
+    _, _, sets = stage_features(splits, args.backbone, nodes, size, pretrained=args.pretrained, device="cpu",
                                 cache_dir=args.cache, log=print if args.verbose else None)
     seconds = time.perf_counter() - start
-    found = next(iter(sets.values()))
+    found = sets[DEFAULT_NODE]
+    second = sets.get(args.second) if args.second else None
     extracted = found.stats.get("extracted", 0)
     rate = args.extract_rate or (extracted / seconds if extracted > 50 else 0.0)
     print(f"{data.name}: {len(splits.train)} train + {len(splits.val)} val features in {seconds:.0f} s "
           f"({extracted} extracted{f', {rate:.1f} img/s' if rate else ''})", flush=True)
     return {"train": (np.asarray(found.features["train"], np.float32), np.asarray(found.labels["train"])),
             "val": (np.asarray(found.features["val"], np.float32), np.asarray(found.labels["val"])),
-            "classes": len(splits.classes), "rate": rate}
+            "classes": len(splits.classes), "rate": rate,
+            "second": None if second is None else (np.asarray(second.features["train"], np.float32),
+                                                   np.asarray(second.features["val"], np.float32))}
 
 
 def keep_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -84,16 +94,21 @@ def arms(data: dict, fraction: float, seed: int) -> dict:
     base = fit_linear_probe(x[kept], y[kept], vx, vy, data["classes"], seed=seed)
     probe_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    view = None if data["second"] is None else second_view(data["second"][0][kept], y[kept], data["second"][0][pool],
+                                                           data["classes"], seed=seed)
     record, linear = semi_supervised_probe(x[kept], y[kept], x[pool], vx, vy, base.linear, base.l2, base.temperature,
-                                           seed=seed)
+                                           seed=seed, second=view)
     semi_seconds = time.perf_counter() - start
     alone = accuracy(base.linear, vx, vy)
+    # the second stage's labelled-only probe alone (its λ and temperature by CV, as the view's fit has them)
+    second_alone = (None if view is None else
+                    accuracy(view.fit(view.x, y[kept]), data["second"][1], vy))
     search = {f"{row['method']}{'' if row['threshold'] is None else ' ' + format(row['threshold'], 'g')}":
               row["cv_accuracy"] for row in record["search"]}
     return {"labels": len(kept), "pool": len(pool), "val": len(vy), "alone": alone,
             "semi": accuracy(linear, vx, vy) if linear is not None else alone, "probe_s": probe_seconds,
             "semi_s": semi_seconds, "method": record["method"], "kept": record["kept"], "used": record["used"],
-            "with_pool_val": record.get("with_pool_val_acc"), "search": search}
+            "with_pool_val": record.get("with_pool_val_acc"), "search": search, "second_alone": second_alone}
 
 
 def main() -> None:
@@ -104,6 +119,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--no-pretrained", dest="pretrained", action="store_false")
+    parser.add_argument("--second", default="", help="an earlier stage's node (blocks.4) as co-training's second view")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "graft-bench-active-cache"),
                         help="feature cache folder (shared with bench_active.py; a rerun reads it)")
     parser.add_argument("--extract-rate", type=float, default=0.0,
@@ -120,6 +136,7 @@ def main() -> None:
 
             datasets = {"shapes": (make_shapes(Path(temp) / "shapes", splits={"train": 60, "val": 20}, seed=1), 32)}
             args.backbone, args.pretrained, args.cache = "test_resnet", False, str(Path(temp) / "cache")
+            args.second = args.second and "layer1"
         rows = []
         for name, (folder, size) in datasets.items():
             data = features(folder, size, args)
@@ -141,11 +158,12 @@ def cold_ratio(row: dict) -> float:
 
 def report(rows: list[dict]) -> None:
     print(f"{'data':<8} {'labels':>10} {'seed':>4} {'probe acc':>9} {'+pool acc':>9} {'points':>7} {'probe s':>8} "
-          f"{'+pool s':>8} {'cold x':>6}  used / pool, method (CV), kept")
+          f"{'+pool s':>8} {'cold x':>6} {'2nd alone':>9}  used / pool, method (CV), kept")
     for row in rows:
         print(f"{row['data']:<8} {row['fraction']:>4.0%} {row['labels']:>5} {row['seed']:>4} {row['alone']:>9.4f} "
               f"{row['semi']:>9.4f} {100 * (row['semi'] - row['alone']):>+7.1f} {row['probe_s']:>8.1f} "
-              f"{row['semi_s']:>8.1f} {cold_ratio(row):>6.2f}  {row['used']:,} / {row['pool']:,}, {row['method']}, "
+              f"{row['semi_s']:>8.1f} {cold_ratio(row):>6.2f} {row['second_alone'] or 0:>9.4f}  {row['used']:,} / "
+              f"{row['pool']:,}, {row['method']}, "
               f"{row['kept']}")
     groups = defaultdict(list)
     for row in rows:

@@ -13,6 +13,9 @@ features (so the result is a graft head like any other):
 Both are class-balanced: each class may take at most ``prior × pool size`` pseudo-labels (its share of the labelled
 images), so a class the pool is full of, or one the probe over-predicts, cannot swallow the pool.
 
+With a second view of every image (``second``: an earlier stage's features, ``graft.probing.cotrain``),
+co-training is a third candidate: each view's probe pseudo-labels the pool for the other's.
+
 Which method and which threshold is chosen by evidence: stratified k-fold cross-validation on the labelled training
 images alone. The method runs on the rest of the labels with (a sample of) the pool, and the refitted probe is scored
 on the held-out labels. The held-out images stay out of the pool, as validation images do in the final run (when
@@ -35,8 +38,8 @@ from torch import nn
 from graft.probing.linear import fit_linear_probe, stratified_folds
 
 __all__ = ["LabelGraph", "METHODS", "NEIGHBOURS", "ROUNDS", "SEARCH_FOLDS", "SemiResult", "THRESHOLDS", "LinearFit",
-           "balanced_pick", "choose_and_fit", "label_graph", "probabilities", "propagate", "search_steps",
-           "self_train"]
+           "balanced_pick", "choose_and_fit", "class_prior", "label_graph", "probabilities", "propagate",
+           "search_steps", "self_train", "with_pseudo"]
 
 METHODS = ("self-training", "propagation")
 # confidence a pseudo-label needs; the CV picks one. 0: no floor, each class takes its most confident share of the
@@ -106,12 +109,14 @@ def balanced_pick(probs: np.ndarray, threshold: float, prior: np.ndarray, share:
     return labels
 
 
-def _prior(labels: np.ndarray, classes: int) -> np.ndarray:
+def class_prior(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Each class's share of ``labels``."""
     counts = np.bincount(labels, minlength=classes).astype(np.float64)
     return counts / counts.sum()
 
 
-def _with_pseudo(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, pseudo: np.ndarray):
+def with_pseudo(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, pseudo: np.ndarray):
+    """The labelled rows followed by the pool's pseudo-labelled ones (``pseudo`` -1: left out)."""
     used = pseudo >= 0
     return np.concatenate([x, pool_x[used]]), np.concatenate([y, pseudo[used]])
 
@@ -121,13 +126,13 @@ def self_train(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: LinearFit,
     """Self-training of the probe on labelled (``x``, ``y``) and the unlabelled ``pool_x``; returns (the pool's
     pseudo-labels, -1 for none; the probe refitted on labelled + pseudo-labelled). ``start``: the labelled-only
     probe when already fitted."""
-    prior = _prior(y, fit.classes)
+    prior = class_prior(y, fit.classes)
     labelled_only = linear = start if start is not None else fit(x, y)
     pseudo = np.full(len(pool_x), -1, dtype=np.int64)
     for round_ in range(1, rounds + 1):
         pseudo = balanced_pick(probabilities(linear, pool_x), threshold, prior, round_ / rounds)
         # nothing picked: exactly the labelled-only probe (a refit would differ by solver noise and could win a tie)
-        linear = fit(*_with_pseudo(x, y, pool_x, pseudo), start=linear) if (pseudo >= 0).any() else labelled_only
+        linear = fit(*with_pseudo(x, y, pool_x, pseudo), start=linear) if (pseudo >= 0).any() else labelled_only
         if log:
             log(f"self-training round {round_}/{rounds}: {int((pseudo >= 0).sum()):,} of {len(pool_x):,} pool "
                 f"images pseudo-labelled (threshold {threshold:g})")
@@ -191,7 +196,7 @@ def _propagation_pick(graph: LabelGraph, y: np.ndarray, labelled: np.ndarray, un
     labels = np.full(graph.nodes, -1, dtype=np.int64)
     labels[labelled] = y
     scores = propagate(graph, labels, classes)
-    return balanced_pick(scores[unlabelled], threshold, _prior(y, classes))
+    return balanced_pick(scores[unlabelled], threshold, class_prior(y, classes))
 
 
 @dataclass
@@ -212,31 +217,35 @@ class SemiResult:
         return int((self.pseudo_labels >= 0).sum())
 
 
-def _candidates(thresholds) -> list[tuple[str, float | None]]:
-    return [("labelled-only", None)] + [(method, t) for method in METHODS for t in thresholds]
+def _candidates(thresholds, second: bool = False) -> list[tuple[str, float | None]]:
+    return ([("labelled-only", None)] + [(method, t) for method in METHODS for t in thresholds] +
+            ([("co-training", 0.0)] if second else []))
 
 
 def _run(method: str, threshold: float | None, x, y, pool_x, fit: LinearFit, graph: LabelGraph | None,
-         labelled: np.ndarray, unlabelled: np.ndarray, log=None, start: nn.Linear | None = None
-         ) -> tuple[np.ndarray, nn.Linear]:
+         labelled: np.ndarray, unlabelled: np.ndarray, log=None, start: nn.Linear | None = None,
+         second=None) -> tuple[np.ndarray, nn.Linear]:
     """One candidate on labelled (``x``, ``y``) and ``pool_x``; ``labelled``/``unlabelled``: their nodes in
-    ``graph``; ``start``: the labelled-only probe when already fitted."""
+    ``graph``; ``start``: the labelled-only probe when already fitted; ``second``: co-training's other view (a
+    ``graft.probing.cotrain.SecondView``, which runs it: that module builds on this one)."""
     if method == "labelled-only":
         return np.full(len(pool_x), -1, dtype=np.int64), start if start is not None else fit(x, y)
     if method == "self-training":
         return self_train(x, y, pool_x, fit, threshold, log=log, start=start)
+    if method == "co-training":
+        return second.co_train(x, y, pool_x, fit, ROUNDS, start=start, log=log)
     pseudo = _propagation_pick(graph, y, labelled, unlabelled, fit.classes, threshold)
     if not (pseudo >= 0).any():
         return pseudo, start if start is not None else fit(x, y)
-    return pseudo, fit(*_with_pseudo(x, y, pool_x, pseudo), start=start)
+    return pseudo, fit(*with_pseudo(x, y, pool_x, pseudo), start=start)
 
 
 def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: list[np.ndarray],
-            progress=None) -> list[dict]:
+            progress=None, second=None) -> list[dict]:
     """Mean held-out accuracy of every candidate over ``folds`` of the labelled images, each fit capped at
     ``SEARCH_ITERATIONS`` steps, on at most ``SEARCH_POOL`` pool images (a seeded sample; held-out images are scored,
     never pooled)."""
-    candidates = _candidates(thresholds)
+    candidates = _candidates(thresholds, second is not None)
     fit = fit.ranking(SEARCH_ITERATIONS)
     scores = np.zeros((len(candidates), 2))  # held-out accuracy, log-loss
     done = 0
@@ -247,9 +256,10 @@ def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: 
     for held in folds:
         keep = np.setdiff1d(np.arange(len(y)), held)
         start = fit(x[keep], y[keep])  # shared by labelled-only and every self-training candidate
+        fold_second = None if second is None else second.fold(keep, sample)
         for i, (method, threshold) in enumerate(candidates):
             _, linear = _run(method, threshold, x[keep], y[keep], fold_pool, fit, graph, keep, unlabelled,
-                             start=start)
+                             start=start, second=fold_second)
             probs = probabilities(linear, x[held])
             right = probs[np.arange(len(held)), y[held]]
             scores[i] += ((probs.argmax(1) == y[held]).mean(), -np.log(np.clip(right, 1e-12, 1)).mean())
@@ -263,13 +273,15 @@ def _search(x, y, pool_x, fit: LinearFit, graph: LabelGraph, thresholds, folds: 
 
 def choose_and_fit(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: LinearFit, thresholds=THRESHOLDS,
                    folds: int = SEARCH_FOLDS, seed: int = 0, progress: Callable[[int], object] | None = None,
-                   log=None, start: nn.Linear | None = None) -> SemiResult:
+                   log=None, start: nn.Linear | None = None, second=None) -> SemiResult:
     """Chooses the method and threshold by cross-validation on the labelled (``x``, ``y``) and runs it on all of
     them with ``pool_x``. With a class too small for two folds there is nothing to cross-validate on: self-training
     at the highest threshold, said in ``selection`` (the caller's validation check still decides).
 
     Args:
         progress: an object with ``update(done)`` (``graft.utils.progress.Progress`` over ``search_steps``).
+        second: a second view of the labelled images and the pool (``graft.probing.cotrain.SecondView``): adds
+            co-training to the candidates.
     """
     x, y, pool_x = (np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64),
                     np.asarray(pool_x, dtype=np.float32))
@@ -278,14 +290,14 @@ def choose_and_fit(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: Linear
     if present[present > 0].min() < 2:
         method, threshold, search, how = "self-training", max(thresholds), [], "a class has one labelled image: no CV"
     else:
-        search = _search(x, y, pool_x, fit, graph, thresholds, stratified_folds(y, folds, seed), progress)
+        search = _search(x, y, pool_x, fit, graph, thresholds, stratified_folds(y, folds, seed), progress, second)
         # higher held-out accuracy, then lower log-loss (few labels tie often); labelled-only wins exact ties
         best = max(search, key=lambda row: (row["cv_accuracy"], -row["cv_loss"]))
         method, threshold = best["method"], best["threshold"]
         how = f"{len(stratified_folds(y, folds, seed))}-fold CV on the labelled images"
     labelled = np.arange(len(y))
     pool_nodes = np.arange(len(y), len(y) + len(pool_x))
-    pseudo, linear = _run(method, threshold, x, y, pool_x, fit, graph, labelled, pool_nodes, log, start)
+    pseudo, linear = _run(method, threshold, x, y, pool_x, fit, graph, labelled, pool_nodes, log, start, second)
     if method != "labelled-only" and not (pseudo >= 0).any():
         # a method that pseudo-labelled nothing is the labelled-only probe refitted: say so, never report it as used
         note = (f"{method}{'' if threshold is None else f' (threshold {threshold:g})'} won {how} but pseudo-labelled "
@@ -295,10 +307,10 @@ def choose_and_fit(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: Linear
                       how)
 
 
-def search_steps(labels: np.ndarray, thresholds=THRESHOLDS, folds: int = SEARCH_FOLDS) -> int:
+def search_steps(labels: np.ndarray, thresholds=THRESHOLDS, folds: int = SEARCH_FOLDS, second: bool = False) -> int:
     """How many candidate fits ``choose_and_fit``'s search runs (for a progress total)."""
     labels = np.asarray(labels, dtype=np.int64)
     present = np.bincount(labels)
     if present[present > 0].min() < 2:
         return 0
-    return len(_candidates(thresholds)) * len(stratified_folds(labels, folds))
+    return len(_candidates(thresholds, second)) * len(stratified_folds(labels, folds))

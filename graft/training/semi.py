@@ -25,6 +25,7 @@ from graft.data.pool import read_pool
 from graft.data.scan import ScanCache, check_files
 from graft.errors import GraftError
 from graft.models.grafted import GraftModel
+from graft.probing.cotrain import SecondView
 from graft.probing.extraction import FeatureSet, extract_features
 from graft.probing.semi import LinearFit, choose_and_fit, search_steps
 from graft.training import recipes
@@ -120,10 +121,11 @@ def _decide(model: GraftModel, features: FeatureSet, pool_x: np.ndarray, config:
 
 def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                           labelled_only: nn.Linear, l2: float, temperature: float = 1.0, balanced: bool = False,
-                          seed: int = 0, device="cpu", log=None, progress: bool = False
-                          ) -> tuple[dict, nn.Linear | None]:
+                          seed: int = 0, device="cpu", log=None, progress: bool = False,
+                          second: SecondView | None = None) -> tuple[dict, nn.Linear | None]:
     """``fit --unlabeled`` on features: the method chosen by CV on the labelled (``x``, ``y``), run with ``pool_x``,
     and kept only when it beats ``labelled_only`` (the solved probe, λ ``l2``, ``temperature``) on val.
+    ``second``: a second view of the same images (``graft.probing.cotrain.second_view``): co-training joins the search.
 
     Returns:
         (the ``semi_supervised`` record, the probe to use instead of ``labelled_only``; None: keep it).
@@ -131,9 +133,10 @@ def semi_supervised_probe(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, val_
     say = log or (lambda message: None)
     classes = labelled_only.out_features
     fit = LinearFit(l2, temperature, classes, balanced, device)
-    with Progress("semi-supervised search", search_steps(y), "fits", say, progress) as counter:
+    steps = search_steps(y, second=second is not None)
+    with Progress("semi-supervised search", steps, "fits", say, progress) as counter:
         result = choose_and_fit(x, y, pool_x, fit, seed=seed, progress=counter, log=log,
-                                start=copy.deepcopy(labelled_only).cpu())
+                                start=copy.deepcopy(labelled_only).cpu(), second=second)
     record = {"method": result.method, "pool": result.pool, "used": result.used, "threshold": result.threshold,
               "selection": result.selection, "search": result.search}
     before = _val_score(labelled_only, val_x, val_y)
