@@ -73,7 +73,8 @@ def fit(
     try:
         result = fit_run(settings, resume=resume, overwrite=overwrite)
     except BaseException:
-        if auto and distributed.is_main():  # a numbered folder nothing was written to would only push the retry to the next N
+        # a numbered folder nothing was written to would only push the retry to the next N
+        if auto and distributed.is_main():
             _remove_if_unused(Path(settings.output))
         raise
     metrics = result.metrics.get("val", {})
@@ -196,7 +197,7 @@ def demo(
     rows = run_demo(data=data, shots=shots, epochs=epochs, image_size=image_size, output=output, log=err.print)
     print_table("transfer learning vs training from scratch", ["strategy", "held-out accuracy", "split",
                                                                 "wall time (s)", "images/s", "kept"],
-                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.chose] for r in rows])
+                [[r.strategy, r.accuracy, r.split, f"{r.seconds:.1f}", _speed(r.images_per_s), r.chose] for r in rows])
     best = max(rows, key=lambda r: r.accuracy)
     scratch = next((r for r in rows if r.strategy == "scratch"), None)
     if scratch and best.strategy != "scratch":
@@ -289,8 +290,13 @@ def compare(
                               scratch_backbone, epochs, budget, overrides, lab_options, verbose=True, log=err.print)
     print_table("scratch vs transfer", ["strategy", "backbone", "accuracy", "split", "wall time (s)", "images/s",
                                         "epochs"],
-                [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", f"{r.images_per_s:.0f}", r.epochs]
+                [[r.strategy, r.backbone, r.accuracy, r.split, f"{r.seconds:.1f}", _speed(r.images_per_s), r.epochs]
                  for r in rows])
     from graft.utils.plotting import can_plot
 
     out.print(f"wrote {output}/comparison.csv" + (" and comparison.png" if can_plot() else ""))
+
+
+def _speed(images_per_s: float) -> str:
+    """A row's images/s; "-" when the run measured none (every feature came from the cache): never a false 0."""
+    return f"{images_per_s:.0f}" if images_per_s else "-"
