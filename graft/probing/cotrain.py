@@ -8,10 +8,11 @@ images' prior (``graft.probing.semi.balanced_pick`` at threshold 0), and the oth
 labelled images plus those picks. The result is the main view's probe: a linear head on the model's own features,
 so the model that ships is unchanged in shape; the second view only teaches.
 
-Measured at 5% labels, seeds 0 / 1 (notes/h-semi5.md): mnist_test10k at 64 px with blocks.4 as the second view,
-chosen by the CV on both seeds, +7.0 / +6.7 points over the labelled-only probe where self-training on one view
-gave +2.9 / +1.4; flowers5 with blocks.6 it would lose 1.7 / 3.7 points and the CV did not choose it (a view that
-repeats the main one's mistakes teaches nothing). The second view alone can be the better head: on mnist_test10k
+Measured at 5% labels, seeds 0 / 1 (bench/RESULTS.md, "Few labels after the fifth pass"): mnist_test10k at 64 px
+with blocks.4 as the second view, chosen by the CV on both seeds, +6.9 / +6.7 points over the labelled-only probe
+where self-training on one view gave +2.9 / +1.4; flowers5 with blocks.6 it would lose 1.7 / 3.7 points on val, and
+the one time the CV chose it (seed 0) validation returned the labelled-only probe (a view that repeats the main
+one's mistakes teaches nothing). The second view alone can be the better head: on mnist_test10k
 the labelled-only probe on blocks.4 reaches 0.94 (``--cut-at blocks.4``), above co-training's 0.90.
 """
 
