@@ -238,8 +238,8 @@ def _run(method: str, threshold: float | None, x, y, pool_x, fit: LinearFit, gra
     if method == "co-training":
         return second.co_train(x, y, pool_x, fit, ROUNDS, start=start, log=log)
     pseudo = _propagation_pick(graph, y, labelled, unlabelled, fit.classes, threshold)
-    if not (pseudo >= 0).any():
-        return pseudo, start if start is not None else fit(x, y)
+    if not (pseudo >= 0).any():  # nothing picked: exactly the labelled-only probe, as in self_train
+        return _run("labelled-only", None, x, y, pool_x, fit, graph, labelled, unlabelled, start=start)
     return pseudo, fit(*with_pseudo(x, y, pool_x, pseudo), start=start)
 
 
@@ -293,16 +293,17 @@ def choose_and_fit(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, fit: Linear
     if present[present > 0].min() < 2:
         method, threshold, search, how = "self-training", max(thresholds), [], "a class has one labelled image: no CV"
     else:
-        search = _search(x, y, pool_x, fit, graph, thresholds, stratified_folds(y, folds, seed), progress, second)
+        splits = stratified_folds(y, folds, seed)
+        search = _search(x, y, pool_x, fit, graph, thresholds, splits, progress, second)
         # higher held-out accuracy, then lower log-loss (few labels tie often); labelled-only wins exact ties
         best = max(search, key=lambda row: (row["cv_accuracy"], -row["cv_loss"]))
         method, threshold = best["method"], best["threshold"]
-        how = f"{len(stratified_folds(y, folds, seed))}-fold CV on the labelled images"
+        how = f"{len(splits)}-fold CV on the labelled images"
     labelled = np.arange(len(y))
     pool_nodes = np.arange(len(y), len(y) + len(pool_x))
     pseudo, linear = _run(method, threshold, x, y, pool_x, fit, graph, labelled, pool_nodes, log, start, second)
     if method != "labelled-only" and not (pseudo >= 0).any():
-        # a method that pseudo-labelled nothing is the labelled-only probe refitted: say so, never report it as used
+        # a method that pseudo-labelled nothing is the labelled-only probe: say so, never report it as used
         note = (f"{method}{'' if threshold is None else f' (threshold {threshold:g})'} won {how} but pseudo-labelled "
                 "none of the pool")
         return SemiResult("labelled-only", None, len(pool_x), pseudo, None, search, how, note)
